@@ -1,0 +1,171 @@
+"""Validated configuration dataclasses: the model's shape and the engine's resources.
+
+Both are frozen: a config is a value, checked once in ``__post_init__``; nothing mutates it later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+KernelBackendName = Literal["auto", "torch", "triton"]
+
+_SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, in Hugging Face ``config.json`` terms.
+
+    Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
+        _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict; unknown architectures raise ``ValueError``."""
+        archs = hf.get("architectures") or []
+        family = next((_SUPPORTED_ARCHITECTURES[a] for a in archs if a in _SUPPORTED_ARCHITECTURES), None)
+        if family is None:
+            model_type = hf.get("model_type")
+            family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(str(model_type))
+        if family is None:
+            raise ValueError(
+                f"unsupported architecture {archs or hf.get('model_type')!r}; "
+                f"supported: {sorted(_SUPPORTED_ARCHITECTURES)}"
+            )
+        heads = int(hf["num_attention_heads"])
+        head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        rope_scaling = hf.get("rope_scaling")
+        rope_theta = hf.get("rope_theta")
+        if rope_theta is None and isinstance(hf.get("rope_parameters"), dict):
+            rope_theta = hf["rope_parameters"].get("rope_theta")
+            if rope_scaling is None and hf["rope_parameters"].get("rope_type", "default") != "default":
+                rope_scaling = dict(hf["rope_parameters"])
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
+        return cls(
+            architecture=family,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Resources and policy of one engine.
+
+    ``num_kv_blocks``: explicit pool size; when ``None`` it is derived from ``kv_cache_tokens`` on CPU or
+    ``gpu_memory_fraction`` on CUDA. ``max_num_batched_tokens`` is the per-step token budget shared by
+    decodes and prefill chunks.
+    """
+
+    device: str = "auto"
+    dtype: str | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_tokens: int = 32768
+    gpu_memory_fraction: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    kernel_backend: KernelBackendName = "auto"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
+                 f"must be a positive power of two, got {self.block_size}")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be positive")
+        _require(self.kv_cache_tokens > 0, "kv_cache_tokens", "must be positive")
+        _require(0.0 < self.gpu_memory_fraction <= 1.0, "gpu_memory_fraction", "must be in (0, 1]")
+        _require(self.max_num_seqs > 0, "max_num_seqs", "must be positive")
+        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be positive")
+        _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
+        _require(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend",
+                 f"must be 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
+                 f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype is not None:
+            _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        """float32 on CPU (bf16 matmul is far slower there); bfloat16 on CUDA unless set."""
+        if self.dtype is not None:
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}

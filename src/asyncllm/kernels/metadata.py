@@ -1,0 +1,40 @@
+"""Attention metadata for one model step over a flattened (varlen) batch of sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each sequence's new tokens sit in the flat batch and where its KV lives.
+
+    A step runs ``B`` sequences whose new ("query") tokens are concatenated into ``T`` rows.
+    Sequence ``i`` owns rows ``query_start_loc[i]:query_start_loc[i+1]``; its context is
+    ``seq_lens[i]`` tokens, the last ``query_len`` of which are the new tokens (already written
+    to the cache by ``write_kv`` before attention runs). Token ``j`` of sequence ``i`` sits in
+    slot ``block_tables[i, j // block_size] * block_size + j % block_size``.
+
+    Invariants: ``query_lens[i] >= 1``; ``query_lens[i] <= seq_lens[i]``; unused trailing entries
+    of ``block_tables`` rows are 0 and never read; ``slot_mapping[t] == -1`` means "do not write".
+    The ``*_cpu`` lists mirror the tensors on the host so that no step needs a device sync to read them.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32
+    query_lens_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
