@@ -1,0 +1,50 @@
+"""Attention over the paged KV cache for a flat (varlen) batch of sequences."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncllm.kernels import AttentionMetadata, KernelOps
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys/values into the paged cache, then attends over each sequence's context.
+
+    ``q`` is ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]`` (already rotated); ``kv_cache`` is this layer's
+    ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hk, D]``, owned by the caller. Token ``t`` is
+    written to slot ``meta.slot_mapping[t]`` before attention reads it, so a sequence's new tokens see
+    each other causally and its whole cached prefix. Returns ``[T, Hq, D]`` in ``q.dtype``.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, ops: KernelOps, *, scale: float | None = None
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: {num_kv_heads} does not divide num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.ops = ops
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        if k_cache.shape[2:] != (self.num_kv_heads, self.head_dim) or v_cache.shape != k_cache.shape:
+            raise ValueError(
+                f"kv_cache: expected two [num_blocks, block_size, {self.num_kv_heads}, {self.head_dim}] "
+                f"tensors, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+            )
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
