@@ -1,0 +1,83 @@
+"""Shared fixtures: the real SmolLM2 GGUF (fetched by .ci/run) and a tiny random Llama served by the engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from asyncllm.assets import DEFAULT_MODEL_FILE, cache_dir
+
+MISSING_GGUF = (
+    "needs the SmolLM2 GGUF: run `asyncllm fetch-default` (or set ASYNCLLM_TEST_GGUF); .ci/run fetches it"
+)
+
+
+def smollm2_path() -> Path | None:
+    explicit = os.environ.get("ASYNCLLM_TEST_GGUF")
+    path = Path(explicit) if explicit else cache_dir() / DEFAULT_MODEL_FILE
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_path()
+    if path is None:
+        pytest.skip(MISSING_GGUF)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf: Path) -> Any:
+    from asyncllm.tokenizer import Tokenizer
+
+    return Tokenizer.from_path(smollm2_gguf)
+
+
+def tiny_llama_state(vocab_size: int, *, seed: int = 0, **overrides: Any) -> tuple[dict[str, Any], dict]:
+    """A random-weight HF Llama (fp32) as (config dict, state dict); init spread wide enough that greedy
+    decoding has clear winners."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        initializer_range=0.2, tie_word_embeddings=False, rope_theta=10000.0,
+    )
+    settings.update(overrides)
+    config = LlamaConfig(**settings)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    hf_config = config.to_dict()
+    hf_config["architectures"] = ["LlamaForCausalLM"]
+    return hf_config, model.state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_parts(smollm2_tokenizer: Any) -> tuple[Any, dict[str, Any], dict]:
+    hf_config, state = tiny_llama_state(smollm2_tokenizer.vocab_size)
+    return smollm2_tokenizer, hf_config, state
+
+
+@pytest.fixture
+def make_tiny_engine(tiny_model_parts: tuple[Any, dict[str, Any], dict]) -> Callable[..., Any]:
+    """Factory: ``make_tiny_engine(**engine_config_overrides)`` -> an unstarted AsyncEngine on CPU."""
+    from asyncllm import AsyncEngine, ModelConfig
+    from asyncllm.kernels import TORCH_OPS
+    from asyncllm.models import build_model
+
+    tokenizer, hf_config, state = tiny_model_parts
+
+    def make(**overrides: Any) -> AsyncEngine:
+        config = ModelConfig.from_hf_config(hf_config)
+        model = build_model(config, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"))
+        model.load_weights(state.items())
+        overrides.setdefault("device", "cpu")
+        overrides.setdefault("kv_cache_tokens", 4096)
+        return AsyncEngine.from_model(model, tokenizer, **overrides)
+
+    return make
