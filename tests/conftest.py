@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 GGUF (fetched by .ci/run) and a tiny random Llama served by the engine."""
+"""Shared fixtures: the real SmolLM2 GGUF (fetched by .ci/run) and a tiny random Llama for engine tests."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ import pytest
 import torch
 
 from asyncllm.assets import DEFAULT_MODEL_FILE, cache_dir
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the CPU interpreter; the switch is read when a kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MISSING_GGUF = (
     "needs the SmolLM2 GGUF: run `asyncllm fetch-default` (or set ASYNCLLM_TEST_GGUF); .ci/run fetches it"

@@ -105,10 +105,10 @@ def test_prefix_cache_reuses_shared_prefix() -> None:
     scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64)
     kv = SimulatedKV(4)
     shared = [1, 2, 3, 0, 1, 2, 3, 0, 2, 2]
-    first = make_seq(shared + [1], 3)
+    first = make_seq([*shared, 1], 3)
     scheduler.add(first)
     drain(scheduler, kv, {first.request_id: 3})
-    second = make_seq(shared + [3], 3)
+    second = make_seq([*shared, 3], 3)
     scheduler.add(second)
     drain(scheduler, kv, {second.request_id: 3})
     assert first.num_cached_tokens == 0
@@ -124,7 +124,7 @@ def test_session_pin_is_reused_and_survives_until_released() -> None:
     pinned = turn1.num_computed_tokens
     assert "s" in scheduler.pins and scheduler.blocks.num_referenced > 0
     # the next turn extends the whole history; everything computed before is reused, even without prefix caching
-    turn2 = make_seq(turn1.token_ids + [2, 2, 1], 4, session="s")
+    turn2 = make_seq([*turn1.token_ids, 2, 2, 1], 4, session="s")
     scheduler.add(turn2)
     drain(scheduler, kv, {turn2.request_id: 4})
     assert turn2.num_cached_tokens == pinned
@@ -159,7 +159,7 @@ def test_idle_session_pins_are_evicted_under_pressure() -> None:
 
 def test_request_larger_than_pool_is_rejected_at_submission() -> None:
     scheduler = make_scheduler(num_blocks=4, block_size=2)
-    with pytest.raises(ValueError, match="prompt: .* need 5 KV blocks; the pool has 4"):
+    with pytest.raises(ValueError, match=r"prompt: .* need 5 KV blocks; the pool has 4"):
         scheduler.add(make_seq([1] * 8, 2))
 
 
@@ -232,11 +232,11 @@ def test_diverging_session_never_overwrites_a_shared_cached_block() -> None:
         scheduler.add(seq)
         drain(scheduler, kv, {seq.request_id: 3})
     assert b1.num_cached_tokens == 8
-    a2 = make_seq(a1.token_ids[:6] + [3, 3, 3], 2, session="a")  # diverges inside the second block
+    a2 = make_seq([*a1.token_ids[:6], 3, 3, 3], 2, session="a")  # diverges inside the second block
     scheduler.add(a2)
     drain(scheduler, kv, {a2.request_id: 2})
     assert a2.num_cached_tokens == 4
-    b2 = make_seq(b1.token_ids + [1], 2, session="b")
+    b2 = make_seq([*b1.token_ids, 1], 2, session="b")
     scheduler.add(b2)
     drain(scheduler, kv, {b2.request_id: 2})  # SimulatedKV raises if b reads a's overwritten slots
     assert b2.output_token_ids == reference_output(b2.token_ids[: b2.num_prompt_tokens], 2)

@@ -35,7 +35,7 @@ def paged_attention_reference(
     out = torch.empty_like(q)
     starts = meta.query_start_loc.tolist() if q.device.type == "cpu" else None
     offset = 0
-    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
         begin = starts[i] if starts is not None else offset
         offset = begin + n
         table = meta.block_tables[i]

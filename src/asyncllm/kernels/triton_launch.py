@@ -1,0 +1,84 @@
+"""Host-side helpers shared by the Triton kernels: tile padding, dot precision, input checks.
+
+Nothing here touches device memory or synchronises the device; every value comes from tensor
+shapes, dtypes and host-side metadata.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from asyncllm.kernels.metadata import AttentionMetadata
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Softmax runs in the log2 domain: scores are scaled by ``scale * LOG2E`` and exponentiated with exp2.
+LOG2E = 1.4426950408889634
+
+# tl.dot needs every operand dimension to be at least 16.
+MIN_DOT_DIM = 16
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    """Smallest power of two ``>= max(n, floor)``."""
+    return max(triton.next_power_of_2(max(n, 1)), floor)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: full IEEE fp32 for fp32 operands (TF32 would cost ~1e-3 relative
+    error), the default for fp16/bf16 where tensor cores are exact per product."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands must be widened to fp32 first.
+
+    The Triton CPU interpreter multiplies bf16 operands as their raw 16-bit integer patterns, so under
+    the interpreter bf16 tiles are converted to fp32 (same values) before each dot (triton-lang/triton
+    issue 11584). Compiled kernels keep bf16 operands for the tensor cores.
+    """
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def check_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: dtype must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def check_paged_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> tuple[int, int, int]:
+    """Validate paged-attention operands (shapes and dtypes only); returns ``(Hq, Hk, D)``."""
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache: expected [num_blocks, block_size, Hk, D], got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError("v_cache: strides must equal k_cache's (one slot offset serves both)")
+    check_dtype("q", q)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache/v_cache: dtype must equal q's {q.dtype}, "
+                         f"got {k_cache.dtype}/{v_cache.dtype}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} differs from q's {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != meta.num_seqs:
+        raise ValueError(f"meta.block_tables: expected [{meta.num_seqs}, max_blocks], got "
+                         f"{tuple(meta.block_tables.shape)}")
+    return num_heads, num_kv_heads, head_dim

@@ -1,0 +1,25 @@
+"""The Triton ``KernelOps`` bundle: every member has the signature of its ``*_reference`` op.
+
+Importing this module imports Triton; ``asyncllm.kernels.dispatch`` does so only when the Triton
+backend is requested and Triton is installed. On CPU the kernels run only under ``TRITON_INTERPRET=1``,
+which Triton reads when the kernel modules are first imported.
+"""
+
+from __future__ import annotations
+
+from asyncllm.kernels.dispatch import KernelOps
+from asyncllm.kernels.triton_activation import silu_and_mul_triton
+from asyncllm.kernels.triton_attention import paged_attention_triton
+from asyncllm.kernels.triton_kv_write import write_kv_triton
+from asyncllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from asyncllm.kernels.triton_rotary import rotary_triton
+
+TRITON_OPS = KernelOps(
+    name="triton",
+    rms_norm=rms_norm_triton,
+    add_rms_norm=add_rms_norm_triton,
+    rotary=rotary_triton,
+    silu_and_mul=silu_and_mul_triton,
+    write_kv=write_kv_triton,
+    paged_attention=paged_attention_triton,
+)
