@@ -107,10 +107,8 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.session_id is not None and reason != "abort" and seq.block_table:
             computed = seq.num_computed_tokens
-            self.pins.pin(
-                seq.session_id,
-                PinnedKV(seq.token_ids[:computed], seq.block_table, seq.block_keys[: computed // self.blocks.block_size]),
-            )
+            keys = seq.block_keys[: computed // self.blocks.block_size]
+            self.pins.pin(seq.session_id, PinnedKV(seq.token_ids[:computed], seq.block_table, keys))
         else:
             self.blocks.release(seq.block_table)
         seq.block_table = []
