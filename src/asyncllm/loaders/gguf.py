@@ -1,0 +1,218 @@
+"""GGUF checkpoints of the ``llama`` architecture, presented as Hugging Face ``LlamaForCausalLM`` tensors.
+
+``load_gguf`` parses the header, builds a ``config.json``-style dict from the ``llama.*`` and
+``tokenizer.ggml.*`` metadata and checks every tensor's name and storage type up front, so an
+unsupported file fails before any weight is decoded. Streaming then decodes one tensor at a time from
+the memory-mapped file (see ``gguf_dequant``).
+
+Layout conversions (the inverse of llama.cpp's ``convert_hf_to_gguf.py``):
+
+- GGUF lists dimensions innermost first; a weight stored as ``(in, out)`` is yielded as ``[out, in]``.
+- The q and k projections are stored with the rows of each head interleaved for GGML's pairwise
+  ("normal") rotary; they are permuted back to Hugging Face's rotate-half order: within a head of
+  ``2h`` rows, GGUF row ``2i + j`` becomes row ``j·h + i``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType
+
+from asyncllm.loaders.checkpoint import Checkpoint
+from asyncllm.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize
+from asyncllm.loaders.gguf_file import GGUFFile, GGUFTensorInfo
+from asyncllm.loaders.gguf_rope import rope_scaling_from_metadata
+
+ARCHITECTURE = "llama"
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+
+
+def hf_tensor_name(gguf_name: str, num_layers: int) -> str:
+    """The Hugging Face parameter name of a llama GGUF tensor; ``ValueError`` for unknown names."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match is not None and match.group(2) in _LAYER_NAMES and int(match.group(1)) < num_layers:
+        layer, module, kind = match.groups()
+        return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{kind}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleaving of a q/k weight or bias (rows are dim 0)."""
+    rows = weight.shape[0]
+    if rows % (2 * num_heads):
+        raise ValueError(f"rotary weight with {rows} rows cannot be split into {num_heads} heads of pairs")
+    half = rows // num_heads // 2
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, half, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def _field(metadata: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    if value is None:
+        raise ValueError(f"GGUF metadata key {key!r} is missing")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"GGUF metadata key {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _vocab_size(gguf: GGUFFile) -> int:
+    embedding = gguf.tensors.get("token_embd.weight")
+    if embedding is None:
+        raise ValueError(f"{gguf.path}: tensor 'token_embd.weight' is missing")
+    rows = embedding.torch_shape[0]
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > rows:
+        raise ValueError(
+            f"{gguf.path}: the tokenizer has {len(tokens)} tokens but the embedding only {rows} rows"
+        )
+    return rows
+
+
+def _special_ids(metadata: dict[str, Any]) -> dict[str, Any]:
+    ids: dict[str, Any] = {}
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        ids["bos_token_id"] = int(bos)
+    eos = [metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    eos_ids = list(dict.fromkeys(int(token) for token in eos if token is not None))
+    if eos_ids:
+        ids["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    pad = metadata.get("tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        ids["pad_token_id"] = int(pad)
+    return ids
+
+
+def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
+    """A Hugging Face ``LlamaConfig``-style dict from a llama GGUF file's metadata and tensor list."""
+    meta = gguf.metadata
+    prefix = ARCHITECTURE + "."
+    hidden = _field(meta, prefix + "embedding_length", int)
+    heads = _field(meta, prefix + "attention.head_count", int)
+    kv_heads = _field(meta, prefix + "attention.head_count_kv", int, heads)
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"{prefix}attention.head_count_kv={kv_heads} must divide head_count={heads}")
+    if prefix + "attention.key_length" in meta:
+        head_dim = _field(meta, prefix + "attention.key_length", int)
+    elif hidden % heads == 0:
+        head_dim = hidden // heads
+    else:
+        raise ValueError(f"{prefix}attention.head_count={heads} does not divide embedding_length={hidden}")
+    rotary_dim = _field(meta, prefix + "rope.dimension_count", int, head_dim)
+    if rotary_dim != head_dim:
+        raise ValueError(f"{prefix}rope.dimension_count={rotary_dim} != head_dim={head_dim}: partial rotary "
+                         "embeddings are not supported")
+    rope_theta = _field(meta, prefix + "rope.freq_base", float, 10000.0)
+    freq_factors = None
+    if ROPE_FREQS_TENSOR in gguf.tensors:
+        info = gguf.tensors[ROPE_FREQS_TENSOR]
+        freq_factors = dequantize(gguf.read_bytes(info), _checked_type(info), torch.float64)
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": _vocab_size(gguf),
+        "hidden_size": hidden,
+        "intermediate_size": _field(meta, prefix + "feed_forward_length", int),
+        "num_hidden_layers": _field(meta, prefix + "block_count", int),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _field(meta, prefix + "attention.layer_norm_rms_epsilon", float),
+        "rope_theta": rope_theta,
+        "max_position_embeddings": _field(meta, prefix + "context_length", int),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in gguf.tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in gguf.tensors,
+        **_special_ids(meta),
+    }
+    rope_scaling = rope_scaling_from_metadata(meta, prefix, freq_factors, rope_theta, head_dim)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _checked_type(info: GGUFTensorInfo) -> GGMLQuantizationType:
+    """The tensor's storage type; ``ValueError`` naming the tensor and the type if it is unsupported."""
+    ggml_type = info.ggml_type
+    if ggml_type is None or ggml_type not in SUPPORTED_TYPES:
+        raise ValueError(
+            f"GGUF tensor {info.name!r} has storage type {info.type_name}, which is not supported "
+            f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
+        )
+    return ggml_type
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """Streams a llama GGUF file's tensors as Hugging Face tensors (see the module docstring)."""
+
+    gguf: GGUFFile
+    names: tuple[tuple[str, str], ...]
+    rotary_heads: dict[str, int]
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(hf_name for _, hf_name in self.names)
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for gguf_name, hf_name in self.names:
+            info = self.gguf.tensors[gguf_name]
+            values = dequantize(self.gguf.read_bytes(info), _checked_type(info), dtype)
+            values = values.reshape(info.torch_shape)
+            heads = self.rotary_heads.get(gguf_name)
+            yield hf_name, values if heads is None else unpermute_rotary_rows(values, heads)
+
+
+def load_gguf(path: pathlib.Path) -> Checkpoint:
+    """Open a llama ``.gguf`` file; other architectures, unknown tensors and unsupported storage types
+    raise ``ValueError`` naming them."""
+    gguf = GGUFFile(path)
+    architecture = gguf.metadata.get("general.architecture")
+    if architecture != ARCHITECTURE:
+        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: 'llama')")
+    if int(gguf.metadata.get("split.count", 1)) > 1:
+        raise ValueError(f"{path} is one part of a split GGUF model; merge the parts first "
+                         "(llama-gguf-split --merge) and pass the merged file")
+    config = gguf_hf_config(gguf)
+    names = []
+    rotary_heads: dict[str, int] = {}
+    for info in gguf.tensors.values():
+        if info.name == ROPE_FREQS_TENSOR:
+            continue
+        hf_name = hf_tensor_name(info.name, config["num_hidden_layers"])
+        _checked_type(info)
+        names.append((info.name, hf_name))
+        if ".attn_q." in info.name:
+            rotary_heads[info.name] = config["num_attention_heads"]
+        elif ".attn_k." in info.name:
+            rotary_heads[info.name] = config["num_key_value_heads"]
+    return Checkpoint(hf_config=config, local_path=path, format="gguf",
+                      source=GGUFSource(gguf, tuple(names), rotary_heads))
