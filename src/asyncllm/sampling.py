@@ -1,0 +1,658 @@
+"""Sampling parameters and batched next-token sampling.
+
+``SamplingParams`` is an immutable, validated value describing how one request chooses tokens.
+``Sampler`` turns one step's logits ``[B, V]`` (one row per request) into one token id per row, on the
+logits' device, applying in this order:
+
+1. ``logit_bias`` is added;
+2. while ``len(output) < min_tokens`` the row's ``min_tokens_blocked_ids`` are set to ``-inf``;
+3. repetition penalty over prompt + output tokens (CTRL / Hugging Face style: positive logits are divided by
+   the penalty, negative ones multiplied);
+4. presence / frequency penalties over output tokens (OpenAI formula:
+   ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``);
+5. greedy rows (``SamplingParams.is_greedy``) take the argmax; the others are divided by their temperature,
+   then filtered: top-k keeps the ``k`` largest logits; top-p keeps the smallest set of most likely tokens
+   whose probability (renormalised after top-k) reaches ``top_p``, always at least one token; min-p drops
+   tokens whose probability is below ``min_p`` times the most likely one's. One token is drawn from the
+   renormalised remainder. Tokens tied with the last one a filter keeps may or may not be kept.
+
+Logprobs (``SamplerOutput.logprobs``) describe the model's raw distribution: ``log_softmax`` of the logits
+as given, before any of the steps above.
+
+Randomness: a row whose ``SamplingRow.generator`` is set draws only from that generator, exactly one
+float64 uniform per sampled step, and is processed on its own, so its tokens do not depend on which other
+rows share the batch or in which order. The other sampled rows share the ``generator`` argument of the
+call (``None``: torch's default generator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+
+MAX_LOGPROBS = 20
+"""The largest number of top alternatives ``SamplingParams.logprobs`` may ask for."""
+
+MAX_ABS_LOGIT_BIAS = 100.0
+_SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
+_TOP_P_CANDIDATES = 64  # how many of a row's largest logits are searched first for its top-p set
+_FLOAT32_ONE_BITS = 0x3F800000  # bit pattern of 1.0; float32 values in [0, 1] have patterns up to it
+_BUCKET_ROWS = 64  # rows bucketed at a time by the top-p fallback
+_CDF_BLOCK = 256  # block width of the two-level inverse-CDF sampling
+
+
+def _fail(name: str, message: str) -> NoReturn:
+    raise ValueError(f"{name}: {message}")
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(name, f"must be an int, got {value!r}")
+    return int(value)
+
+
+def _as_optional_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(name, f"must be an int or None, got {value!r}")
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(name, f"must be a number, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        _fail(name, f"must be finite, got {value!r}")
+    return result
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, f"must be a bool, got {value!r}")
+    return value
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    if not ((low < value) if low_open else (low <= value)) or value > high:
+        bracket = "(" if low_open else "["
+        _fail(name, f"must be in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def _as_stop(value: Any) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        _fail("stop", f"must be a str or a list of str, got {value!r}")
+    for item in items:
+        if not isinstance(item, str):
+            _fail("stop", f"must contain only str, got {item!r}")
+        if not item:
+            _fail("stop", "empty stop strings are not allowed")
+    return tuple(items)
+
+
+def _as_token_ids(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        _fail(name, f"must be a list of token ids, got {value!r}")
+    ids = tuple(_as_int(name, item) for item in value)
+    if any(i < 0 for i in ids):
+        _fail(name, f"token ids must be >= 0, got {value!r}")
+    return ids
+
+
+def _as_logit_bias(value: Any) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        _fail("logit_bias", f"must be a dict of token id -> bias or None, got {value!r}")
+    bias: dict[int, float] = {}
+    for key, item in value.items():
+        token = _as_int("logit_bias", key)
+        if token < 0:
+            _fail("logit_bias", f"token ids must be >= 0, got {key!r}")
+        amount = _as_float("logit_bias", item)
+        _in_range("logit_bias", amount, -MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS)
+        bias[token] = amount
+    return bias or None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request chooses its tokens; validated once, never mutated.
+
+    ``max_tokens``: tokens to generate at most (``None``: until the model's context is full); ``>= 1``.
+    ``min_tokens``: EOS and ``stop_token_ids`` are banned until this many tokens exist; ``<= max_tokens``.
+    ``temperature``: ``>= 0``; ``0`` means greedy. ``top_p`` in ``(0, 1]``; ``top_k``: ``0`` disables it and
+    ``-1`` is accepted as a synonym (normalised to ``0``), otherwise ``>= 1``. ``min_p`` in ``[0, 1]``.
+    ``repetition_penalty > 0``; ``presence_penalty`` and ``frequency_penalty`` in ``[-2, 2]``.
+    ``seed``: makes the request's sampling reproducible (any value ``torch.Generator.manual_seed`` takes).
+    ``stop``: strings that end generation; a single str or a list is normalised to a tuple, empty strings
+    are rejected. ``stop_token_ids``: token ids that end generation (a tuple after construction).
+    ``ignore_eos``: keep generating after EOS. ``logprobs``: return the chosen token's log-probability plus
+    this many top alternatives (``0..20``); ``None`` returns none. ``logit_bias``: token id -> value in
+    ``[-100, 100]`` added to that logit (stored as a private copy, to be treated as read-only; an empty dict
+    becomes ``None``).
+    ``skip_special_tokens``: leave special tokens out of the detokenized text.
+
+    Every invalid value raises ``ValueError`` whose message starts with the field name, type errors
+    included (``bool`` is not accepted where an int or a number is expected).
+    """
+
+    max_tokens: int | None = 256
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: Mapping[int, float] | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        max_tokens = _as_optional_int("max_tokens", self.max_tokens)
+        if max_tokens is not None and max_tokens < 1:
+            _fail("max_tokens", f"must be >= 1 or None, got {max_tokens}")
+        put("max_tokens", max_tokens)
+        min_tokens = _as_int("min_tokens", self.min_tokens)
+        if min_tokens < 0:
+            _fail("min_tokens", f"must be >= 0, got {min_tokens}")
+        if max_tokens is not None and min_tokens > max_tokens:
+            _fail("min_tokens", f"must be <= max_tokens ({max_tokens}), got {min_tokens}")
+        put("min_tokens", min_tokens)
+
+        temperature = _as_float("temperature", self.temperature)
+        if temperature < 0:
+            _fail("temperature", f"must be >= 0, got {self.temperature!r}")
+        put("temperature", temperature)
+        top_p = _as_float("top_p", self.top_p)
+        _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
+        put("top_p", top_p)
+        top_k = _as_int("top_k", self.top_k)
+        if top_k < -1:
+            _fail("top_k", f"must be >= 1, or 0 / -1 to disable, got {top_k}")
+        put("top_k", max(top_k, 0))
+        min_p = _as_float("min_p", self.min_p)
+        _in_range("min_p", min_p, 0.0, 1.0)
+        put("min_p", min_p)
+        repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
+        if repetition_penalty <= 0:
+            _fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        put("repetition_penalty", repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            penalty = _as_float(name, getattr(self, name))
+            _in_range(name, penalty, -2.0, 2.0)
+            put(name, penalty)
+
+        seed = _as_optional_int("seed", self.seed)
+        if seed is not None and not _SEED_MIN <= seed < _SEED_END:
+            _fail("seed", f"must be in [-2**63, 2**64), got {seed}")
+        put("seed", seed)
+        put("stop", _as_stop(self.stop))
+        put("stop_token_ids", _as_token_ids("stop_token_ids", self.stop_token_ids))
+        put("ignore_eos", _as_bool("ignore_eos", self.ignore_eos))
+        logprobs = _as_optional_int("logprobs", self.logprobs)
+        if logprobs is not None:
+            _in_range("logprobs", logprobs, 0, MAX_LOGPROBS)
+        put("logprobs", logprobs)
+        put("logit_bias", _as_logit_bias(self.logit_bias))
+        put("skip_special_tokens", _as_bool("skip_special_tokens", self.skip_special_tokens))
+
+    @classmethod
+    def from_kwargs(cls, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        """``params`` (default: ``SamplingParams()``) with ``overrides`` applied, validated again.
+
+        An unknown keyword raises ``TypeError`` whose message starts with its name. ``None`` is passed through
+        as a value (it means "until the context is full" for ``max_tokens`` and "no seed" for ``seed``).
+        """
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params: must be a SamplingParams or None, got {type(params).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in overrides:
+            if name not in known:
+                raise TypeError(f"{name}: unknown sampling parameter; known: {sorted(known)}")
+        return dataclasses.replace(params if params is not None else cls(), **overrides)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the token is always the argmax of the processed logits (temperature 0 or top_k 1)."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_logit_processors(self) -> bool:
+        """True when bias or penalties change this request's logits (min-token bans are per step)."""
+        return (
+            self.logit_bias is not None
+            or self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass
+class SamplingRow:
+    """One request's view of the current step.
+
+    ``generator``: the request's own generator (created once per request by the engine, on the logits'
+    device); required when ``params.seed`` is set. A row with a generator draws only from it.
+    ``min_tokens_blocked_ids``: ids banned while ``len(output_token_ids) < params.min_tokens``
+    (normally EOS plus ``params.stop_token_ids``).
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None
+    min_tokens_blocked_ids: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None and self.generator is None:
+            _fail("generator", "required when params.seed is set (create it once per request)")
+
+    @property
+    def bans_active(self) -> bool:
+        """True while this row's ``min_tokens_blocked_ids`` are banned."""
+        return len(self.output_token_ids) < self.params.min_tokens and len(self.min_tokens_blocked_ids) > 0
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities under the model's raw distribution (log-softmax of the unprocessed logits)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-N (token_id, logprob), descending by logprob
+
+
+@dataclass
+class SamplerOutput:
+    """One entry per row, in row order; ``logprobs[i]`` is ``None`` when row i did not ask for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        _fail("logits", f"must be a floating-point [batch, vocab] tensor, got {tuple(logits.shape)} "
+                        f"{logits.dtype}")
+    if logits.shape[0] != len(rows):
+        _fail("rows", f"expected one row per logits row ({logits.shape[0]}), got {len(rows)}")
+    if logits.shape[1] == 0:
+        _fail("logits", "vocabulary dimension is empty")
+
+
+def _check_range(name: str, ids: Sequence[int], vocab_size: int) -> None:
+    """Token ids in ``[0, vocab_size)``, checked with two C-level scans."""
+    if len(ids) and (min(ids) < 0 or max(ids) >= vocab_size):
+        _check_ids(name, ids, vocab_size)
+
+
+def _check_ids(name: str, ids: Sequence[int], vocab_size: int) -> None:
+    for token in ids:
+        if not 0 <= token < vocab_size:
+            _fail(name, f"token id {token} is outside the vocabulary [0, {vocab_size})")
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Return a float32 copy of ``logits`` ``[B, V]`` after bias, min-token bans and penalties.
+
+    Steps 1-4 of the module docstring, row by row in that order; rows that need none of them are copied
+    unchanged. Temperature and filtering are not applied here. ``logits`` is never modified.
+    """
+    _check_batch(logits, rows)
+    processed = logits.to(torch.float32, copy=True)
+    _apply_processors(processed, rows)
+    return processed
+
+
+def _apply_processors(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Apply bias, bans and penalties to the float32 ``x`` in place; tensors are built only for rows that
+    need each step."""
+    vocab = x.shape[1]
+    device = x.device
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_values: list[float] = []
+    ban_rows: list[int] = []
+    ban_ids: list[int] = []
+    rep_rows: list[int] = []
+    rep_ids: list[int] = []
+    rep_penalty = [1.0] * len(rows)
+    count_rows: list[int] = []
+    count_ids: list[int] = []
+    presence = [0.0] * len(rows)
+    frequency = [0.0] * len(rows)
+    for i, row in enumerate(rows):
+        params = row.params
+        if params.logit_bias is not None:
+            _check_ids("logit_bias", list(params.logit_bias), vocab)
+            bias_rows += [i] * len(params.logit_bias)
+            bias_ids += params.logit_bias.keys()
+            bias_values += params.logit_bias.values()
+        if row.bans_active:
+            _check_ids("min_tokens_blocked_ids", row.min_tokens_blocked_ids, vocab)
+            ban_rows += [i] * len(row.min_tokens_blocked_ids)
+            ban_ids += row.min_tokens_blocked_ids
+        repeats = params.repetition_penalty != 1.0
+        counted = (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0) and len(
+            row.output_token_ids) > 0
+        if repeats:
+            _check_range("prompt_token_ids", row.prompt_token_ids, vocab)
+        if repeats or counted:
+            _check_range("output_token_ids", row.output_token_ids, vocab)
+        if repeats:
+            seen = len(row.prompt_token_ids) + len(row.output_token_ids)
+            rep_rows += [i] * seen
+            rep_ids += row.prompt_token_ids
+            rep_ids += row.output_token_ids
+            rep_penalty[i] = params.repetition_penalty
+        if counted:
+            count_rows += [i] * len(row.output_token_ids)
+            count_ids += row.output_token_ids
+            presence[i] = params.presence_penalty
+            frequency[i] = params.frequency_penalty
+
+    def index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    if bias_rows:
+        x.index_put_((index(bias_rows), index(bias_ids)),
+                     torch.tensor(bias_values, dtype=torch.float32, device=device), accumulate=True)
+    if ban_rows:
+        x.index_put_((index(ban_rows), index(ban_ids)), torch.tensor(float("-inf"), device=device))
+    if rep_rows:
+        r, c = index(rep_rows), index(rep_ids)
+        penalty = torch.tensor(rep_penalty, dtype=torch.float32, device=device)[r]
+        seen_logits = x[r, c]
+        # Duplicate (row, id) pairs write the same value, so the scatter is well defined.
+        x[r, c] = torch.where(seen_logits > 0, seen_logits / penalty, seen_logits * penalty)
+    if count_rows:
+        keys = index(count_rows) * vocab + index(count_ids)
+        unique_keys, counts = torch.unique(keys, return_counts=True)
+        r, c = unique_keys // vocab, unique_keys % vocab
+        freq = torch.tensor(frequency, dtype=torch.float32, device=device)[r]
+        pres = torch.tensor(presence, dtype=torch.float32, device=device)[r]
+        x[r, c] = x[r, c] - (counts.to(torch.float32) * freq + pres)
+
+
+def _pick(t: torch.Tensor, rows: list[int], total: int) -> torch.Tensor:
+    """``t[rows]`` (a copy), or ``t`` itself when ``rows`` is every row in order."""
+    if len(rows) == total:
+        return t
+    return t[torch.tensor(rows, dtype=torch.long, device=t.device)]
+
+
+def _search(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row of ``weights`` ``[m, c]`` (>= 0), the first index whose float64 CDF exceeds ``target`` ``[m, 1]``.
+
+    A zero weight never starts a CDF step, so the index has positive weight; if rounding put ``target`` at
+    the row's total, the last positive index is returned instead.
+    """
+    cdf = torch.cumsum(weights, dim=1, dtype=torch.float64)
+    found = torch.searchsorted(cdf, target * cdf[:, -1:], right=True).squeeze(1)
+    positions = torch.arange(weights.shape[1], device=weights.device)
+    return torch.minimum(found, torch.where(weights > 0, positions, -1).amax(dim=1))
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of the unnormalised ``probs`` ``[m, c]`` with one uniform ``[m, 1]`` per row.
+
+    The index always has positive probability. Wide rows are sampled in two levels, a block of
+    ``_CDF_BLOCK`` from the block sums, then a token inside it with the uniform rescaled to that block, so no
+    ``[m, c]`` float64 CDF is built; both CDFs are accumulated in float64.
+    """
+    m, width = probs.shape
+    if width <= 2 * _CDF_BLOCK:
+        return _search(probs, uniform)
+    full = width // _CDF_BLOCK * _CDF_BLOCK
+    block_sums = probs[:, :full].view(m, -1, _CDF_BLOCK).sum(dim=2)
+    if full < width:
+        block_sums = torch.cat([block_sums, probs[:, full:].sum(dim=1, keepdim=True)], dim=1)
+    block = _search(block_sums, uniform).unsqueeze(1)
+    block_cdf = torch.cumsum(block_sums, dim=1, dtype=torch.float64)
+    total = block_cdf[:, -1:]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    # Where the uniform fell inside the chosen block, as a fraction of the block's mass.
+    fraction = ((uniform * total - before) / (block_cdf.gather(1, block) - before)).nan_to_num_(0.0)
+    positions = block * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=probs.device)
+    in_block = probs.gather(1, positions.clamp(max=width - 1)).masked_fill_(positions >= width, 0.0)
+    return block.squeeze(1) * _CDF_BLOCK + _search(in_block, fraction.clamp_(0.0, 1.0))
+
+
+def _candidate_cutoff(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, total: torch.Tensor,
+                      floor: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cutoff logit of each row's kept set, from its ``c`` largest logits ``values`` ``[m, c]`` (descending).
+
+    ``top_k`` ``[m]`` (0: off, else ``<= c``), ``top_p`` ``[m]`` (1: off), ``total`` ``[m]``: the row's full
+    unnormalised mass (used by top-p rows without top-k), ``floor`` ``[m]``: the min-p cutoff (``-inf``: off).
+    Returns ``(cutoff, covered)``: a token is kept iff its logit is ``>= cutoff``; ``covered`` marks the rows
+    whose kept set lies inside the candidates, the only rows for which ``cutoff`` is exact.
+    """
+    c = values.shape[1]
+    neg_inf = torch.tensor(float("-inf"), device=values.device)
+    k_on = top_k > 0
+    k_cut = torch.where(k_on, values.gather(1, (top_k - 1).clamp_(0, c - 1).unsqueeze(1)).squeeze(1), neg_inf)
+    mass = values.exp().masked_fill_(values < k_cut.unsqueeze(1), 0.0)
+    cumulative = mass.cumsum(dim=1)
+    # With top-k on, the distribution that top-p renormalises is the top-k set, which the candidates hold.
+    target = top_p * torch.where(k_on, cumulative[:, -1], total)
+    p_on = top_p < 1.0
+    keep = ((cumulative - mass) < target.unsqueeze(1)).sum(dim=1).clamp_(min=1)
+    p_cut = torch.where(p_on, values.gather(1, (keep - 1).unsqueeze(1)).squeeze(1), neg_inf)
+    cutoff = torch.maximum(torch.maximum(k_cut, p_cut), floor)
+    covered = k_on | (p_on & (cumulative[:, -1] >= target)) | (values[:, -1] < floor)
+    if c >= vocab:
+        covered.fill_(True)
+    return cutoff, covered
+
+
+def _bucket_shift(vocab: int) -> int:
+    """Low bits to drop from a float32 in ``[0, 1]`` for top-p buckets: the finest bucketing (at most 7
+    mantissa bits, a relative width of 2**-7) whose table is no larger than half the vocabulary."""
+    for shift in range(16, 23):
+        if (_FLOAT32_ONE_BITS >> shift) + 1 <= vocab // 2:
+            return shift
+    return 23
+
+
+def _top_p_cutoff_by_buckets(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smallest probability top-p keeps in each row of ``probs`` ``[r, V]`` (unnormalised, all in ``[0, 1]``).
+
+    ``target`` ``[r]``: the mass the kept set must reach. Kept are the tokens with ``p >= cutoff``. No row is
+    sorted: a float32 ``>= 0`` orders like its bit pattern, so tokens are bucketed by their high bits (see
+    ``_bucket_shift``), the bucket holding the cutoff is found from the bucket masses, and only that bucket's
+    tokens are ranked. Rows go ``_BUCKET_ROWS`` at a time to bound the bucket tables' memory.
+    """
+    if probs.shape[0] > _BUCKET_ROWS:
+        return torch.cat([_top_p_cutoff_by_buckets(probs[i:i + _BUCKET_ROWS], target[i:i + _BUCKET_ROWS])
+                          for i in range(0, probs.shape[0], _BUCKET_ROWS)])
+    shift = _bucket_shift(probs.shape[1])
+    buckets = (_FLOAT32_ONE_BITS >> shift) + 1
+    rows = probs.shape[0]
+    offsets = torch.arange(0, rows * buckets, buckets, dtype=torch.int32, device=probs.device).unsqueeze(1)
+    keys = (probs.view(torch.int32) >> shift).add_(offsets)  # row-major bucket ids, int32 to save memory
+    bucket_mass = torch.zeros(rows, buckets, dtype=probs.dtype, device=probs.device)
+    bucket_mass.view(-1).index_add_(0, keys.view(-1), probs.view(-1))
+    from_top = bucket_mass.flip(1).cumsum(dim=1, dtype=torch.float64)  # mass of buckets >= last - j
+    goal = target.to(torch.float64).unsqueeze(1)
+    j = torch.searchsorted(from_top, goal).clamp_(max=buckets - 1)  # first j reaching the goal
+    above = torch.where(j > 0, from_top.gather(1, (j - 1).clamp(min=0)), 0.0)  # mass of higher buckets
+    in_bucket = keys == (buckets - 1 - j).to(torch.int32) + offsets
+    count = in_bucket.sum(dim=1, keepdim=True)
+    ranked = (probs * in_bucket).topk(int(count.max()), dim=1).values  # the bucket's tokens, descending
+    mass = ranked.to(torch.float64)
+    cumulative = above + mass.cumsum(dim=1)
+    keep = ((cumulative - mass) < goal).sum(dim=1, keepdim=True)
+    keep = torch.minimum(keep, count).clamp_(min=1)
+    return ranked.gather(1, keep - 1).squeeze(1)
+
+
+def _sample_filtered(s: torch.Tensor, params: Sequence[SamplingParams], floor: torch.Tensor,
+                     uniform: torch.Tensor) -> torch.Tensor:
+    """Sample rows with top-k or top-p from ``s`` ``[m, V]`` (temperature-scaled, row max exactly 0).
+
+    Filters as in the module docstring; ``floor`` ``[m]`` is the min-p cutoff on ``s`` (``-inf``: off). Every
+    filter amounts to a per-row cutoff, so the kept set is looked for among the row's
+    ``max(top_k, _TOP_P_CANDIDATES)`` largest logits (``topk``, no sort) and sampled from there; only top-p
+    rows whose kept set is larger fall back to ``_top_p_cutoff_by_buckets`` over the whole row.
+    """
+    m, vocab = s.shape
+    device = s.device
+    ks = [p.top_k if p.top_k < vocab else 0 for p in params]
+    top_k = torch.tensor(ks, dtype=torch.long, device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    p_only = [j for j, p in enumerate(params) if ks[j] == 0 and p.top_p < 1.0]
+    total = torch.zeros(m, dtype=torch.float32, device=device)
+    p_only_probs = torch.empty(0, vocab, device=device)
+    if p_only:
+        p_only_probs = _pick(s, p_only, m).exp()
+        total[torch.tensor(p_only, dtype=torch.long, device=device)] = p_only_probs.sum(dim=1)
+    size = min(vocab, max(max(ks), _TOP_P_CANDIDATES if p_only else 0))
+    if size >= vocab:
+        values, indices = s.sort(dim=1, descending=True)
+    else:
+        values, indices = s.topk(size, dim=1)
+    cutoff, covered = _candidate_cutoff(values, top_k, top_p, total, floor, vocab)
+    tokens = torch.empty(m, dtype=torch.long, device=device)
+    done = covered.nonzero().squeeze(1)
+    if done.numel():
+        kept = _pick(values, done.tolist(), m)
+        probs = kept.exp().masked_fill_(kept < cutoff[done].unsqueeze(1), 0.0)
+        choice = _inverse_cdf(probs, uniform[done])
+        tokens[done] = _pick(indices, done.tolist(), m).gather(1, choice.unsqueeze(1)).squeeze(1)
+    pending = (~covered).nonzero().squeeze(1)
+    if pending.numel():
+        # Only top-p rows without top-k get here (top-k rows always fit their candidates).
+        slot = {j: n for n, j in enumerate(p_only)}
+        rows = pending.tolist()
+        probs = _pick(p_only_probs, [slot[j] for j in rows], len(p_only))
+        min_p = torch.tensor([params[j].min_p for j in rows], dtype=torch.float32, device=device)
+        p_cutoff = torch.maximum(_top_p_cutoff_by_buckets(probs, top_p[pending] * total[pending]), min_p)
+        probs.mul_(probs >= p_cutoff.unsqueeze(1))
+        tokens[pending] = _inverse_cdf(probs, uniform[pending])
+    return tokens
+
+
+def _sample(s: torch.Tensor, params: Sequence[SamplingParams], generator: torch.Generator | None
+            ) -> torch.Tensor:
+    """Sample one token per row of the processed float32 logits ``s`` ``[n, V]`` (modified in place).
+
+    Logits are divided by the temperature; top-k, top-p and min-p (drop tokens whose probability is below
+    ``min_p`` times the most likely one's) filter them (see ``_sample_filtered``); one token is drawn from the
+    renormalised remainder by inverse-CDF sampling with exactly one float64 uniform per row, drawn in row
+    order from ``generator``. Each row's result depends only on that row's logits and its uniform.
+    """
+    n, vocab = s.shape
+    device = s.device
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    s.sub_(s.amax(dim=1, keepdim=True)).div_(temperature.unsqueeze(1))  # the row max becomes exactly 0
+    uniform = torch.rand((n, 1), dtype=torch.float64, device=device, generator=generator)
+    # p_i >= min_p * p_max  <=>  s_i >= log(min_p), since the row max of s is 0.
+    floor = torch.tensor([math.log(p.min_p) if p.min_p > 0.0 else float("-inf") for p in params],
+                         dtype=torch.float32, device=device)
+    filtered = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    plain = [i for i, p in enumerate(params) if not (0 < p.top_k < vocab or p.top_p < 1.0)]
+    tokens = torch.empty(n, dtype=torch.long, device=device)
+    if filtered:
+        index = torch.tensor(filtered, dtype=torch.long, device=device)
+        tokens[index] = _sample_filtered(_pick(s, filtered, n), [params[i] for i in filtered], floor[index],
+                                         uniform[index])
+    if plain:
+        index = torch.tensor(plain, dtype=torch.long, device=device)
+        rows = _pick(s, plain, n)
+        if any(params[i].min_p > 0.0 for i in plain):
+            rows.masked_fill_(rows < floor[index].unsqueeze(1), float("-inf"))
+        tokens[index] = _inverse_cdf(rows.exp_(), uniform[index])
+    return tokens
+
+
+def _raw_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor
+                  ) -> list[TokenLogprobs | None]:
+    result: list[TokenLogprobs | None] = [None] * len(rows)
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].to(torch.float32), dim=-1)
+    chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+    n_top = min(max(rows[i].params.logprobs or 0 for i in wanted), logits.shape[1])
+    top_values: list[list[float]] = [[] for _ in wanted]
+    top_ids: list[list[int]] = [[] for _ in wanted]
+    if n_top > 0:
+        values, ids = logprobs.topk(n_top, dim=1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    token_list = tokens[index].tolist()
+    for j, i in enumerate(wanted):
+        n = rows[i].params.logprobs or 0
+        result[i] = TokenLogprobs(token_id=token_list[j], logprob=chosen[j],
+                                  top=list(zip(top_ids[j][:n], top_values[j][:n], strict=True)))
+    return result
+
+
+class Sampler:
+    """Chooses one token per row of a step's logits; stateless, runs on the logits' device.
+
+    Semantics are those of the module docstring. Returned logprobs are the model's raw distribution:
+    ``log_softmax`` of the unprocessed logits, before bias, bans, penalties, temperature or filtering.
+
+    Cost: when every row is greedy with no bias, penalties or active bans, a call is one argmax over the
+    batch. Otherwise logits are copied to float32 once; penalty tensors are built only from rows that use
+    them; top-k/top-p search a partial selection (``topk``) of each row, and a row whose top-p set is larger
+    than that falls back to bucketing by probability instead of sorting; rows with neither skip selection.
+
+    Precondition: every row keeps at least one finite logit after bans.
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 generator: torch.Generator | None = None) -> SamplerOutput:
+        _check_batch(logits, rows)
+        if all(row.params.is_greedy and not row.params.has_logit_processors and not row.bans_active
+               for row in rows):
+            # CPU argmax is several times faster on float32 than on half types; the cast keeps the order.
+            exact = logits if logits.dtype == torch.float32 or logits.device.type != "cpu" else logits.float()
+            tokens = exact.argmax(dim=-1)
+        else:
+            tokens = self._choose(logits, rows, generator)
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=_raw_logprobs(logits, rows, tokens))
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None
+                ) -> torch.Tensor:
+        device = logits.device
+        x = logits.to(torch.float32, copy=True)
+        _apply_processors(x, rows)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+        greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
+        shared = [i for i, row in enumerate(rows) if not row.params.is_greedy and row.generator is None]
+        private = [i for i, row in enumerate(rows) if not row.params.is_greedy and row.generator is not None]
+        if greedy:
+            index = torch.tensor(greedy, dtype=torch.long, device=device)
+            tokens[index] = x[index].argmax(dim=-1)
+        if shared:
+            params = [rows[i].params for i in shared]
+            if len(shared) == len(rows):
+                tokens = _sample(x, params, generator)
+            else:
+                index = torch.tensor(shared, dtype=torch.long, device=device)
+                tokens[index] = _sample(x[index], params, generator)
+        for i in private:
+            # Processed alone so that its result cannot depend on the batch's shape or order.
+            tokens[i : i + 1] = _sample(x[i : i + 1], [rows[i].params], rows[i].generator)
+        return tokens
