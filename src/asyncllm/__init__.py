@@ -1,6 +1,32 @@
-"""asyncllm: an asyncio-native, embeddable LLM inference engine."""
+"""asyncllm: an asyncio-native, embeddable LLM inference engine.
+
+>>> async with AsyncEngine.from_pretrained(path) as engine:
+...     async for text in engine.stream("Once upon a time", max_tokens=64):
+...         print(text, end="")
+"""
 
 from asyncllm.config import EngineConfig, ModelConfig
+from asyncllm.engine import AsyncEngine, EngineClosedError, EngineStats
+from asyncllm.outputs import Completion, StepOutput, Usage
+from asyncllm.sampling import SamplingParams, TokenLogprobs
+from asyncllm.session import Session, SessionBusyError, SessionClosedError
+from asyncllm.streams import RequestStream, TextStream
 
-__all__ = ["EngineConfig", "ModelConfig"]
+__all__ = [
+    "AsyncEngine",
+    "Completion",
+    "EngineClosedError",
+    "EngineConfig",
+    "EngineStats",
+    "ModelConfig",
+    "RequestStream",
+    "SamplingParams",
+    "Session",
+    "SessionBusyError",
+    "SessionClosedError",
+    "StepOutput",
+    "TextStream",
+    "TokenLogprobs",
+    "Usage",
+]
 __version__ = "0.1.0"

@@ -68,10 +68,14 @@ def _decode_batched(
     num_blocks = -(-meta.max_seq_len // block_size)
     tables = meta.block_tables[:, :num_blocks].long()
     padded = num_blocks * block_size
-    keys = k_cache[tables].reshape(batch, padded, num_kv_heads, head_dim).transpose(1, 2).float()
-    values = v_cache[tables].reshape(batch, padded, num_kv_heads, head_dim).transpose(1, 2).float()
-    positions = torch.arange(padded, device=q.device)
-    mask = (positions[None, :] < meta.seq_lens[:, None].to(q.device))[:, None, None, :]
+    valid = torch.arange(padded, device=q.device)[None, :] < meta.seq_lens[:, None].to(q.device)
+    keys = k_cache[tables].reshape(batch, padded, num_kv_heads, head_dim)
+    values = v_cache[tables].reshape(batch, padded, num_kv_heads, head_dim)
+    # padding slots may hold anything (even NaN); zero them so masked weights multiply finite values
+    invalid = ~valid[:, :, None, None]
+    keys = keys.masked_fill_(invalid, 0).transpose(1, 2).float()
+    values = values.masked_fill_(invalid, 0).transpose(1, 2).float()
+    mask = valid[:, None, None, :]
     queries = q.reshape(batch, num_kv_heads, groups, head_dim).float()
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
