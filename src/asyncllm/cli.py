@@ -1,0 +1,138 @@
+"""Command line: ``asyncllm chat | generate | fetch-default`` (``serve``, ``bench`` when their extras exist)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
+
+
+def _resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    path = default_model_path()
+    if path is None:
+        raise SystemExit(MISSING_DEFAULT_MODEL)
+    return str(path)
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (CPU)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
+    if args.kv_cache_tokens is not None:
+        overrides["kv_cache_tokens"] = args.kv_cache_tokens
+    return overrides
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from asyncllm.engine import AsyncEngine
+
+    engine = AsyncEngine.from_pretrained(_resolve_model(args.model), **_engine_overrides(args))
+    async with engine:
+        prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        stream = engine.stream_detailed(prompt, **_sampling(args))
+        async for out in stream:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.verbose and stream.completion is not None:
+            usage = stream.completion.usage
+            print(f"[{stream.completion.finish_reason}; prompt {usage.prompt_tokens} tokens, "
+                  f"completion {usage.completion_tokens}]", file=sys.stderr)
+    return 0
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from asyncllm.engine import AsyncEngine
+
+    model = _resolve_model(args.model)
+    print(f"loading {model} ...", file=sys.stderr)
+    engine = AsyncEngine.from_pretrained(model, **_engine_overrides(args))
+    async with engine, engine.session(system=args.system) as chat:
+        print("chat ready: /reset clears the conversation, /exit quits.", file=sys.stderr)
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "> ")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/exit":
+                break
+            if text == "/reset":
+                chat.reset()
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            stream = chat.stream_detailed(text, **_sampling(args))
+            async for out in stream:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if args.verbose and stream.completion is not None:
+                usage = stream.completion.usage
+                print(f"[prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} reused from the session; "
+                      f"completion {usage.completion_tokens}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyncllm", description="asyncio-native LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="streaming terminal chat (default model: SmolLM2-135M-Instruct)")
+    chat.add_argument("model", nargs="?", default=None, help="HF directory, hub id or .gguf file")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("-v", "--verbose", action="store_true", help="print token usage after each reply")
+    _engine_args(chat)
+    _sampling_args(chat)
+
+    gen = sub.add_parser("generate", help="complete one prompt and stream it to stdout")
+    gen.add_argument("model", help="HF directory, hub id or .gguf file ('default' for SmolLM2)")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
+    gen.add_argument("-v", "--verbose", action="store_true")
+    _engine_args(gen)
+    _sampling_args(gen)
+
+    sub.add_parser("fetch-default", help="download the default model GGUF into ~/.cache/asyncllm")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "fetch-default":
+        print(fetch_default_model())
+        return 0
+    if args.command == "generate" and args.model == "default":
+        args.model = None
+    runner = {"chat": _chat, "generate": _generate}[args.command]
+    try:
+        return asyncio.run(runner(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
