@@ -96,7 +96,6 @@ class AsyncEngine:
         self._pending_aborts: set[str] = set()
         self._flushing: dict[str, Seq] = {}
         self._settled: dict[Hashable, asyncio.Event] = {}
-        self._release_after_flush: set[Hashable] = set()
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -196,6 +195,11 @@ class AsyncEngine:
             self._executor.shutdown(wait=True)
 
     @property
+    def is_closed(self) -> bool:
+        """``aclose()`` was called (or the loop was cancelled); new requests raise ``EngineClosedError``."""
+        return self._closing
+
+    @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._closing
 
@@ -271,6 +275,7 @@ class AsyncEngine:
                 f"max_tokens: {params.max_tokens} plus the prompt's {len(token_ids)} tokens exceeds "
                 f"max_model_len={self.max_model_len}"
             )
+        self._check_token_ids(params)
         max_new = params.max_tokens if params.max_tokens is not None else room
         request_id = f"req-{next(self._ids)}"
         seq = Seq(request_id, list(token_ids), params, max_total_tokens=len(token_ids) + max_new,
@@ -300,6 +305,15 @@ class AsyncEngine:
                 f"({self._blocks.num_blocks} x {self._blocks.block_size} tokens)"
             )
         return RequestStream(channel, self._abort_threadsafe, start, on_done)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        for token in params.stop_token_ids:
+            if not 0 <= token < vocab:
+                raise ValueError(f"stop_token_ids: {token} is outside the vocabulary [0, {vocab})")
+        for token in params.logit_bias or {}:
+            if not 0 <= token < vocab:
+                raise ValueError(f"logit_bias: token {token} is outside the vocabulary [0, {vocab})")
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with ``finish_reason == "abort"``. Call from the loop thread."""
@@ -352,6 +366,11 @@ class AsyncEngine:
                 self._process(step, output)
                 self._complete_flushes(step)
                 await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            # the event loop is shutting down (e.g. asyncio.run ending without aclose): a close, not a failure
+            self._closing = True
+            self._fail_all(EngineClosedError("engine loop was cancelled"))
+            raise
         except BaseException as error:
             if not self._closing:
                 logger.exception("engine loop failed")
@@ -442,9 +461,6 @@ class AsyncEngine:
     def _end_flush(self, seq: Seq, *, keep: bool) -> None:
         self._flushing.pop(seq.request_id, None)
         self._scheduler.finish(seq, seq.finish_reason if keep and seq.finish_reason else "abort")
-        if seq.session_id in self._release_after_flush:
-            self._release_after_flush.discard(seq.session_id)
-            self._pins.release(seq.session_id)
         event = self._settled.pop(seq.session_id, None)
         if event is not None:
             event.set()
@@ -485,17 +501,18 @@ class AsyncEngine:
                 f"prompt: request {seq.request_id} cannot be given enough KV blocks"))
 
     # -- session support -----------------------------------------------------------------------
+    def _open_session(self, session_id: Hashable) -> None:
+        self._pins.open(session_id)
+
     async def _close_session(self, session_id: Hashable) -> None:
-        """Wait for the session's last turn to settle its KV, then release it."""
+        """Release the session's KV and refuse pins from any turn still in flight."""
+        self._pins.close(session_id)
         if self.is_running:
             await self._session_settled(session_id)
-        self._release_session(session_id)
 
     def _release_session(self, session_id: Hashable) -> None:
-        """Drop a session's pinned KV, including KV its last turn is still flushing."""
+        """Drop a session's pinned KV (the session stays open)."""
         self._pins.release(session_id)
-        if session_id in self._settled:
-            self._release_after_flush.add(session_id)
 
 
 def _num_kv_blocks(config: EngineConfig, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:

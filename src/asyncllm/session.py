@@ -54,6 +54,7 @@ class Session:
             self._messages.append(dict(message))
         self._busy = False
         self._closed = False
+        engine._open_session(self.id)
 
     @property
     def messages(self) -> list[Message]:

@@ -210,6 +210,10 @@ async def test_bad_input_raises_and_engine_keeps_serving(make_tiny_engine: Any) 
             await engine.generate("hello " * 600)
         with pytest.raises(ValueError, match="max_tokens"):
             await engine.generate("hello", max_tokens=10_000)
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            await engine.generate("hello", stop_token_ids=[10**9])
+        with pytest.raises(ValueError, match="logit_bias"):
+            await engine.generate("hello", logit_bias={-3: 1.0})
         with pytest.raises(TypeError, match="bogus"):
             await engine.generate("hello", bogus=1)
         ok = await engine.generate("hello", max_tokens=3, temperature=0)
@@ -273,3 +277,16 @@ async def test_garbage_in_unused_kv_slots_does_not_leak_into_outputs(make_tiny_e
     async with engine:
         results = await asyncio.gather(*(engine.generate(p, **GREEDY) for p in PROMPTS[:4]))
     assert [r.token_ids for r in results] == expected
+
+
+async def test_closing_a_session_mid_turn_leaks_nothing(make_tiny_engine: Any) -> None:
+    async with make_tiny_engine() as engine:
+        chat = engine.session()
+        stream = chat.stream_detailed("Tell me everything.", max_tokens=30, ignore_eos=True)
+        await stream.__anext__()
+        await chat.close()
+        async for _ in stream:  # the turn may finish or be cut short; either way nothing stays pinned
+            pass
+        await asyncio.sleep(0.05)
+        stats = engine.stats()
+        assert stats.kv_blocks_used == 0 and stats.sessions_pinned == 0

@@ -23,9 +23,12 @@ def make_seq(tokens: list[int], max_new: int, session: str | None = None) -> Seq
 
 
 def make_scheduler(num_blocks: int, block_size: int, *, max_seqs: int = 8, budget: int = 16,
-                   prefix_caching: bool = True) -> Scheduler:
+                   prefix_caching: bool = True, sessions: tuple[str, ...] = ()) -> Scheduler:
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    return Scheduler(blocks, PinRegistry(blocks), max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    pins = PinRegistry(blocks)
+    for session in sessions:
+        pins.open(session)
+    return Scheduler(blocks, pins, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
 
 
 def drain(scheduler: Scheduler, kv: SimulatedKV, max_new: dict[str, int], limit: int = 2000) -> int:
@@ -116,7 +119,7 @@ def test_prefix_cache_reuses_shared_prefix() -> None:
 
 
 def test_session_pin_is_reused_and_survives_until_released() -> None:
-    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64, prefix_caching=False)
+    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64, prefix_caching=False, sessions=("s",))
     kv = SimulatedKV(4)
     turn1 = make_seq([1, 2, 3, 1, 2, 3, 0], 5, session="s")
     scheduler.add(turn1)
@@ -140,7 +143,7 @@ def test_session_pin_is_reused_and_survives_until_released() -> None:
 
 
 def test_idle_session_pins_are_evicted_under_pressure() -> None:
-    scheduler = make_scheduler(num_blocks=8, block_size=2, budget=64)
+    scheduler = make_scheduler(num_blocks=8, block_size=2, budget=64, sessions=("s0", "s1", "s2"))
     kv = SimulatedKV(2)
     sessions = []
     for i in range(3):
@@ -193,7 +196,8 @@ def test_sessions_with_prefix_cache_under_pressure_keep_kv_correct(
 ) -> None:
     """Random session turns (extending, rewriting history, or unrelated) interleaved with plain requests:
     the simulated KV proves every reused slot holds the right prefix; nothing leaks."""
-    scheduler = make_scheduler(num_blocks, block_size, budget=12, prefix_caching=prefix_caching)
+    scheduler = make_scheduler(num_blocks, block_size, budget=12, prefix_caching=prefix_caching,
+                               sessions=("s0", "s1", "s2"))
     kv = SimulatedKV(block_size)
     history: dict[str, list[int]] = {}
     for session_index, kind, new_tokens in turns:
@@ -224,7 +228,7 @@ def test_sessions_with_prefix_cache_under_pressure_keep_kv_correct(
 def test_diverging_session_never_overwrites_a_shared_cached_block() -> None:
     """Two sessions share full blocks through the prefix cache; when one rewrites its history in the
     middle of a shared block, the other must still read its own KV there."""
-    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64)
+    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64, sessions=("a", "b"))
     kv = SimulatedKV(4)
     prompt = [1, 2, 3, 0, 1, 2, 3, 0, 2]
     a1, b1 = make_seq(prompt, 3, session="a"), make_seq(prompt, 3, session="b")
@@ -240,3 +244,14 @@ def test_diverging_session_never_overwrites_a_shared_cached_block() -> None:
     scheduler.add(b2)
     drain(scheduler, kv, {b2.request_id: 2})  # SimulatedKV raises if b reads a's overwritten slots
     assert b2.output_token_ids == reference_output(b2.token_ids[: b2.num_prompt_tokens], 2)
+
+
+def test_turn_ending_after_its_session_closed_releases_instead_of_pinning() -> None:
+    scheduler = make_scheduler(num_blocks=16, block_size=2, budget=64, sessions=("s",))
+    kv = SimulatedKV(2)
+    turn = make_seq([1, 2, 3], 4, session="s")
+    scheduler.add(turn)
+    run_step(scheduler, kv)
+    scheduler.pins.close("s")  # the session closes while its turn runs
+    drain(scheduler, kv, {turn.request_id: 4})
+    assert "s" not in scheduler.pins and scheduler.blocks.num_referenced == 0

@@ -27,12 +27,27 @@ class PinRegistry:
 
     Invariant: every pinned table holds exactly one reference to each of its blocks; ``take`` hands that
     reference to the caller, ``release``/``evict_lru`` return it to the block manager (full cached blocks
-    stay reusable through the prefix cache).
+    stay reusable through the prefix cache). Only open owners hold pins: pinning for an owner that was
+    never opened or is already closed releases the blocks at once, so a turn that ends after its session
+    closed cannot leak.
     """
 
     def __init__(self, blocks: BlockManager) -> None:
         self._blocks = blocks
         self._pins: OrderedDict[Hashable, PinnedKV] = OrderedDict()
+        self._open: set[Hashable] = set()
+
+    def open(self, owner: Hashable) -> None:
+        self._open.add(owner)
+
+    def close(self, owner: Hashable) -> None:
+        """Release the owner's pin and refuse its future pins."""
+        self._open.discard(owner)
+        self.release(owner)
+
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
 
     def __len__(self) -> int:
         return len(self._pins)
@@ -46,10 +61,15 @@ class PinRegistry:
     def tables(self) -> list[list[int]]:
         return [pin.block_table for pin in self._pins.values()]
 
-    def pin(self, owner: Hashable, kv: PinnedKV) -> None:
+    def pin(self, owner: Hashable, kv: PinnedKV) -> bool:
+        """Keep ``kv`` for ``owner`` (replacing an older pin); ``False`` and released if ``owner`` is closed."""
         if owner in self._pins:
             self.release(owner)
+        if owner not in self._open:
+            self._blocks.release(kv.block_table)
+            return False
         self._pins[owner] = kv
+        return True
 
     def take(self, owner: Hashable) -> PinnedKV | None:
         return self._pins.pop(owner, None)
