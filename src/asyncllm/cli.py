@@ -1,4 +1,4 @@
-"""Command line: ``asyncllm chat | generate | fetch-default`` (``serve``, ``bench`` when their extras exist)."""
+"""Command line: ``asyncllm chat | generate | serve | bench | fetch-default``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from asyncllm.adapters.serve_cli import add_serve_command, run_serve
 from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
 
 
@@ -116,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(gen)
     _sampling_args(gen)
 
+    add_serve_command(sub)
     sub.add_parser("fetch-default", help="download the default model GGUF into ~/.cache/asyncllm")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "fetch-default":
         print(fetch_default_model())
         return 0

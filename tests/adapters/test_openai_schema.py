@@ -1,0 +1,167 @@
+"""Request parsing against the OpenAI API reference: field names, defaults, null handling and error params."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from asyncllm.adapters.errors import APIError, from_value_error
+from asyncllm.adapters.openai_schema import (
+    RequestLimits,
+    parse_chat_request,
+    parse_completion_request,
+    parse_detokenize_request,
+    parse_messages,
+    parse_prompt,
+    parse_tokenize_request,
+)
+
+LIMITS = RequestLimits(vocab_size=100, max_n=4)
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> Any:
+    return parse_chat_request({"messages": USER, **fields}, LIMITS)
+
+
+def rejected(call: Any, *args: Any) -> APIError:
+    with pytest.raises(APIError) as info:
+        call(*args)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_defaults_follow_openai() -> None:
+    req = chat()
+    assert req.chat and req.n == 1 and not req.stream and not req.include_usage and req.model is None
+    assert req.params.temperature == 1.0 and req.params.top_p == 1.0
+    assert req.params.max_tokens is None and req.params.logprobs is None and req.session_id is None
+
+
+def test_null_means_not_given_and_unknown_fields_are_ignored() -> None:
+    req = chat(temperature=None, stop=None, seed=None, n=None, stream=None, logit_bias=None,
+               response_format={"type": "text"}, tools=None, parallel_tool_calls=True)
+    assert req == chat()
+
+
+def test_sampling_fields_and_extras_reach_sampling_params() -> None:
+    req = chat(max_tokens=7, temperature=0.5, top_p=0.9, stop="END", seed=3, presence_penalty=0.5,
+               frequency_penalty=-0.5, logit_bias={"5": 10, "7": -100}, top_k=20, min_p=0.1,
+               repetition_penalty=1.2, min_tokens=2, ignore_eos=True, stop_token_ids=[1, 2], user="u1",
+               stream=True, stream_options={"include_usage": True}, model="m")
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed) == (7, 0.5, 0.9, 3)
+    assert (p.top_k, p.min_p, p.min_tokens) == (20, 0.1, 2)
+    assert p.stop == ("END",) and p.stop_token_ids == (1, 2) and p.ignore_eos
+    assert p.logit_bias == {5: 10.0, 7: -100.0}
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert req.stream and req.include_usage and req.model == "m"
+
+
+def test_max_completion_tokens_wins_and_errors_name_the_field_sent() -> None:
+    assert chat(max_tokens=9, max_completion_tokens=4).params.max_tokens == 4
+    err = rejected(lambda: chat(max_completion_tokens=0))
+    assert err.param == "max_completion_tokens" and err.message.startswith("max_completion_tokens:")
+    assert rejected(lambda: chat(max_tokens=0)).param == "max_tokens"
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"n": 0}, "n"),
+    ({"n": 5}, "n"),
+    ({"n": True}, "n"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"seed": 1.5}, "seed"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"100": 1}}, "logit_bias"),
+    ({"logit_bias": {"3": 101}}, "logit_bias"),
+    ({"stop_token_ids": [100]}, "stop_token_ids[0]"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream_options": []}, "stream_options"),
+    ({"model": 3}, "model"),
+    ({"user": 3}, "user"),
+    ({"session_id": ""}, "session_id"),
+    ({"session_id": "s", "n": 2}, "n"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+])
+def test_invalid_chat_fields_are_400_naming_the_param(fields: dict[str, Any], param: str) -> None:
+    assert rejected(lambda: chat(**fields)).param == param
+
+
+def test_chat_logprobs_map_to_top_alternatives() -> None:
+    assert chat(logprobs=True).params.logprobs == 0
+    assert chat(logprobs=True, top_logprobs=5).params.logprobs == 5
+    assert chat(logprobs=False).params.logprobs is None
+
+
+def test_messages_accept_text_parts_and_map_developer_to_system() -> None:
+    messages = parse_messages([
+        {"role": "developer", "content": "be brief", "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ])
+    assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    ([], "messages"),
+    ("hi", "messages"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "tool", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
+    ([USER[0], "oops"], "messages[1]"),
+])
+def test_bad_messages(messages: Any, param: str) -> None:
+    assert rejected(lambda: parse_chat_request({"messages": messages}, LIMITS)).param == param
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_prompt("abc", 100) == "abc"
+    assert parse_prompt(["abc"], 100) == "abc"
+    assert parse_prompt([1, 2, 3], 100) == [1, 2, 3]
+    assert parse_prompt([[4, 5]], 100) == [4, 5]
+    for bad, param in [("", "prompt"), ([], "prompt"), (["a", "b"], "prompt"), ([[1], [2]], "prompt"),
+                       ([1, 100], "prompt[1]"), ([1, True], "prompt[1]"), (3, "prompt"), ([[]], "prompt")]:
+        assert rejected(parse_prompt, bad, 100).param == param
+
+
+def test_completion_request_logprobs_is_a_count() -> None:
+    req = parse_completion_request({"prompt": "x", "logprobs": 2, "n": 3, "seed": 10}, LIMITS)
+    assert not req.chat and req.params.logprobs == 2 and req.n == 3
+    assert [p.seed for p in req.choice_params()] == [10, 11, 12]
+    assert rejected(parse_completion_request, {"logprobs": 1}, LIMITS).param == "prompt"
+    assert rejected(parse_completion_request, {"prompt": "x", "logprobs": 21}, LIMITS).param == "logprobs"
+
+
+def test_unseeded_choices_share_params() -> None:
+    req = parse_completion_request({"prompt": "x", "n": 2}, LIMITS)
+    assert [p.seed for p in req.choice_params()] == [None, None]
+
+
+def test_tokenize_and_detokenize_bodies() -> None:
+    req = parse_tokenize_request({"prompt": "hello", "add_special_tokens": False})
+    assert req.prompt == "hello" and req.messages is None and not req.add_special_tokens
+    req = parse_tokenize_request({"messages": USER})
+    assert req.messages == USER and req.add_generation_prompt
+    assert rejected(parse_tokenize_request, {}).param == "prompt"
+    assert rejected(parse_tokenize_request, {"prompt": "a", "messages": USER}).param == "prompt"
+    assert parse_detokenize_request({"tokens": [1, 2]}, 100) == ([1, 2], None, False)
+    assert rejected(parse_detokenize_request, {"tokens": [-1]}, 100).param == "tokens[0]"
+    assert rejected(parse_detokenize_request, {}, 100).param == "tokens"
+
+
+def test_engine_value_errors_map_to_params() -> None:
+    err = from_value_error(ValueError("prompt[3]: token ids must be ints"), {"prompt": "messages"})
+    assert err.param == "messages[3]" and err.message.startswith("messages[3]:")
+    err = from_value_error(ValueError("prompt: 5000 tokens leave no room within max_model_len=4096"))
+    assert err.param == "prompt" and err.code == "context_length_exceeded"
+    assert from_value_error(ValueError("no field here")).param is None
