@@ -6,38 +6,15 @@ the Triton kernels are interchangeable without any process-wide switch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
 from asyncllm.kernels.activation import silu_and_mul_reference
 from asyncllm.kernels.attention import paged_attention_reference
+from asyncllm.kernels.bundle import KernelOps
+from asyncllm.kernels.cpu import CPU_OPS
 from asyncllm.kernels.kv_write import write_kv_reference
-from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.norm import add_rms_norm_reference, rms_norm_reference
 from asyncllm.kernels.rotary import rotary_reference
-
-RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-Rotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-SiluAndMul = Callable[[torch.Tensor], torch.Tensor]
-WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class KernelOps:
-    """The ops a model may call. Every member has the signature of its ``*_reference`` function."""
-
-    name: str
-    rms_norm: RmsNorm
-    add_rms_norm: AddRmsNorm
-    rotary: Rotary
-    silu_and_mul: SiluAndMul
-    write_kv: WriteKV
-    paged_attention: PagedAttention
-
 
 TORCH_OPS = KernelOps(
     name="torch",
@@ -59,10 +36,13 @@ def triton_available() -> bool:
 
 
 def get_kernel_ops(backend: str, device: torch.device) -> KernelOps:
-    """``"torch"``: reference ops. ``"triton"``: Triton kernels (on CPU only under ``TRITON_INTERPRET=1``).
-    ``"auto"``: Triton on CUDA when importable, else the reference ops."""
+    """``"torch"``: the reference ops (the spec). ``"triton"``: Triton kernels (on CPU only under
+    ``TRITON_INTERPRET=1``). ``"auto"``: Triton on CUDA when importable, the CPU fast paths on CPU, else
+    the reference ops."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel_backend: must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto" and device.type == "cpu":
+        return CPU_OPS
     if backend == "torch" or (backend == "auto" and (device.type != "cuda" or not triton_available())):
         return TORCH_OPS
     if not triton_available():

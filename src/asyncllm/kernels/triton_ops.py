@@ -7,7 +7,7 @@ which Triton reads when the kernel modules are first imported.
 
 from __future__ import annotations
 
-from asyncllm.kernels.dispatch import KernelOps
+from asyncllm.kernels.bundle import KernelOps
 from asyncllm.kernels.triton_activation import silu_and_mul_triton
 from asyncllm.kernels.triton_attention import paged_attention_triton
 from asyncllm.kernels.triton_kv_write import write_kv_triton

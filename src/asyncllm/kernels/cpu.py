@@ -1,0 +1,120 @@
+"""CPU fast paths: the reference ops rewritten as fewer, fused torch calls for the decode hot path.
+
+Each function has its ``*_reference`` counterpart's signature and meaning (tests compare them). They
+assume what the runner guarantees: every KV slot holds a finite value (the pool starts zeroed and the
+model writes finite values), so masked padding can be multiplied by zero instead of being cleared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from asyncllm.kernels.bundle import KernelOps
+from asyncllm.kernels.metadata import AttentionMetadata
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_rms_norm_cpu(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = torch.add(x, residual)
+    return rms_norm_cpu(summed, weight, eps), summed
+
+
+def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]).mul_(x[..., half:])
+
+
+def rotary_cpu(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x * [cos, cos] + [x2, x1] * [-sin, sin]`` over the rotated dims, one pass per tensor."""
+    cos_sin = cos_sin_cache.index_select(0, positions).to(q.dtype)
+    half = cos_sin.shape[-1] // 2
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+    cos_full = torch.cat((cos, cos), dim=-1)
+    sin_signed = torch.cat((-sin, sin), dim=-1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        rot = x[..., : 2 * half]
+        swapped = torch.cat((rot[..., half:], rot[..., :half]), dim=-1)
+        out = torch.addcmul(rot * cos_full, swapped, sin_signed)
+        if 2 * half == x.shape[-1]:
+            return out
+        return torch.cat((out, x[..., 2 * half :]), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def write_kv_cpu(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_cpu(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    if meta.is_decode_only:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    tables = meta.block_tables
+    begin = 0
+    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        num_blocks = -(-length // block_size)
+        blocks = tables[i, :num_blocks].long()
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+        queries = q[begin : begin + n].transpose(0, 1)
+        if n == length:
+            res = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = torch.ones(n, length, dtype=torch.bool).tril_(length - n)
+            res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[begin : begin + n] = res.transpose(0, 1)
+        begin += n
+    return out
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Batched decode: one gather of whole blocks per sequence; padding is masked (weight exactly 0)."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = num_heads // num_kv_heads
+    num_blocks = -(-meta.max_seq_len // block_size)
+    padded = num_blocks * block_size
+    flat = meta.block_tables[:, :num_blocks].reshape(-1).long()
+    keys = k_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim)
+    queries = q.view(batch, num_kv_heads, groups, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", queries, keys).mul_(scale)
+    valid = torch.arange(padded)[None, :] < meta.seq_lens[:, None]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhgl,blhd->bhgd", probs, values).reshape(batch, num_heads, head_dim)
+
+
+CPU_OPS = KernelOps(
+    name="cpu",
+    rms_norm=rms_norm_cpu,
+    add_rms_norm=add_rms_norm_cpu,
+    rotary=rotary_cpu,
+    silu_and_mul=silu_and_mul_cpu,
+    write_kv=write_kv_cpu,
+    paged_attention=paged_attention_cpu,
+)
