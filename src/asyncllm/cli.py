@@ -10,6 +10,7 @@ from typing import Any
 
 from asyncllm.adapters.serve_cli import add_serve_command, run_serve
 from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
+from asyncllm.bench import add_bench_command, run_bench
 
 
 def _resolve_model(model: str | None) -> str:
@@ -118,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen)
 
     add_serve_command(sub)
+    add_bench_command(sub)
     sub.add_parser("fetch-default", help="download the default model GGUF into ~/.cache/asyncllm")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command == "serve":
         return run_serve(args)
     if args.command == "fetch-default":

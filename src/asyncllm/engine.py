@@ -195,6 +195,11 @@ class AsyncEngine:
             self._executor.shutdown(wait=True)
 
     @property
+    def model(self) -> CausalLM:
+        """The served model (read-only use: e.g. counting weight bytes or building a second engine)."""
+        return self._runner.model
+
+    @property
     def is_closed(self) -> bool:
         """``aclose()`` was called (or the loop was cancelled); new requests raise ``EngineClosedError``."""
         return self._closing

@@ -1,0 +1,259 @@
+"""asyncllm's side of each measurement; each entry point runs inside its own measuring subprocess.
+
+Every timed request is greedy with EOS ignored unless stated, so each one generates exactly the asked
+number of tokens; results count the tokens actually streamed, never the number asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from asyncllm.bench.machine import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from asyncllm.bench.roofline import (
+    decode_flops_per_token,
+    kv_bytes_per_token,
+    measure_copy_bandwidth,
+    parameter_bytes,
+)
+from asyncllm.bench.workload import WARMUP_NEW_TOKENS, WorkloadSpec
+from asyncllm.engine import AsyncEngine
+from asyncllm.models import CausalLM
+from asyncllm.runner import KVCacheSpec
+
+Result = dict[str, Any]
+
+
+def engine_model(engine: AsyncEngine) -> CausalLM:
+    """The model an engine serves (its runner's), to count its stored weights or serve it again."""
+    return engine.model
+
+
+def stored_weight_bytes(engine: AsyncEngine) -> int:
+    model = engine_model(engine)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"engine: expected an nn.Module model, got {type(model).__name__}")
+    return parameter_bytes(model)
+
+
+def load_engine(spec: WorkloadSpec) -> tuple[AsyncEngine, float]:
+    """The engine on CPU with the spec's KV pool, and the seconds its load took."""
+    torch.set_num_threads(spec.threads)
+    start = time.perf_counter()
+    engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_tokens=spec.kv_cache_tokens)
+    return engine, time.perf_counter() - start
+
+
+def engine_footprint(engine: AsyncEngine) -> Result:
+    """Stored weight bytes, KV pool bytes, the KV bytes one token occupies, and decode FLOPs per token as
+    ``ctx0 + per_context_token * context``."""
+    dtype = engine.config.resolved_dtype()
+    per_block = KVCacheSpec.for_model(engine.model_config, num_blocks=1, block_size=engine.config.block_size,
+                                      dtype=dtype).bytes_per_block
+    return {
+        "weight_bytes": stored_weight_bytes(engine),
+        "kv_pool_bytes": engine.stats().kv_blocks_total * per_block,
+        "kv_pool_tokens": engine.stats().kv_blocks_total * engine.config.block_size,
+        "kv_bytes_per_token": kv_bytes_per_token(engine.model_config, dtype),
+        "dtype": str(dtype).removeprefix("torch."),
+        "decode_flops_per_token_ctx0": decode_flops_per_token(engine.model_config, 0),
+        "decode_flops_per_context_token": decode_flops_per_token(engine.model_config, 1)
+        - decode_flops_per_token(engine.model_config, 0),
+    }
+
+
+async def timed_batch(engine: AsyncEngine, prompts: Sequence[Sequence[int]], max_tokens: int) -> Result:
+    """Submit every prompt at once; per request record when its first token arrived and how many came.
+
+    ``elapsed_s`` runs from submission to the last request's final output; TTFTs are from submission.
+    """
+    start = time.perf_counter()
+
+    async def one(ids: Sequence[int]) -> tuple[float, float, int]:
+        first: float | None = None
+        count = 0
+        async for out in engine.stream_detailed(list(ids), max_tokens=max_tokens, temperature=0.0,
+                                                ignore_eos=True):
+            if out.token_ids:
+                if first is None:
+                    first = time.perf_counter()
+                count += len(out.token_ids)
+        end = time.perf_counter()
+        return (first if first is not None else end), end, count
+
+    done = await asyncio.gather(*(one(ids) for ids in prompts))
+    elapsed = max(end for _, end, _ in done) - start
+    ttfts = [first - start for first, _, _ in done]
+    tokens = sum(count for _, _, count in done)
+    return {
+        "requests": len(prompts),
+        "max_tokens": max_tokens,
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "tokens_per_request": [count for _, _, count in done],
+        "generated_tokens": tokens,
+        "elapsed_s": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "ttft_s": ttfts,
+        "ttft_mean_s": statistics.fmean(ttfts),
+        "ttft_p50_s": statistics.median(ttfts),
+    }
+
+
+async def timed_stream(stream_factory: Callable[[], Any]) -> Result:
+    """Consume one request's stream, stamping each output that carries tokens.
+
+    ``decode_tokens_per_s`` excludes the first output (prefill + first token): it is the tokens after the
+    first divided by the time between the first and the last output.
+    """
+    start = time.perf_counter()
+    stamps: list[tuple[float, int]] = []
+    stream = stream_factory()
+    async for out in stream:
+        if out.token_ids:
+            stamps.append((time.perf_counter(), len(out.token_ids)))
+    if not stamps:
+        raise RuntimeError("the request produced no tokens")
+    completion = stream.completion
+    total = sum(n for _, n in stamps)
+    decode_tokens = total - stamps[0][1]
+    decode_time = stamps[-1][0] - stamps[0][0]
+    return {
+        "generated_tokens": total,
+        "ttft_s": stamps[0][0] - start,
+        "elapsed_s": stamps[-1][0] - start,
+        "decode_tokens": decode_tokens,
+        "decode_s": decode_time,
+        "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 else None,
+        "prompt_tokens": completion.usage.prompt_tokens if completion is not None else None,
+        "cached_tokens": completion.usage.cached_tokens if completion is not None else None,
+    }
+
+
+async def _warm_up(engine: AsyncEngine, spec: WorkloadSpec) -> None:
+    await timed_batch(engine, [spec.warmup_prompt, spec.warmup_prompt[::-1]], WARMUP_NEW_TOKENS)
+
+
+def run_throughput(spec: WorkloadSpec) -> Result:
+    """Measurement 1 (and 5): ``len(spec.prompts)`` concurrent requests; this process's peak RSS."""
+    engine, load_s = load_engine(spec)
+    rss_after_load = current_rss_bytes()
+    peak_after_load = peak_rss_bytes()
+    reset_ok = reset_peak_rss()
+
+    async def main() -> Result:
+        async with engine:
+            await _warm_up(engine, spec)
+            result = await timed_batch(engine, spec.prompts, spec.max_tokens)
+            result["num_preemptions"] = engine.stats().num_preemptions
+            return result
+
+    result = asyncio.run(main())
+    peak_run = peak_rss_bytes()
+    result.update(engine_footprint(engine))
+    result.update({
+        "load_s": load_s,
+        "threads": torch.get_num_threads(),
+        "rss_after_load_bytes": rss_after_load,
+        "peak_rss_load_bytes": peak_after_load,
+        "peak_rss_run_bytes": peak_run if reset_ok else None,
+        "peak_rss_bytes": max(peak_after_load, peak_run),
+    })
+    return result
+
+
+def _session_reuse(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
+    """Measurement 3: last-turn TTFT inside a Session vs the same transcript, stateless, on an engine
+    sharing the model but with prefix caching off. Replies are greedy and stop at EOS, as in a real chat."""
+    reply = spec.session_reply_tokens
+
+    async def in_session() -> tuple[Result, list[dict[str, Any]], list[int]]:
+        async with engine:
+            await _warm_up(engine, spec)
+            async with engine.session(system=spec.session_system) as chat:
+                history_tokens: list[int] = []
+                for message in spec.session_messages[:-1]:
+                    completion = await chat.send(message, max_tokens=reply, temperature=0.0)
+                    history_tokens.append(completion.usage.prompt_tokens + completion.usage.completion_tokens)
+                last = spec.session_messages[-1]
+                transcript = [*chat.messages, {"role": "user", "content": last}]
+                result = await timed_stream(
+                    lambda: chat.stream_detailed(last, max_tokens=reply, temperature=0.0))
+                return result, transcript, history_tokens
+
+    session_result, transcript, history = asyncio.run(in_session())
+    stateless_engine = AsyncEngine.from_model(
+        engine_model(engine), engine.tokenizer, config=engine.config.replace(enable_prefix_caching=False),
+    )
+
+    async def stateless() -> Result:
+        async with stateless_engine:
+            await _warm_up(stateless_engine, spec)
+            return await timed_stream(lambda: stateless_engine.stream_detailed(transcript, max_tokens=1,
+                                                                               temperature=0.0))
+
+    stateless_result = asyncio.run(stateless())
+    return {
+        "turns": len(spec.session_messages),
+        "turn_tokens_before_last": history,
+        "session": session_result,
+        "stateless": stateless_result,
+    }
+
+
+def _single(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
+    """Measurement 2: one request's decode speed, plus the measured copy bandwidth for the roofline."""
+    bandwidth = measure_copy_bandwidth(spec.bandwidth_mb)
+    prompt = spec.prompts[0]
+
+    async def main() -> Result:
+        async with engine:
+            await _warm_up(engine, spec)
+            return await timed_stream(lambda: engine.stream_detailed(prompt, max_tokens=spec.max_tokens,
+                                                                     temperature=0.0, ignore_eos=True))
+
+    result = asyncio.run(main())
+    result.update({
+        "bandwidth_bytes_per_s": bandwidth.bytes_per_second,
+        "bandwidth_copy_bytes": bandwidth.bytes_per_copy,
+        "bandwidth_repeats": bandwidth.repeats,
+    })
+    return result
+
+
+def _issue(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
+    """The small concurrent batch compared with HF ``generate`` run one request after another."""
+
+    async def main() -> Result:
+        async with engine:
+            await _warm_up(engine, spec)
+            return await timed_batch(engine, spec.prompts[: spec.issue_requests], spec.max_tokens)
+
+    return asyncio.run(main())
+
+
+_MISC_JOBS: dict[str, Callable[[AsyncEngine, WorkloadSpec], Result]] = {
+    "issue": _issue,
+    "single": _single,
+    "session": _session_reuse,
+}
+
+
+def run_misc(spec: WorkloadSpec) -> Result:
+    """The smaller asyncllm measurements named in ``spec.jobs``, each on a fresh engine over one loaded
+    model (an engine is bound to the event loop it first ran in)."""
+    unknown = [job for job in spec.jobs if job not in _MISC_JOBS]
+    if unknown:
+        raise ValueError(f"jobs: unknown {unknown}; known {sorted(_MISC_JOBS)}")
+    first, load_s = load_engine(spec)
+    model, tokenizer, config = engine_model(first), first.tokenizer, first.config
+    out: Result = {"load_s": load_s, "threads": torch.get_num_threads(), **engine_footprint(first)}
+    for index, job in enumerate(spec.jobs):
+        engine = first if index == 0 else AsyncEngine.from_model(model, tokenizer, config=config)
+        out[job] = _MISC_JOBS[job](engine, spec)
+    return out

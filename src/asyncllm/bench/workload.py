@@ -1,0 +1,167 @@
+"""The benchmark's inputs: distinct chat prompts, a long multi-turn conversation, and the job handed to
+each measuring subprocess.
+
+Every prompt is tokenized once, in the parent, with the model's own chat template, so asyncllm and the
+peer receive the same token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+_TOPICS: tuple[str, ...] = (
+    "the water cycle", "how vaccines train the immune system", "the causes of the French Revolution",
+    "photosynthesis", "how a bill becomes law", "compound interest", "plate tectonics",
+    "the difference between weather and climate", "how a CPU cache works", "the life cycle of a star",
+    "why the sky is blue", "supply and demand", "how bees communicate", "the Roman road network",
+    "how noise-cancelling headphones work", "the basics of sourdough baking",
+)
+_ASKS: tuple[str, ...] = (
+    "Can you explain {topic} to a curious twelve-year-old?",
+    "Write a short study guide about {topic}.",
+    "What are the three most common misconceptions about {topic}?",
+    "Give me a step-by-step overview of {topic}.",
+    "Summarise {topic} for a busy manager in plain language.",
+    "Create five quiz questions, with answers, about {topic}.",
+    "Compare {topic} with something from everyday life.",
+    "What should a beginner read first to understand {topic}?",
+)
+_CONTEXT: tuple[str, ...] = (
+    "I am preparing a lesson for next week and want something accurate but friendly.",
+    "My notes from class are messy, so please keep the structure clear.",
+    "I have about ten minutes to read this before a meeting.",
+    "Please avoid jargon unless you define it right away.",
+    "A short example would help me remember the main idea.",
+    "I already know the basics, so focus on what people usually get wrong.",
+)
+_SESSION_SENTENCES: tuple[str, ...] = (
+    "We are migrating our order service from a single PostgreSQL instance to a sharded setup.",
+    "Today the service handles about two thousand writes per second at peak, mostly from checkout.",
+    "Reads are dominated by the order history page, which joins orders, items and shipments.",
+    "Our team is five engineers, and two of them have operated sharded databases before.",
+    "We cannot take more than five minutes of downtime during the switch, ideally none.",
+    "The current schema uses a global sequence for order ids, which other services rely on.",
+    "Customers are spread over three regions, and most traffic stays within one region.",
+    "Finance runs nightly reports that scan every order from the previous day.",
+    "We already publish change events to a message queue for the analytics pipeline.",
+    "Some legacy jobs still write directly to the orders table without going through the service.",
+    "The largest customers have hundreds of thousands of orders, so shard keys by customer could be uneven.",
+    "Our monitoring covers latency percentiles and error rates but not replication lag yet.",
+    "Backups are taken every hour and restores have been tested twice this year.",
+    "The product team wants to add multi-currency support in the same quarter.",
+    "We are worried about cross-shard queries for support agents who search by email address.",
+    "A previous attempt stalled because the dual-write phase produced inconsistent rows.",
+)
+SESSION_SYSTEM = "You are a senior database engineer. Answer concisely and concretely."
+WARMUP_NEW_TOKENS = 8
+"""Tokens each warm-up request generates before timing starts (both libraries)."""
+
+
+class TokenizerLike(Protocol):
+    """The part of ``asyncllm.tokenizer.Tokenizer`` the workload needs."""
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]: ...
+
+
+def chat_prompt_text(index: int) -> str:
+    """User message ``index`` (``>= 0``): distinct for every index, a few sentences long."""
+    if index < 0:
+        raise ValueError(f"index: must be >= 0, got {index}")
+    topic = _TOPICS[index % len(_TOPICS)]
+    ask = _ASKS[(index // len(_TOPICS)) % len(_ASKS)].format(topic=topic)
+    first = _CONTEXT[index % len(_CONTEXT)]
+    second = _CONTEXT[(index + 3) % len(_CONTEXT)]
+    return f"{ask} {first} {second} (Request {index + 1}.)"
+
+
+def chat_prompt_ids(tokenizer: TokenizerLike, count: int) -> list[list[int]]:
+    """``count`` distinct prompts, each one user message rendered with the chat template."""
+    if count <= 0:
+        raise ValueError(f"count: must be positive, got {count}")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": chat_prompt_text(i)}])
+            for i in range(count)]
+
+
+def session_user_messages(
+    tokenizer: TokenizerLike, *, turns: int, total_tokens: int, reply_tokens: int
+) -> list[str]:
+    """``turns`` long user messages sized so that, with replies of about ``reply_tokens`` tokens, the
+    transcript reaches about ``total_tokens`` tokens by the last turn's prompt."""
+    if turns <= 0 or total_tokens <= 0 or reply_tokens <= 0:
+        raise ValueError("turns, total_tokens, reply_tokens: must be positive")
+    overhead = len(tokenizer.apply_chat_template([{"role": "system", "content": SESSION_SYSTEM}]))
+    per_turn = max(8, (total_tokens - overhead) // turns - (reply_tokens if turns > 1 else 0) - 6)
+    messages: list[str] = []
+    cursor = 0
+    for turn in range(turns):
+        parts = [f"Part {turn + 1} of my question."]
+        while len(tokenizer.encode(" ".join(parts), add_special_tokens=False)) < per_turn:
+            parts.append(_SESSION_SENTENCES[cursor % len(_SESSION_SENTENCES)])
+            cursor += 1
+        parts.append("What would you do next?")
+        messages.append(" ".join(parts))
+    return messages
+
+
+_WARMUP_TEXT = (
+    "The quick brown fox jumps over the lazy dog while a small band plays in the park, and the "
+    "neighbours argue cheerfully about whether it will rain before the evening train arrives."
+)
+
+
+def warmup_ids(tokenizer: TokenizerLike, length: int) -> list[int]:
+    """Plain text (no chat template, so no prefix shared with the timed prompts) of ``length`` tokens."""
+    if length <= 0:
+        raise ValueError(f"length: must be positive, got {length}")
+    unit = tokenizer.encode(_WARMUP_TEXT, add_special_tokens=False)
+    return (unit * (length // len(unit) + 1))[:length]
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Everything a measuring subprocess needs; JSON round-trips through ``to_json``/``from_json``.
+
+    ``prompts`` are token ids (chat template applied); ``warmup_prompt`` shares no prefix with them, so
+    warming up never pre-fills a prefix cache the timed run could reuse.
+    """
+
+    model: str
+    threads: int
+    kv_cache_tokens: int
+    max_tokens: int
+    prompts: list[list[int]]
+    issue_requests: int
+    warmup_prompt: list[int]
+    cold_prompt: list[int]
+    session_system: str
+    session_messages: list[str]
+    session_reply_tokens: int
+    bandwidth_mb: int
+    jobs: list[str] = field(default_factory=list)
+
+    def with_jobs(self, jobs: Sequence[str]) -> WorkloadSpec:
+        return WorkloadSpec(**{**asdict(self), "jobs": list(jobs)})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkloadSpec:
+        return cls(**json.loads(text))
+
+
+def kv_tokens_for(prompts: Sequence[Sequence[int]], max_tokens: int, *, session_tokens: int,
+                  session_reply_tokens: int, block_size: int = 16) -> int:
+    """A KV pool (in tokens) that holds every throughput request at full length at once, and the session
+    transcript twice over, rounded up to a multiple of 1024."""
+    batch = sum(len(p) + max_tokens + block_size for p in prompts)
+    session = 2 * (session_tokens + 4 * session_reply_tokens) + 512
+    need = max(batch, session, 2048)
+    return -(-need // 1024) * 1024

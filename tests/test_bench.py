@@ -1,0 +1,141 @@
+"""The benchmark harness: its arithmetic against independent references, and one tiny end-to-end run on the
+real SmolLM2 GGUF whose table values must be the ones its measuring processes reported."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from asyncllm.bench import add_bench_command, main
+from asyncllm.bench.results import REPORT_ONLY, Row, Target
+from asyncllm.bench.roofline import decode_flops_per_token, kv_bytes_per_token, parameter_bytes
+from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
+from asyncllm.bench.workload import chat_prompt_ids, session_user_messages, warmup_ids
+from asyncllm.config import ModelConfig
+
+
+def _row(ours: float | None, peer: float | None, higher: bool, target: Target) -> Row:
+    return Row("0", "m", "s", ours, peer, higher, target, "peer")
+
+
+def test_ratio_reads_times_better_and_verdict_applies_the_target() -> None:
+    faster = _row(12.0, 2.0, True, Target("ratio_at_least", 5.0))
+    assert faster.ratio == pytest.approx(6.0) and faster.verdict == "pass"
+    slower_ttft = _row(0.5, 4.0, False, Target("ratio_at_least", 10.0))
+    assert slower_ttft.ratio == pytest.approx(8.0) and slower_ttft.verdict == "fail"
+    roofline = _row(0.55, None, True, Target("ours_at_least", 0.6))
+    assert roofline.ratio is None and roofline.verdict == "fail"
+    assert _row(3.0, None, True, Target("ratio_at_least", 2.0)).verdict == "n/a"
+    assert _row(3.0, 1.0, True, REPORT_ONLY).verdict == "-"
+    assert _row(3.0, 0.0, True, Target("ratio_at_least", 2.0)).ratio is None
+
+
+def test_settings_reject_bad_values_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^requests"):
+        BenchSettings(requests=0)
+    with pytest.raises(ValueError, match=r"^only"):
+        BenchSettings(only=("throughput", "bogus"))
+    assert BenchSettings(only=("memory", "cold")).only == ("cold", "memory")
+    assert main(["--requests", "0"]) == 2
+
+
+def test_bench_command_registers_on_subparsers() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--only", "single,cold", "--skip-peer", "--tokens", "4"])
+    assert (args.command, args.only, args.skip_peer, args.tokens) == ("bench", ["single", "cold"], True, 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--only", "nonsense"])
+
+
+def test_parameter_bytes_count_tied_weights_once() -> None:
+    embed = nn.Embedding(50, 8)
+    head = nn.Linear(8, 50, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head, "proj": nn.Linear(8, 8)})
+    assert parameter_bytes(model) == (50 * 8 + 8 * 8 + 8) * 4
+
+
+def test_decode_flops_match_torch_flop_counter_on_hf_llama() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                            attn_implementation="eager")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        past = model(torch.randint(0, 300, (1, 10)), use_cache=True).past_key_values
+        with FlopCounterMode(display=False) as counter:
+            model(torch.tensor([[5]]), past_key_values=past, use_cache=True)
+    config = ModelConfig.from_hf_config({**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    assert decode_flops_per_token(config, 11) == counter.get_total_flops()
+    assert kv_bytes_per_token(config, torch.float32) == 2 * 2 * 2 * 16 * 4
+
+
+def test_workload_prompts_are_distinct_chat_prompts(smollm2_tokenizer: Any) -> None:
+    prompts = chat_prompt_ids(smollm2_tokenizer, 40)
+    assert len({tuple(p) for p in prompts}) == 40
+    rendered = smollm2_tokenizer.decode(prompts[0], skip_special_tokens=False)
+    assert rendered.startswith("<|im_start|>") and rendered.endswith("<|im_start|>assistant\n")
+    warm = warmup_ids(smollm2_tokenizer, 50)
+    assert len(warm) == 50 and warm[0] != prompts[0][0]
+    messages = session_user_messages(smollm2_tokenizer, turns=5, total_tokens=1500, reply_tokens=32)
+    lengths = [len(smollm2_tokenizer.encode(m, add_special_tokens=False)) for m in messages]
+    assert len(set(messages)) == 5 and all(200 <= n <= 320 for n in lengths)
+
+
+def _gguf_weight_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(str(path)).tensors) * 4
+
+
+def test_tiny_end_to_end_run_reports_measured_values(
+    smollm2_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    status = main([
+        "--model", str(smollm2_gguf), "--only", "throughput,memory,session", "--requests", "2",
+        "--tokens", "8", "--session-tokens", "200", "--session-turns", "2", "--session-reply-tokens", "4",
+        "--skip-peer", "--json", str(out), "--timeout", "300",
+    ])
+    assert status == 0
+    record = json.loads(out.read_text())
+    rows = {row["metric"]: row for row in record["rows"]}
+    raw = {task: proc["result"] for task, proc in record["processes"].items()}
+    assert set(raw) == {"ours_throughput", "ours_misc"}
+
+    batch = raw["ours_throughput"]
+    assert batch["tokens_per_request"] == [8, 8] and batch["generated_tokens"] == 16
+    throughput = rows["aggregate throughput 2x8"]
+    assert throughput["asyncllm"] == pytest.approx(16 / batch["elapsed_s"])
+    assert (throughput["peer"], throughput["ratio"], throughput["verdict"]) == (None, None, "n/a")
+
+    # SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64, K and V, float32.
+    assert batch["weight_bytes"] == _gguf_weight_bytes(smollm2_gguf)
+    assert batch["kv_pool_bytes"] == batch["kv_pool_tokens"] * 2 * 30 * 3 * 64 * 4
+    memory = rows["peak RSS of the 2x8 process"]
+    budget = batch["weight_bytes"] + batch["kv_pool_bytes"] + MEMORY_HEADROOM_BYTES
+    assert memory["peer"] == pytest.approx(budget / 1e6)
+    assert memory["asyncllm"] == pytest.approx(batch["peak_rss_bytes"] / 1e6)
+    assert memory["ratio"] == pytest.approx(budget / batch["peak_rss_bytes"])
+    assert memory["verdict"] == ("pass" if budget >= batch["peak_rss_bytes"] else "fail")
+
+    session, stateless = raw["ours_misc"]["session"]["session"], raw["ours_misc"]["session"]["stateless"]
+    assert session["prompt_tokens"] == stateless["prompt_tokens"]
+    assert session["cached_tokens"] > 0 and stateless["cached_tokens"] == 0
+    reuse = next(row for row in record["rows"] if row["measurement"] == "3")
+    assert reuse["ratio"] == pytest.approx(stateless["ttft_s"] / session["ttft_s"])
+    assert reuse["verdict"] == ("pass" if reuse["ratio"] >= 10 else "fail")
+
+    printed = capsys.readouterr().out
+    assert "aggregate throughput 2x8" in printed and f"{16 / batch['elapsed_s']:.1f} tok/s" in printed
+    assert record["machine"]["torch_threads"] == batch["threads"] == raw["ours_misc"]["threads"]
