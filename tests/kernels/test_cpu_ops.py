@@ -13,6 +13,7 @@ from asyncllm.kernels.attention import paged_attention_reference
 from asyncllm.kernels.cpu import (
     CPU_OPS,
     add_rms_norm_cpu,
+    linear_cpu,
     paged_attention_cpu,
     rms_norm_cpu,
     rotary_cpu,
@@ -115,3 +116,19 @@ def test_half_precision_norm_and_rotary(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(3, 64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)
     torch.testing.assert_close(rms_norm_cpu(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), atol=2e-2, rtol=2e-2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 40), shape=st.sampled_from([(8, 3), (576, 960), (64, 49)]), bias=st.booleans(),
+       seed=st.integers(0, 99))
+def test_linear_matches_f_linear(rows: int, shape: tuple[int, int], bias: bool, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    inp, out = shape
+    x = torch.randn(rows, inp, generator=gen)
+    w = torch.randn(out, inp, generator=gen)
+    b = torch.randn(out, generator=gen) if bias else None
+    torch.testing.assert_close(linear_cpu(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    # non-contiguous input (a slice of a fused projection) and a 3-D input take the same result
+    wide = torch.randn(rows, 2 * inp, generator=gen)
+    torch.testing.assert_close(linear_cpu(wide[:, :inp], w, b), torch.nn.functional.linear(wide[:, :inp], w, b),
+                               atol=1e-4, rtol=1e-4)

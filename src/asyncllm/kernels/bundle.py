@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from asyncllm.kernels.metadata import AttentionMetadata
 
@@ -14,6 +15,7 @@ AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[t
 Rotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SiluAndMul = Callable[[torch.Tensor], torch.Tensor]
 WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+LinearOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
 
@@ -28,5 +30,6 @@ class KernelOps:
     silu_and_mul: SiluAndMul
     write_kv: WriteKV
     paged_attention: PagedAttention
+    linear: LinearOp = F.linear
 
 

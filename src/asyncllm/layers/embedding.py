@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asyncllm.kernels.bundle import LinearOp
 from asyncllm.layers.weights import ShardId, empty_parameter, load_unsharded
 
 
@@ -50,8 +51,10 @@ class LMHead(nn.Module):
         tied_to: VocabEmbedding | None,
         dtype: torch.dtype,
         device: torch.device,
+        matmul: LinearOp = F.linear,
     ) -> None:
         super().__init__()
+        self.matmul = matmul
         if tied_to is not None and (tied_to.vocab_size, tied_to.hidden_size) != (vocab_size, hidden_size):
             raise ValueError(
                 f"tied_to: embedding is {tied_to.vocab_size}x{tied_to.hidden_size}, "
@@ -69,7 +72,7 @@ class LMHead(nn.Module):
         load_unsharded(param, loaded, shard_id)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        return self.matmul(hidden, self.weight, None).float()
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size} -> {self.vocab_size}, tied={self.tied}"

@@ -15,18 +15,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asyncllm.kernels.bundle import LinearOp
 from asyncllm.layers.weights import ShardId, copy_checked, empty_parameter, load_unsharded
 
 
 class Linear(nn.Module):
-    """A replicated linear layer loaded from one checkpoint tensor per parameter (``shard_id=None``)."""
+    """A replicated linear layer loaded from one checkpoint tensor per parameter (``shard_id=None``).
+
+    ``matmul`` computes ``x @ weight.T + bias`` (``F.linear`` unless a kernel bundle supplies a faster one).
+    """
 
     shard_ids: tuple[ShardId, ...] = (None,)
 
     def __init__(
-        self, input_size: int, output_size: int, *, bias: bool, dtype: torch.dtype, device: torch.device
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        matmul: LinearOp = F.linear,
     ) -> None:
         super().__init__()
+        self.matmul = matmul
         if input_size <= 0 or output_size <= 0:
             raise ValueError(f"input_size/output_size: must be positive, got {input_size}, {output_size}")
         self.input_size = input_size
@@ -42,7 +54,7 @@ class Linear(nn.Module):
         load_unsharded(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
@@ -63,10 +75,11 @@ class MergedColumnLinear(Linear):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        matmul: LinearOp = F.linear,
     ) -> None:
         if not output_sizes or any(size <= 0 for size in output_sizes):
             raise ValueError(f"output_sizes: must be a non-empty list of positive sizes, got {output_sizes}")
-        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype, device=device)
+        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype, device=device, matmul=matmul)
         self.output_sizes = tuple(output_sizes)
         self.shard_ids = tuple(range(len(output_sizes)))
 
@@ -96,9 +109,11 @@ class QKVLinear(MergedColumnLinear):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        matmul: LinearOp = F.linear,
     ) -> None:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, (q_size, kv_size, kv_size), bias=bias, dtype=dtype, device=device)
+        super().__init__(hidden_size, (q_size, kv_size, kv_size), bias=bias, dtype=dtype, device=device,
+                         matmul=matmul)
         self.shard_ids = ("q", "k", "v")
         self.head_dim = head_dim
         self.num_heads = num_heads

@@ -51,10 +51,12 @@ class LlamaAttention(nn.Module):
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.qkv_proj = QKVLinear(
             config.hidden_size, head_dim, heads, kv_heads,
-            bias=config.attention_bias, dtype=dtype, device=device,
+            bias=config.attention_bias, dtype=dtype, device=device, matmul=ops.linear,
         )
         o_bias = config.attention_bias and config.architecture != "qwen2"
-        self.o_proj = Linear(heads * head_dim, config.hidden_size, bias=o_bias, dtype=dtype, device=device)
+        self.o_proj = Linear(
+            heads * head_dim, config.hidden_size, bias=o_bias, dtype=dtype, device=device, matmul=ops.linear
+        )
         self.rotary_emb = rotary_emb
         self.attn = PagedAttention(heads, kv_heads, head_dim, ops)
 
@@ -74,9 +76,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
-            hidden, (inter, inter), bias=config.mlp_bias, dtype=dtype, device=device
+            hidden, (inter, inter), bias=config.mlp_bias, dtype=dtype, device=device, matmul=ops.linear
         )
-        self.down_proj = Linear(inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device)
+        self.down_proj = Linear(
+            inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device, matmul=ops.linear
+        )
         self.act_fn = SiluAndMul(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, ops, dtype=dtype, device=device)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(
-            config.vocab_size, config.hidden_size, tied_to=tied_to, dtype=dtype, device=device
+            config.vocab_size, config.hidden_size, tied_to=tied_to, dtype=dtype, device=device, matmul=ops.linear
         )
 
     @property
