@@ -89,7 +89,8 @@ def test_workload_prompts_are_distinct_chat_prompts(smollm2_tokenizer: Any) -> N
     assert len(warm) == 50 and warm[0] != prompts[0][0]
     messages = session_user_messages(smollm2_tokenizer, turns=5, total_tokens=1500, reply_tokens=32)
     lengths = [len(smollm2_tokenizer.encode(m, add_special_tokens=False)) for m in messages]
-    assert len(set(messages)) == 5 and all(200 <= n <= 320 for n in lengths)
+    # four long turns carry the ~1,500-token history; the last turn is a short follow-up
+    assert len(set(messages)) == 5 and all(250 <= n <= 400 for n in lengths[:4]) and lengths[4] < 40
 
 
 def _gguf_weight_bytes(path: Path) -> int:

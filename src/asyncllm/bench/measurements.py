@@ -169,6 +169,7 @@ def session_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings)
                         Target("ratio_at_least", 10.0), "asyncllm stateless, no prefix cache"))
     if session is not None and stateless is not None:
         line = (f"[3] last turn: {session['prompt_tokens']} prompt tokens, {session['cached_tokens']} reused "
+                f"({session['prompt_tokens'] - session['cached_tokens']} new) "
                 f"from the session; stateless: {stateless['prompt_tokens']} prompt tokens, "
                 f"{stateless['cached_tokens']} cached")
         if session["prompt_tokens"] != stateless["prompt_tokens"]:

@@ -92,22 +92,28 @@ def chat_prompt_ids(tokenizer: TokenizerLike, count: int) -> list[list[int]]:
 def session_user_messages(
     tokenizer: TokenizerLike, *, turns: int, total_tokens: int, reply_tokens: int
 ) -> list[str]:
-    """``turns`` long user messages sized so that, with replies of about ``reply_tokens`` tokens, the
-    transcript reaches about ``total_tokens`` tokens by the last turn's prompt."""
-    if turns <= 0 or total_tokens <= 0 or reply_tokens <= 0:
-        raise ValueError("turns, total_tokens, reply_tokens: must be positive")
+    """``turns`` user messages: the first ``turns - 1`` are long, sized so that with replies of about
+    ``reply_tokens`` tokens the history before the last turn reaches about ``total_tokens`` tokens; the last
+    is a short follow-up question, as in a real chat (its prompt adds a few dozen new tokens)."""
+    if turns <= 1 or total_tokens <= 0 or reply_tokens <= 0:
+        raise ValueError("turns (at least 2), total_tokens, reply_tokens: must be positive")
     overhead = len(tokenizer.apply_chat_template([{"role": "system", "content": SESSION_SYSTEM}]))
-    per_turn = max(8, (total_tokens - overhead) // turns - (reply_tokens if turns > 1 else 0) - 6)
+    history_turns = turns - 1
+    per_turn = max(8, (total_tokens - overhead) // history_turns - reply_tokens - 6)
     messages: list[str] = []
     cursor = 0
-    for turn in range(turns):
+    for turn in range(history_turns):
         parts = [f"Part {turn + 1} of my question."]
         while len(tokenizer.encode(" ".join(parts), add_special_tokens=False)) < per_turn:
             parts.append(_SESSION_SENTENCES[cursor % len(_SESSION_SENTENCES)])
             cursor += 1
         parts.append("What would you do next?")
         messages.append(" ".join(parts))
+    messages.append(FOLLOW_UP_QUESTION)
     return messages
+
+
+FOLLOW_UP_QUESTION = "Thanks. Looking back at everything above, which single step matters most, and why?"
 
 
 _WARMUP_TEXT = (
