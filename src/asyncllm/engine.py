@@ -15,6 +15,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,6 +79,8 @@ class AsyncEngine:
         tokenizer: Tokenizer,
         model_config: ModelConfig,
         config: EngineConfig | None = None,
+        *,
+        worker: ThreadPoolExecutor | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.model_config = model_config
@@ -100,7 +103,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        # One thread runs every model step (and, via from_pretrained/from_model, the loading): a second
+        # thread doing torch work gets its own OpenMP team, and two teams on few cores slow each other down.
+        self._executor = worker or _model_thread()
         self._closing = False
         self._failure: BaseException | None = None
         runner.seed(self.config.seed)
@@ -114,31 +119,39 @@ class AsyncEngine:
 
         Keyword overrides are ``EngineConfig`` fields, e.g. ``num_kv_blocks=512`` or ``device="cpu"``.
         """
-        from asyncllm.loaders import load_checkpoint
-        from asyncllm.models import build_model
-
         config = (config or EngineConfig()).replace(**overrides) if overrides else (config or EngineConfig())
-        checkpoint = load_checkpoint(model)
-        model_config = ModelConfig.from_hf_config(checkpoint.hf_config)
-        device = config.resolved_device()
-        dtype = config.resolved_dtype()
-        ops = get_kernel_ops(config.kernel_backend, device)
-        net = build_model(model_config, ops, dtype=dtype, device=device)
-        net.load_weights(checkpoint.tensors(dtype))
-        tokenizer = Tokenizer.from_path(checkpoint.local_path)
-        return cls.from_model(net, tokenizer, config=config)
+        worker = _model_thread()
+        try:
+            net, checkpoint_path = worker.submit(_load_model, model, config).result()
+            tokenizer = Tokenizer.from_path(checkpoint_path)
+            return cls.from_model(net, tokenizer, config=config, worker=worker)
+        except BaseException:
+            worker.shutdown(wait=False)
+            raise
 
     @classmethod
     def from_model(
-        cls, model: CausalLM, tokenizer: Tokenizer, *, config: EngineConfig | None = None, **overrides: Any
+        cls,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        *,
+        config: EngineConfig | None = None,
+        worker: ThreadPoolExecutor | None = None,
+        **overrides: Any,
     ) -> AsyncEngine:
-        """Serve an already built model (its weights on ``config``'s device and dtype)."""
+        """Serve an already built model (its weights on ``config``'s device and dtype).
+
+        ``worker`` is the single thread that will run the model (a new one when omitted); pass the thread
+        that built the model so that all torch work stays on one thread.
+        """
         config = (config or EngineConfig()).replace(**overrides) if overrides else (config or EngineConfig())
         device = config.resolved_device()
         dtype = config.resolved_dtype()
         num_blocks = _num_kv_blocks(config, model.config, device, dtype)
         spec = KVCacheSpec.for_model(model.config, num_blocks=num_blocks, block_size=config.block_size, dtype=dtype)
-        return cls(ModelRunner(model, spec, device=device), tokenizer, model.config, config)
+        worker = worker or _model_thread()
+        runner = worker.submit(ModelRunner, model, spec, device=device).result()
+        return cls(runner, tokenizer, model.config, config, worker=worker)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> AsyncEngine:
@@ -173,7 +186,6 @@ class AsyncEngine:
             return
         self._loop = loop
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-model")
         self._task = loop.create_task(self._run(), name="asyncllm-engine")
 
     async def aclose(self) -> None:
@@ -191,8 +203,7 @@ class AsyncEngine:
             self._end_flush(seq, keep=False)
         for owner in self._pins.owners():
             self._pins.release(owner)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
 
     @property
     def model(self) -> CausalLM:
@@ -518,6 +529,25 @@ class AsyncEngine:
     def _release_session(self, session_id: Hashable) -> None:
         """Drop a session's pinned KV (the session stays open)."""
         self._pins.release(session_id)
+
+
+def _model_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-model")
+
+
+def _load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[CausalLM, Path]:
+    """Read the checkpoint and build the model (on the engine's model thread); returns the model and the
+    local path its tokenizer is read from."""
+    from asyncllm.loaders import load_checkpoint
+    from asyncllm.models import build_model
+
+    checkpoint = load_checkpoint(model)
+    device = config.resolved_device()
+    dtype = config.resolved_dtype()
+    ops = get_kernel_ops(config.kernel_backend, device)
+    net = build_model(ModelConfig.from_hf_config(checkpoint.hf_config), ops, dtype=dtype, device=device)
+    net.load_weights(checkpoint.tensors(dtype))
+    return net, checkpoint.local_path
 
 
 def _num_kv_blocks(config: EngineConfig, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
