@@ -117,6 +117,10 @@ class EngineConfig:
     ``num_kv_blocks``: explicit pool size; when ``None`` it is derived from ``kv_cache_tokens`` on CPU or
     ``gpu_memory_fraction`` on CUDA. ``max_num_batched_tokens`` is the per-step token budget shared by
     decodes and prefill chunks.
+
+    ``cuda_graph_batch_sizes``: the decode batch sizes captured as CUDA graphs on a CUDA device (a decode
+    batch is padded up to the next captured size; larger batches and prefill steps run eagerly).
+    ``enforce_eager``: never capture CUDA graphs.
     """
 
     device: str = "auto"
@@ -131,6 +135,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: KernelBackendName = "auto"
     seed: int = 0
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    enforce_eager: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,6 +152,15 @@ class EngineConfig:
                  f"must be 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
                  f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        sizes = self.cuda_graph_batch_sizes
+        _require(isinstance(sizes, tuple) and len(sizes) > 0, "cuda_graph_batch_sizes",
+                 f"must be a non-empty tuple of positive ints, got {sizes!r}")
+        _require(all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes),
+                 "cuda_graph_batch_sizes", f"must hold positive ints, got {sizes!r}")
+        _require(len(set(sizes)) == len(sizes), "cuda_graph_batch_sizes",
+                 f"must not repeat a size, got {sizes!r}")
+        _require(isinstance(self.enforce_eager, bool), "enforce_eager",
+                 f"must be a bool, got {self.enforce_eager!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 

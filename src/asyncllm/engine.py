@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from asyncllm.config import EngineConfig, ModelConfig
+from asyncllm.cuda_graphs import decode_graphs_for
 from asyncllm.detokenizer import IncrementalDetokenizer
 from asyncllm.kernels import get_kernel_ops
 from asyncllm.kv.block_manager import BlockManager
@@ -150,7 +151,8 @@ class AsyncEngine:
         num_blocks = _num_kv_blocks(config, model.config, device, dtype)
         spec = KVCacheSpec.for_model(model.config, num_blocks=num_blocks, block_size=config.block_size, dtype=dtype)
         worker = worker or _model_thread()
-        runner = worker.submit(ModelRunner, model, spec, device=device).result()
+        graphs = decode_graphs_for(config, model, device)
+        runner = worker.submit(ModelRunner, model, spec, device=device, decode_graphs=graphs).result()
         return cls(runner, tokenizer, model.config, config, worker=worker)
 
     # -- lifecycle -----------------------------------------------------------------------------

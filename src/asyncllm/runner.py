@@ -3,20 +3,30 @@
 The runner owns the KV pool tensors: per layer a key and a value cache of shape
 ``[num_blocks, block_size, num_kv_heads, head_dim]``. ``step`` reads the sequences' token ids and block
 tables but never mutates them; the engine calls it on one worker thread at a time.
+
+Two paths run a step. Decode-only steps that fit the configured batch sizes go through ``DecodeGraphs``
+(padded static buffers, replayed as CUDA graphs on a GPU); prefill, mixed and larger steps run eagerly over
+exactly-sized tensors. Either way a step's inputs reach the device through asynchronous copies from
+page-locked host buffers, and the only wait on the device is the sampler reading the chosen token ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 
 from asyncllm.config import ModelConfig
+from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, graph_safe, host_staging
 from asyncllm.kernels import AttentionMetadata
 from asyncllm.models import CausalLM
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
+
+DecodeGraphsOption = DecodeGraphSettings | Literal["auto"] | None
 
 
 @dataclass(frozen=True)
@@ -34,15 +44,46 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     @classmethod
-    def for_model(cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
-        return cls(num_blocks, block_size, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                   dtype)
+    def for_model(
+        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype
+    ) -> KVCacheSpec:
+        return cls(
+            num_blocks,
+            block_size,
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            config.head_dim,
+            dtype,
+        )
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_index: torch.Tensor | None  # None: every row samples, in order
 
 
 class ModelRunner:
-    """Runs one model over a paged KV pool; ``step`` is the only hot entry point."""
+    """Runs one model over a paged KV pool; ``step`` is the only hot entry point.
 
-    def __init__(self, model: CausalLM, spec: KVCacheSpec, *, device: torch.device) -> None:
+    ``decode_graphs``: ``"auto"`` records decode CUDA graphs with the default settings when the device is
+    CUDA and the model's kernels are graph-safe, and runs every step eagerly otherwise; ``None`` always
+    runs eagerly; a ``DecodeGraphSettings`` is used as given (``capture=True`` needs CUDA and graph-safe
+    kernels, else ``ValueError``). Recording happens here, at construction, after the KV pool exists.
+    The padded steps' context bound is ``settings.max_model_len`` capped by the pool's token count and
+    the model's positions.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        spec: KVCacheSpec,
+        *,
+        device: torch.device,
+        decode_graphs: DecodeGraphsOption = "auto",
+    ) -> None:
         self.model = model
         self.spec = spec
         self.device = device
@@ -50,11 +91,25 @@ class ModelRunner:
         # Zeroed, not empty: batched decode reads padding slots (masked out, weight 0) and 0 * NaN from
         # uninitialised memory would poison the output.
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
+            (
+                torch.zeros(shape, dtype=spec.dtype, device=device),
+                torch.zeros(shape, dtype=spec.dtype, device=device),
+            )
             for _ in range(spec.num_layers)
         ]
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device)
+        self.graphs: DecodeGraphs | None = None
+        settings = self._resolve_graphs(decode_graphs)
+        if settings is not None:
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv_caches,
+                block_size=spec.block_size,
+                max_model_len=self._graph_max_len(settings),
+                settings=settings,
+                device=device,
+            )
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -65,53 +120,106 @@ class ModelRunner:
 
         ``rows`` holds one sampling row per sampling chunk, in chunk order.
         """
-        input_ids, positions, meta, logits_index = self._prepare(chunks)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        logits = self._logits(chunks, need_logits=bool(rows))
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
-        logits = self.model.compute_logits(hidden.index_select(0, logits_index))
         return self.sampler(logits, rows, self.generator)
 
-    def _prepare(
-        self, chunks: Sequence[ScheduledChunk]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    @torch.inference_mode()
+    def forward_logits(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """Run ``chunks`` (writing their KV) and return float32 logits ``[R, V]`` for the ``R`` chunks that
+        sample, in chunk order. The tensor may be a view of a static buffer, valid until the next step."""
+        return self._logits(chunks, need_logits=True)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _resolve_graphs(self, option: DecodeGraphsOption) -> DecodeGraphSettings | None:
+        if option == "auto":
+            usable = self.device.type == "cuda" and graph_safe(self.model)
+            return DecodeGraphSettings() if usable else None
+        if option is None or isinstance(option, DecodeGraphSettings):
+            return option
+        raise ValueError(f"decode_graphs: expected 'auto', None or DecodeGraphSettings, got {option!r}")
+
+    def _graph_max_len(self, settings: DecodeGraphSettings) -> int:
+        positions = getattr(self.model, "max_positions", None) or self.model.config.max_position_embeddings
+        bound = min(int(positions), self.spec.num_blocks * self.spec.block_size)
+        return bound if settings.max_model_len is None else min(bound, settings.max_model_len)
+
+    def _logits(self, chunks: Sequence[ScheduledChunk], *, need_logits: bool) -> torch.Tensor:
+        if not chunks:
+            raise ValueError("chunks: a step needs at least one chunk")
+        sample_rows = [i for i, chunk in enumerate(chunks) if chunk.samples]
+        if self.graphs is not None and self.graphs.supports(chunks):
+            return self.graphs.run(chunks, sample_rows)
+        inputs = self._prepare(chunks, sample_rows)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if not need_logits or not sample_rows:
+            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        if inputs.logits_index is not None:
+            hidden = hidden.index_select(0, inputs.logits_index)
+        return self.model.compute_logits(hidden)
+
+    def _prepare(self, chunks: Sequence[ScheduledChunk], sample_rows: Sequence[int]) -> _StepInputs:
+        """Exactly-sized varlen inputs, staged on the host in two packed buffers (int64: ids, positions,
+        slots, logits index; int32: query starts, context lengths, block tables) and copied once each."""
         size = self.spec.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        logits_index: list[int] = []
-        for chunk in chunks:
+        num_seqs = len(chunks)
+        query_lens = [chunk.num_tokens for chunk in chunks]
+        seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
+        num_tokens = sum(query_lens)
+        width = max(-(-length // size) for length in seq_lens)
+        # Every row samples iff each chunk is one sampling token: hidden rows are then the logits rows.
+        all_rows = num_tokens == num_seqs and len(sample_rows) == num_seqs
+        num_index = 0 if all_rows else len(sample_rows)
+        longs = host_staging(3 * num_tokens + num_index, torch.int64, self.device)
+        ints = host_staging(2 * num_seqs + 1 + num_seqs * width, torch.int32, self.device)
+        lo, it = longs.numpy(), ints.numpy()
+        ids, pos, slots = (
+            lo[:num_tokens],
+            lo[num_tokens : 2 * num_tokens],
+            lo[2 * num_tokens : 3 * num_tokens],
+        )
+        starts, lens = it[: num_seqs + 1], it[num_seqs + 1 : 2 * num_seqs + 1]
+        tables = it[2 * num_seqs + 1 :].reshape(num_seqs, width)
+        tables[:] = 0
+        starts[0] = 0
+        offset = 0
+        for i, chunk in enumerate(chunks):
             seq, begin, n = chunk.seq, chunk.start, chunk.num_tokens
             end = begin + n
+            used = -(-end // size)
             table = seq.block_table
-            tokens.extend(seq.token_ids[begin:end])
-            positions.extend(range(begin, end))
-            slots.extend(table[p // size] * size + p % size for p in range(begin, end))
-            starts.append(starts[-1] + n)
-            query_lens.append(n)
-            seq_lens.append(end)
-            if chunk.samples:
-                logits_index.append(starts[-1] - 1)
-        width = max(-(-length // size) for length in seq_lens)
-        tables = [chunk.seq.block_table[:width] + [0] * (width - min(width, len(chunk.seq.block_table)))
-                  for chunk in chunks]
-        device = self.device
+            if n == 1:
+                ids[offset] = seq.token_ids[begin]
+                pos[offset] = begin
+                slots[offset] = table[begin // size] * size + begin % size
+            else:
+                positions = np.arange(begin, end)
+                ids[offset : offset + n] = seq.token_ids[begin:end]
+                pos[offset : offset + n] = positions
+                blocks = np.asarray(table[:used], dtype=np.int64)
+                slots[offset : offset + n] = blocks[positions // size] * size + positions % size
+            tables[i, :used] = table[:used]
+            offset += n
+            starts[i + 1] = offset
+            lens[i] = end
+        ends = np.cumsum(query_lens) - 1
+        lo[3 * num_tokens :] = ends[sample_rows] if num_index else []
+        dev_longs = longs.to(self.device, non_blocking=True)
+        dev_ints = ints.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            slot_mapping=dev_longs[2 * num_tokens : 3 * num_tokens],
+            query_start_loc=dev_ints[: num_seqs + 1],
+            seq_lens=dev_ints[num_seqs + 1 : 2 * num_seqs + 1],
+            block_tables=dev_ints[2 * num_seqs + 1 :].view(num_seqs, width),
             query_lens_cpu=tuple(query_lens),
             seq_lens_cpu=tuple(seq_lens),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
-        return (
-            torch.tensor(tokens, dtype=torch.int64, device=device),
-            torch.tensor(positions, dtype=torch.int64, device=device),
-            meta,
-            torch.tensor(logits_index, dtype=torch.int64, device=device),
+        return _StepInputs(
+            input_ids=dev_longs[:num_tokens],
+            positions=dev_longs[num_tokens : 2 * num_tokens],
+            meta=meta,
+            logits_index=dev_longs[3 * num_tokens :] if num_index else None,
         )

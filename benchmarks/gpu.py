@@ -1,0 +1,589 @@
+"""asyncllm on a CUDA GPU against Hugging Face ``generate``, on random-weight Llama shapes (no download).
+
+    python benchmarks/gpu.py                                   # TinyLlama-1.1B and Llama-3-8B shapes
+    python benchmarks/gpu.py --models tinyllama-1.1b --batches 1,64 --skip-hf
+    python benchmarks/gpu.py --json gpu.json
+    python benchmarks/gpu.py --dry-run                         # a tiny model on CPU: checks the plumbing
+
+Each named shape is built twice from one random initialisation, directly on the device: the HF
+``LlamaForCausalLM`` and asyncllm's model loaded from its state dict, so both serve the same weights.
+asyncllm runs through ``AsyncEngine.from_model`` (CUDA graphs for decode when the kernels allow).
+
+Measurements (greedy, EOS ignored, random prompt ids, prefix caching off):
+- decode tok/s at each batch size. asyncllm: tokens streamed while all ``B`` requests are decoding (from the
+  moment the last one got its first token to the moment the first one finished) over that window. HF: the
+  time of ``generate`` with ``1 + D`` new tokens minus the time with 1, for ``B * D`` tokens.
+- prefill tok/s: ``R`` prompts of ``L`` tokens, one new token each, prompt tokens over elapsed time.
+- roofline: bytes one decode step reads (every weight except an untied embedding table, of which only the
+  looked-up rows, plus the KV of ``B`` contexts at their mean length in the window) times steps per second,
+  against the measured device-to-device copy bandwidth (bytes read plus written per second).
+- ``--concurrent`` (64) requests end to end (prefill included): asyncllm against HF ``generate`` of the same
+  batch,
+  and against HF serving the requests one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from asyncllm import AsyncEngine, EngineConfig, ModelConfig
+from asyncllm.bench.report import render_table
+from asyncllm.bench.results import REPORT_ONLY, Row, Target
+from asyncllm.bench.roofline import kv_bytes_per_token, measure_copy_bandwidth, parameter_bytes
+from asyncllm.kernels import get_kernel_ops
+from asyncllm.models import CausalLM, build_model
+from asyncllm.tokenizer import Tokenizer
+
+Result = dict[str, Any]
+
+_COMMON: dict[str, Any] = {
+    "rms_norm_eps": 1e-5,
+    "initializer_range": 0.02,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+SHAPES: dict[str, dict[str, Any]] = {
+    "tinyllama-1.1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+}
+# Batch-1 decode bandwidth as a fraction of the measured copy bandwidth.
+ROOFLINE_TARGETS = {"tinyllama-1.1b": 0.70, "llama-3.2-1b": 0.70}
+CONCURRENT_TARGET = 10.0
+AGREEMENT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class GpuBenchSettings:
+    models: tuple[str, ...] = ("tinyllama-1.1b", "llama-3-8b")
+    batches: tuple[int, ...] = (1, 8, 64, 256)
+    prompt_len: int = 128
+    decode_tokens: int = 128
+    prefill_requests: int = 8
+    prefill_len: int = 1024
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    bandwidth_mb: int = 1024
+    concurrent: int = 64
+    skip_hf: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in SHAPES]
+        if unknown or not self.models:
+            raise ValueError(f"models: unknown {unknown or 'none given'}; known {sorted(SHAPES)}")
+        if not self.batches or any(b <= 0 for b in self.batches):
+            raise ValueError(f"batches: must be positive, got {self.batches}")
+        for name in ("prompt_len", "decode_tokens", "prefill_requests", "prefill_len", "bandwidth_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.concurrent not in self.batches:
+            raise ValueError(f"concurrent: {self.concurrent} must be one of batches {self.batches}")
+        if self.decode_tokens < 4:
+            raise ValueError(f"decode_tokens: needs at least 4 for a decode window, got {self.decode_tokens}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype: must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+DRY_RUN = GpuBenchSettings(
+    models=("tiny",),
+    batches=(1, 4),
+    prompt_len=8,
+    decode_tokens=6,
+    prefill_requests=2,
+    prefill_len=16,
+    dtype="float32",
+    device="cpu",
+    bandwidth_mb=16,
+    concurrent=4,
+)
+
+
+# -- models ------------------------------------------------------------------------------------
+def build_pair(
+    shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int
+) -> tuple[nn.Module, CausalLM]:
+    """The HF model with random weights, and asyncllm's model holding the same tensors' values."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(**_COMMON, **shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = LlamaForCausalLM._from_config(hf_config, dtype=dtype).eval()
+    config = ModelConfig.from_hf_config({**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    ours = build_model(config, get_kernel_ops("auto", device), dtype=dtype, device=device)
+    ours.load_weights(hf.state_dict().items())
+    return hf, ours
+
+
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    """A word-level vocabulary ``<0> .. <V-1>`` so every id decodes; prompts are given as ids."""
+    import tokenizers
+    from tokenizers.models import WordLevel
+
+    backend = tokenizers.Tokenizer(WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    return Tokenizer(backend)
+
+
+def weight_bytes_read(model: nn.Module, config: ModelConfig, dtype: torch.dtype, batch: int) -> int:
+    """Weight bytes one decode step of ``batch`` rows reads: every stored weight, except that an untied
+    embedding table is read only at the ``batch`` looked-up rows."""
+    total = parameter_bytes(model)
+    if config.tie_word_embeddings:
+        return total
+    element = torch.empty((), dtype=dtype).element_size()
+    return total - config.vocab_size * config.hidden_size * element + batch * config.hidden_size * element
+
+
+# -- device ------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int, repeats: int = 10) -> float:
+    """Best device-to-device copy rate, bytes read plus written per second."""
+    if device.type != "cuda":
+        return measure_copy_bandwidth(megabytes, repeats=repeats).bytes_per_second
+    numel = megabytes * 2**20 // 4
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * numel * 4 / best
+
+
+# -- asyncllm ----------------------------------------------------------------------------------
+def random_prompts(count: int, length: int, vocab: int, generator: torch.Generator) -> list[list[int]]:
+    return torch.randint(3, vocab, (count, length), generator=generator).tolist()
+
+
+async def stamped_batch(engine: AsyncEngine, prompts: Sequence[Sequence[int]], max_tokens: int) -> Result:
+    """Submit all prompts at once; per request the time and size of every output carrying tokens."""
+    start = time.perf_counter()
+
+    async def one(ids: Sequence[int]) -> list[tuple[float, int]]:
+        stamps = []
+        async for out in engine.stream_detailed(
+            list(ids), max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+        ):
+            if out.token_ids:
+                stamps.append((time.perf_counter(), len(out.token_ids)))
+        return stamps
+
+    stamps = await asyncio.gather(*(one(p) for p in prompts))
+    end = max(s[-1][0] for s in stamps)
+    return {"stamps": stamps, "elapsed_s": end - start, "tokens": sum(n for s in stamps for _, n in s)}
+
+
+def decode_window(stamps: Sequence[Sequence[tuple[float, int]]]) -> tuple[float, int]:
+    """``(seconds, tokens)`` of the window in which every request was decoding: after the last first token,
+    up to the first final token."""
+    begin = max(s[0][0] for s in stamps)
+    end = min(s[-1][0] for s in stamps)
+    tokens = sum(n for s in stamps for t, n in s if begin < t <= end)
+    return end - begin, tokens
+
+
+def engine_config(settings: GpuBenchSettings, shape: dict[str, Any]) -> EngineConfig:
+    block = 16
+    decode_blocks = max(settings.batches) * -(-(settings.prompt_len + settings.decode_tokens + 2) // block)
+    prefill_blocks = settings.prefill_requests * -(-(settings.prefill_len + 2) // block)
+    return EngineConfig(
+        device=settings.device,
+        dtype=settings.dtype,
+        block_size=block,
+        num_kv_blocks=max(decode_blocks, prefill_blocks) + 16,
+        max_num_seqs=max(*settings.batches, settings.prefill_requests),
+        max_num_batched_tokens=max(2048, settings.prefill_len),
+        enable_prefix_caching=False,
+        seed=settings.seed,
+        max_model_len=min(
+            shape["max_position_embeddings"],
+            2 * max(settings.prefill_len, settings.prompt_len + settings.decode_tokens + 2),
+        ),
+    )
+
+
+def run_ours(
+    engine: AsyncEngine, settings: GpuBenchSettings, vocab: int, agreement_prompt: list[int]
+) -> Result:
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    new_tokens = settings.decode_tokens + 1
+
+    async def main() -> Result:
+        out: Result = {"decode": {}}
+        async with engine:
+            for batch in sorted(set(settings.batches)):  # warm-up: every batch size once, short
+                await stamped_batch(engine, random_prompts(batch, settings.prompt_len, vocab, generator), 3)
+            for batch in settings.batches:
+                run = await stamped_batch(
+                    engine, random_prompts(batch, settings.prompt_len, vocab, generator), new_tokens
+                )
+                seconds, tokens = decode_window(run["stamps"])
+                out["decode"][batch] = {
+                    "tokens_per_s": tokens / seconds if seconds > 0 else None,
+                    "window_s": seconds,
+                    "window_tokens": tokens,
+                    "end_to_end_tokens_per_s": run["tokens"] / run["elapsed_s"],
+                }
+            prompts = random_prompts(settings.prefill_requests, settings.prefill_len, vocab, generator)
+            run = await stamped_batch(engine, prompts, 1)
+            out["prefill_tokens_per_s"] = sum(map(len, prompts)) / run["elapsed_s"]
+            # min_tokens bans EOS as HF's min_new_tokens does, so both pick from the same candidates
+            reply = await engine.generate(
+                agreement_prompt, max_tokens=AGREEMENT_TOKENS, min_tokens=AGREEMENT_TOKENS, temperature=0.0
+            )
+            out["agreement_ids"] = list(reply.token_ids)
+        return out
+
+    return asyncio.run(main())
+
+
+# -- Hugging Face --------------------------------------------------------------------------------
+def hf_generate_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    device = ids.device
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    sync(device)
+    return time.perf_counter() - start, out[:, ids.shape[1] :]
+
+
+def run_hf(
+    model: nn.Module,
+    settings: GpuBenchSettings,
+    vocab: int,
+    device: torch.device,
+    agreement_prompt: list[int],
+) -> Result:
+    generator = torch.Generator().manual_seed(settings.seed + 2)
+
+    def prompts(count: int, length: int) -> torch.Tensor:
+        return torch.tensor(random_prompts(count, length, vocab, generator), device=device)
+
+    hf_generate_seconds(model, prompts(2, settings.prompt_len), 3)  # warm-up
+    out: Result = {"decode": {}}
+    new_tokens = settings.decode_tokens + 1
+    for batch in settings.batches:
+        first, _ = hf_generate_seconds(model, prompts(batch, settings.prompt_len), 1)
+        full, _ = hf_generate_seconds(model, prompts(batch, settings.prompt_len), new_tokens)
+        decode = full - first
+        out["decode"][batch] = {
+            "tokens_per_s": batch * settings.decode_tokens / decode if decode > 0 else None,
+            "end_to_end_tokens_per_s": batch * new_tokens / full,
+        }
+    seconds, _ = hf_generate_seconds(model, prompts(settings.prefill_requests, settings.prefill_len), 1)
+    out["prefill_tokens_per_s"] = settings.prefill_requests * settings.prefill_len / seconds
+    single, _ = hf_generate_seconds(model, prompts(1, settings.prompt_len), new_tokens)
+    out["one_at_a_time_tokens_per_s"] = new_tokens / single
+    _, ids = hf_generate_seconds(model, torch.tensor([agreement_prompt], device=device), AGREEMENT_TOKENS)
+    out["agreement_ids"] = ids[0].tolist()
+    return out
+
+
+# -- one shape -----------------------------------------------------------------------------------
+def bench_shape(name: str, settings: GpuBenchSettings, bandwidth: float) -> tuple[list[Row], Result]:
+    device, dtype = torch.device(settings.device), settings.torch_dtype
+    shape = SHAPES[name]
+    start = time.perf_counter()
+    hf, model = build_pair(shape, device, dtype, settings.seed)
+    config = model.config
+    engine = AsyncEngine.from_model(
+        model, synthetic_tokenizer(config.vocab_size), config=engine_config(settings, shape)
+    )
+    build_s = time.perf_counter() - start
+    agreement_prompt = random_prompts(
+        1, settings.prompt_len, config.vocab_size, torch.Generator().manual_seed(settings.seed + 3)
+    )[0]
+    ours = run_ours(engine, settings, config.vocab_size, agreement_prompt)
+    peer = None if settings.skip_hf else run_hf(hf, settings, config.vocab_size, device, agreement_prompt)
+    rows = shape_rows(name, settings, model, ours, peer, bandwidth)
+    raw = {
+        "model": name,
+        "build_s": build_s,
+        "asyncllm": ours,
+        "hf": peer,
+        "weight_bytes": parameter_bytes(model) if isinstance(model, nn.Module) else None,
+    }
+    del engine, hf, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, raw
+
+
+def shape_rows(
+    name: str,
+    settings: GpuBenchSettings,
+    model: CausalLM,
+    ours: Result,
+    peer: Result | None,
+    bandwidth: float,
+) -> list[Row]:
+    config, dtype = model.config, settings.torch_dtype
+    hf_label = "HF generate, same batch" if peer is not None else "skipped (--skip-hf)"
+    rows: list[Row] = []
+    context = settings.prompt_len + settings.decode_tokens / 2
+    for batch in settings.batches:
+        mine = ours["decode"][batch]["tokens_per_s"]
+        theirs = peer["decode"][batch]["tokens_per_s"] if peer else None
+        rows.append(
+            Row(name, f"decode tok/s, batch {batch}", "tok/s", mine, theirs, True, REPORT_ONLY, hf_label)
+        )
+        nbytes = weight_bytes_read(model, config, dtype, batch) if isinstance(model, nn.Module) else None
+        if nbytes is None or mine is None:
+            continue
+        nbytes += batch * kv_bytes_per_token(config, dtype) * context
+        achieved = nbytes * mine / batch
+        target = (
+            Target("ratio_at_least", ROOFLINE_TARGETS[name])
+            if batch == 1 and name in ROOFLINE_TARGETS
+            else REPORT_ONLY
+        )
+        rows.append(
+            Row(
+                name, f"bytes read per step, batch {batch}", "GB", nbytes / 1e9, None, False, REPORT_ONLY, "-"
+            )
+        )
+        rows.append(
+            Row(
+                name,
+                f"decode bandwidth, batch {batch}",
+                "GB/s",
+                achieved / 1e9,
+                bandwidth / 1e9,
+                True,
+                target,
+                "device copy bandwidth (ratio = roofline fraction)",
+            )
+        )
+    rows.append(
+        Row(
+            name,
+            "prefill tok/s",
+            "tok/s",
+            ours["prefill_tokens_per_s"],
+            peer["prefill_tokens_per_s"] if peer else None,
+            True,
+            REPORT_ONLY,
+            hf_label,
+        )
+    )
+    concurrent = settings.concurrent
+    mine = ours["decode"][concurrent]["end_to_end_tokens_per_s"]
+    rows.append(
+        Row(
+            name,
+            f"{concurrent} concurrent, end to end",
+            "tok/s",
+            mine,
+            peer["decode"][concurrent]["end_to_end_tokens_per_s"] if peer else None,
+            True,
+            Target("ratio_at_least", CONCURRENT_TARGET),
+            hf_label,
+        )
+    )
+    rows.append(
+        Row(
+            name,
+            f"{concurrent} concurrent, end to end",
+            "tok/s",
+            mine,
+            peer["one_at_a_time_tokens_per_s"] if peer else None,
+            True,
+            REPORT_ONLY,
+            "HF generate, one request at a time",
+        )
+    )
+    if peer is not None:
+        same = 0
+        for a, b in zip(ours["agreement_ids"], peer["agreement_ids"], strict=False):
+            if a != b:
+                break
+            same += 1
+        rows.append(
+            Row(
+                name,
+                f"greedy tokens equal to HF (of {AGREEMENT_TOKENS})",
+                "",
+                float(same),
+                None,
+                True,
+                REPORT_ONLY,
+                "low-precision numerics may diverge",
+            )
+        )
+    return rows
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | None, bool]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = GpuBenchSettings()
+    parser.add_argument(
+        "--models", default=",".join(defaults.models), help=f"comma-separated: {sorted(SHAPES)}"
+    )
+    parser.add_argument("--batches", default=",".join(map(str, defaults.batches)))
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=defaults.concurrent,
+        help="the batch compared end to end with HF (one of --batches)",
+    )
+    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
+    parser.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens)
+    parser.add_argument("--prefill-requests", type=int, default=defaults.prefill_requests)
+    parser.add_argument("--prefill-len", type=int, default=defaults.prefill_len)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--skip-hf", action="store_true", help="measure asyncllm only")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and raw results here")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="a tiny model on CPU with a few tokens: checks the script, measures nothing useful",
+    )
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        return replace(DRY_RUN, skip_hf=args.skip_hf), args.json, True
+    settings = GpuBenchSettings(
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
+        prompt_len=args.prompt_len,
+        decode_tokens=args.decode_tokens,
+        prefill_requests=args.prefill_requests,
+        prefill_len=args.prefill_len,
+        dtype=args.dtype,
+        skip_hf=args.skip_hf,
+        concurrent=args.concurrent,
+    )
+    return settings, args.json, False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings, json_path, dry_run = parse_args(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not dry_run and not torch.cuda.is_available():
+        print(
+            "benchmarks/gpu.py needs an NVIDIA GPU: torch.cuda.is_available() is False on this machine "
+            f"(torch {torch.__version__}). Run with --dry-run to check the script on CPU.",
+            file=sys.stderr,
+        )
+        return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = torch.device(settings.device)
+    bandwidth = copy_bandwidth(device, settings.bandwidth_mb)
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else "CPU (dry run: figures are meaningless)"
+    )
+    print(
+        f"asyncllm GPU benchmark on {where}; torch {torch.__version__}; {settings.dtype}; "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    print(
+        f"workload: prompts of {settings.prompt_len} random ids, {settings.decode_tokens + 1} new tokens, "
+        f"greedy; prefill {settings.prefill_requests} x {settings.prefill_len}"
+    )
+    rows: list[Row] = []
+    raw: list[Result] = []
+    for name in settings.models:
+        shape_rows_, shape_raw = bench_shape(name, settings, bandwidth)
+        rows += shape_rows_
+        raw.append(shape_raw)
+    print()
+    print(render_table(rows))
+    print("\nratio = ours / peer; for the bandwidth rows it is the fraction of the measured copy roofline.")
+    if json_path is not None:
+        record = {
+            "settings": asdict(settings),
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "device": where,
+            "rows": [row.to_dict() for row in rows],
+            "raw": raw,
+        }
+        json_path.write_text(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
