@@ -6,11 +6,15 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncllm.adapters.serve_cli import add_serve_command, run_serve
 from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
 from asyncllm.bench import add_bench_command, run_bench
+
+if TYPE_CHECKING:
+    from asyncllm.outputs import Usage
+    from asyncllm.streams import RequestStream
 
 
 def _resolve_model(model: str | None) -> str:
@@ -47,21 +51,24 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
 
 
+async def _print_stream(stream: RequestStream) -> Usage | None:
+    """Write a stream's text to stdout as it arrives; return its usage once finished."""
+    async for out in stream:
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return stream.completion.usage if stream.completion is not None else None
+
+
 async def _generate(args: argparse.Namespace) -> int:
     from asyncllm.engine import AsyncEngine
 
     engine = AsyncEngine.from_pretrained(_resolve_model(args.model), **_engine_overrides(args))
     async with engine:
         prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-        stream = engine.stream_detailed(prompt, **_sampling(args))
-        async for out in stream:
-            sys.stdout.write(out.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        if args.verbose and stream.completion is not None:
-            usage = stream.completion.usage
-            print(f"[{stream.completion.finish_reason}; prompt {usage.prompt_tokens} tokens, "
-                  f"completion {usage.completion_tokens}]", file=sys.stderr)
+        usage = await _print_stream(engine.stream_detailed(prompt, **_sampling(args)))
+        if args.verbose and usage is not None:
+            print(f"[prompt {usage.prompt_tokens} tokens, completion {usage.completion_tokens}]", file=sys.stderr)
     return 0
 
 
@@ -87,13 +94,8 @@ async def _chat(args: argparse.Namespace) -> int:
                 chat.reset()
                 print("(conversation cleared)", file=sys.stderr)
                 continue
-            stream = chat.stream_detailed(text, **_sampling(args))
-            async for out in stream:
-                sys.stdout.write(out.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            if args.verbose and stream.completion is not None:
-                usage = stream.completion.usage
+            usage = await _print_stream(chat.stream_detailed(text, **_sampling(args)))
+            if args.verbose and usage is not None:
                 print(f"[prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} reused from the session; "
                       f"completion {usage.completion_tokens}]", file=sys.stderr)
     return 0

@@ -290,3 +290,14 @@ async def test_closing_a_session_mid_turn_leaks_nothing(make_tiny_engine: Any) -
         await asyncio.sleep(0.05)
         stats = engine.stats()
         assert stats.kv_blocks_used == 0 and stats.sessions_pinned == 0
+
+
+async def test_run_on_model_thread_runs_between_steps_on_the_model_thread(make_tiny_engine: Any) -> None:
+    import threading
+
+    async with make_tiny_engine() as engine:
+        names = await asyncio.gather(
+            engine.run_on_model_thread(lambda: threading.current_thread().name),
+            engine.generate("hello", max_tokens=4, temperature=0),
+        )
+        assert names[0].startswith("asyncllm-model") and names[0] != threading.current_thread().name

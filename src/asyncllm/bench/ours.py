@@ -17,6 +17,7 @@ from torch import nn
 
 from asyncllm.bench.machine import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from asyncllm.bench.roofline import (
+    Bandwidth,
     decode_flops_per_token,
     kv_bytes_per_token,
     measure_copy_bandwidth,
@@ -207,17 +208,19 @@ def _session_reuse(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
 
 
 def _single(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
-    """Measurement 2: one request's decode speed, plus the measured copy bandwidth for the roofline."""
-    bandwidth = measure_copy_bandwidth(spec.bandwidth_mb)
+    """Measurement 2: one request's decode speed, plus the copy bandwidth for the roofline (measured on the
+    engine's model thread, so that no second torch thread team is left behind to slow the engine)."""
     prompt = spec.prompts[0]
 
-    async def main() -> Result:
+    async def main() -> tuple[Result, Bandwidth]:
         async with engine:
+            bandwidth = await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb)
             await _warm_up(engine, spec)
-            return await timed_stream(lambda: engine.stream_detailed(prompt, max_tokens=spec.max_tokens,
-                                                                     temperature=0.0, ignore_eos=True))
+            stream = await timed_stream(lambda: engine.stream_detailed(prompt, max_tokens=spec.max_tokens,
+                                                                       temperature=0.0, ignore_eos=True))
+            return stream, bandwidth
 
-    result = asyncio.run(main())
+    result, bandwidth = asyncio.run(main())
     result.update({
         "bandwidth_bytes_per_s": bandwidth.bytes_per_second,
         "bandwidth_copy_bytes": bandwidth.bytes_per_copy,
@@ -245,15 +248,15 @@ _MISC_JOBS: dict[str, Callable[[AsyncEngine, WorkloadSpec], Result]] = {
 
 
 def run_misc(spec: WorkloadSpec) -> Result:
-    """The smaller asyncllm measurements named in ``spec.jobs``, each on a fresh engine over one loaded
-    model (an engine is bound to the event loop it first ran in)."""
+    """The smaller asyncllm measurements named in ``spec.jobs``, each on a freshly loaded engine (an engine
+    is bound to the event loop it first ran in, and each keeps all its torch work on its own model thread).
+    """
     unknown = [job for job in spec.jobs if job not in _MISC_JOBS]
     if unknown:
         raise ValueError(f"jobs: unknown {unknown}; known {sorted(_MISC_JOBS)}")
     first, load_s = load_engine(spec)
-    model, tokenizer, config = engine_model(first), first.tokenizer, first.config
     out: Result = {"load_s": load_s, "threads": torch.get_num_threads(), **engine_footprint(first)}
     for index, job in enumerate(spec.jobs):
-        engine = first if index == 0 else AsyncEngine.from_model(model, tokenizer, config=config)
+        engine = first if index == 0 else load_engine(spec)[0]
         out[job] = _MISC_JOBS[job](engine, spec)
     return out
