@@ -22,3 +22,11 @@ def test_documented_cli_commands_parse() -> None:
     assert parser.parse_args(["chat"]).command == "chat"
     assert parser.parse_args(["generate", "default", "hi", "--max-tokens", "3"]).max_tokens == 3
     assert parser.parse_args(["fetch-default"]).command == "fetch-default"
+
+
+def test_cli_reports_a_missing_model_without_a_traceback(capsys: object, tmp_path: Path) -> None:
+    from asyncllm.cli import main
+
+    assert main(["generate", str(tmp_path / "missing.gguf"), "hi"]) == 2
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "missing.gguf" in err and "Traceback" not in err

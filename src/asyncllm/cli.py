@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(runner(args))
     except KeyboardInterrupt:
         return 130
+    except (FileNotFoundError, ValueError) as error:  # a bad model path or option: say so, no traceback
+        print(f"asyncllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
