@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -35,6 +35,9 @@ from asyncllm.sequence import FinishReason
 from asyncllm.sequence import Sequence as Seq
 from asyncllm.streams import OutputChannel, RequestStream, TextStream
 from asyncllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from asyncllm.session import Session
 
 logger = logging.getLogger("asyncllm")
 T = TypeVar("T")
@@ -261,7 +264,7 @@ class AsyncEngine:
         """Run ``prompt`` to completion."""
         return await self.stream_detailed(prompt, params=params, **sampling).collect()
 
-    def session(self, system: str | None = None, *, messages: Sequence[Message] | None = None) -> Any:
+    def session(self, system: str | None = None, *, messages: Sequence[Message] | None = None) -> Session:
         """A multi-turn chat whose KV stays pinned between turns (see ``asyncllm.Session``)."""
         from asyncllm.session import Session
 
