@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
 from asyncllm.tokenizer import Tokenizer
+
+from ._sentencepiece import CORPUS, build_sentencepiece_backend
 
 LLAMA2_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -20,13 +21,6 @@ LLAMA2_TEMPLATE = (
     "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world! Café, naïve, résumé, jalapeño.",
-    "你好世界，今天天气很好。",
-    "I like 🙂 and 🎉 a lot; numbers 12345.",
-]
 
 TEXTS = [
     "Hello world",
@@ -42,32 +36,7 @@ TEXTS = [
 def build_sentencepiece_dir(directory: Path, *, decoder_style: str, chat_template: str | None,
                             extra_special: tuple[str, ...] = ()) -> Path:
     """A Llama-2-style tokenizer (Metaspace pre-tokenizer, byte-fallback BPE) saved as a HF directory."""
-    trainer_tokenizer = RustTokenizer(models.BPE(unk_token="<unk>"))
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  limit_alphabet=60, show_progress=False)
-    trainer_tokenizer.train_from_iterator(CORPUS * 10, trainer)
-    spec = json.loads(trainer_tokenizer.to_str())
-    vocab = dict(spec["model"]["vocab"])
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    for token in extra_special:
-        vocab.setdefault(token, len(vocab))
-    backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
-                                       fuse_unk=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    if decoder_style == "strip":
-        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    else:
-        backend.decoder = decoders.Sequence([decoders.ByteFallback(),
-                                             decoders.Metaspace(replacement="▁", prepend_scheme="first")])
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in ("<unk>", "<s>", "</s>", *extra_special)])
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
+    backend = build_sentencepiece_backend(decoder_style, extra_special=extra_special)
     directory.mkdir(parents=True, exist_ok=True)
     backend.save(str(directory / "tokenizer.json"))
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
