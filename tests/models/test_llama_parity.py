@@ -1,7 +1,8 @@
 """Our Llama-family model against Hugging Face ``transformers`` on tiny random models, in float32.
 
 HF runs each sequence alone with eager attention over the whole sequence; ours runs flat varlen batches
-through the paged KV cache (block size 4, shuffled block ids) with the torch reference kernels.
+through the paged KV cache (block size 4, shuffled block ids) with the torch reference kernels, and the
+shared cases again with the CPU kernel bundle (whose decode steps take the flat ``LlamaCpuDecoder`` loop).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import LlamaForCausalLM as HFLlama
 from transformers import Qwen2ForCausalLM as HFQwen2
 
 from asyncllm.config import ModelConfig
-from asyncllm.kernels import TORCH_OPS
+from asyncllm.kernels import CPU_OPS, TORCH_OPS, KernelOps
 from asyncllm.models import CausalLM, LlamaForCausalLM, build_model
 
 from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
@@ -68,9 +69,11 @@ def hf_qwen2(seed: int = 0, **overrides: Any) -> PreTrainedModel:
     return model
 
 
-def ours(hf: PreTrainedModel, weights: Sequence[tuple[str, torch.Tensor]] | None = None) -> CausalLM:
+def ours(
+    hf: PreTrainedModel, weights: Sequence[tuple[str, torch.Tensor]] | None = None, ops: KernelOps = TORCH_OPS
+) -> CausalLM:
     config = ModelConfig.from_hf_config(hf.config.to_dict())
-    model = build_model(config, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"))
+    model = build_model(config, ops, dtype=torch.float32, device=torch.device("cpu"))
     model.load_weights(list(hf.state_dict().items()) if weights is None else weights)
     return model
 
@@ -112,12 +115,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 FAMILIES = {"llama": hf_llama, "qwen2": hf_qwen2}
+OPS = {"reference": TORCH_OPS, "cpu": CPU_OPS}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=[(f, o) for f in sorted(FAMILIES) for o in OPS], ids="-".join)
 def pair(request: pytest.FixtureRequest) -> tuple[PreTrainedModel, CausalLM]:
-    hf = FAMILIES[request.param]()
-    return hf, ours(hf)
+    family, ops = request.param
+    hf = FAMILIES[family]()
+    return hf, ours(hf, ops=OPS[ops])
 
 
 def test_single_prefill(pair: tuple[PreTrainedModel, CausalLM]) -> None:

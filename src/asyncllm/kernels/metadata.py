@@ -20,6 +20,8 @@ class AttentionMetadata:
     Invariants: ``query_lens[i] >= 1``; ``query_lens[i] <= seq_lens[i]``; unused trailing entries
     of ``block_tables`` rows are 0 and never read; ``slot_mapping[t] == -1`` means "do not write".
     The ``*_cpu`` lists mirror the tensors on the host so that no step needs a device sync to read them.
+    In padded decode steps (CUDA graphs) ``seq_lens_cpu`` and ``max_seq_len`` are upper bounds, good for
+    sizing grids and buffers; code that needs each sequence's exact length reads ``seq_lens``.
     """
 
     slot_mapping: torch.Tensor  # [T] int64

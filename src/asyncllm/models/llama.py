@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from asyncllm.config import ModelConfig
-from asyncllm.kernels import AttentionMetadata, KernelOps
+from asyncllm.kernels import CPU_OPS, AttentionMetadata, KernelOps
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.embedding import LMHead, VocabEmbedding
@@ -22,6 +22,7 @@ from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.weights import ShardId, WeightLoading, load_unsharded
+from asyncllm.models.llama_decode import LlamaCpuDecoder
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -181,6 +182,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size, tied_to=tied_to, dtype=dtype, device=device, matmul=ops.linear
         )
+        # The flat CPU decode loop: built at the first decode step (after the weights are loaded in place).
+        self._cpu_decode_enabled = ops is CPU_OPS and torch.device(device).type == "cpu"
+        self._cpu_decoder: LlamaCpuDecoder | None = None
 
     @property
     def max_positions(self) -> int:
@@ -212,7 +216,21 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(
                 f"kv_caches: expected {self.config.num_hidden_layers} (k, v) pairs, got {len(kv_caches)}"
             )
+        decoder = self._decoder() if meta.is_decode_only else None
+        if decoder is not None and decoder.accepts(input_ids, meta, kv_caches):
+            return decoder.forward(input_ids, positions, meta, kv_caches)
         return self.model(input_ids, positions, meta, kv_caches)
+
+    def _decoder(self) -> LlamaCpuDecoder | None:
+        """The flat decode loop when this model runs the CPU kernel bundle on CPU and fits it, else None."""
+        if not self._cpu_decode_enabled:
+            return None
+        if self._cpu_decoder is None:
+            if not LlamaCpuDecoder.supports(self.model):
+                self._cpu_decode_enabled = False
+                return None
+            self._cpu_decoder = LlamaCpuDecoder(self.model)
+        return self._cpu_decoder
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` hidden states -> ``[N, V]`` float32 logits."""

@@ -1,0 +1,213 @@
+"""A decode-only forward for the Llama family on CPU: one flat loop over the layers' tensors.
+
+A decode step (every sequence adds one token) on CPU costs little arithmetic per layer besides the four
+weight-streaming matmuls, so per-call overhead decides the rest: ``nn.Module`` dispatch, and tables that
+the per-layer ops would each rebuild (rotary cos/sin rows, the KV gather index, the padding mask).
+``LlamaCpuDecoder`` computes the same function as ``LlamaModel.forward`` with the CPU kernel bundle,
+builds those tables once per step, rotates queries and keys in one pass, and calls each layer's weights
+directly. Prefill and mixed steps keep the module path, where the overhead is spread over many tokens.
+
+Invariants: the decoder holds references to the model's parameters taken when it is built, so weights
+must be loaded in place (``load_weights`` does) and not replaced or moved afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from asyncllm.kernels import AttentionMetadata
+from asyncllm.kernels.bundle import LinearOp
+from asyncllm.layers.linear import Linear
+
+if TYPE_CHECKING:
+    from asyncllm.models.llama import LlamaModel
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Projection:
+    matmul: LinearOp
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: _Projection
+    o: _Projection
+    post_norm: torch.Tensor
+    gate_up: _Projection
+    down: _Projection
+    scale: float
+
+
+@dataclass(frozen=True)
+class _StepTables:
+    """What every layer of one decode step shares: rotary factors, KV gather index, padding mask."""
+
+    cos: torch.Tensor  # [B, 1, D]: [cos | cos]
+    sin: torch.Tensor  # [B, 1, D]: [-sin | sin]
+    gather: torch.Tensor  # [B * blocks] int64 block ids, sequence-major
+    context: int  # padded (or, with equal lengths, exact) context length read per sequence
+    mask: torch.Tensor | None  # [B, 1, 1, context] bool, None when every sequence has that length
+
+
+def _projection(module: Linear) -> _Projection:
+    return _Projection(module.matmul, module.weight, module.bias)
+
+
+class LlamaCpuDecoder:
+    """Decode steps of a ``LlamaModel`` (its layers, norms, rotary cache) without module dispatch.
+
+    ``accepts`` says whether a step can take this path: decode-only, every slot written (no ``-1``), the
+    KV caches and activations in the weights' dtype. ``forward`` then returns exactly what
+    ``LlamaModel.forward`` returns for that step, up to float rounding in attention.
+    """
+
+    def __init__(self, model: LlamaModel) -> None:
+        layers = model.layers
+        first = layers[0].self_attn
+        qkv = first.qkv_proj
+        self.num_heads: int = qkv.num_heads
+        self.num_kv_heads: int = qkv.num_kv_heads
+        self.head_dim: int = qkv.head_dim
+        self.hidden_size: int = model.norm.weight.shape[0]
+        self.eps: float = model.norm.eps
+        self.embedding: torch.Tensor = model.embed_tokens.weight
+        self.final_norm: torch.Tensor = model.norm.weight
+        self.cos_sin_cache: torch.Tensor = model.rotary_emb.cos_sin_cache
+        self.layers: tuple[_Layer, ...] = tuple(
+            _Layer(
+                input_norm=layer.input_layernorm.weight,
+                qkv=_projection(layer.self_attn.qkv_proj),
+                o=_projection(layer.self_attn.o_proj),
+                post_norm=layer.post_attention_layernorm.weight,
+                gate_up=_projection(layer.mlp.gate_up_proj),
+                down=_projection(layer.mlp.down_proj),
+                scale=layer.self_attn.attn.scale,
+            )
+            for layer in layers
+        )
+        self.intermediate_size: int = layers[0].mlp.down_proj.input_size
+
+    @staticmethod
+    def supports(model: LlamaModel) -> bool:
+        """Whether this model's structure fits the flat loop: plain dense linears, one eps for every
+        norm, and rotary over the whole head (the cache row is ``[cos | sin]`` of ``head_dim / 2`` each)."""
+        layers = model.layers
+        if not layers:
+            return False
+        head_dim = layers[0].self_attn.qkv_proj.head_dim
+        eps = model.norm.eps
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(type(module).forward is not Linear.forward for module in linears):
+                return False
+            if layer.input_layernorm.eps != eps or layer.post_attention_layernorm.eps != eps:
+                return False
+        return model.rotary_emb.cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0
+
+    def accepts(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVCache]) -> bool:
+        if not meta.is_decode_only or input_ids.device.type != "cpu":
+            return False
+        dtype = self.embedding.dtype
+        if kv_caches[0][0].dtype != dtype or self.final_norm.dtype != dtype:
+            return False
+        return bool(meta.slot_mapping.min() >= 0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[KVCache],
+    ) -> torch.Tensor:
+        """``[B]`` token ids, one per sequence, at ``positions`` -> final hidden states ``[B, H]``."""
+        batch = input_ids.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups, half = heads // kv_heads, head_dim // 2
+        qk_width = (heads + kv_heads) * head_dim
+        inter = self.intermediate_size
+        tables = self._tables(positions, meta, kv_caches[0][0].shape[1])
+        slots = meta.slot_mapping
+
+        residual = F.embedding(input_ids, self.embedding)
+        mlp_out: torch.Tensor | None = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            if mlp_out is not None:
+                residual.add_(mlp_out)
+            hidden = F.rms_norm(residual, (self.hidden_size,), layer.input_norm, self.eps)
+            qkv = layer.qkv(hidden)
+            # q and k are adjacent in the fused output: rotate both heads-at-once (neox rotate-half as a roll)
+            qk = qkv[:, :qk_width].view(batch, heads + kv_heads, head_dim)
+            rotated = torch.addcmul(qk * tables.cos, qk.roll(half, -1), tables.sin)
+            values = qkv[:, qk_width:].view(batch, kv_heads, head_dim)
+            k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, rotated[:, heads:])
+            v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, values)
+            attn = self._attend(rotated[:, :heads], k_cache, v_cache, tables, layer.scale, groups)
+            residual.add_(layer.o(attn))
+            hidden = F.rms_norm(residual, (self.hidden_size,), layer.post_norm, self.eps)
+            gate_up = layer.gate_up(hidden)
+            mlp_out = layer.down(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]))
+        if mlp_out is not None:
+            residual.add_(mlp_out)
+        return F.rms_norm(residual, (self.hidden_size,), self.final_norm, self.eps)
+
+    def _tables(self, positions: torch.Tensor, meta: AttentionMetadata, block_size: int) -> _StepTables:
+        half = self.head_dim // 2
+        cos_sin = self.cos_sin_cache.index_select(0, positions).to(self.embedding.dtype)
+        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+        # exact lengths from the tensor (on CPU, no sync): the host-side lengths may be upper bounds
+        lengths = meta.seq_lens.tolist()
+        longest = max(lengths)
+        num_blocks = -(-longest // block_size)
+        gather = meta.block_tables[:, :num_blocks].reshape(-1).long()
+        padded = num_blocks * block_size
+        if min(lengths) == longest:
+            context, mask = longest, None
+        else:
+            context = padded
+            mask = (torch.arange(padded)[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+        return _StepTables(
+            cos=torch.cat((cos, cos), dim=-1).unsqueeze(1),
+            sin=torch.cat((-sin, sin), dim=-1).unsqueeze(1),
+            gather=gather,
+            context=context,
+            mask=mask,
+        )
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: _StepTables,
+        scale: float,
+        groups: int,
+    ) -> torch.Tensor:
+        """``q`` ``[B, Hq, D]`` (contiguous) over each sequence's cached context -> ``[B, Hq * D]``."""
+        batch = q.shape[0]
+        kv_heads, head_dim = self.num_kv_heads, self.head_dim
+        block_size = k_cache.shape[1]
+        padded = tables.gather.shape[0] // batch * block_size
+        keys = k_cache.index_select(0, tables.gather).view(batch, padded, kv_heads, head_dim)
+        values = v_cache.index_select(0, tables.gather).view(batch, padded, kv_heads, head_dim)
+        if tables.context != padded:
+            keys, values = keys[:, : tables.context], values[:, : tables.context]
+        # the query heads that share a KV head are that head's query rows: GQA without repeating K/V
+        queries = q.view(batch, kv_heads, groups, head_dim)
+        out = F.scaled_dot_product_attention(
+            queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=tables.mask, scale=scale
+        )
+        return out.reshape(batch, kv_heads * groups * head_dim)

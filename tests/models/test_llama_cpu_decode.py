@@ -1,0 +1,138 @@
+"""The flat CPU decode loop (``LlamaCpuDecoder``) against the module path it replaces for decode steps.
+
+HF parity of decode steps with the CPU bundle is in ``test_llama_parity.py``; here: which steps take the
+flat loop, that it writes the same KV and returns the same hidden states as ``LlamaModel.forward`` on the
+same inputs, and that everything else falls back to the module path.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from asyncllm.kernels import CPU_OPS, TORCH_OPS, AttentionMetadata
+from asyncllm.models import LlamaForCausalLM
+from asyncllm.models.llama_decode import LlamaCpuDecoder
+
+from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
+from .test_llama_parity import hf_llama, hf_qwen2, ours, random_ids
+
+BLOCK_SIZE = 4
+
+
+class _Counter:
+    """Counts ``LlamaCpuDecoder.forward`` calls while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = LlamaCpuDecoder.forward
+
+        def counted(decoder: LlamaCpuDecoder, *args: object) -> torch.Tensor:
+            self.calls += 1
+            return original(decoder, *args)
+
+        monkeypatch.setattr(LlamaCpuDecoder, "forward", counted)
+
+
+def _prefilled(model: LlamaForCausalLM, prompt_lens: Sequence[int]):  # type: ignore[no-untyped-def]
+    config = model.config
+    caches = make_kv_caches(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    pool = BlockPool(64, BLOCK_SIZE, seed=3)
+    seqs = [PagedSequence() for _ in prompt_lens]
+    positions, meta = build_step(pool, [(seq, n) for seq, n in zip(seqs, prompt_lens, strict=True)])
+    ids = torch.tensor([t for n in prompt_lens for t in random_ids(n, seed=n)])
+    with torch.no_grad():
+        model.forward(ids, positions, meta, caches)
+    return pool, seqs, caches
+
+
+def _decode_step(pool: BlockPool, seqs: Sequence[PagedSequence]) -> tuple[torch.Tensor, AttentionMetadata]:
+    return build_step(pool, [(seq, 1) for seq in seqs])
+
+
+def _with_upper_bound_lengths(meta: AttentionMetadata, bound: int) -> AttentionMetadata:
+    """Host-side lengths as a padded decode step records them: every sequence at the upper bound, block
+    tables as wide as the bound (trailing entries 0)."""
+    tables = torch.zeros(meta.num_seqs, bound // BLOCK_SIZE, dtype=torch.int32)
+    tables[:, : meta.block_tables.shape[1]] = meta.block_tables
+    return AttentionMetadata(
+        **{**meta.__dict__, "block_tables": tables, "seq_lens_cpu": (bound,) * meta.num_seqs, "max_seq_len": bound}
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("prompt_lens", [(6,), (5, 9, 2), (7, 7)], ids=["one", "ragged", "equal"])
+@pytest.mark.parametrize("host_lengths", ["exact", "upper-bound"])
+def test_decode_step_matches_module_path(
+    family: str, prompt_lens: tuple[int, ...], host_lengths: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf = hf_llama() if family == "llama" else hf_qwen2()
+    model = ours(hf, ops=CPU_OPS)
+    pool, seqs, caches = _prefilled(model, prompt_lens)
+    counter = _Counter(monkeypatch)
+    for step in range(3):  # crosses a block boundary for every prompt length above
+        positions, meta = _decode_step(pool, seqs)
+        if host_lengths == "upper-bound":
+            meta = _with_upper_bound_lengths(meta, 40)
+        ids = torch.tensor(random_ids(len(seqs), seed=50 + step))
+        module_caches = copy.deepcopy(caches)
+        with torch.no_grad():
+            expected = model.model(ids, positions, meta, module_caches)
+            got = model.forward(ids, positions, meta, caches)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for (k, v), (k_ref, v_ref) in zip(caches, module_caches, strict=True):
+            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-4)
+    assert counter.calls == 3
+
+
+def test_prefill_and_reference_bundle_skip_the_flat_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    hf = hf_llama()
+    counter = _Counter(monkeypatch)
+    cpu_model = ours(hf, ops=CPU_OPS)
+    _prefilled(cpu_model, (5, 3))  # a prefill step
+    reference = ours(hf, ops=TORCH_OPS)
+    pool, seqs, caches = _prefilled(reference, (5,))
+    positions, meta = _decode_step(pool, seqs)
+    with torch.no_grad():
+        reference.forward(torch.tensor([1]), positions, meta, caches)
+    assert counter.calls == 0
+
+
+def test_unwritten_slot_falls_back_to_module_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ours(hf_llama(), ops=CPU_OPS)
+    pool, seqs, caches = _prefilled(model, (5, 6))
+    positions, meta = _decode_step(pool, seqs)
+    slots = meta.slot_mapping.clone()
+    slots[1] = -1
+    meta = AttentionMetadata(**{**meta.__dict__, "slot_mapping": slots})
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    counter = _Counter(monkeypatch)
+    with torch.no_grad():
+        model.forward(torch.tensor([3, 4]), positions, meta, caches)
+    assert counter.calls == 0
+    written = int(slots[0])
+    for (k, v), (k0, v0) in zip(caches, before, strict=True):
+        changed = (k != k0).flatten(1).any(dim=1) | (v != v0).flatten(1).any(dim=1)
+        assert changed.nonzero().flatten().tolist() == [written // BLOCK_SIZE]
+
+
+def test_replaced_linear_disables_the_flat_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ours(hf_llama(), ops=CPU_OPS)
+    down = model.model.layers[1].mlp.down_proj
+
+    class Doubled(type(down)):  # type: ignore[misc]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    down.__class__ = Doubled
+    assert not LlamaCpuDecoder.supports(model.model)
+    pool, seqs, caches = _prefilled(model, (4,))
+    positions, meta = _decode_step(pool, seqs)
+    counter = _Counter(monkeypatch)
+    with torch.no_grad():
+        model.forward(torch.tensor([7]), positions, meta, caches)
+    assert counter.calls == 0
