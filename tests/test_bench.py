@@ -18,6 +18,7 @@ from asyncllm.bench.roofline import decode_flops_per_token, kv_bytes_per_token, 
 from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
 from asyncllm.bench.workload import chat_prompt_ids, session_user_messages, warmup_ids
 from asyncllm.config import ModelConfig
+from asyncllm.hugepages import place_in_arena
 
 
 def _row(ours: float | None, peer: float | None, higher: bool, target: Target) -> Row:
@@ -59,6 +60,8 @@ def test_parameter_bytes_count_tied_weights_once() -> None:
     head = nn.Linear(8, 50, bias=False)
     head.weight = embed.weight
     model = nn.ModuleDict({"embed": embed, "head": head, "proj": nn.Linear(8, 8)})
+    assert parameter_bytes(model) == (50 * 8 + 8 * 8 + 8) * 4
+    place_in_arena(model)  # one shared, padded storage: still the parameters' own bytes
     assert parameter_bytes(model) == (50 * 8 + 8 * 8 + 8) * 4
 
 

@@ -49,15 +49,16 @@ def measure_copy_bandwidth(megabytes: int, *, repeats: int = 5) -> Bandwidth:
 
 
 def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of the module's parameters as stored, each storage counted once (tied weights once)."""
+    """Bytes of the module's parameters, each tensor counted once (tied weights once), whether they own
+    their storage or are views of one shared arena (padding between them not counted)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for param in module.parameters():
-        storage = param.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
+        nbytes = param.numel() * param.element_size()
+        key = (param.data_ptr(), nbytes)
         if key not in seen:
             seen.add(key)
-            total += storage.nbytes()
+            total += nbytes
     return total
 
 
