@@ -53,13 +53,20 @@ class _Layer:
 
 @dataclass(frozen=True)
 class _StepTables:
-    """What every layer of one decode step shares: rotary factors, KV gather index, padding mask."""
+    """What every layer of one decode step shares: rotary factors, KV gather rows, mask, gather buffers.
+
+    Attention reads each sequence's context as ``context`` cache rows per KV head: ``rows[(b * Hk + h) *
+    context + j]`` is the ``[D]`` row of token ``j`` of sequence ``b``, KV head ``h`` in the cache viewed as
+    ``[slots * Hk, D]``, so one ``index_select`` lays the keys out as ``[B * Hk, context, D]`` for ``bmm``.
+    """
 
     cos: torch.Tensor  # [B, 1, D]: [cos | cos]
     sin: torch.Tensor  # [B, 1, D]: [-sin | sin]
-    gather: torch.Tensor  # [B * blocks] int64 block ids, sequence-major
-    context: int  # padded (or, with equal lengths, exact) context length read per sequence
-    mask: torch.Tensor | None  # [B, 1, 1, context] bool, None when every sequence has that length
+    rows: torch.Tensor  # [B * Hk * context] int64
+    context: int  # rows read per sequence and head: the longest context, rounded up to whole blocks if ragged
+    bias: torch.Tensor | None  # [B * Hk, 1, context]: 0 where the token exists, -inf past its end; None if none
+    keys: torch.Tensor  # [B * Hk * context, D] gather buffer, reused by every layer
+    values: torch.Tensor  # same for values
 
 
 def _projection(module: Linear) -> _Projection:
@@ -165,26 +172,32 @@ class LlamaCpuDecoder:
         return F.rms_norm(residual, (self.hidden_size,), self.final_norm, self.eps)
 
     def _tables(self, positions: torch.Tensor, meta: AttentionMetadata, block_size: int) -> _StepTables:
-        half = self.head_dim // 2
+        half, kv_heads = self.head_dim // 2, self.num_kv_heads
         cos_sin = self.cos_sin_cache.index_select(0, positions).to(self.embedding.dtype)
         cos, sin = cos_sin[:, :half], cos_sin[:, half:]
         # exact lengths from the tensor (on CPU, no sync): the host-side lengths may be upper bounds
         lengths = meta.seq_lens.tolist()
         longest = max(lengths)
-        num_blocks = -(-longest // block_size)
-        gather = meta.block_tables[:, :num_blocks].reshape(-1).long()
-        padded = num_blocks * block_size
-        if min(lengths) == longest:
-            context, mask = longest, None
-        else:
-            context = padded
-            mask = (torch.arange(padded)[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+        ragged = min(lengths) != longest
+        context = -(-longest // block_size) * block_size if ragged else longest
+        token = torch.arange(context)
+        slots = meta.block_tables[:, token // block_size].long() * block_size + token % block_size  # [B, context]
+        rows = (slots[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]).reshape(-1)
+        bias = None
+        if ragged:
+            past_end = token[None, :] >= meta.seq_lens[:, None]
+            bias = torch.zeros(len(lengths), 1, context, dtype=self.embedding.dtype).masked_fill_(
+                past_end[:, None, :], float("-inf")
+            ).repeat_interleave(kv_heads, dim=0)
+        shape = (rows.shape[0], self.head_dim)
         return _StepTables(
             cos=torch.cat((cos, cos), dim=-1).unsqueeze(1),
             sin=torch.cat((-sin, sin), dim=-1).unsqueeze(1),
-            gather=gather,
+            rows=rows,
             context=context,
-            mask=mask,
+            bias=bias,
+            keys=torch.empty(shape, dtype=self.embedding.dtype),
+            values=torch.empty(shape, dtype=self.embedding.dtype),
         )
 
     def _attend(
@@ -196,18 +209,21 @@ class LlamaCpuDecoder:
         scale: float,
         groups: int,
     ) -> torch.Tensor:
-        """``q`` ``[B, Hq, D]`` (contiguous) over each sequence's cached context -> ``[B, Hq * D]``."""
+        """``q`` ``[B, Hq, D]`` over each sequence's cached context -> ``[B, Hq * D]``.
+
+        The query heads that share a KV head are that head's query rows (GQA without repeating K/V): per
+        (sequence, KV head) a ``[G, D] x [D, context]`` product, all of them in one ``bmm``.
+        """
         batch = q.shape[0]
-        kv_heads, head_dim = self.num_kv_heads, self.head_dim
-        block_size = k_cache.shape[1]
-        padded = tables.gather.shape[0] // batch * block_size
-        keys = k_cache.index_select(0, tables.gather).view(batch, padded, kv_heads, head_dim)
-        values = v_cache.index_select(0, tables.gather).view(batch, padded, kv_heads, head_dim)
-        if tables.context != padded:
-            keys, values = keys[:, : tables.context], values[:, : tables.context]
-        # the query heads that share a KV head are that head's query rows: GQA without repeating K/V
-        queries = q.view(batch, kv_heads, groups, head_dim)
-        out = F.scaled_dot_product_attention(
-            queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=tables.mask, scale=scale
-        )
-        return out.reshape(batch, kv_heads * groups * head_dim)
+        kv_heads, head_dim, context = self.num_kv_heads, self.head_dim, tables.context
+        pairs = batch * kv_heads
+        keys = torch.index_select(k_cache.view(-1, head_dim), 0, tables.rows, out=tables.keys)
+        values = torch.index_select(v_cache.view(-1, head_dim), 0, tables.rows, out=tables.values)
+        queries = q.reshape(pairs, groups, head_dim)
+        keys_t = keys.view(pairs, context, head_dim).transpose(1, 2)
+        if tables.bias is None:
+            scores = torch.bmm(queries, keys_t).mul_(scale)
+        else:
+            scores = torch.baddbmm(tables.bias, queries, keys_t, alpha=scale)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, values.view(pairs, context, head_dim)).view(batch, kv_heads * groups * head_dim)
