@@ -16,7 +16,13 @@ from asyncllm.bench import add_bench_command, main
 from asyncllm.bench.results import REPORT_ONLY, Row, Target
 from asyncllm.bench.roofline import decode_flops_per_token, kv_bytes_per_token, parameter_bytes
 from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
-from asyncllm.bench.workload import chat_prompt_ids, session_user_messages, warmup_ids
+from asyncllm.bench.workload import (
+    SINGLE_STREAM_RUNS,
+    chat_prompt_ids,
+    median_decode_run,
+    session_user_messages,
+    warmup_ids,
+)
 from asyncllm.config import ModelConfig
 from asyncllm.hugepages import place_in_arena
 
@@ -53,6 +59,15 @@ def test_bench_command_registers_on_subparsers() -> None:
     assert (args.command, args.only, args.skip_peer, args.tokens) == ("bench", ["single", "cold"], True, 4)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--only", "nonsense"])
+
+
+def test_median_decode_run_is_a_real_run_and_keeps_the_spread() -> None:
+    runs = [{"decode_tokens_per_s": speed, "id": i} for i, speed in enumerate((30.0, 10.0, 20.0))]
+    chosen = median_decode_run(runs)
+    assert chosen["id"] == 2 and chosen["runs_decode_tokens_per_s"] == [30.0, 10.0, 20.0]
+    assert "runs_decode_tokens_per_s" not in runs[2]
+    with pytest.raises(ValueError, match=r"^runs"):
+        median_decode_run([])
 
 
 def test_parameter_bytes_count_tied_weights_once() -> None:
@@ -107,9 +122,9 @@ def test_tiny_end_to_end_run_reports_measured_values(
 ) -> None:
     out = tmp_path / "bench.json"
     status = main([
-        "--model", str(smollm2_gguf), "--only", "throughput,memory,session", "--requests", "2",
+        "--model", str(smollm2_gguf), "--only", "throughput,memory,session,single", "--requests", "2",
         "--tokens", "8", "--session-tokens", "200", "--session-turns", "2", "--session-reply-tokens", "4",
-        "--skip-peer", "--json", str(out), "--timeout", "300",
+        "--bandwidth-mb", "64", "--skip-peer", "--json", str(out), "--timeout", "300",
     ])
     assert status == 0
     record = json.loads(out.read_text())
@@ -139,6 +154,11 @@ def test_tiny_end_to_end_run_reports_measured_values(
     reuse = next(row for row in record["rows"] if row["measurement"] == "3")
     assert reuse["ratio"] == pytest.approx(stateless["ttft_s"] / session["ttft_s"])
     assert reuse["verdict"] == ("pass" if reuse["ratio"] >= 10 else "fail")
+
+    single = raw["ours_misc"]["single"]
+    speeds = single["runs_decode_tokens_per_s"]
+    assert len(speeds) == SINGLE_STREAM_RUNS and single["decode_tokens_per_s"] == sorted(speeds)[1]
+    assert rows["single-stream decode 1x8"]["asyncllm"] == pytest.approx(sorted(speeds)[1])
 
     printed = capsys.readouterr().out
     assert "aggregate throughput 2x8" in printed and f"{16 / batch['elapsed_s']:.1f} tok/s" in printed

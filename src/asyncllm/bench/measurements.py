@@ -141,6 +141,11 @@ def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) 
         Row("2", "decode bandwidth / roofline", "fraction", ours_roof.fraction if ours_roof else None,
             hf_roof.fraction if hf_roof else None, True, Target("ours_at_least", 0.6), peer),
     ]
+    spreads = [f"{name} {', '.join(f'{speed:.1f}' for speed in side['runs_decode_tokens_per_s'])}"
+               for name, side in (("asyncllm", ours), ("HF", hf))
+               if side is not None and side.get("runs_decode_tokens_per_s")]
+    if spreads:
+        out.notes.append(f"[2] decode tok/s of each timed run (the median run counts): {'; '.join(spreads)}")
     context = decode_context(ours)
     if ours is not None and misc is not None and ours_roof is not None and context is not None:
         sample_mib = ours["bandwidth_copy_bytes"] / 2 / 2**20

@@ -23,7 +23,7 @@ from asyncllm.bench.roofline import (
     measure_copy_bandwidth,
     parameter_bytes,
 )
-from asyncllm.bench.workload import WARMUP_NEW_TOKENS, WorkloadSpec
+from asyncllm.bench.workload import SINGLE_STREAM_RUNS, WARMUP_NEW_TOKENS, WorkloadSpec, median_decode_run
 from asyncllm.engine import AsyncEngine
 from asyncllm.models import CausalLM
 from asyncllm.runner import KVCacheSpec
@@ -208,17 +208,21 @@ def _session_reuse(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
 
 
 def _single(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
-    """Measurement 2: one request's decode speed, plus the copy bandwidth for the roofline (measured on the
-    engine's model thread, so that no second torch thread team is left behind to slow the engine)."""
+    """Measurement 2: one request's decode speed (median of ``SINGLE_STREAM_RUNS`` runs), plus the copy
+    bandwidth for the roofline (measured on the engine's model thread, so that no second torch thread team
+    is left behind to slow the engine)."""
     prompt = spec.prompts[0]
 
     async def main() -> tuple[Result, Bandwidth]:
         async with engine:
             bandwidth = await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb)
             await _warm_up(engine, spec)
-            stream = await timed_stream(lambda: engine.stream_detailed(prompt, max_tokens=spec.max_tokens,
-                                                                       temperature=0.0, ignore_eos=True))
-            return stream, bandwidth
+            runs = [
+                await timed_stream(lambda: engine.stream_detailed(prompt, max_tokens=spec.max_tokens,
+                                                                  temperature=0.0, ignore_eos=True))
+                for _ in range(SINGLE_STREAM_RUNS)
+            ]
+            return median_decode_run(runs), bandwidth
 
     result, bandwidth = asyncio.run(main())
     result.update({

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 from asyncllm.bench.roofline import parameter_bytes
-from asyncllm.bench.workload import WARMUP_NEW_TOKENS, WorkloadSpec
+from asyncllm.bench.workload import SINGLE_STREAM_RUNS, WARMUP_NEW_TOKENS, WorkloadSpec, median_decode_run
 
 Result = dict[str, Any]
 
@@ -138,8 +138,13 @@ def sequential_generate(model: Any, prompts: Sequence[Sequence[int]], max_tokens
 def single_generate(
     model: Any, ids: Sequence[int], max_tokens: int, warmup_prompt: Sequence[int]
 ) -> Result:
-    """One ``generate`` call, batch 1; decode speed excludes the first token (as on asyncllm's side)."""
+    """``generate`` at batch 1, ``SINGLE_STREAM_RUNS`` times; the run of median decode speed (which
+    excludes the first token, as on asyncllm's side)."""
     _generate(model, warmup_prompt, WARMUP_NEW_TOKENS)
+    return median_decode_run([_timed_generate(model, ids, max_tokens) for _ in range(SINGLE_STREAM_RUNS)])
+
+
+def _timed_generate(model: Any, ids: Sequence[int], max_tokens: int) -> Result:
     streamer = _StampingStreamer()
     start = time.perf_counter()
     total = _generate(model, ids, max_tokens, streamer)

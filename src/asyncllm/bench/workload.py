@@ -58,6 +58,19 @@ _SESSION_SENTENCES: tuple[str, ...] = (
 SESSION_SYSTEM = "You are a senior database engineer. Answer concisely and concretely."
 WARMUP_NEW_TOKENS = 8
 """Tokens each warm-up request generates before timing starts (both libraries)."""
+SINGLE_STREAM_RUNS = 3
+"""Timed runs of the single-stream measurement (both libraries); the run of median decode speed counts."""
+
+
+def median_decode_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose ``decode_tokens_per_s`` is the median of ``runs`` (an odd count: a real run), with
+    every run's speed attached as ``runs_decode_tokens_per_s`` so that the spread stays visible."""
+    if not runs:
+        raise ValueError("runs: need at least one timed run")
+    ordered = sorted(runs, key=lambda run: run["decode_tokens_per_s"] or 0.0)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["runs_decode_tokens_per_s"] = [run["decode_tokens_per_s"] for run in runs]
+    return chosen
 
 
 class TokenizerLike(Protocol):
