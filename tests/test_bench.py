@@ -24,7 +24,6 @@ from asyncllm.bench.workload import (
     warmup_ids,
 )
 from asyncllm.config import ModelConfig
-from asyncllm.hugepages import place_in_arena
 
 
 def _row(ours: float | None, peer: float | None, higher: bool, target: Target) -> Row:
@@ -76,7 +75,9 @@ def test_parameter_bytes_count_tied_weights_once() -> None:
     head.weight = embed.weight
     model = nn.ModuleDict({"embed": embed, "head": head, "proj": nn.Linear(8, 8)})
     assert parameter_bytes(model) == (50 * 8 + 8 * 8 + 8) * 4
-    place_in_arena(model)  # one shared, padded storage: still the parameters' own bytes
+    arena = torch.zeros(1024)  # parameters as views of one larger, shared storage: only their own bytes count
+    for param, start in ((embed.weight, 0), (model["proj"].weight, 512), (model["proj"].bias, 600)):
+        param.data = arena[start : start + param.numel()].view_as(param)
     assert parameter_bytes(model) == (50 * 8 + 8 * 8 + 8) * 4
 
 

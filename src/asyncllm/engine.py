@@ -548,7 +548,6 @@ def _model_thread() -> ThreadPoolExecutor:
 def _load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[CausalLM, Path]:
     """Read the checkpoint and build the model (on the engine's model thread); returns the model and the
     local path its tokenizer is read from."""
-    from asyncllm.hugepages import place_in_arena
     from asyncllm.loaders import load_checkpoint
     from asyncllm.models import build_model
 
@@ -557,8 +556,6 @@ def _load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[Ca
     dtype = config.resolved_dtype()
     ops = get_kernel_ops(config.kernel_backend, device)
     net = build_model(ModelConfig.from_hf_config(checkpoint.hf_config), ops, dtype=dtype, device=device)
-    if device.type == "cpu":  # decode streams every weight per step: one huge-page arena, fewer TLB misses
-        place_in_arena(net, copy=False)
     net.load_weights(checkpoint.tensors(dtype))
     return net, checkpoint.local_path
 
