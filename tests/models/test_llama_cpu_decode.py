@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from asyncllm.kernels import CPU_OPS, TORCH_OPS, AttentionMetadata
-from asyncllm.models import LlamaForCausalLM
+from asyncllm.models import LlamaForCausalLM, build_model
 from asyncllm.models.llama_decode import LlamaCpuDecoder
 
 from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
@@ -136,3 +136,12 @@ def test_replaced_linear_disables_the_flat_loop(monkeypatch: pytest.MonkeyPatch)
     with torch.no_grad():
         model.forward(torch.tensor([7]), positions, meta, caches)
     assert counter.calls == 0
+
+
+def test_non_float32_models_keep_the_module_path() -> None:
+    hf = hf_llama()
+    config = ours(hf).config
+    model = build_model(config, CPU_OPS, dtype=torch.bfloat16, device=torch.device("cpu"))
+    model.load_weights(list(hf.state_dict().items()))
+    assert not LlamaCpuDecoder.supports(model.model)
+    assert LlamaCpuDecoder.supports(ours(hf, ops=CPU_OPS).model)

@@ -110,10 +110,11 @@ class LlamaCpuDecoder:
 
     @staticmethod
     def supports(model: LlamaModel) -> bool:
-        """Whether this model's structure fits the flat loop: plain dense linears, one eps for every
-        norm, and rotary over the whole head (the cache row is ``[cos | sin]`` of ``head_dim / 2`` each)."""
+        """Whether this model fits the flat loop: float32 weights (the CPU path's compute type; the module
+        path upcasts norms of other dtypes), plain dense linears, one eps for every norm, and rotary over
+        the whole head (the cache row is ``[cos | sin]`` of ``head_dim / 2`` each)."""
         layers = model.layers
-        if not layers:
+        if not layers or any(param.dtype != torch.float32 for param in model.parameters()):
             return False
         head_dim = layers[0].self_attn.qkv_proj.head_dim
         eps = model.norm.eps
