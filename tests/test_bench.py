@@ -21,6 +21,7 @@ from asyncllm.bench.workload import (
     chat_prompt_ids,
     median_decode_run,
     session_user_messages,
+    stamped_timing,
     warmup_ids,
 )
 from asyncllm.config import ModelConfig
@@ -58,6 +59,16 @@ def test_bench_command_registers_on_subparsers() -> None:
     assert (args.command, args.only, args.skip_peer, args.tokens) == ("bench", ["single", "cold"], True, 4)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--only", "nonsense"])
+
+
+def test_stamped_timing_excludes_the_first_output_from_decode_speed() -> None:
+    timing = stamped_timing(10.0, [(10.5, 1), (11.0, 2), (12.5, 3)])
+    assert timing == {
+        "ttft_s": 0.5, "elapsed_s": 2.5, "decode_tokens": 5, "decode_s": 2.0, "decode_tokens_per_s": 2.5,
+    }
+    assert stamped_timing(0.0, [(1.0, 4)])["decode_tokens_per_s"] is None  # one output: no decode interval
+    with pytest.raises(ValueError, match=r"^stamps"):
+        stamped_timing(0.0, [])
 
 
 def test_median_decode_run_is_a_real_run_and_keeps_the_spread() -> None:

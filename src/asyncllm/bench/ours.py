@@ -23,7 +23,13 @@ from asyncllm.bench.roofline import (
     measure_copy_bandwidth,
     parameter_bytes,
 )
-from asyncllm.bench.workload import SINGLE_STREAM_RUNS, WARMUP_NEW_TOKENS, WorkloadSpec, median_decode_run
+from asyncllm.bench.workload import (
+    SINGLE_STREAM_RUNS,
+    WARMUP_NEW_TOKENS,
+    WorkloadSpec,
+    median_decode_run,
+    stamped_timing,
+)
 from asyncllm.engine import AsyncEngine
 from asyncllm.models import CausalLM
 from asyncllm.runner import KVCacheSpec
@@ -107,11 +113,7 @@ async def timed_batch(engine: AsyncEngine, prompts: Sequence[Sequence[int]], max
 
 
 async def timed_stream(stream_factory: Callable[[], Any]) -> Result:
-    """Consume one request's stream, stamping each output that carries tokens.
-
-    ``decode_tokens_per_s`` excludes the first output (prefill + first token): it is the tokens after the
-    first divided by the time between the first and the last output.
-    """
+    """Consume one request's stream, stamping each output that carries tokens (see ``stamped_timing``)."""
     start = time.perf_counter()
     stamps: list[tuple[float, int]] = []
     stream = stream_factory()
@@ -121,16 +123,9 @@ async def timed_stream(stream_factory: Callable[[], Any]) -> Result:
     if not stamps:
         raise RuntimeError("the request produced no tokens")
     completion = stream.completion
-    total = sum(n for _, n in stamps)
-    decode_tokens = total - stamps[0][1]
-    decode_time = stamps[-1][0] - stamps[0][0]
     return {
-        "generated_tokens": total,
-        "ttft_s": stamps[0][0] - start,
-        "elapsed_s": stamps[-1][0] - start,
-        "decode_tokens": decode_tokens,
-        "decode_s": decode_time,
-        "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 else None,
+        "generated_tokens": sum(n for _, n in stamps),
+        **stamped_timing(start, stamps),
         "prompt_tokens": completion.usage.prompt_tokens if completion is not None else None,
         "cached_tokens": completion.usage.cached_tokens if completion is not None else None,
     }

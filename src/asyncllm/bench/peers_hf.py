@@ -18,7 +18,13 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 from asyncllm.bench.roofline import parameter_bytes
-from asyncllm.bench.workload import SINGLE_STREAM_RUNS, WARMUP_NEW_TOKENS, WorkloadSpec, median_decode_run
+from asyncllm.bench.workload import (
+    SINGLE_STREAM_RUNS,
+    WARMUP_NEW_TOKENS,
+    WorkloadSpec,
+    median_decode_run,
+    stamped_timing,
+)
 
 Result = dict[str, Any]
 
@@ -148,20 +154,9 @@ def _timed_generate(model: Any, ids: Sequence[int], max_tokens: int) -> Result:
     streamer = _StampingStreamer()
     start = time.perf_counter()
     total = _generate(model, ids, max_tokens, streamer)
-    stamps = streamer.stamps
-    if not stamps:
+    if not streamer.stamps:
         raise RuntimeError("generate streamed no tokens")
-    decode_tokens = sum(n for _, n in stamps) - stamps[0][1]
-    decode_s = stamps[-1][0] - stamps[0][0]
-    return {
-        "generated_tokens": total,
-        "ttft_s": stamps[0][0] - start,
-        "elapsed_s": stamps[-1][0] - start,
-        "decode_tokens": decode_tokens,
-        "decode_s": decode_s,
-        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
-        "prompt_tokens": len(ids),
-    }
+    return {"generated_tokens": total, **stamped_timing(start, streamer.stamps), "prompt_tokens": len(ids)}
 
 
 def run_hf(spec: WorkloadSpec) -> Result:

@@ -62,6 +62,25 @@ SINGLE_STREAM_RUNS = 3
 """Timed runs of the single-stream measurement (both libraries); the run of median decode speed counts."""
 
 
+def stamped_timing(start: float, stamps: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """Timing of one streamed request from ``(time, tokens)`` stamps of its outputs (both libraries).
+
+    ``decode_tokens_per_s`` excludes the first output (prefill + first token): it is the tokens after the
+    first divided by the time between the first and the last output.
+    """
+    if not stamps:
+        raise ValueError("stamps: the request produced no tokens")
+    decode_tokens = sum(n for _, n in stamps) - stamps[0][1]
+    decode_s = stamps[-1][0] - stamps[0][0]
+    return {
+        "ttft_s": stamps[0][0] - start,
+        "elapsed_s": stamps[-1][0] - start,
+        "decode_tokens": decode_tokens,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
+    }
+
+
 def median_decode_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The run whose ``decode_tokens_per_s`` is the median of ``runs`` (an odd count: a real run), with
     every run's speed attached as ``runs_decode_tokens_per_s`` so that the spread stays visible."""
