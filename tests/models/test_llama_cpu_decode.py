@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from asyncllm.kernels import CPU_OPS, TORCH_OPS, AttentionMetadata
+from asyncllm.layers.linear import Linear
 from asyncllm.models import LlamaForCausalLM, build_model
-from asyncllm.models.llama_decode import LlamaCpuDecoder
+from asyncllm.models.llama_decode import LlamaCpuDecoder, decode_projection
 
 from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
 from .test_llama_parity import hf_llama, hf_qwen2, ours, random_ids
@@ -145,3 +146,77 @@ def test_non_float32_models_keep_the_module_path() -> None:
     model.load_weights(list(hf.state_dict().items()))
     assert not LlamaCpuDecoder.supports(model.model)
     assert LlamaCpuDecoder.supports(ours(hf, ops=CPU_OPS).model)
+
+
+def _linear_with(weight: torch.Tensor, bias: torch.Tensor | None, *, k_major: bool) -> Linear:
+    out_features, in_features = weight.shape
+    linear = Linear(in_features, out_features, bias=bias is not None, dtype=torch.float32,
+                    device=torch.device("cpu"), matmul=CPU_OPS.linear)
+    if k_major:
+        linear.weight = torch.nn.Parameter(torch.empty(in_features, out_features).t(), requires_grad=False)
+    linear.weight.data.copy_(weight)
+    if bias is not None:
+        assert linear.bias is not None
+        linear.bias.data.copy_(bias)
+    return linear
+
+
+@pytest.mark.parametrize("k_major", [True, False], ids=["k-major", "row-major"])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_gemv_projection_matches_float64(k_major: bool, rows: int, threads: int, with_bias: bool) -> None:
+    generator = torch.Generator().manual_seed(rows * 10 + threads)
+    weight = torch.randn(48, 36, generator=generator)
+    bias = torch.randn(48, generator=generator) if with_bias else None
+    x = torch.randn(rows, 36, generator=generator)
+    projection = decode_projection(_linear_with(weight, bias, k_major=k_major), threads)
+    assert projection.k_major == k_major
+    assert projection.splits == (threads if threads > 1 else 1)  # 48 and 36 are divisible by 2 and 3
+    expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    torch.testing.assert_close(projection(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_gemv_needs_a_divisible_size() -> None:
+    weight = torch.randn(10, 7)
+    assert decode_projection(_linear_with(weight, None, k_major=True), 2).splits == 1  # K = 7
+    assert decode_projection(_linear_with(weight, None, k_major=False), 2).splits == 2  # N = 10
+    assert decode_projection(_linear_with(weight, None, k_major=False), 3).splits == 1  # N = 10
+    x = torch.randn(1, 7)
+    for k_major in (True, False):
+        for threads in (2, 3):
+            got = decode_projection(_linear_with(weight, None, k_major=k_major), threads)(x)
+            torch.testing.assert_close(got.double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_float32_models_store_attention_and_gate_up_weights_k_major() -> None:
+    model = ours(hf_llama(), ops=CPU_OPS)
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
+            n, _ = linear.weight.shape
+            assert linear.weight.stride() == (1, n)
+        assert layer.mlp.down_proj.weight.is_contiguous()
+    reference = ours(hf_llama(), ops=TORCH_OPS)
+    assert all(param.is_contiguous() for param in reference.parameters())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_step_matches_module_path_at_each_thread_count(threads: int) -> None:
+    """The split GEMVs are chosen from the thread count when the decoder is built."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = ours(hf_llama(), ops=CPU_OPS)
+        pool, seqs, caches = _prefilled(model, (6, 3))
+        positions, meta = _decode_step(pool, seqs)
+        decoder = model._decoder()
+        assert decoder is not None
+        assert {layer.qkv.splits for layer in decoder.layers} == {threads}
+        ids = torch.tensor(random_ids(2, seed=9))
+        module_caches = copy.deepcopy(caches)
+        with torch.no_grad():
+            expected = model.model(ids, positions, meta, module_caches)
+            got = model.forward(ids, positions, meta, caches)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)

@@ -22,7 +22,7 @@ from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.weights import ShardId, WeightLoading, load_unsharded
-from asyncllm.models.llama_decode import LlamaCpuDecoder
+from asyncllm.models.llama_decode import LlamaCpuDecoder, use_k_major_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -184,6 +184,8 @@ class LlamaForCausalLM(nn.Module):
         )
         # The flat CPU decode loop: built at the first decode step (after the weights are loaded in place).
         self._cpu_decode_enabled = ops is CPU_OPS and torch.device(device).type == "cpu"
+        if self._cpu_decode_enabled and dtype == torch.float32:
+            use_k_major_weights(self.model)
         self._cpu_decoder: LlamaCpuDecoder | None = None
 
     @property
