@@ -16,7 +16,7 @@ import torch
 from asyncllm.kernels import CPU_OPS, TORCH_OPS, AttentionMetadata
 from asyncllm.layers.linear import Linear
 from asyncllm.models import LlamaForCausalLM, build_model
-from asyncllm.models.llama_decode import LlamaCpuDecoder, decode_projection
+from asyncllm.models.llama_decode import DecodeProjection, LlamaCpuDecoder, decode_projection
 
 from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
 from .test_llama_parity import hf_llama, hf_qwen2, ours, random_ids
@@ -130,7 +130,7 @@ def test_replaced_linear_disables_the_flat_loop(monkeypatch: pytest.MonkeyPatch)
             return 2 * super().forward(x)
 
     down.__class__ = Doubled
-    assert not LlamaCpuDecoder.supports(model.model)
+    assert not LlamaCpuDecoder.supports(model.model, model.lm_head)
     pool, seqs, caches = _prefilled(model, (4,))
     positions, meta = _decode_step(pool, seqs)
     counter = _Counter(monkeypatch)
@@ -144,8 +144,13 @@ def test_non_float32_models_keep_the_module_path() -> None:
     config = ours(hf).config
     model = build_model(config, CPU_OPS, dtype=torch.bfloat16, device=torch.device("cpu"))
     model.load_weights(list(hf.state_dict().items()))
-    assert not LlamaCpuDecoder.supports(model.model)
-    assert LlamaCpuDecoder.supports(ours(hf, ops=CPU_OPS).model)
+    assert not LlamaCpuDecoder.supports(model.model, model.lm_head)
+    cpu = ours(hf, ops=CPU_OPS)
+    assert LlamaCpuDecoder.supports(cpu.model, cpu.lm_head)
+
+
+def _split(linear: Linear, threads: int) -> DecodeProjection:
+    return decode_projection(linear.matmul, linear.weight, linear.bias, threads)
 
 
 def _linear_with(weight: torch.Tensor, bias: torch.Tensor | None, *, k_major: bool) -> Linear:
@@ -170,7 +175,7 @@ def test_split_gemv_projection_matches_float64(k_major: bool, rows: int, threads
     weight = torch.randn(48, 36, generator=generator)
     bias = torch.randn(48, generator=generator) if with_bias else None
     x = torch.randn(rows, 36, generator=generator)
-    projection = decode_projection(_linear_with(weight, bias, k_major=k_major), threads)
+    projection = _split(_linear_with(weight, bias, k_major=k_major), threads)
     assert projection.k_major == k_major
     assert projection.splits == (threads if threads > 1 else 1)  # 48 and 36 are divisible by 2 and 3
     expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
@@ -179,25 +184,36 @@ def test_split_gemv_projection_matches_float64(k_major: bool, rows: int, threads
 
 def test_split_gemv_needs_a_divisible_size() -> None:
     weight = torch.randn(10, 7)
-    assert decode_projection(_linear_with(weight, None, k_major=True), 2).splits == 1  # K = 7
-    assert decode_projection(_linear_with(weight, None, k_major=False), 2).splits == 2  # N = 10
-    assert decode_projection(_linear_with(weight, None, k_major=False), 3).splits == 1  # N = 10
+    assert _split(_linear_with(weight, None, k_major=True), 2).splits == 1  # K = 7
+    assert _split(_linear_with(weight, None, k_major=False), 2).splits == 2  # N = 10
+    assert _split(_linear_with(weight, None, k_major=False), 3).splits == 1  # N = 10
     x = torch.randn(1, 7)
     for k_major in (True, False):
         for threads in (2, 3):
-            got = decode_projection(_linear_with(weight, None, k_major=k_major), threads)(x)
+            got = _split(_linear_with(weight, None, k_major=k_major), threads)(x)
             torch.testing.assert_close(got.double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_float32_models_store_attention_and_gate_up_weights_k_major() -> None:
-    model = ours(hf_llama(), ops=CPU_OPS)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_cpu_float32_models_store_attention_gate_up_embedding_and_head_k_major(tied: bool) -> None:
+    hf = hf_llama(seed=5, tie_word_embeddings=tied)
+    model = ours(hf, ops=CPU_OPS)
+    for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+        assert weight.stride() == (1, weight.shape[0])
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     for layer in model.model.layers:
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
             n, _ = linear.weight.shape
             assert linear.weight.stride() == (1, n)
         assert layer.mlp.down_proj.weight.is_contiguous()
-    reference = ours(hf_llama(), ops=TORCH_OPS)
+    reference = ours(hf, ops=TORCH_OPS)
     assert all(param.is_contiguous() for param in reference.parameters())
+    hidden = torch.randn(3, hf.config.hidden_size)
+    expected = hidden.double() @ hf.lm_head.weight.double().T
+    for rows in (1, 2, 3):  # split head GEMV, then oneDNN on the strided weight
+        got = model.compute_logits(hidden[:rows])
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected[:rows], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

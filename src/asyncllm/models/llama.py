@@ -21,7 +21,7 @@ from asyncllm.layers.embedding import LMHead, VocabEmbedding
 from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
-from asyncllm.layers.weights import ShardId, WeightLoading, load_unsharded
+from asyncllm.layers.weights import ShardId, WeightLoading, empty_k_major_parameter, load_unsharded
 from asyncllm.models.llama_decode import LlamaCpuDecoder, use_k_major_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -178,14 +178,20 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.ops = ops
         self.model = LlamaModel(config, ops, dtype=dtype, device=device)
+        # The flat CPU decode loop: built at the first step that needs it (after the weights are loaded in
+        # place). Its split GEMVs want K-major weights, laid out here before the head ties to the embedding.
+        self._cpu_decode_enabled = ops is CPU_OPS and torch.device(device).type == "cpu"
+        k_major = self._cpu_decode_enabled and dtype == torch.float32
+        if k_major:
+            use_k_major_weights(self.model)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size, tied_to=tied_to, dtype=dtype, device=device, matmul=ops.linear
         )
-        # The flat CPU decode loop: built at the first decode step (after the weights are loaded in place).
-        self._cpu_decode_enabled = ops is CPU_OPS and torch.device(device).type == "cpu"
-        if self._cpu_decode_enabled and dtype == torch.float32:
-            use_k_major_weights(self.model)
+        if k_major and tied_to is None:
+            self.lm_head.weight = empty_k_major_parameter(
+                config.vocab_size, config.hidden_size, dtype=dtype, device=device
+            )
         self._cpu_decoder: LlamaCpuDecoder | None = None
 
     @property
@@ -228,16 +234,19 @@ class LlamaForCausalLM(nn.Module):
         if not self._cpu_decode_enabled:
             return None
         if self._cpu_decoder is None:
-            if not LlamaCpuDecoder.supports(self.model):
+            if not LlamaCpuDecoder.supports(self.model, self.lm_head):
                 self._cpu_decode_enabled = False
                 return None
-            self._cpu_decoder = LlamaCpuDecoder(self.model)
+            self._cpu_decoder = LlamaCpuDecoder(self.model, self.lm_head)
         return self._cpu_decoder
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` hidden states -> ``[N, V]`` float32 logits."""
         if hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden: last dim must be {self.config.hidden_size}, got {hidden.shape[-1]}")
+        decoder = self._decoder() if hidden.device.type == "cpu" and hidden.dim() == 2 else None
+        if decoder is not None:
+            return decoder.logits(hidden)
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

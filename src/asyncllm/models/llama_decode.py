@@ -24,7 +24,9 @@ from torch import nn
 
 from asyncllm.kernels import AttentionMetadata
 from asyncllm.kernels.bundle import LinearOp
+from asyncllm.layers.embedding import LMHead
 from asyncllm.layers.linear import Linear
+from asyncllm.layers.weights import empty_k_major_parameter
 
 if TYPE_CHECKING:
     from asyncllm.models.llama import LlamaModel
@@ -97,32 +99,43 @@ class _StepTables:
     values: torch.Tensor  # same for values
 
 
-def decode_projection(module: Linear, threads: int) -> DecodeProjection:
-    """``module``'s weights as the decode loop calls them: split ``threads`` ways when the split dimension
+def decode_projection(
+    matmul: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None, threads: int
+) -> DecodeProjection:
+    """A linear's weights as the decode loop calls them: split ``threads`` ways when the split dimension
     (``K`` for a K-major weight, ``N`` for a row-major one) divides evenly, else not split."""
-    weight = module.weight
     n, k = weight.shape
     k_major = weight.stride() == (1, n)
     divisible = k % threads == 0 if k_major else n % threads == 0
     splits = threads if threads > 1 and divisible else 1
-    return DecodeProjection(module.matmul, weight, module.bias, splits, k_major)
+    return DecodeProjection(matmul, weight, bias, splits, k_major)
+
+
+def _linear(module: Linear, threads: int) -> DecodeProjection:
+    return decode_projection(module.matmul, module.weight, module.bias, threads)
 
 
 def use_k_major_weights(model: LlamaModel) -> None:
-    """Store every layer's fused QKV, output and fused gate/up weights K-major (``[K, N]`` in memory,
-    seen as the usual ``[N, K]`` through a transposed view) so that the decode loop can split their
-    GEMVs along ``K``; the down projection stays row-major, which its ``N``-split GEMV prefers.
+    """Store the token embedding and every layer's fused QKV, output and fused gate/up weights K-major
+    (``[K, N]`` in memory, seen as the usual ``[N, K]`` through a transposed view) so that the decode
+    loop can split their GEMVs along ``K``; the down projection stays row-major, which its ``N``-split
+    GEMV prefers. A head tied to the embedding shares its layout; an untied head is laid out by its owner.
 
-    Call on a freshly built model, before ``load_weights``: the parameters are replaced by new,
-    uninitialised ones (loading copies into the transposed view in place). Every other consumer sees
-    the same ``[N, K]`` values; oneDNN's GEMM takes the strided weight at the same speed or faster for
-    batched rows.
+    Call on a freshly built model, before ``load_weights`` and before an LM head is tied to the
+    embedding: the parameters are replaced by new, uninitialised ones (loading copies into the
+    transposed view in place). Every other consumer sees the same ``[N, K]`` values; oneDNN's GEMM takes
+    the strided weights at about the same speed for batched rows, and an embedding lookup reads
+    ``hidden_size`` strided floats per token (microseconds).
     """
+    model.embed_tokens.weight = _k_major_like(model.embed_tokens.weight)
     for layer in model.layers:
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
-            old = linear.weight
-            storage = torch.empty(old.shape[1], old.shape[0], dtype=old.dtype, device=old.device)
-            linear.weight = nn.Parameter(storage.t(), requires_grad=False)
+            linear.weight = _k_major_like(linear.weight)
+
+
+def _k_major_like(param: nn.Parameter) -> nn.Parameter:
+    rows, cols = param.shape
+    return empty_k_major_parameter(rows, cols, dtype=param.dtype, device=param.device)
 
 
 class LlamaCpuDecoder:
@@ -130,10 +143,11 @@ class LlamaCpuDecoder:
 
     ``accepts`` says whether a step can take this path: decode-only, every slot written (no ``-1``), the
     KV caches and activations in the weights' dtype. ``forward`` then returns exactly what
-    ``LlamaModel.forward`` returns for that step, up to float rounding in attention.
+    ``LlamaModel.forward`` returns for that step, up to float rounding in attention; ``logits`` is the
+    LM head's function with the same small-batch GEMV split as the layers (for any step on CPU).
     """
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: LlamaModel, lm_head: LMHead) -> None:
         layers = model.layers
         first = layers[0].self_attn
         qkv = first.qkv_proj
@@ -149,24 +163,27 @@ class LlamaCpuDecoder:
         self.layers: tuple[_Layer, ...] = tuple(
             _Layer(
                 input_norm=layer.input_layernorm.weight,
-                qkv=decode_projection(layer.self_attn.qkv_proj, threads),
-                o=decode_projection(layer.self_attn.o_proj, threads),
+                qkv=_linear(layer.self_attn.qkv_proj, threads),
+                o=_linear(layer.self_attn.o_proj, threads),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate_up=decode_projection(layer.mlp.gate_up_proj, threads),
-                down=decode_projection(layer.mlp.down_proj, threads),
+                gate_up=_linear(layer.mlp.gate_up_proj, threads),
+                down=_linear(layer.mlp.down_proj, threads),
                 scale=layer.self_attn.attn.scale,
             )
             for layer in layers
         )
         self.intermediate_size: int = layers[0].mlp.down_proj.input_size
+        self.head = decode_projection(lm_head.matmul, lm_head.weight, None, threads)
 
     @staticmethod
-    def supports(model: LlamaModel) -> bool:
+    def supports(model: LlamaModel, lm_head: LMHead) -> bool:
         """Whether this model fits the flat loop: float32 weights (the CPU path's compute type; the module
-        path upcasts norms of other dtypes), plain dense linears, one eps for every norm, and rotary over
-        the whole head (the cache row is ``[cos | sin]`` of ``head_dim / 2`` each)."""
+        path upcasts norms of other dtypes), plain dense linears and head, one eps for every norm, and
+        rotary over the whole head (the cache row is ``[cos | sin]`` of ``head_dim / 2`` each)."""
         layers = model.layers
         if not layers or any(param.dtype != torch.float32 for param in model.parameters()):
+            return False
+        if type(lm_head).forward is not LMHead.forward or lm_head.weight.dtype != torch.float32:
             return False
         head_dim = layers[0].self_attn.qkv_proj.head_dim
         eps = model.norm.eps
@@ -224,6 +241,10 @@ class LlamaCpuDecoder:
         if mlp_out is not None:
             residual.add_(mlp_out)
         return F.rms_norm(residual, (self.hidden_size,), self.final_norm, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` final hidden states -> ``[N, V]`` float32 logits (the LM head)."""
+        return self.head(hidden)
 
     def _tables(self, positions: torch.Tensor, meta: AttentionMetadata, block_size: int) -> _StepTables:
         half, kv_heads = self.head_dim // 2, self.num_kv_heads
