@@ -14,7 +14,13 @@ from torch import nn
 
 from asyncllm.bench import add_bench_command, main
 from asyncllm.bench.results import REPORT_ONLY, Row, Target
-from asyncllm.bench.roofline import decode_flops_per_token, kv_bytes_per_token, parameter_bytes
+from asyncllm.bench.roofline import (
+    Bandwidth,
+    decode_flops_per_token,
+    kv_bytes_per_token,
+    median_bandwidth,
+    parameter_bytes,
+)
 from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
 from asyncllm.bench.workload import (
     SINGLE_STREAM_RUNS,
@@ -78,6 +84,14 @@ def test_median_decode_run_is_a_real_run_and_keeps_the_spread() -> None:
     assert "runs_decode_tokens_per_s" not in runs[2]
     with pytest.raises(ValueError, match=r"^runs"):
         median_decode_run([])
+
+
+def test_median_bandwidth_is_a_real_sample() -> None:
+    samples = [Bandwidth(bytes_per_copy=100, best_seconds=seconds, repeats=5) for seconds in (1.0, 4.0, 2.0, 5.0)]
+    assert median_bandwidth(samples) is samples[1]  # 100, 25, 50, 20 B/s: the lower middle of four is 25
+    assert median_bandwidth(samples[:3]) is samples[2]
+    with pytest.raises(ValueError, match=r"^samples"):
+        median_bandwidth([])
 
 
 def test_parameter_bytes_count_tied_weights_once() -> None:
@@ -171,6 +185,9 @@ def test_tiny_end_to_end_run_reports_measured_values(
     speeds = single["runs_decode_tokens_per_s"]
     assert len(speeds) == SINGLE_STREAM_RUNS and single["decode_tokens_per_s"] == sorted(speeds)[1]
     assert rows["single-stream decode 1x8"]["asyncllm"] == pytest.approx(sorted(speeds)[1])
+    bandwidths = single["bandwidth_samples_bytes_per_s"]
+    assert len(bandwidths) == SINGLE_STREAM_RUNS + 1  # before each timed run and after the last
+    assert single["bandwidth_bytes_per_s"] == sorted(bandwidths)[(len(bandwidths) - 1) // 2]
 
     printed = capsys.readouterr().out
     assert "aggregate throughput 2x8" in printed and f"{16 / batch['elapsed_s']:.1f} tok/s" in printed

@@ -149,7 +149,10 @@ def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) 
     context = decode_context(ours)
     if ours is not None and misc is not None and ours_roof is not None and context is not None:
         sample_mib = ours["bandwidth_copy_bytes"] / 2 / 2**20
-        line = (f"[2] copy bandwidth {ours['bandwidth_bytes_per_s'] / GB:.2f} GB/s (fastest of "
+        samples = ours.get("bandwidth_samples_bytes_per_s") or [ours["bandwidth_bytes_per_s"]]
+        line = (f"[2] copy bandwidth {ours['bandwidth_bytes_per_s'] / GB:.2f} GB/s (median of "
+                f"{len(samples)} samples around the timed runs: "
+                f"{', '.join(f'{sample / GB:.1f}' for sample in samples)}; each the fastest of "
                 f"{ours['bandwidth_repeats']} copies of {sample_mib:.0f} MiB fp32, bytes read + written); "
                 f"asyncllm reads {ours_roof.bytes_per_step / MB:.1f} MB/step (weights "
                 f"{misc['weight_bytes'] / MB:.1f} MB + KV {misc['kv_bytes_per_token'] / 1e3:.1f} KB/token x "

@@ -21,6 +21,7 @@ from asyncllm.bench.roofline import (
     decode_flops_per_token,
     kv_bytes_per_token,
     measure_copy_bandwidth,
+    median_bandwidth,
     parameter_bytes,
 )
 from asyncllm.bench.workload import (
@@ -204,24 +205,28 @@ def _session_reuse(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
 
 def _single(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
     """Measurement 2: one request's decode speed (median of ``SINGLE_STREAM_RUNS`` runs), plus the copy
-    bandwidth for the roofline (measured on the engine's model thread, so that no second torch thread team
-    is left behind to slow the engine)."""
+    bandwidth for the roofline: one sample before each timed run and one after the last, the median
+    sample counting, because a shared machine's bandwidth drifts between moments (measured on the
+    engine's model thread, so that no second torch thread team is left behind to slow the engine)."""
     prompt = spec.prompts[0]
 
-    async def main() -> tuple[Result, Bandwidth]:
+    async def main() -> tuple[Result, list[Bandwidth]]:
         async with engine:
-            bandwidth = await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb)
             await _warm_up(engine, spec)
-            runs = [
-                await timed_stream(lambda: engine.stream_detailed(prompt, max_tokens=spec.max_tokens,
-                                                                  temperature=0.0, ignore_eos=True))
-                for _ in range(SINGLE_STREAM_RUNS)
-            ]
-            return median_decode_run(runs), bandwidth
+            samples: list[Bandwidth] = []
+            runs = []
+            for _ in range(SINGLE_STREAM_RUNS):
+                samples.append(await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb))
+                runs.append(await timed_stream(lambda: engine.stream_detailed(
+                    prompt, max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)))
+            samples.append(await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb))
+            return median_decode_run(runs), samples
 
-    result, bandwidth = asyncio.run(main())
+    result, samples = asyncio.run(main())
+    bandwidth = median_bandwidth(samples)
     result.update({
         "bandwidth_bytes_per_s": bandwidth.bytes_per_second,
+        "bandwidth_samples_bytes_per_s": [sample.bytes_per_second for sample in samples],
         "bandwidth_copy_bytes": bandwidth.bytes_per_copy,
         "bandwidth_repeats": bandwidth.repeats,
     })
