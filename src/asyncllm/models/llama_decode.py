@@ -5,8 +5,9 @@ weight-streaming matmuls, so per-call overhead decides the rest: ``nn.Module`` d
 the per-layer ops would each rebuild (rotary cos/sin rows, the K/V gather rows, the ``-inf`` bias past
 each sequence's end). ``LlamaCpuDecoder`` computes the same function as ``LlamaModel.forward`` with the
 CPU kernel bundle, builds those tables once per step, rotates queries and keys in one pass, attends with
-two batched GEMMs over head-major gathered K/V, and calls each layer's weights directly. Prefill and
-mixed steps keep the module path, where the overhead is spread over many tokens.
+two batched GEMMs over head-major gathered K/V, and calls each layer's weights directly, splitting the
+one- and two-row GEMVs across threads (``DecodeProjection``). Prefill and mixed steps keep the module
+path, where the overhead is spread over many tokens.
 
 Invariants: the decoder holds references to the model's parameters taken when it is built, so weights
 must be loaded in place (``load_weights`` does) and not replaced or moved afterwards.
