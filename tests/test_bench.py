@@ -13,20 +13,16 @@ import torch
 from torch import nn
 
 from asyncllm.bench import add_bench_command, main
+from asyncllm.bench.harness import build_parser, plan
 from asyncllm.bench.results import REPORT_ONLY, Row, Target
-from asyncllm.bench.roofline import (
-    Bandwidth,
-    decode_flops_per_token,
-    kv_bytes_per_token,
-    median_bandwidth,
-    parameter_bytes,
-)
+from asyncllm.bench.roofline import decode_flops_per_token, kv_bytes_per_token, parameter_bytes
 from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
 from asyncllm.bench.workload import (
     SINGLE_STREAM_RUNS,
     chat_prompt_ids,
     median_decode_run,
     session_user_messages,
+    single_round_keys,
     stamped_timing,
     warmup_ids,
 )
@@ -84,14 +80,6 @@ def test_median_decode_run_is_a_real_run_and_keeps_the_spread() -> None:
     assert "runs_decode_tokens_per_s" not in runs[2]
     with pytest.raises(ValueError, match=r"^runs"):
         median_decode_run([])
-
-
-def test_median_bandwidth_is_a_real_sample() -> None:
-    samples = [Bandwidth(bytes_per_copy=100, best_seconds=seconds, repeats=5) for seconds in (1.0, 4.0, 2.0, 5.0)]
-    assert median_bandwidth(samples) is samples[1]  # 100, 25, 50, 20 B/s: the lower middle of four is 25
-    assert median_bandwidth(samples[:3]) is samples[2]
-    with pytest.raises(ValueError, match=r"^samples"):
-        median_bandwidth([])
 
 
 def test_parameter_bytes_count_tied_weights_once() -> None:
@@ -156,7 +144,8 @@ def test_tiny_end_to_end_run_reports_measured_values(
     record = json.loads(out.read_text())
     rows = {row["metric"]: row for row in record["rows"]}
     raw = {task: proc["result"] for task, proc in record["processes"].items()}
-    assert set(raw) == {"ours_throughput", "ours_misc"}
+    assert set(raw) == {"ours_throughput", "ours_misc"} | {
+        single_round_keys(index)[0] for index in range(1, SINGLE_STREAM_RUNS + 1)}
 
     batch = raw["ours_throughput"]
     assert batch["tokens_per_request"] == [8, 8] and batch["generated_tokens"] == 16
@@ -181,14 +170,31 @@ def test_tiny_end_to_end_run_reports_measured_values(
     assert reuse["ratio"] == pytest.approx(stateless["ttft_s"] / session["ttft_s"])
     assert reuse["verdict"] == ("pass" if reuse["ratio"] >= 10 else "fail")
 
-    single = raw["ours_misc"]["single"]
-    speeds = single["runs_decode_tokens_per_s"]
-    assert len(speeds) == SINGLE_STREAM_RUNS and single["decode_tokens_per_s"] == sorted(speeds)[1]
+    rounds = [raw[single_round_keys(index)[0]] for index in range(1, SINGLE_STREAM_RUNS + 1)]
+    speeds = [result["single"]["decode_tokens_per_s"] for result in rounds]
+    median_run = next(result["single"] for result in rounds
+                      if result["single"]["decode_tokens_per_s"] == sorted(speeds)[1])
     assert rows["single-stream decode 1x8"]["asyncllm"] == pytest.approx(sorted(speeds)[1])
-    bandwidths = single["bandwidth_samples_bytes_per_s"]
-    assert len(bandwidths) == SINGLE_STREAM_RUNS + 1  # before each timed run and after the last
-    assert single["bandwidth_bytes_per_s"] == sorted(bandwidths)[(len(bandwidths) - 1) // 2]
+    bandwidths = [sample for result in rounds for sample in result["bandwidth_samples_bytes_per_s"]]
+    assert len(bandwidths) == 2 * SINGLE_STREAM_RUNS  # before and after each round's timed run
+    context = median_run["prompt_tokens"] + 1 + median_run["decode_tokens"] / 2
+    per_step = rounds[0]["weight_bytes"] + rounds[0]["kv_bytes_per_token"] * context
+    fraction = per_step * sorted(speeds)[1] / sorted(bandwidths)[(len(bandwidths) - 1) // 2]
+    assert rows["decode bandwidth / roofline"]["asyncllm"] == pytest.approx(fraction)
 
     printed = capsys.readouterr().out
     assert "aggregate throughput 2x8" in printed and f"{16 / batch['elapsed_s']:.1f} tok/s" in printed
-    assert record["machine"]["torch_threads"] == batch["threads"] == raw["ours_misc"]["threads"]
+    assert record["machine"]["torch_threads"] == batch["threads"] == raw["ours_misc"]["threads"] == rounds[0]["threads"]
+
+
+def test_single_stream_rounds_alternate_asyncllm_and_hf_processes() -> None:
+    settings = BenchSettings.from_args(build_parser().parse_args(["--only", "single"]))
+    expected = []
+    for index in range(1, SINGLE_STREAM_RUNS + 1):
+        ours_key, hf_key = single_round_keys(index)
+        expected += [(ours_key, "ours_single", []), (hf_key, "hf", ["single"])]
+    assert plan(settings) == expected
+    alone = BenchSettings.from_args(build_parser().parse_args(["--only", "single", "--skip-peer"]))
+    assert plan(alone) == expected[::2]
+    with pytest.raises(ValueError, match=r"^round_index"):
+        single_round_keys(0)

@@ -91,6 +91,10 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         from asyncllm.bench.ours import run_misc
 
         return run_misc(workload)
+    if task == "ours_single":
+        from asyncllm.bench.ours import run_single
+
+        return run_single(workload)
     if task == "hf":
         from asyncllm.bench.peers_hf import run_hf
 

@@ -18,16 +18,18 @@ from asyncllm.bench.settings import MEASUREMENTS, BenchSettings, parse_only
 from asyncllm.bench.subproc import ChildOutcome, run_child
 from asyncllm.bench.workload import (
     SESSION_SYSTEM,
+    SINGLE_STREAM_RUNS,
     WorkloadSpec,
     chat_prompt_ids,
     kv_tokens_for,
     session_user_messages,
+    single_round_keys,
     warmup_ids,
 )
 
 _COLD_MESSAGE = "Say hello in one short sentence."
-_OURS_MISC_JOBS = ("issue", "single", "session")
-_HF_JOBS = ("throughput", "issue", "single")
+_OURS_MISC_JOBS = ("issue", "session")
+_HF_JOBS = ("throughput", "issue")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,35 +102,45 @@ def build_workload(settings: BenchSettings, model: str, threads: int) -> Workloa
     )
 
 
-def plan(settings: BenchSettings) -> list[tuple[str, list[str]]]:
-    """The processes to run, in order, as (task, jobs)."""
-    tasks: list[tuple[str, list[str]]] = []
+def plan(settings: BenchSettings) -> list[tuple[str, str, list[str]]]:
+    """The processes to run, in order, as (outcome key, task, jobs).
+
+    The single-stream measurement runs as ``SINGLE_STREAM_RUNS`` rounds of one asyncllm process and one
+    HF process back to back, so that both sides of each round see the same state of a shared machine.
+    """
+    tasks: list[tuple[str, str, list[str]]] = []
     if settings.wants("throughput") or settings.wants("memory"):
-        tasks.append(("ours_throughput", []))
+        tasks.append(("ours_throughput", "ours_throughput", []))
     misc = [job for job in _OURS_MISC_JOBS if settings.wants(job)]
     if misc:
-        tasks.append(("ours_misc", misc))
+        tasks.append(("ours_misc", "ours_misc", misc))
     hf = [job for job in _HF_JOBS if settings.wants(job)]
     if hf and not settings.skip_peer:
-        tasks.append(("hf", hf))
+        tasks.append(("hf", "hf", hf))
+    if settings.wants("single"):
+        for round_index in range(1, SINGLE_STREAM_RUNS + 1):
+            ours_key, hf_key = single_round_keys(round_index)
+            tasks.append((ours_key, "ours_single", []))
+            if not settings.skip_peer:
+                tasks.append((hf_key, "hf", ["single"]))
     if settings.wants("cold"):
-        tasks.append(("cold_asyncllm", []))
+        tasks.append(("cold_asyncllm", "cold_asyncllm", []))
         if not settings.skip_peer:
-            tasks.append(("cold_hf", []))
+            tasks.append(("cold_hf", "cold_hf", []))
     return tasks
 
 
 def run_processes(settings: BenchSettings, spec: WorkloadSpec) -> dict[str, ChildOutcome]:
     outcomes: dict[str, ChildOutcome] = {}
-    for task, jobs in plan(settings):
-        label = f"{task}" + (f" ({', '.join(jobs)})" if jobs else "")
+    for key, task, jobs in plan(settings):
+        label = key + (f" ({', '.join(jobs)})" if jobs else "")
         _log(f"running {label} in a fresh process ...")
         outcome = run_child(task, asdict(spec.with_jobs(jobs)), timeout_s=settings.timeout_s)
         state = "done" if outcome.ok else "FAILED"
         _log(f"{label}: {state} in {outcome.wall_s:.1f} s")
         if outcome.error is not None:
             _log(outcome.error.rstrip())
-        outcomes[task] = outcome
+        outcomes[key] = outcome
     return outcomes
 
 

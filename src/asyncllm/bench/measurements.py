@@ -6,13 +6,15 @@ Nothing here measures: every number comes from a child's result; a missing resul
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from asyncllm.bench.results import REPORT_ONLY, Row, Target
 from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
 from asyncllm.bench.subproc import ChildOutcome
+from asyncllm.bench.workload import SINGLE_STREAM_RUNS, median_decode_run, single_round_keys
 
 MB = 1e6
 GB = 1e9
@@ -127,10 +129,25 @@ def issue_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -
                          f"HF {hf['generated_tokens']} tokens in {hf['elapsed_s']:.2f} s")
 
 
+def _round_results(outcomes: Outcomes, side: int) -> list[Raw]:
+    keys = [single_round_keys(index)[side] for index in range(1, SINGLE_STREAM_RUNS + 1)]
+    return [result for result in (_result(outcomes, key) for key in keys) if result is not None]
+
+
+def _median_single(results: Sequence[Raw]) -> dict[str, Any] | None:
+    """The median-speed run over the rounds that finished, every round's speed attached."""
+    return median_decode_run([result["single"] for result in results]) if results else None
+
+
 def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -> None:
-    misc = _result(outcomes, "ours_misc")
-    hf_all = _result(outcomes, "hf")
-    ours, hf = get(misc, "single"), get(hf_all, "single")
+    ours_rounds, hf_rounds = _round_results(outcomes, 0), _round_results(outcomes, 1)
+    misc = ours_rounds[0] if ours_rounds else None  # weights, KV bytes: the same in every round
+    hf_all = hf_rounds[0] if hf_rounds else None
+    ours, hf = _median_single(ours_rounds), _median_single(hf_rounds)
+    if ours is not None and misc is not None:  # the roofline's bandwidth: the median of every round's samples
+        samples = [sample for result in ours_rounds for sample in result["bandwidth_samples_bytes_per_s"]]
+        ours.update(bandwidth_bytes_per_s=statistics.median_low(samples), bandwidth_samples_bytes_per_s=samples,
+                    bandwidth_copy_bytes=misc["bandwidth_copy_bytes"], bandwidth_repeats=misc["bandwidth_repeats"])
     peer = "HF generate, batch 1"
     bandwidth = get(ours, "bandwidth_bytes_per_s")
     ours_roof = roofline(misc, ours, bandwidth)
@@ -145,13 +162,14 @@ def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) 
                for name, side in (("asyncllm", ours), ("HF", hf))
                if side is not None and side.get("runs_decode_tokens_per_s")]
     if spreads:
-        out.notes.append(f"[2] decode tok/s of each timed run (the median run counts): {'; '.join(spreads)}")
+        out.notes.append(f"[2] decode tok/s of each round, asyncllm then HF back to back in fresh processes "
+                         f"(the median run counts): {'; '.join(spreads)}")
     context = decode_context(ours)
     if ours is not None and misc is not None and ours_roof is not None and context is not None:
         sample_mib = ours["bandwidth_copy_bytes"] / 2 / 2**20
         samples = ours.get("bandwidth_samples_bytes_per_s") or [ours["bandwidth_bytes_per_s"]]
         line = (f"[2] copy bandwidth {ours['bandwidth_bytes_per_s'] / GB:.2f} GB/s (median of "
-                f"{len(samples)} samples around the timed runs: "
+                f"{len(samples)} samples, before and after each asyncllm run: "
                 f"{', '.join(f'{sample / GB:.1f}' for sample in samples)}; each the fastest of "
                 f"{ours['bandwidth_repeats']} copies of {sample_mib:.0f} MiB fp32, bytes read + written); "
                 f"asyncllm reads {ours_roof.bytes_per_step / MB:.1f} MB/step (weights "

@@ -21,14 +21,11 @@ from asyncllm.bench.roofline import (
     decode_flops_per_token,
     kv_bytes_per_token,
     measure_copy_bandwidth,
-    median_bandwidth,
     parameter_bytes,
 )
 from asyncllm.bench.workload import (
-    SINGLE_STREAM_RUNS,
     WARMUP_NEW_TOKENS,
     WorkloadSpec,
-    median_decode_run,
     stamped_timing,
 )
 from asyncllm.engine import AsyncEngine
@@ -203,34 +200,32 @@ def _session_reuse(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
     }
 
 
-def _single(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
-    """Measurement 2: one request's decode speed (median of ``SINGLE_STREAM_RUNS`` runs), plus the copy
-    bandwidth for the roofline: one sample before each timed run and one after the last, the median
-    sample counting, because a shared machine's bandwidth drifts between moments (measured on the
-    engine's model thread, so that no second torch thread team is left behind to slow the engine)."""
+def run_single(spec: WorkloadSpec) -> Result:
+    """Measurement 2, one round: one request's decode speed on a freshly loaded engine, plus a copy
+    bandwidth sample for the roofline right before and right after the timed run (on the engine's
+    model thread, so that no second torch thread team is left behind to slow the engine)."""
+    engine, load_s = load_engine(spec)
     prompt = spec.prompts[0]
 
     async def main() -> tuple[Result, list[Bandwidth]]:
         async with engine:
             await _warm_up(engine, spec)
-            samples: list[Bandwidth] = []
-            runs = []
-            for _ in range(SINGLE_STREAM_RUNS):
-                samples.append(await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb))
-                runs.append(await timed_stream(lambda: engine.stream_detailed(
-                    prompt, max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)))
-            samples.append(await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb))
-            return median_decode_run(runs), samples
+            before = await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb)
+            run = await timed_stream(lambda: engine.stream_detailed(
+                prompt, max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True))
+            after = await engine.run_on_model_thread(measure_copy_bandwidth, spec.bandwidth_mb)
+            return run, [before, after]
 
-    result, samples = asyncio.run(main())
-    bandwidth = median_bandwidth(samples)
-    result.update({
-        "bandwidth_bytes_per_s": bandwidth.bytes_per_second,
+    run, samples = asyncio.run(main())
+    return {
+        "load_s": load_s,
+        "threads": torch.get_num_threads(),
+        **engine_footprint(engine),
+        "single": run,
         "bandwidth_samples_bytes_per_s": [sample.bytes_per_second for sample in samples],
-        "bandwidth_copy_bytes": bandwidth.bytes_per_copy,
-        "bandwidth_repeats": bandwidth.repeats,
-    })
-    return result
+        "bandwidth_copy_bytes": samples[0].bytes_per_copy,
+        "bandwidth_repeats": samples[0].repeats,
+    }
 
 
 def _issue(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
@@ -246,7 +241,6 @@ def _issue(engine: AsyncEngine, spec: WorkloadSpec) -> Result:
 
 _MISC_JOBS: dict[str, Callable[[AsyncEngine, WorkloadSpec], Result]] = {
     "issue": _issue,
-    "single": _single,
     "session": _session_reuse,
 }
 

@@ -19,10 +19,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from asyncllm.bench.roofline import parameter_bytes
 from asyncllm.bench.workload import (
-    SINGLE_STREAM_RUNS,
     WARMUP_NEW_TOKENS,
     WorkloadSpec,
-    median_decode_run,
     stamped_timing,
 )
 
@@ -144,10 +142,10 @@ def sequential_generate(model: Any, prompts: Sequence[Sequence[int]], max_tokens
 def single_generate(
     model: Any, ids: Sequence[int], max_tokens: int, warmup_prompt: Sequence[int]
 ) -> Result:
-    """``generate`` at batch 1, ``SINGLE_STREAM_RUNS`` times; the run of median decode speed (which
-    excludes the first token, as on asyncllm's side)."""
+    """One timed ``generate`` at batch 1 after a warm-up (decode speed excludes the first token, as on
+    asyncllm's side)."""
     _generate(model, warmup_prompt, WARMUP_NEW_TOKENS)
-    return median_decode_run([_timed_generate(model, ids, max_tokens) for _ in range(SINGLE_STREAM_RUNS)])
+    return _timed_generate(model, ids, max_tokens)
 
 
 def _timed_generate(model: Any, ids: Sequence[int], max_tokens: int) -> Result:
@@ -160,7 +158,8 @@ def _timed_generate(model: Any, ids: Sequence[int], max_tokens: int) -> Result:
 
 
 def run_hf(spec: WorkloadSpec) -> Result:
-    """The HF measurements named in ``spec.jobs`` (``throughput``, ``issue``, ``single``) on one load."""
+    """The HF measurements named in ``spec.jobs`` (``throughput``, ``issue``, ``single``: one round of the
+    single-stream measurement) on one load."""
     known = ("throughput", "issue", "single")
     unknown = [job for job in spec.jobs if job not in known]
     if unknown:

@@ -8,7 +8,6 @@ whole matrix, the lookup one row) plus the KV of every cached token. Achieved ba
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +46,6 @@ def measure_copy_bandwidth(megabytes: int, *, repeats: int = 5) -> Bandwidth:
         best = min(best, time.perf_counter() - start)
     del src, dst
     return Bandwidth(bytes_per_copy=2 * numel * 4, best_seconds=best, repeats=repeats)
-
-
-def median_bandwidth(samples: Sequence[Bandwidth]) -> Bandwidth:
-    """The median of an odd number of samples (the lower middle one of an even number)."""
-    if not samples:
-        raise ValueError("samples: need at least one bandwidth sample")
-    ordered = sorted(samples, key=lambda sample: sample.bytes_per_second)
-    return ordered[(len(ordered) - 1) // 2]
 
 
 def parameter_bytes(module: nn.Module) -> int:

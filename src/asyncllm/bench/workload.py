@@ -59,7 +59,15 @@ SESSION_SYSTEM = "You are a senior database engineer. Answer concisely and concr
 WARMUP_NEW_TOKENS = 8
 """Tokens each warm-up request generates before timing starts (both libraries)."""
 SINGLE_STREAM_RUNS = 3
-"""Timed runs of the single-stream measurement (both libraries); the run of median decode speed counts."""
+"""Rounds of the single-stream measurement: each round is one asyncllm process and one HF process, back to
+back, with one timed run each; on each side the run of median decode speed counts."""
+
+
+def single_round_keys(round_index: int) -> tuple[str, str]:
+    """Outcome keys of single-stream round ``round_index`` (from 1): asyncllm's process, then HF's."""
+    if round_index < 1:
+        raise ValueError(f"round_index: must be >= 1, got {round_index}")
+    return f"ours_single_{round_index}", f"hf_single_{round_index}"
 
 
 def stamped_timing(start: float, stamps: Sequence[tuple[float, int]]) -> dict[str, Any]:
