@@ -1,8 +1,9 @@
 """Paged-KV bookkeeping for model tests, independent of the engine: block tables, slots, metadata.
 
 Blocks are handed out from a seeded, shuffled free list, so a sequence's blocks are non-contiguous
-and out of order. Caches start filled with large random values, so a read of a slot that was never
-written shows up as a wrong result rather than as a plausible zero.
+and out of order (unless a test asks for consecutive ones). Caches start filled with large random
+values, so a read of a slot that was never written shows up as a wrong result rather than as a
+plausible zero.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ class PagedSequence:
 
 
 class BlockPool:
-    """Hands out block ids in a seeded random order; ``reserve`` grows a table to cover ``length`` tokens."""
+    """Hands out block ids in a seeded random order (or, with ``consecutive``, as 0, 1, 2, ...);
+    ``reserve`` grows a table to cover ``length`` tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0, *, consecutive: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks))
-        random.Random(seed).shuffle(self._free)
+        if consecutive:
+            self._free.reverse()  # popped from the end
+        else:
+            random.Random(seed).shuffle(self._free)
 
     def reserve(self, seq: PagedSequence, length: int) -> None:
         while len(seq.block_table) * self.block_size < length:

@@ -38,10 +38,12 @@ class _Counter:
         monkeypatch.setattr(LlamaCpuDecoder, "forward", counted)
 
 
-def _prefilled(model: LlamaForCausalLM, prompt_lens: Sequence[int]):  # type: ignore[no-untyped-def]
+def _prefilled(  # type: ignore[no-untyped-def]
+    model: LlamaForCausalLM, prompt_lens: Sequence[int], *, consecutive: bool = False
+):
     config = model.config
     caches = make_kv_caches(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
-    pool = BlockPool(64, BLOCK_SIZE, seed=3)
+    pool = BlockPool(64, BLOCK_SIZE, seed=3, consecutive=consecutive)
     seqs = [PagedSequence() for _ in prompt_lens]
     positions, meta = build_step(pool, [(seq, n) for seq, n in zip(seqs, prompt_lens, strict=True)])
     ids = torch.tensor([t for n in prompt_lens for t in random_ids(n, seed=n)])
@@ -88,6 +90,37 @@ def test_decode_step_matches_module_path(
             torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-4)
     assert counter.calls == 3
+
+
+@pytest.mark.parametrize("blocks", ["consecutive", "scattered"])
+@pytest.mark.parametrize("host_lengths", ["exact", "upper-bound"])
+def test_single_sequence_reads_consecutive_blocks_without_a_gather(
+    blocks: str, host_lengths: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ours(hf_llama(), ops=CPU_OPS)
+    pool, seqs, caches = _prefilled(model, (6,), consecutive=blocks == "consecutive")
+    decoder = model._decoder()
+    assert decoder is not None
+    counter = _Counter(monkeypatch)
+    for step in range(4):  # crosses a block boundary
+        positions, meta = _decode_step(pool, seqs)
+        table = seqs[0].block_table
+        assert (table == list(range(table[0], table[0] + len(table)))) == (blocks == "consecutive")
+        if host_lengths == "upper-bound":
+            meta = _with_upper_bound_lengths(meta, 40)
+        tables = decoder._tables(positions, meta, BLOCK_SIZE)
+        assert (tables.gather is None) == (blocks == "consecutive")
+        assert tables.context == 6 + step + 1
+        ids = torch.tensor(random_ids(1, seed=70 + step))
+        module_caches = copy.deepcopy(caches)
+        with torch.no_grad():
+            expected = model.model(ids, positions, meta, module_caches)
+            got = model.forward(ids, positions, meta, caches)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for (k, v), (k_ref, v_ref) in zip(caches, module_caches, strict=True):
+            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-4)
+    assert counter.calls == 4
 
 
 def test_prefill_and_reference_bundle_skip_the_flat_loop(monkeypatch: pytest.MonkeyPatch) -> None:

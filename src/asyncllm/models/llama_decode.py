@@ -83,21 +83,31 @@ class _Layer:
 
 
 @dataclass(frozen=True)
-class _StepTables:
-    """What every layer of one decode step shares: rotary factors, KV gather rows, mask, gather buffers.
+class _Gather:
+    """Where attention copies each sequence's context from: ``rows[(b * Hk + h) * context + j]`` is the
+    ``[D]`` row of token ``j`` of sequence ``b``, KV head ``h`` in the cache viewed as ``[slots * Hk, D]``,
+    so one ``index_select`` lays the keys out as ``[B * Hk, context, D]`` for ``bmm``."""
 
-    Attention reads each sequence's context as ``context`` cache rows per KV head: ``rows[(b * Hk + h) *
-    context + j]`` is the ``[D]`` row of token ``j`` of sequence ``b``, KV head ``h`` in the cache viewed as
-    ``[slots * Hk, D]``, so one ``index_select`` lays the keys out as ``[B * Hk, context, D]`` for ``bmm``.
+    rows: torch.Tensor  # [B * Hk * context] int64
+    keys: torch.Tensor  # [B * Hk * context, D] gather buffer, reused by every layer
+    values: torch.Tensor  # same for values
+
+
+@dataclass(frozen=True)
+class _StepTables:
+    """What every layer of one decode step shares: rotary factors, the context's layout, the mask.
+
+    A single sequence whose blocks are consecutive in the pool (the usual case for one chat) needs no
+    copy: ``gather`` is then ``None`` and its context is the cache slice ``first_slot : first_slot +
+    context``, read through strided views (``first_slot`` is 0 and unused when ``gather`` is set).
     """
 
     cos: torch.Tensor  # [B, 1, D]: [cos | cos]
     sin: torch.Tensor  # [B, 1, D]: [-sin | sin]
-    rows: torch.Tensor  # [B * Hk * context] int64
     context: int  # rows read per sequence and head: the longest context, rounded up to whole blocks if ragged
     bias: torch.Tensor | None  # [B * Hk, 1, context]: 0 where the token exists, -inf past its end; None if none
-    keys: torch.Tensor  # [B * Hk * context, D] gather buffer, reused by every layer
-    values: torch.Tensor  # same for values
+    first_slot: int
+    gather: _Gather | None
 
 
 def decode_projection(
@@ -254,6 +264,12 @@ class LlamaCpuDecoder:
         # exact lengths from the tensor (on CPU, no sync): the host-side lengths may be upper bounds
         lengths = meta.seq_lens.tolist()
         longest = max(lengths)
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+        sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        if len(lengths) == 1:
+            blocks = meta.block_tables[0, : -(-longest // block_size)].tolist()
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                return _StepTables(cos, sin, longest, bias=None, first_slot=blocks[0] * block_size, gather=None)
         ragged = min(lengths) != longest
         context = -(-longest // block_size) * block_size if ragged else longest
         token = torch.arange(context)
@@ -267,13 +283,16 @@ class LlamaCpuDecoder:
             ).repeat_interleave(kv_heads, dim=0)
         shape = (rows.shape[0], self.head_dim)
         return _StepTables(
-            cos=torch.cat((cos, cos), dim=-1).unsqueeze(1),
-            sin=torch.cat((-sin, sin), dim=-1).unsqueeze(1),
-            rows=rows,
+            cos=cos,
+            sin=sin,
             context=context,
             bias=bias,
-            keys=torch.empty(shape, dtype=self.embedding.dtype),
-            values=torch.empty(shape, dtype=self.embedding.dtype),
+            first_slot=0,
+            gather=_Gather(
+                rows=rows,
+                keys=torch.empty(shape, dtype=self.embedding.dtype),
+                values=torch.empty(shape, dtype=self.embedding.dtype),
+            ),
         )
 
     def _attend(
@@ -293,8 +312,14 @@ class LlamaCpuDecoder:
         batch = q.shape[0]
         kv_heads, head_dim, context = self.num_kv_heads, self.head_dim, tables.context
         pairs = batch * kv_heads
-        keys = torch.index_select(k_cache.view(-1, head_dim), 0, tables.rows, out=tables.keys)
-        values = torch.index_select(v_cache.view(-1, head_dim), 0, tables.rows, out=tables.values)
+        gather = tables.gather
+        if gather is None:  # one sequence in consecutive blocks: strided views of the cache, no copy
+            first = tables.first_slot
+            keys = k_cache.view(-1, kv_heads, head_dim)[first : first + context].permute(1, 0, 2)
+            values = v_cache.view(-1, kv_heads, head_dim)[first : first + context].permute(1, 0, 2)
+        else:
+            keys = torch.index_select(k_cache.view(-1, head_dim), 0, gather.rows, out=gather.keys)
+            values = torch.index_select(v_cache.view(-1, head_dim), 0, gather.rows, out=gather.values)
         queries = q.reshape(pairs, groups, head_dim)
         keys_t = keys.view(pairs, context, head_dim).transpose(1, 2)
         if tables.bias is None:
