@@ -66,6 +66,25 @@ def _with_upper_bound_lengths(meta: AttentionMetadata, bound: int) -> AttentionM
     )
 
 
+def _assert_step_matches_module_path(
+    model: LlamaForCausalLM,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """``model.forward`` (the flat loop for a decode step) returns and writes what ``LlamaModel.forward``
+    returns and writes on a copy of the same caches; ``caches`` advance by the step."""
+    module_caches = copy.deepcopy(caches)
+    with torch.no_grad():
+        expected = model.model(ids, positions, meta, module_caches)
+        got = model.forward(ids, positions, meta, caches)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for (k, v), (k_ref, v_ref) in zip(caches, module_caches, strict=True):
+        torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("prompt_lens", [(6,), (5, 9, 2), (7, 7)], ids=["one", "ragged", "equal"])
 @pytest.mark.parametrize("host_lengths", ["exact", "upper-bound"])
@@ -81,14 +100,7 @@ def test_decode_step_matches_module_path(
         if host_lengths == "upper-bound":
             meta = _with_upper_bound_lengths(meta, 40)
         ids = torch.tensor(random_ids(len(seqs), seed=50 + step))
-        module_caches = copy.deepcopy(caches)
-        with torch.no_grad():
-            expected = model.model(ids, positions, meta, module_caches)
-            got = model.forward(ids, positions, meta, caches)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for (k, v), (k_ref, v_ref) in zip(caches, module_caches, strict=True):
-            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-4)
-            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-4)
+        _assert_step_matches_module_path(model, ids, positions, meta, caches)
     assert counter.calls == 3
 
 
@@ -111,15 +123,7 @@ def test_single_sequence_reads_consecutive_blocks_without_a_gather(
         tables = decoder._tables(positions, meta, BLOCK_SIZE)
         assert (tables.gather is None) == (blocks == "consecutive")
         assert tables.context == 6 + step + 1
-        ids = torch.tensor(random_ids(1, seed=70 + step))
-        module_caches = copy.deepcopy(caches)
-        with torch.no_grad():
-            expected = model.model(ids, positions, meta, module_caches)
-            got = model.forward(ids, positions, meta, caches)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for (k, v), (k_ref, v_ref) in zip(caches, module_caches, strict=True):
-            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-4)
-            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-4)
+        _assert_step_matches_module_path(model, torch.tensor(random_ids(1, seed=70 + step)), positions, meta, caches)
     assert counter.calls == 4
 
 
@@ -261,11 +265,6 @@ def test_decode_step_matches_module_path_at_each_thread_count(threads: int) -> N
         decoder = model._decoder()
         assert decoder is not None
         assert {layer.qkv.splits for layer in decoder.layers} == {threads}
-        ids = torch.tensor(random_ids(2, seed=9))
-        module_caches = copy.deepcopy(caches)
-        with torch.no_grad():
-            expected = model.model(ids, positions, meta, module_caches)
-            got = model.forward(ids, positions, meta, caches)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        _assert_step_matches_module_path(model, torch.tensor(random_ids(2, seed=9)), positions, meta, caches)
     finally:
         torch.set_num_threads(previous)
