@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from asyncllm.kernels import CPU_OPS, TORCH_OPS, AttentionMetadata
+from asyncllm.kernels.native_build import NATIVE_KERNELS_ENV
 from asyncllm.layers.linear import Linear
 from asyncllm.models import LlamaForCausalLM, build_model
 from asyncllm.models.llama_decode import DecodeProjection, LlamaCpuDecoder, decode_projection
 
+from ..kernels.native_support import require_native_kernels
 from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
 from .test_llama_parity import hf_llama, hf_qwen2, ours, random_ids
 
@@ -36,6 +38,24 @@ class _Counter:
             return original(decoder, *args)
 
         monkeypatch.setattr(LlamaCpuDecoder, "forward", counted)
+
+
+@pytest.fixture(params=["native", "torch"])
+def attention(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which attention the decoder runs: the native paged kernel, or torch ops over gathered K/V."""
+    if request.param == "torch":
+        monkeypatch.setenv(NATIVE_KERNELS_ENV, "0")
+    else:
+        require_native_kernels()
+    return str(request.param)
+
+
+def _assert_attention(decoder: LlamaCpuDecoder | None, attention: str) -> None:
+    """The decoder runs the backend asked for: with the native kernels, attention in C and, for steps of
+    one or two rows, each whole layer in C."""
+    assert decoder is not None
+    assert (decoder.native_attention() is not None) == (attention == "native")
+    assert (decoder.native_layers() is not None) == (attention == "native")
 
 
 def _prefilled(  # type: ignore[no-untyped-def]
@@ -89,11 +109,12 @@ def _assert_step_matches_module_path(
 @pytest.mark.parametrize("prompt_lens", [(6,), (5, 9, 2), (7, 7)], ids=["one", "ragged", "equal"])
 @pytest.mark.parametrize("host_lengths", ["exact", "upper-bound"])
 def test_decode_step_matches_module_path(
-    family: str, prompt_lens: tuple[int, ...], host_lengths: str, monkeypatch: pytest.MonkeyPatch
+    family: str, prompt_lens: tuple[int, ...], host_lengths: str, attention: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hf = hf_llama() if family == "llama" else hf_qwen2()
     model = ours(hf, ops=CPU_OPS)
     pool, seqs, caches = _prefilled(model, prompt_lens)
+    _assert_attention(model._decoder(), attention)
     counter = _Counter(monkeypatch)
     for step in range(3):  # crosses a block boundary for every prompt length above
         positions, meta = _decode_step(pool, seqs)
@@ -109,6 +130,8 @@ def test_decode_step_matches_module_path(
 def test_single_sequence_reads_consecutive_blocks_without_a_gather(
     blocks: str, host_lengths: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The torch attention's layout choice (the native kernel never gathers)."""
+    monkeypatch.setenv(NATIVE_KERNELS_ENV, "0")
     model = ours(hf_llama(), ops=CPU_OPS)
     pool, seqs, caches = _prefilled(model, (6,), consecutive=blocks == "consecutive")
     decoder = model._decoder()
@@ -120,7 +143,7 @@ def test_single_sequence_reads_consecutive_blocks_without_a_gather(
         assert (table == list(range(table[0], table[0] + len(table)))) == (blocks == "consecutive")
         if host_lengths == "upper-bound":
             meta = _with_upper_bound_lengths(meta, 40)
-        tables = decoder._tables(positions, meta, BLOCK_SIZE)
+        tables = decoder._tables(positions, meta, caches[0][0])
         assert (tables.gather is None) == (blocks == "consecutive")
         assert tables.context == 6 + step + 1
         _assert_step_matches_module_path(model, torch.tensor(random_ids(1, seed=70 + step)), positions, meta, caches)
@@ -254,8 +277,9 @@ def test_cpu_float32_models_store_attention_gate_up_embedding_and_head_k_major(t
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_step_matches_module_path_at_each_thread_count(threads: int) -> None:
-    """The split GEMVs are chosen from the thread count when the decoder is built."""
+def test_decode_step_matches_module_path_at_each_thread_count(threads: int, attention: str) -> None:
+    """The split GEMVs are chosen from the thread count when the decoder is built; the native attention
+    takes its OpenMP team size from the same count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -263,6 +287,7 @@ def test_decode_step_matches_module_path_at_each_thread_count(threads: int) -> N
         pool, seqs, caches = _prefilled(model, (6, 3))
         positions, meta = _decode_step(pool, seqs)
         decoder = model._decoder()
+        _assert_attention(decoder, attention)
         assert decoder is not None
         assert {layer.qkv.splits for layer in decoder.layers} == {threads}
         _assert_step_matches_module_path(model, torch.tensor(random_ids(2, seed=9)), positions, meta, caches)

@@ -25,9 +25,11 @@ from torch import nn
 
 from asyncllm.kernels import AttentionMetadata
 from asyncllm.kernels.bundle import LinearOp
+from asyncllm.kernels.native_attention import DecodeAttentionPlan, NativeDecodeAttention
 from asyncllm.layers.embedding import LMHead
 from asyncllm.layers.linear import Linear
 from asyncllm.layers.weights import empty_k_major_parameter
+from asyncllm.models.llama_native import LayerWeights, NativeDecodeLayers
 
 if TYPE_CHECKING:
     from asyncllm.models.llama import LlamaModel
@@ -97,9 +99,11 @@ class _Gather:
 class _StepTables:
     """What every layer of one decode step shares: rotary factors, the context's layout, the mask.
 
-    A single sequence whose blocks are consecutive in the pool (the usual case for one chat) needs no
-    copy: ``gather`` is then ``None`` and its context is the cache slice ``first_slot : first_slot +
-    context``, read through strided views (``first_slot`` is 0 and unused when ``gather`` is set).
+    With the native kernel (``native`` set) attention reads the cache in place and the other fields
+    of the layout are unused. Otherwise a single sequence whose blocks are consecutive in the pool (the
+    usual case for one chat) needs no copy: ``gather`` is then ``None`` and its context is the cache slice
+    ``first_slot : first_slot + context``, read through strided views (``first_slot`` is 0 and unused
+    when ``gather`` is set).
     """
 
     cos: torch.Tensor  # [B, 1, D]: [cos | cos]
@@ -108,6 +112,7 @@ class _StepTables:
     bias: torch.Tensor | None  # [B * Hk, 1, context]: 0 where the token exists, -inf past its end; None if none
     first_slot: int
     gather: _Gather | None
+    native: DecodeAttentionPlan | None = None
 
 
 def decode_projection(
@@ -120,6 +125,23 @@ def decode_projection(
     divisible = k % threads == 0 if k_major else n % threads == 0
     splits = threads if threads > 1 and divisible else 1
     return DecodeProjection(matmul, weight, bias, splits, k_major)
+
+
+def _layer_weights(layer: nn.Module) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        post_norm=layer.post_attention_layernorm.weight,
+        qkv=attn.qkv_proj.weight,
+        qkv_bias=attn.qkv_proj.bias,
+        o=attn.o_proj.weight,
+        o_bias=attn.o_proj.bias,
+        gate_up=mlp.gate_up_proj.weight,
+        gate_up_bias=mlp.gate_up_proj.bias,
+        down=mlp.down_proj.weight,
+        down_bias=mlp.down_proj.bias,
+        scale=attn.attn.scale,
+    )
 
 
 def _linear(module: Linear, threads: int) -> DecodeProjection:
@@ -156,6 +178,11 @@ class LlamaCpuDecoder:
     KV caches and activations in the weights' dtype. ``forward`` then returns exactly what
     ``LlamaModel.forward`` returns for that step, up to float rounding in attention; ``logits`` is the
     LM head's function with the same small-batch GEMV split as the layers (for any step on CPU).
+
+    Where the native CPU kernels can be built (loaded at the first decode step), attention reads the
+    paged cache in place (``kernels.native_attention``), and steps of one or two rows run each layer as
+    one C call (``llama_native``); else torch ops over gathered K/V and the split GEMVs
+    (``ASYNCLLM_NATIVE_KERNELS=0`` forces those).
     """
 
     def __init__(self, model: LlamaModel, lm_head: LMHead) -> None:
@@ -185,6 +212,10 @@ class LlamaCpuDecoder:
         )
         self.intermediate_size: int = layers[0].mlp.down_proj.input_size
         self.head = decode_projection(lm_head.matmul, lm_head.weight, None, threads)
+        self._native_attention: NativeDecodeAttention | None = None
+        self._native_layers: NativeDecodeLayers | None = None
+        self._native_loaded = False
+        self._layer_weights = tuple(_layer_weights(layer) for layer in layers)
 
     @staticmethod
     def supports(model: LlamaModel, lm_head: LMHead) -> bool:
@@ -228,10 +259,14 @@ class LlamaCpuDecoder:
         groups, half = heads // kv_heads, head_dim // 2
         qk_width = (heads + kv_heads) * head_dim
         inter = self.intermediate_size
-        tables = self._tables(positions, meta, kv_caches[0][0].shape[1])
+        tables = self._tables(positions, meta, kv_caches[0][0])
         slots = meta.slot_mapping
 
         residual = F.embedding(input_ids, self.embedding)
+        native_layers = self.native_layers() if batch <= SPLIT_GEMV_MAX_ROWS else None
+        if native_layers is not None and tables.native is not None:
+            native_layers.run(residual, tables.cos, tables.sin, slots.long(), kv_caches, tables.native)
+            return F.rms_norm(residual, (self.hidden_size,), self.final_norm, self.eps)
         mlp_out: torch.Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             if mlp_out is not None:
@@ -257,15 +292,42 @@ class LlamaCpuDecoder:
         """``[N, H]`` final hidden states -> ``[N, V]`` float32 logits (the LM head)."""
         return self.head(hidden)
 
-    def _tables(self, positions: torch.Tensor, meta: AttentionMetadata, block_size: int) -> _StepTables:
+    def native_attention(self) -> NativeDecodeAttention | None:
+        """The native attention kernel, built or loaded on first call; ``None`` where unavailable."""
+        self._load_native()
+        return self._native_attention
+
+    def native_layers(self) -> NativeDecodeLayers | None:
+        """The layers bound to the native C layer, built or loaded on first call; ``None`` where
+        unavailable (also whenever the native attention is)."""
+        self._load_native()
+        return self._native_layers
+
+    def _load_native(self) -> None:
+        if self._native_loaded:
+            return
+        self._native_loaded = True
+        self._native_attention = NativeDecodeAttention.load()
+        if self._native_attention is not None:
+            self._native_layers = NativeDecodeLayers.load(
+                self._layer_weights, hidden=self.hidden_size, heads=self.num_heads, kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim, inter=self.intermediate_size, eps=self.eps,
+            )
+
+    def _tables(self, positions: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> _StepTables:
         half, kv_heads = self.head_dim // 2, self.num_kv_heads
+        block_size = cache.shape[1]
         cos_sin = self.cos_sin_cache.index_select(0, positions).to(self.embedding.dtype)
         cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+        sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        kernel = self.native_attention() if cache.dtype == torch.float32 else None
+        if kernel is not None:
+            plan = kernel.plan(meta.block_tables, meta.seq_lens, cache.shape, num_heads=self.num_heads)
+            return _StepTables(cos, sin, plan.max_len, bias=None, first_slot=0, gather=None, native=plan)
         # exact lengths from the tensor (on CPU, no sync): the host-side lengths may be upper bounds
         lengths = meta.seq_lens.tolist()
         longest = max(lengths)
-        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
-        sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
         if len(lengths) == 1:
             blocks = meta.block_tables[0, : -(-longest // block_size)].tolist()
             if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
@@ -309,6 +371,8 @@ class LlamaCpuDecoder:
         The query heads that share a KV head are that head's query rows (GQA without repeating K/V): per
         (sequence, KV head) a ``[G, D] x [D, context]`` product, all of them in one ``bmm``.
         """
+        if tables.native is not None:
+            return tables.native.run(q, k_cache, v_cache, scale)
         batch = q.shape[0]
         kv_heads, head_dim, context = self.num_kv_heads, self.head_dim, tables.context
         pairs = batch * kv_heads

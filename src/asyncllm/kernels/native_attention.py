@@ -1,0 +1,115 @@
+"""Paged decode attention on CPU in C (``csrc/decode_attention.c``), called through ctypes.
+
+The torch ops must copy every sequence's K/V out of the paged cache before their batched GEMMs can read
+it (``index_select``), which at 32 sequences costs more than the attention itself. The C kernel reads
+the cache in place through the block table, one OpenMP task per (sequence, KV head), so each cached
+byte is read once per step.
+
+Usage, per decode step: ``plan = kernel.plan(block_tables, seq_lens, cache_shape)`` validates the step's
+tables once (the C code trusts every index it is given), then ``plan.run(q, k_cache, v_cache, scale)``
+per layer checks only the tensors that change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from asyncllm.kernels.native_build import load_native_library
+
+_SOURCE = "decode_attention.c"
+_ARGTYPES = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int32]
+
+
+class NativeDecodeAttention:
+    """The compiled kernel; ``load()`` returns ``None`` where it cannot be built (see ``native_build``)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        function = library.asyncllm_paged_decode_attention
+        function.restype = None
+        function.argtypes = _ARGTYPES
+        self._function = function
+
+    @classmethod
+    def load(cls) -> NativeDecodeAttention | None:
+        library = load_native_library(_SOURCE)
+        return None if library is None else cls(library)
+
+    def plan(
+        self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cache_shape: torch.Size | tuple[int, ...],
+        *, num_heads: int, threads: int | None = None,
+    ) -> DecodeAttentionPlan:
+        """Check one decode step's layout and bind it: ``block_tables`` ``[B, W]`` int32, ``seq_lens``
+        ``[B]`` int32 with ``1 <= len <= W * block_size``, every table entry a block of the cache
+        ``[num_blocks, block_size, kv_heads, head_dim]``; raises ``ValueError`` naming what is wrong."""
+        if len(cache_shape) != 4:
+            raise ValueError(f"cache_shape: expected [num_blocks, block_size, kv_heads, head_dim], got {cache_shape}")
+        num_blocks, block_size, kv_heads, head_dim = (int(n) for n in cache_shape)
+        if num_heads <= 0 or num_heads % kv_heads:
+            raise ValueError(f"num_heads: must be a positive multiple of kv_heads={kv_heads}, got {num_heads}")
+        for name, tensor, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
+            if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.device.type != "cpu":
+                raise ValueError(f"{name}: expected a {dims}-D int32 CPU tensor, got {tensor.dtype} "
+                                 f"{tuple(tensor.shape)} on {tensor.device}")
+        batch, width = block_tables.shape
+        if seq_lens.shape[0] != batch or batch == 0:
+            raise ValueError(f"seq_lens: expected {batch} lengths (one per block table row), got {seq_lens.shape[0]}")
+        lengths = seq_lens.tolist()
+        if min(lengths) < 1 or max(lengths) > width * block_size:
+            raise ValueError(f"seq_lens: each must be in [1, {width * block_size}], got {min(lengths)}..{max(lengths)}")
+        if width and (int(block_tables.min()) < 0 or int(block_tables.max()) >= num_blocks):
+            raise ValueError(f"block_tables: entries must be block ids in [0, {num_blocks})")
+        max_len = max(lengths)
+        groups = num_heads // kv_heads
+        return DecodeAttentionPlan(
+            function=self._function,
+            block_tables=block_tables.contiguous(),
+            seq_lens=seq_lens.contiguous(),
+            cache_shape=(num_blocks, block_size, kv_heads, head_dim),
+            num_heads=num_heads,
+            max_len=max_len,
+            scratch=torch.empty(batch * kv_heads * groups * max_len, dtype=torch.float32),
+            threads=threads if threads is not None else torch.get_num_threads(),
+        )
+
+
+@dataclass(frozen=True)
+class DecodeAttentionPlan:
+    """One decode step's validated layout; ``run`` attends one layer. ``scratch`` holds the softmax
+    weights of every (sequence, query head) pair, reused by each layer of the step (one at a time)."""
+
+    function: Callable[..., None]
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cache_shape: tuple[int, int, int, int]
+    num_heads: int
+    max_len: int
+    scratch: torch.Tensor
+    threads: int
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q`` ``[B, num_heads, head_dim]`` float32 (each sequence's heads contiguous; the batch stride
+        is free, so a slice of a fused QKV output needs no copy) -> ``[B, num_heads * head_dim]``."""
+        _num_blocks, block_size, kv_heads, head_dim = self.cache_shape
+        batch = self.seq_lens.shape[0]
+        if q.shape != (batch, self.num_heads, head_dim) or q.dtype != torch.float32 or q.device.type != "cpu":
+            raise ValueError(f"q: expected float32 [{batch}, {self.num_heads}, {head_dim}] on CPU, "
+                             f"got {q.dtype} {tuple(q.shape)} on {q.device}")
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            raise ValueError(f"q: each sequence's heads must be contiguous, got strides {q.stride()}")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if (cache.shape != self.cache_shape or cache.dtype != torch.float32 or cache.device.type != "cpu"
+                    or not cache.is_contiguous()):
+                raise ValueError(f"{name}: expected a contiguous float32 cache of shape {self.cache_shape}, "
+                                 f"got {cache.dtype} {tuple(cache.shape)}")
+        out = torch.empty(batch, self.num_heads * head_dim, dtype=torch.float32)
+        self.function(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
+            self.seq_lens.data_ptr(), out.data_ptr(), self.scratch.data_ptr(),
+            batch, self.num_heads, kv_heads, head_dim, block_size, self.block_tables.shape[1], self.max_len,
+            q.stride(0), scale, self.threads,
+        )
+        return out
