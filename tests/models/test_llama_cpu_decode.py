@@ -52,7 +52,7 @@ def attention(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 def _assert_attention(decoder: LlamaCpuDecoder | None, attention: str) -> None:
     """The decoder runs the backend asked for: with the native kernels, attention in C and, for steps of
-    one or two rows, each whole layer in C."""
+    up to ``NATIVE_LAYER_MAX_ROWS`` rows, each whole layer in C."""
     assert decoder is not None
     assert (decoder.native_attention() is not None) == (attention == "native")
     assert (decoder.native_layers() is not None) == (attention == "native")
@@ -106,7 +106,9 @@ def _assert_step_matches_module_path(
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("prompt_lens", [(6,), (5, 9, 2), (7, 7)], ids=["one", "ragged", "equal"])
+@pytest.mark.parametrize(
+    "prompt_lens", [(6,), (5, 9, 2), (7, 7), (3, 8, 5, 6, 1, 4)], ids=["one", "ragged", "equal", "six-rows"]
+)
 @pytest.mark.parametrize("host_lengths", ["exact", "upper-bound"])
 def test_decode_step_matches_module_path(
     family: str, prompt_lens: tuple[int, ...], host_lengths: str, attention: str, monkeypatch: pytest.MonkeyPatch
@@ -293,3 +295,51 @@ def test_decode_step_matches_module_path_at_each_thread_count(threads: int, atte
         _assert_step_matches_module_path(model, torch.tensor(random_ids(2, seed=9)), positions, meta, caches)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_native_layers_reject_steps_that_do_not_fit_them() -> None:
+    """The C layer trusts every pointer and index it gets; its binding checks them first."""
+    require_native_kernels()
+    model = ours(hf_llama(), ops=CPU_OPS)
+    pool, seqs, caches = _prefilled(model, (6,))
+    positions, meta = _decode_step(pool, seqs)
+    decoder = model._decoder()
+    assert decoder is not None
+    layers = decoder.native_layers()
+    assert layers is not None
+    tables = decoder._tables(positions, meta, caches[0][0])
+    assert tables.native is not None
+    hidden = model.config.hidden_size
+    residual = torch.zeros(1, hidden)
+    slots = meta.slot_mapping.long()
+    good = {"residual": residual, "cos": tables.cos, "sin": tables.sin, "slots": slots, "kv_caches": caches,
+            "plan": tables.native}
+    bad: list[tuple[str, dict[str, object]]] = [
+        ("residual", {"residual": torch.zeros(1, hidden + 1)}),
+        ("residual", {"residual": torch.zeros(1, hidden, dtype=torch.float64)}),
+        ("residual", {"residual": torch.zeros(1, 2 * hidden)[:, ::2]}),
+        ("plan", {"residual": torch.zeros(2, hidden)}),
+        ("cos", {"cos": tables.cos[..., :-1]}),
+        ("sin", {"sin": tables.sin.double()}),
+        ("slots", {"slots": slots.int()}),
+        ("slots", {"slots": slots + pool.num_blocks * BLOCK_SIZE}),
+        ("slots", {"slots": slots - 10_000}),
+        ("kv_caches", {"kv_caches": caches[:-1]}),
+        ("kv_caches", {"kv_caches": [(k[:-1], v) for k, v in caches]}),
+    ]
+    for field, change in bad:
+        with pytest.raises(ValueError, match=field):
+            layers.run(**{**good, **change})  # type: ignore[arg-type]
+    layers.run(**good)  # type: ignore[arg-type]
+
+
+def test_native_layers_need_the_k_major_layout() -> None:
+    """A model whose weights are not laid out for the C layer keeps the torch path for its layers."""
+    require_native_kernels()
+    model = ours(hf_llama(), ops=CPU_OPS)
+    assert isinstance(model, LlamaForCausalLM)
+    first = model.model.layers[0].self_attn.qkv_proj
+    first.weight = torch.nn.Parameter(first.weight.detach().contiguous())  # row-major now
+    decoder = LlamaCpuDecoder(model.model, model.lm_head)
+    assert decoder.native_attention() is not None
+    assert decoder.native_layers() is None

@@ -5,9 +5,10 @@ weight-streaming matmuls, so per-call overhead decides the rest: ``nn.Module`` d
 the per-layer ops would each rebuild (rotary cos/sin rows, the K/V gather rows, the ``-inf`` bias past
 each sequence's end). ``LlamaCpuDecoder`` computes the same function as ``LlamaModel.forward`` with the
 CPU kernel bundle, builds those tables once per step, rotates queries and keys in one pass, attends with
-two batched GEMMs over head-major gathered K/V, and calls each layer's weights directly, splitting the
-one- and two-row GEMVs across threads (``DecodeProjection``). Prefill and mixed steps keep the module
-path, where the overhead is spread over many tokens.
+the native paged kernel (or two batched GEMMs over head-major gathered K/V), and calls each layer's
+weights directly, splitting the one- and two-row GEMVs across threads (``DecodeProjection``); steps of
+a few rows run each whole layer in C instead when the native kernels are built (``llama_native``).
+Prefill and mixed steps keep the module path, where the overhead is spread over many tokens.
 
 Invariants: the decoder holds references to the model's parameters taken when it is built, so weights
 must be loaded in place (``load_weights`` does) and not replaced or moved afterwards.
@@ -40,6 +41,11 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 # Rows up to which a projection takes the split GEMV (measured on x86 with 2 threads: at 1-2 rows it
 # streams the weights 15-35% faster than oneDNN's GEMV; from 4 rows on oneDNN's GEMM is as fast or faster).
 SPLIT_GEMV_MAX_ROWS = 2
+# Rows up to which a decode step runs each layer as one native C call (when built). Measured on x86 with
+# 2 threads, forward + LM head against the torch path (native attention in both), medians: 23.1 vs 26.5 ms
+# at 1 row, 32.8 vs 33.9 at 2, 35.7 vs 44.8 at 3, 34.4 vs 41.2 at 4; from 5 rows on the VM's noise
+# hides any difference, and at 8 oneDNN's GEMM wins (55 vs 65 ms).
+NATIVE_LAYER_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -180,9 +186,9 @@ class LlamaCpuDecoder:
     LM head's function with the same small-batch GEMV split as the layers (for any step on CPU).
 
     Where the native CPU kernels can be built (loaded at the first decode step), attention reads the
-    paged cache in place (``kernels.native_attention``), and steps of one or two rows run each layer as
-    one C call (``llama_native``); else torch ops over gathered K/V and the split GEMVs
-    (``ASYNCLLM_NATIVE_KERNELS=0`` forces those).
+    paged cache in place (``kernels.native_attention``), and steps of up to ``NATIVE_LAYER_MAX_ROWS``
+    rows run each layer as one C call (``llama_native``); else torch ops over gathered K/V and the
+    split GEMVs (``ASYNCLLM_NATIVE_KERNELS=0`` forces those).
     """
 
     def __init__(self, model: LlamaModel, lm_head: LMHead) -> None:
@@ -263,7 +269,7 @@ class LlamaCpuDecoder:
         slots = meta.slot_mapping
 
         residual = F.embedding(input_ids, self.embedding)
-        native_layers = self.native_layers() if batch <= SPLIT_GEMV_MAX_ROWS else None
+        native_layers = self.native_layers() if batch <= NATIVE_LAYER_MAX_ROWS else None
         if native_layers is not None and tables.native is not None:
             native_layers.run(residual, tables.cos, tables.sin, slots.long(), kv_caches, tables.native)
             return F.rms_norm(residual, (self.hidden_size,), self.final_norm, self.eps)

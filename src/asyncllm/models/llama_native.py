@@ -1,7 +1,7 @@
-"""Decode steps of one or two rows through a Llama decoder layer written in C
+"""Decode steps of a few rows (up to four) through a Llama decoder layer written in C
 (``kernels/csrc/decode_layer.c``): one call per layer instead of ~25 torch ops.
 
-At one or two rows a layer streams its four weight matrices (~14 MB for SmolLM2-135M) and does a few
+At a few rows a layer streams its four weight matrices (~14 MB for SmolLM2-135M) and does a few
 hundred floats of other arithmetic; as torch ops, the split GEMVs run near the memory bandwidth but the
 ~20 small ops between them (norms, rotary, KV writes, attention, SiLU, residual adds) spend ~5-7 ms per
 token in dispatch. The C layer runs everything in one OpenMP region: each thread streams one contiguous

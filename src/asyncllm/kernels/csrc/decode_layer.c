@@ -1,6 +1,6 @@
 /* One Llama decoder layer for a decode step of a few rows (sequences) on CPU, in one OpenMP region.
  *
- * At one or two rows a layer is four weight-streaming GEMVs and ~20 small ops on a few hundred floats;
+ * At a few rows a layer is four weight-streaming GEMVs and ~20 small ops on a few hundred floats;
  * run as separate torch ops, the small ones cost more in dispatch than in arithmetic. Here the whole
  * layer is one call: residual += attention(rms_norm(residual)); residual += mlp(rms_norm(residual)).
  *
