@@ -13,7 +13,7 @@ import torch
 
 from asyncllm.kernels import native_build
 from asyncllm.kernels.native_attention import NativeDecodeAttention
-from asyncllm.kernels.native_build import NATIVE_KERNELS_ENV, load_native_library
+from asyncllm.kernels.native_build import NATIVE_KERNELS_ENV, load_native_library, native_kernels_status
 
 from .native_support import require_native_kernels
 
@@ -197,3 +197,17 @@ def test_loading_shares_torchs_openmp_runtime_and_keeps_denormals(kernel: Native
     done = subprocess.run([sys.executable, "-c", _PROCESS_STATE_PROBE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_status_line_says_whether_the_kernels_run_and_why_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_native_kernels()
+    monkeypatch.setenv("ASYNCLLM_CACHE", str(tmp_path))
+    assert native_kernels_status() == "on"
+    assert {path.suffix for path in (tmp_path / "native").iterdir()} == {".so"}
+    monkeypatch.setenv(NATIVE_KERNELS_ENV, "0")
+    assert native_kernels_status() == f"off: {NATIVE_KERNELS_ENV}=0"
+    monkeypatch.delenv(NATIVE_KERNELS_ENV)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native_kernels_status() == "off: no GCC found ($CC or cc)"

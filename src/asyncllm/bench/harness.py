@@ -184,9 +184,9 @@ def run_bench(args: argparse.Namespace) -> int:
     spec = build_workload(settings, model, threads)
     _log(f"model {model}; torch threads {threads}; KV pool {spec.kv_cache_tokens} tokens; "
          f"prompts {min(map(len, spec.prompts))}-{max(map(len, spec.prompts))} tokens")
+    machine = collect_machine(threads)  # first: builds the native kernels if this machine lacks them
     outcomes = run_processes(settings, spec)
     findings = build_findings(settings, outcomes)
-    machine = collect_machine(threads)
     print(render_report(machine, settings, findings.rows, findings.notes), flush=True)
     if settings.json_path is not None:
         record = report_json(machine, settings, model, findings.rows, findings.notes, outcomes)

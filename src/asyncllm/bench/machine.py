@@ -46,12 +46,14 @@ class MachineInfo:
     transformers_version: str
     python_version: str
     platform: str
+    native_kernels: str  # "on", or "off: <why>" (asyncllm's C decode kernels; torch ops otherwise)
 
     def describe(self) -> str:
         return (
             f"machine: {self.cpu_model}, {self.logical_cpus} logical CPUs ({self.usable_cpus} usable); "
             f"torch {self.torch_version} with {self.torch_threads} threads; "
-            f"transformers {self.transformers_version}; Python {self.python_version}; {self.platform}"
+            f"transformers {self.transformers_version}; Python {self.python_version}; {self.platform}; "
+            f"native CPU kernels {self.native_kernels}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,8 +61,11 @@ class MachineInfo:
 
 
 def collect_machine(torch_threads: int) -> MachineInfo:
-    """``torch_threads`` is the intra-op thread count every measuring process was given."""
+    """``torch_threads`` is the intra-op thread count every measuring process was given. Checking the
+    native kernels builds them here if this machine has not yet, so no measuring process pays for it."""
     import torch
+
+    from asyncllm.kernels.native_build import native_kernels_status
 
     return MachineInfo(
         cpu_model=cpu_model(),
@@ -71,6 +76,7 @@ def collect_machine(torch_threads: int) -> MachineInfo:
         transformers_version=_version("transformers"),
         python_version=platform.python_version(),
         platform=f"{sys.platform} {platform.machine()}",
+        native_kernels=native_kernels_status(),
     )
 
 

@@ -52,30 +52,48 @@ def native_kernels_enabled() -> bool:
 def load_native_library(source_name: str) -> ctypes.CDLL | None:
     """The compiled library of ``kernels/csrc/<source_name>``, building it on first use; ``None`` when
     native kernels are off or cannot be built here (the reason is logged)."""
-    if not native_kernels_enabled():
-        logger.debug("native CPU kernels are off (%s)", NATIVE_KERNELS_ENV)
+    loaded = _load(source_name)
+    if isinstance(loaded, str):
+        level = logging.DEBUG if loaded.startswith(NATIVE_KERNELS_ENV) else logging.INFO
+        if "failed" in loaded:
+            level = logging.WARNING
+        logger.log(level, "native CPU kernel %s unavailable, using torch ops: %s", source_name, loaded)
         return None
+    return loaded
+
+
+def native_kernels_status() -> str:
+    """``"on"`` when every native CPU kernel builds and loads here, else ``"off: <why>"`` (one line, for
+    reports such as ``asyncllm bench``'s)."""
+    for entry in resources.files("asyncllm.kernels").joinpath("csrc").iterdir():
+        if entry.name.endswith(".c"):
+            loaded = _load(entry.name)
+            if isinstance(loaded, str):
+                return f"off: {loaded}"
+    return "on"
+
+
+def _load(source_name: str) -> ctypes.CDLL | str:
+    """The library, or why there is none."""
+    if not native_kernels_enabled():
+        return f"{NATIVE_KERNELS_ENV}={os.environ.get(NATIVE_KERNELS_ENV)}"
     problem = _unsupported_reason()
     if problem is not None:
-        logger.info("native CPU kernels unavailable, using torch ops: %s", problem)
-        return None
+        return problem
     compiler = _compiler()
     if compiler is None:
-        logger.info("native CPU kernels unavailable, using torch ops: no GCC found ($CC or cc)")
-        return None
+        return "no GCC found ($CC or cc)"
     source, headers = _source(source_name), _headers()
     target = _library_path(source_name, source, headers, compiler)
     if not target.exists():
         try:
             _compile(source_name, source, headers, compiler, target)
         except (OSError, subprocess.SubprocessError) as error:
-            logger.warning("native CPU kernel %s failed to build, using torch ops: %s", source_name, error)
-            return None
+            return f"{source_name} failed to build: {error}"
     try:
         return ctypes.CDLL(str(target))
     except OSError as error:
-        logger.warning("native CPU kernel %s failed to load, using torch ops: %s", source_name, error)
-        return None
+        return f"{source_name} failed to load: {error}"
 
 
 def _source(source_name: str) -> bytes:
