@@ -76,6 +76,17 @@ class NativeDecodeLayers:
         self.layers = tuple(layers)
         self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter = hidden, heads, kv_heads, head_dim, inter
         self.eps = eps
+        # each layer's norm weights, eps and projections, in the C argument order; fixed for the binding's
+        # life (the weights never move), so a step does not re-read ~300 data pointers
+        self._weight_args = tuple(
+            (
+                layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), eps,
+                layer.qkv.data_ptr(), _pointer(layer.qkv_bias), layer.o.data_ptr(), _pointer(layer.o_bias),
+                layer.gate_up.data_ptr(), _pointer(layer.gate_up_bias),
+                layer.down.data_ptr(), _pointer(layer.down_bias),
+            )
+            for layer in self.layers
+        )
 
     @classmethod
     def load(
@@ -125,20 +136,15 @@ class NativeDecodeLayers:
         qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
         work = torch.empty(rows * (self.hidden + qkv_width + self.heads * self.head_dim + 3 * self.inter)
                            + rows * self.heads * plan.max_len, dtype=torch.float32)
-        step_args = (
-            cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-        )
+        step_args = (cos.data_ptr(), sin.data_ptr(), slots.data_ptr())
         table_args = (plan.block_tables.data_ptr(), plan.seq_lens.data_ptr(), plan.block_tables.shape[1],
                       block_size, plan.max_len, rows, self.hidden, self.heads, self.kv_heads, self.head_dim,
                       self.inter)
-        pointer = _pointer
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+        residual_ptr, work_ptr = residual.data_ptr(), work.data_ptr()
+        for layer, weight_args, (k_cache, v_cache) in zip(self.layers, self._weight_args, kv_caches, strict=True):
             self._function(
-                residual.data_ptr(), work.data_ptr(), layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
-                self.eps, layer.qkv.data_ptr(), pointer(layer.qkv_bias), layer.o.data_ptr(), pointer(layer.o_bias),
-                layer.gate_up.data_ptr(), pointer(layer.gate_up_bias), layer.down.data_ptr(),
-                pointer(layer.down_bias), *step_args, k_cache.data_ptr(), v_cache.data_ptr(), *table_args,
-                layer.scale, plan.threads,
+                residual_ptr, work_ptr, *weight_args, *step_args, k_cache.data_ptr(), v_cache.data_ptr(),
+                *table_args, layer.scale, plan.threads,
             )
 
 
