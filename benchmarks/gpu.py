@@ -282,6 +282,10 @@ def run_ours(
         async with engine:
             for batch in sorted(set(settings.batches)):  # warm-up: every batch size once, short
                 await stamped_batch(engine, random_prompts(batch, settings.prompt_len, vocab, generator), 3)
+            # and the prefill shape, so that kernel compilation for long chunks stays out of the timings
+            await stamped_batch(
+                engine, random_prompts(settings.prefill_requests, settings.prefill_len, vocab, generator), 1
+            )
             for batch in settings.batches:
                 run = await stamped_batch(
                     engine, random_prompts(batch, settings.prompt_len, vocab, generator), new_tokens
@@ -336,7 +340,8 @@ def run_hf(
     def prompts(count: int, length: int) -> torch.Tensor:
         return torch.tensor(random_prompts(count, length, vocab, generator), device=device)
 
-    hf_generate_seconds(model, prompts(2, settings.prompt_len), 3)  # warm-up
+    hf_generate_seconds(model, prompts(2, settings.prompt_len), 3)  # warm-up, then the prefill shape
+    hf_generate_seconds(model, prompts(settings.prefill_requests, settings.prefill_len), 1)
     out: Result = {"decode": {}}
     new_tokens = settings.decode_tokens + 1
     for batch in settings.batches:
@@ -562,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"workload: prompts of {settings.prompt_len} random ids, {settings.decode_tokens + 1} new tokens, "
-        f"greedy; prefill {settings.prefill_requests} x {settings.prefill_len}"
+        f"greedy; prefill {settings.prefill_requests} x {settings.prefill_len}",
+        flush=True,
     )
     rows: list[Row] = []
     raw: list[Result] = []
@@ -570,18 +576,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape_rows_, shape_raw = bench_shape(name, settings, bandwidth)
         rows += shape_rows_
         raw.append(shape_raw)
-    print()
-    print(render_table(rows))
+        # Each shape's table as soon as it is measured, so a run cut short still reports what it finished.
+        print(f"\n{name} (built in {shape_raw['build_s']:.1f} s):", flush=True)
+        print(render_table(shape_rows_), flush=True)
+        if json_path is not None:
+            record = {
+                "settings": asdict(settings),
+                "copy_bandwidth_bytes_per_s": bandwidth,
+                "device": where,
+                "rows": [row.to_dict() for row in rows],
+                "raw": raw,
+            }
+            json_path.write_text(json.dumps(record, indent=2, default=str))
     print("\nratio = ours / peer; for the bandwidth rows it is the fraction of the measured copy roofline.")
-    if json_path is not None:
-        record = {
-            "settings": asdict(settings),
-            "copy_bandwidth_bytes_per_s": bandwidth,
-            "device": where,
-            "rows": [row.to_dict() for row in rows],
-            "raw": raw,
-        }
-        json_path.write_text(json.dumps(record, indent=2, default=str))
     return 0
 
 
