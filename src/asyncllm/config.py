@@ -6,18 +6,22 @@ Both are frozen: a config is a value, checked once in ``__post_init__``; nothing
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-KernelBackendName = Literal["auto", "torch", "triton"]
+from asyncllm.architectures import spec_for_hf_config, spec_named
 
-_SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-}
+KernelBackendName = Literal["auto", "torch", "triton"]
+NATIVE_KERNELS_ENV = "ASYNCLLM_NATIVE_KERNELS"
+
+
+def native_kernels_default() -> bool:
+    """The default of ``EngineConfig.native_kernels``: on unless ``$ASYNCLLM_NATIVE_KERNELS`` is ``0``,
+    ``false``, ``off`` or ``no``. Read when a config is made, never by the kernels themselves."""
+    return os.environ.get(NATIVE_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:
@@ -27,9 +31,14 @@ def _require(condition: bool, field_name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder, in Hugging Face ``config.json`` terms.
+    """The shape of a decoder, in Hugging Face ``config.json`` terms, and its family's flags.
 
-    Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs).
+    ``architecture`` names a family of the registry (``asyncllm.architectures``); ``qkv_bias``,
+    ``o_proj_bias``, ``qk_norm``, ``hidden_act`` and ``norm`` are its flags resolved against the
+    checkpoint's config (see ``ArchitectureSpec``).
+
+    Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
+    ``architecture`` is registered.
     """
 
     architecture: str
@@ -45,8 +54,12 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    norm: str = "rms"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -58,6 +71,7 @@ class ModelConfig:
                  f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
         _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        spec_named(self.architecture)
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -65,17 +79,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dict; unknown architectures raise ``ValueError``."""
-        archs = hf.get("architectures") or []
-        family = next((_SUPPORTED_ARCHITECTURES[a] for a in archs if a in _SUPPORTED_ARCHITECTURES), None)
-        if family is None:
-            model_type = hf.get("model_type")
-            family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(str(model_type))
-        if family is None:
-            raise ValueError(
-                f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                f"supported: {sorted(_SUPPORTED_ARCHITECTURES)}"
-            )
+        """Build from a Hugging Face ``config.json`` dict, resolving its family's flags from the registry;
+        unknown architectures raise ``ValueError``."""
+        spec = spec_for_hf_config(hf)
         heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
         eos = hf.get("eos_token_id")
@@ -90,7 +96,7 @@ class ModelConfig:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
         return cls(
-            architecture=family,
+            architecture=spec.name,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]),
@@ -102,9 +108,16 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             rope_scaling=rope_scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            tie_word_embeddings=(
+                spec.tie_word_embeddings if spec.tie_word_embeddings is not None
+                else bool(hf.get("tie_word_embeddings", False))
+            ),
+            qkv_bias=spec.qkv_bias if spec.qkv_bias is not None else bool(hf.get("attention_bias", False)),
+            o_proj_bias=spec.o_proj_bias if spec.o_proj_bias is not None else bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=spec.qk_norm,
+            hidden_act=spec.activation,
+            norm=spec.norm,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -121,6 +134,10 @@ class EngineConfig:
     ``cuda_graph_batch_sizes``: the decode batch sizes captured as CUDA graphs on a CUDA device (a decode
     batch is padded up to the next captured size; larger batches and prefill steps run eagerly).
     ``enforce_eager``: never capture CUDA graphs.
+
+    ``native_kernels``: on CPU, run the C decode kernels where they build (default from
+    ``$ASYNCLLM_NATIVE_KERNELS``); ``native_layer_max_rows``: decode steps of up to this many rows run each
+    fusable decoder layer as one C call (0: never), a machine-tuned threshold (see ``kernels.cpu_native``).
     """
 
     device: str = "auto"
@@ -137,6 +154,8 @@ class EngineConfig:
     seed: int = 0
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     enforce_eager: bool = False
+    native_kernels: bool = field(default_factory=native_kernels_default)
+    native_layer_max_rows: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,6 +180,10 @@ class EngineConfig:
                  f"must not repeat a size, got {sizes!r}")
         _require(isinstance(self.enforce_eager, bool), "enforce_eager",
                  f"must be a bool, got {self.enforce_eager!r}")
+        _require(isinstance(self.native_kernels, bool), "native_kernels",
+                 f"must be a bool, got {self.native_kernels!r}")
+        _require(isinstance(self.native_layer_max_rows, int) and self.native_layer_max_rows >= 0,
+                 "native_layer_max_rows", f"must be an int >= 0, got {self.native_layer_max_rows!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
@@ -171,6 +194,10 @@ class EngineConfig:
 
     def resolved_dtype(self) -> torch.dtype:
         """float32 on CPU (bf16 matmul is far slower there); bfloat16 on CUDA unless set."""
+        _require(isinstance(self.native_kernels, bool), "native_kernels",
+                 f"must be a bool, got {self.native_kernels!r}")
+        _require(isinstance(self.native_layer_max_rows, int) and self.native_layer_max_rows >= 0,
+                 "native_layer_max_rows", f"must be an int >= 0, got {self.native_layer_max_rows!r}")
         if self.dtype is not None:
             return _DTYPES[self.dtype]
         return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32

@@ -26,21 +26,15 @@ from dataclasses import dataclass, field
 import torch
 
 from asyncllm.config import EngineConfig
-from asyncllm.kernels import AttentionMetadata
+from asyncllm.kernels import AttentionMetadata, KVCache
 from asyncllm.models import CausalLM
 from asyncllm.scheduler import ScheduledChunk
 
 logger = logging.getLogger("asyncllm")
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = EngineConfig.cuda_graph_batch_sizes
 """The decode batch sizes captured unless configured otherwise."""
-
-GRAPH_SAFE_KERNELS = frozenset({"triton"})
-"""Kernel bundles (``KernelOps.name``) whose ops never synchronise with the host, so they can be recorded.
-The torch reference ops inspect ``slot_mapping`` on the host and cannot."""
-
 
 def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list)) or not values:
@@ -91,9 +85,9 @@ class DecodeGraphSettings:
 
 
 def graph_safe(model: CausalLM) -> bool:
-    """Whether the model's kernel bundle can be recorded in a CUDA graph."""
+    """Whether the model's kernel bundle can be recorded in a CUDA graph (its ``graph_safe`` capability)."""
     ops = getattr(model, "ops", None)
-    return getattr(ops, "name", None) in GRAPH_SAFE_KERNELS
+    return bool(getattr(ops, "graph_safe", False))
 
 
 def decode_graphs_for(
@@ -167,8 +161,7 @@ class DecodeGraphs:
         if settings.capture and not graph_safe(model):
             ops = getattr(getattr(model, "ops", None), "name", None)
             raise ValueError(
-                f"decode_graphs: capture needs graph-safe kernels {sorted(GRAPH_SAFE_KERNELS)}, "
-                f"the model uses {ops!r}"
+                f"decode_graphs: capture needs a graph-safe kernel bundle (e.g. 'triton'), the model uses {ops!r}"
             )
         self.model = model
         self.kv_caches = list(kv_caches)

@@ -1,7 +1,7 @@
 """ModelRunner: turns a scheduled step into tensors, runs the model and samples. Knows nothing of asyncio.
 
-The runner owns the KV pool tensors: per layer a key and a value cache of shape
-``[num_blocks, block_size, num_kv_heads, head_dim]``. ``step`` reads the sequences' token ids and block
+The runner owns the KV pool: per layer a ``KVCache`` (keys and values of shape
+``[num_blocks, block_size, num_kv_heads, head_dim]``). ``step`` reads the sequences' token ids and block
 tables but never mutates them; the engine calls it on one worker thread at a time.
 
 Two paths run a step. Decode-only steps that fit the configured batch sizes go through ``DecodeGraphs``
@@ -21,7 +21,7 @@ import torch
 
 from asyncllm.config import ModelConfig
 from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, graph_safe, host_staging
-from asyncllm.kernels import AttentionMetadata
+from asyncllm.kernels import AttentionMetadata, KVCache
 from asyncllm.models import CausalLM
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
@@ -87,14 +87,9 @@ class ModelRunner:
         self.model = model
         self.spec = spec
         self.device = device
-        shape = (spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        # Zeroed, not empty: batched decode reads padding slots (masked out, weight 0) and 0 * NaN from
-        # uninitialised memory would poison the output.
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (
-                torch.zeros(shape, dtype=spec.dtype, device=device),
-                torch.zeros(shape, dtype=spec.dtype, device=device),
-            )
+        self.kv_caches: list[KVCache] = [
+            KVCache.allocate(spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                             dtype=spec.dtype, device=device)
             for _ in range(spec.num_layers)
         ]
         self.sampler = Sampler()

@@ -271,9 +271,9 @@ async def test_garbage_in_unused_kv_slots_does_not_leak_into_outputs(make_tiny_e
     async with make_tiny_engine() as engine:
         expected = await alone(engine, PROMPTS[:4], **GREEDY)
     engine = make_tiny_engine()
-    for k_cache, v_cache in engine._runner.kv_caches:
-        k_cache.fill_(float("nan"))
-        v_cache.fill_(float("nan"))
+    for cache in engine._runner.kv_caches:
+        cache.key.fill_(float("nan"))
+        cache.value.fill_(float("nan"))
     async with engine:
         results = await asyncio.gather(*(engine.generate(p, **GREEDY) for p in PROMPTS[:4]))
     assert [r.token_ids for r in results] == expected

@@ -79,9 +79,9 @@ def make_runner(
 ) -> ModelRunner:
     spec = KVCacheSpec.for_model(model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK, dtype=dtype)
     runner = ModelRunner(model, spec, device=torch.device(device), decode_graphs=decode_graphs)
-    for k_cache, v_cache in runner.kv_caches:
-        k_cache.fill_(sentinel)
-        v_cache.fill_(sentinel)
+    for cache in runner.kv_caches:
+        cache.key.fill_(sentinel)
+        cache.value.fill_(sentinel)
     return runner
 
 
@@ -128,8 +128,8 @@ def run_both(plain: ModelRunner, padded: ModelRunner, chunks: list[ScheduledChun
 
 
 def assert_untouched_outside(runner: ModelRunner, written: set[int], sentinel: float) -> None:
-    for k_cache, v_cache in runner.kv_caches:
-        for cache in (k_cache, v_cache):
+    for kv_cache in runner.kv_caches:
+        for cache in (kv_cache.key, kv_cache.value):
             flat = cache.float().cpu().reshape(NUM_BLOCKS * BLOCK, -1)
             is_sentinel = flat.isnan() if sentinel != sentinel else flat == sentinel
             untouched = is_sentinel.all(dim=1)
@@ -210,7 +210,8 @@ def _padded_decode_scenario(state: tuple[dict[str, Any], dict], ops: KernelOps, 
     written = batch.written_slots()
     assert_untouched_outside(padded, written, sentinel)
     assert_untouched_outside(plain, written, sentinel)
-    for (pk, pv), (qk, qv) in zip(plain.kv_caches, padded.kv_caches, strict=True):
+    for p_cache, q_cache in zip(plain.kv_caches, padded.kv_caches, strict=True):
+        pk, pv, qk, qv = p_cache.key, p_cache.value, q_cache.key, q_cache.value
         index = torch.tensor(sorted(written))
         for a, b in ((pk, qk), (pv, qv)):
             torch.testing.assert_close(b.flatten(0, 1)[index], a.flatten(0, 1)[index], atol=2e-5, rtol=2e-5)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncllm.kernels import TORCH_OPS, get_kernel_ops
+from asyncllm.kernels import TORCH_OPS, KVCache, get_kernel_ops
 from asyncllm.kernels.activation import silu_and_mul_reference
 from asyncllm.kernels.attention import paged_attention_reference
 from asyncllm.kernels.cpu import (
@@ -21,6 +21,7 @@ from asyncllm.kernels.cpu import (
     write_kv_cpu,
 )
 from asyncllm.kernels.kv_write import write_kv_reference
+from asyncllm.kernels.native_attention import NativeDecodeAttention
 from asyncllm.kernels.norm import add_rms_norm_reference, rms_norm_reference
 from asyncllm.kernels.rotary import rotary_reference
 
@@ -34,8 +35,14 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def test_auto_on_cpu_picks_the_cpu_ops() -> None:
-    assert get_kernel_ops("auto", torch.device("cpu")) is CPU_OPS
+    auto = get_kernel_ops("auto", torch.device("cpu"))
+    assert auto.linear is linear_cpu and auto.fused_decode is not None and not auto.graph_safe
+    plain = get_kernel_ops("auto", torch.device("cpu"), native_kernels=False)
+    assert plain.linear is linear_cpu and plain.fused_decode is None
+    assert plain.plan_attention is TORCH_OPS.plan_attention
     assert get_kernel_ops("torch", torch.device("cpu")) is TORCH_OPS
+    with pytest.raises(ValueError, match="kernel_backend"):
+        get_kernel_ops("cuda-magic", torch.device("cpu"))
 
 
 @settings(max_examples=20, deadline=None)
@@ -109,6 +116,11 @@ def test_paged_attention_matches_reference(
     want = paged_attention_reference(batch.q, k_cache, v_cache, batch.meta, batch.scale)
     got = paged_attention_cpu(batch.q, k_cache, v_cache, batch.meta, batch.scale)
     close(got, want)
+    # through the bundle, with its per-step native plan on decode steps (where the kernel builds)
+    cache = KVCache(k_cache, v_cache)
+    meta = CPU_OPS.plan_attention(batch.meta, cache, heads[0])
+    assert (meta.plan is not None) == (batch.meta.is_decode_only and NativeDecodeAttention.load() is not None)
+    close(CPU_OPS.paged_attention(batch.q, cache, meta, batch.scale), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

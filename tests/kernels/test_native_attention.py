@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncllm.kernels import native_build
+from asyncllm.config import NATIVE_KERNELS_ENV, EngineConfig
+from asyncllm.kernels import get_kernel_ops, native_build
 from asyncllm.kernels.native_attention import NativeDecodeAttention
-from asyncllm.kernels.native_build import NATIVE_KERNELS_ENV, load_native_library, native_kernels_status
+from asyncllm.kernels.native_build import load_native_library, native_kernels_status
 
 from .native_support import require_native_kernels
 
@@ -151,10 +152,16 @@ def test_switched_off_or_without_gcc_callers_keep_torch_ops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("ASYNCLLM_CACHE", str(tmp_path))
+    # switched off: the environment variable is the default of EngineConfig.native_kernels, which shapes
+    # the bundle; the bundle then has no native capabilities
     for value in ("0", "off", "false"):
         monkeypatch.setenv(NATIVE_KERNELS_ENV, value)
-        assert NativeDecodeAttention.load() is None
+        config = EngineConfig()
+        assert config.native_kernels is False
+        ops = get_kernel_ops("auto", torch.device("cpu"), native_kernels=config.native_kernels)
+        assert ops.fused_decode is None
     monkeypatch.delenv(NATIVE_KERNELS_ENV)
+    assert EngineConfig().native_kernels is True
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.INFO, logger="asyncllm.kernels"):
         assert NativeDecodeAttention.load() is None

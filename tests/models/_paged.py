@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asyncllm.kernels import AttentionMetadata
+from asyncllm.kernels import AttentionMetadata, KVCache
 
 
 @dataclass
@@ -47,12 +47,12 @@ class BlockPool:
 
 def make_kv_caches(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *, seed: int = 0
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hk, D]`` float32 of garbage."""
+) -> list[KVCache]:
+    """Per-layer caches, keys and values each ``[num_blocks, block_size, Hk, D]`` float32 of garbage."""
     gen = torch.Generator().manual_seed(seed)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return [
-        (torch.randn(shape, generator=gen) * 100, torch.randn(shape, generator=gen) * 100)
+        KVCache(torch.randn(shape, generator=gen) * 100, torch.randn(shape, generator=gen) * 100)
         for _ in range(num_layers)
     ]
 

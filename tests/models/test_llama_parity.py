@@ -1,13 +1,16 @@
 """Our Llama-family model against Hugging Face ``transformers`` on tiny random models, in float32.
 
 HF runs each sequence alone with eager attention over the whole sequence; ours runs flat varlen batches
-through the paged KV cache (block size 4, shuffled block ids) with the torch reference kernels, and the
-shared cases again with the CPU kernel bundle (whose decode steps take the flat ``LlamaCpuDecoder`` loop).
+through the paged KV cache (block size 4, shuffled block ids) through its one model path, with each kernel
+bundle: the torch reference, the CPU fast path with its native C kernels (decode attention planned per step,
+decode layers fused) and without them, and the Triton kernels under the interpreter (on a machine without
+a GPU; with one, the CUDA-marked kernel tests run them compiled).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +20,10 @@ from transformers import LlamaConfig, PreTrainedModel, Qwen2Config
 from transformers import LlamaForCausalLM as HFLlama
 from transformers import Qwen2ForCausalLM as HFQwen2
 
+from asyncllm.architectures import ARCHITECTURES
 from asyncllm.config import ModelConfig
-from asyncllm.kernels import CPU_OPS, TORCH_OPS, KernelOps
-from asyncllm.models import CausalLM, LlamaForCausalLM, build_model
+from asyncllm.kernels import CPU_OPS, TORCH_OPS, KernelOps, cpu_ops, get_kernel_ops
+from asyncllm.models import CausalLM, LlamaForCausalLM, build_model, model_definitions
 
 from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
 
@@ -115,7 +119,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 FAMILIES = {"llama": hf_llama, "qwen2": hf_qwen2}
-OPS = {"reference": TORCH_OPS, "cpu": CPU_OPS}
+OPS = {"reference": TORCH_OPS, "cpu": CPU_OPS, "cpu-torch-only": cpu_ops(native=False)}
+if os.environ.get("TRITON_INTERPRET") == "1":
+    OPS["triton"] = get_kernel_ops("triton", torch.device("cpu"))
 
 
 @pytest.fixture(scope="module", params=[(f, o) for f in sorted(FAMILIES) for o in OPS], ids="-".join)
@@ -310,8 +316,62 @@ def test_load_weights_rejects_wrong_shape_and_skips_inv_freq(
     assert_close(logits, hf_logits(hf, ids))
 
 
-def test_build_model_rejects_unknown_architecture() -> None:
+def test_unknown_architectures_are_rejected_by_name() -> None:
     config = ModelConfig.from_hf_config(hf_llama().config.to_dict())
-    unknown = dataclasses.replace(config, architecture="gpt2")
-    with pytest.raises(ValueError, match="architecture"):
-        build_model(unknown, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"architecture: unsupported 'gpt2'"):
+        dataclasses.replace(config, architecture="gpt2")
+    hf_dict = {**hf_llama().config.to_dict(), "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported: \['LlamaForCausalLM'"):
+        ModelConfig.from_hf_config(hf_dict)
+
+
+def test_every_registered_family_has_a_model_definition() -> None:
+    definitions = model_definitions()
+    for spec in ARCHITECTURES:
+        assert spec.model in definitions, spec
+
+
+@pytest.mark.parametrize(
+    ("hf_class", "expected"),
+    [
+        ("LlamaForCausalLM", ("llama", False, False)),
+        ("MistralForCausalLM", ("mistral", False, False)),
+        ("Qwen2ForCausalLM", ("qwen2", True, False)),
+    ],
+)
+def test_registry_resolves_family_flags(hf_class: str, expected: tuple[str, bool, bool]) -> None:
+    config = ModelConfig.from_hf_config({**_SHAPE, "architectures": [hf_class], "attention_bias": False})
+    assert (config.architecture, config.qkv_bias, config.o_proj_bias) == expected
+    # Llama reads attention_bias for both projections; Qwen2's biases are fixed by the family
+    biased = ModelConfig.from_hf_config({**_SHAPE, "architectures": [hf_class], "attention_bias": True})
+    assert (biased.qkv_bias, biased.o_proj_bias) == ((True, True) if hf_class != "Qwen2ForCausalLM" else (True, False))
+    by_type = ModelConfig.from_hf_config({**_SHAPE, "model_type": expected[0]})
+    assert by_type.architecture == expected[0]
+
+
+@pytest.mark.parametrize("ops", ["reference", "cpu"])
+def test_mistral_matches_hf(ops: str) -> None:
+    from transformers import MistralConfig
+    from transformers import MistralForCausalLM as HFMistral
+
+    torch.manual_seed(0)
+    hf = HFMistral(MistralConfig(**{**_SHAPE, "sliding_window": None})).eval()
+    _randomize(hf, 0)
+    model = ours(hf, ops=OPS[ops])
+    assert model.config.architecture == "mistral"
+    run, seq = PagedRun(model), PagedSequence()
+    ids = random_ids(9, seed=4)
+    (prefill,) = run.step([(seq, ids[:6])])
+    assert_close(prefill, hf_logits(hf, ids[:6]))
+    for i in range(6, 9):
+        (decode,) = run.step([(seq, ids[i : i + 1])])
+        assert_close(decode[-1], hf_logits(hf, ids[: i + 1])[-1])
+
+
+def test_llama_with_attention_bias_matches_hf() -> None:
+    hf = hf_llama(attention_bias=True, mlp_bias=True)
+    model = ours(hf, ops=CPU_OPS)
+    assert model.config.qkv_bias and model.config.o_proj_bias and model.config.mlp_bias
+    ids = random_ids(7, seed=5)
+    (logits,) = PagedRun(model).step([(PagedSequence(), ids)])
+    assert_close(logits, hf_logits(hf, ids))

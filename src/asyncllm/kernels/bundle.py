@@ -1,27 +1,108 @@
-"""``KernelOps``: the bundle of ops a model may call, one implementation per backend."""
+"""``KernelOps``: the bundle of ops a model may call, one implementation per backend, and its capabilities.
+
+A model receives one bundle at construction and calls only its members; every faster way to run a step
+lives here, chosen when the bundle is made (``kernels.dispatch.get_kernel_ops``), never by tests on the
+bundle's identity or name. Members with a default are capabilities a backend may leave at the default:
+
+- ``prepare_weight``: the layout a dense weight ``[N, K]`` is stored in after loading (the CPU bundle stores
+  some K-major for its split GEMV); the values never change.
+- ``plan_attention``: once per step, before the layers run, a backend may attach a per-step plan to the
+  attention metadata (``AttentionMetadata.plan``), which its ``paged_attention`` then uses for every layer.
+- ``graph_safe``: no op ever synchronises with the host, so the bundle's steps can be recorded as CUDA graphs.
+- ``fused_decode``: whole decoder layers in one call for decode steps of a few rows (``FusedDecode``),
+  used only for layers that declare themselves fusable (``FusedLayerWeights``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 Rotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SiluAndMul = Callable[[torch.Tensor], torch.Tensor]
-WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 LinearOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+WriteKV = Callable[[torch.Tensor, torch.Tensor, KVCache, torch.Tensor], None]
+"""``(k, v, cache, slot_mapping)``: scatter ``[T, Hk, D]`` keys/values into ``cache``; slots ``< 0`` are skipped."""
+PagedAttention = Callable[[torch.Tensor, KVCache, AttentionMetadata, float], torch.Tensor]
+"""``(q, cache, meta, scale) -> [T, Hq, D]``: causal attention of each sequence's new tokens over its context."""
+PlanAttention = Callable[[AttentionMetadata, KVCache, int], AttentionMetadata]
+"""``(meta, first layer's cache, num_heads) -> meta``, possibly with ``plan`` set."""
+WeightLayout = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FusedLayerWeights:
+    """One pre-norm decoder layer, as a fused kernel reads it: RMSNorm -> fused QKV -> rotate-half rotary over
+    the whole head -> paged GQA attention -> output projection -> residual add -> RMSNorm -> fused gate/up ->
+    SiLU(gate) * up -> down projection -> residual add. Dense weights ``[N, K]`` (possibly strided views),
+    optional biases. A layer that computes anything else declares no ``FusedLayerWeights``."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+class FusedDecodeStep(Protocol):
+    """One decode step's shared state (rotary rows, slots, attention plan, scratch)."""
+
+    def covers(self, layer: int) -> bool:
+        """Whether layer ``layer`` runs fused in this step."""
+        ...
+
+    def run(self, layer: int, residual: torch.Tensor, cache: KVCache) -> None:
+        """Advance the residual stream ``[rows, hidden]`` through layer ``layer`` in place, writing its KV."""
+        ...
+
+
+class FusedDecodeBinding(Protocol):
+    """A model's fusable layers bound to a fused kernel (weights must stay where they are)."""
+
+    def begin(
+        self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+    ) -> FusedDecodeStep | None:
+        """The step's fused state, or ``None`` when this step does not fit the kernel (too many rows, no
+        attention plan, another dtype)."""
+        ...
+
+
+class FusedDecode(Protocol):
+    """The capability: bind a model's layers (``None`` for a layer that is not fusable)."""
+
+    def bind(self, layers: Sequence[FusedLayerWeights | None]) -> FusedDecodeBinding | None: ...
+
+
+def keep_layout(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def no_attention_plan(meta: AttentionMetadata, cache: KVCache, num_heads: int) -> AttentionMetadata:
+    return meta
 
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The ops a model may call. Every member has the signature of its ``*_reference`` function."""
+    """The ops a model may call (see the module docstring). ``name`` is for logs and reports only."""
 
     name: str
     rms_norm: RmsNorm
@@ -31,5 +112,26 @@ class KernelOps:
     write_kv: WriteKV
     paged_attention: PagedAttention
     linear: LinearOp = F.linear
+    prepare_weight: WeightLayout = keep_layout
+    plan_attention: PlanAttention = no_attention_plan
+    graph_safe: bool = False
+    fused_decode: FusedDecode | None = None
 
 
+def on_cache(
+    backend: str,
+    write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor],
+) -> tuple[WriteKV, PagedAttention]:
+    """``write_kv`` / ``paged_attention`` members over ``KVCache`` from tensor-level kernels that read plain
+    caches (a quantized cache is refused by name)."""
+
+    def write_kv(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
+        cache.require_plain(backend)
+        write(k, v, cache.key, cache.value, slot_mapping)
+
+    def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        cache.require_plain(backend)
+        return attend(q, cache.key, cache.value, meta, scale)
+
+    return write_kv, paged_attention

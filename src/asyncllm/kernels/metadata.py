@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +23,9 @@ class AttentionMetadata:
     The ``*_cpu`` lists mirror the tensors on the host so that no step needs a device sync to read them.
     In padded decode steps (CUDA graphs) ``seq_lens_cpu`` and ``max_seq_len`` are upper bounds, good for
     sizing grids and buffers; code that needs each sequence's exact length reads ``seq_lens``.
+
+    ``plan`` is a kernel bundle's own per-step state, attached by its ``plan_attention`` before the layers
+    run (the CPU bundle's validated native decode layout); ``None`` when the bundle keeps none.
     """
 
     slot_mapping: torch.Tensor  # [T] int64
@@ -32,6 +36,7 @@ class AttentionMetadata:
     seq_lens_cpu: tuple[int, ...]
     max_query_len: int
     max_seq_len: int
+    plan: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -10,8 +10,9 @@ The libraries use OpenMP through GCC's runtime, ``libgomp.so.1``, which is the r
 CPU builds load: the dynamic loader resolves both to the one already mapped, so the kernels and torch
 share one thread pool instead of two teams competing for the cores. Hence the requirements: Linux, torch
 parallelised with OpenMP, and GCC as ``$CC`` or ``cc``. When any is missing, or the compile fails,
-``load_native_library`` returns ``None`` (logging why) and callers keep their torch ops.
-``ASYNCLLM_NATIVE_KERNELS=0`` turns the native kernels off.
+``load_native_library`` returns ``None`` (logging why) and callers keep their torch ops. Whether a
+model uses the native kernels at all is its kernel bundle's choice (``kernels.cpu.cpu_ops``, from
+``EngineConfig.native_kernels``, whose default ``ASYNCLLM_NATIVE_KERNELS=0`` turns off).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from pathlib import Path
 import torch
 
 from asyncllm.assets import cache_dir
+from asyncllm.config import NATIVE_KERNELS_ENV, native_kernels_default
 
 logger = logging.getLogger("asyncllm.kernels")
 
-NATIVE_KERNELS_ENV = "ASYNCLLM_NATIVE_KERNELS"
 COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 """``-ffast-math`` lets the compiler vectorise reductions and call glibc's vector ``expf``; it applies to
 compiling only: linking runs without it, so loading the library never switches the process's
@@ -44,19 +45,12 @@ LINK_FLAGS: tuple[str, ...] = ("-shared", "-fopenmp")
 COMPILE_TIMEOUT_S = 120.0
 
 
-def native_kernels_enabled() -> bool:
-    """False when ``$ASYNCLLM_NATIVE_KERNELS`` is ``0``, ``false``, ``off`` or ``no``."""
-    return os.environ.get(NATIVE_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 def load_native_library(source_name: str) -> ctypes.CDLL | None:
     """The compiled library of ``kernels/csrc/<source_name>``, building it on first use; ``None`` when
     native kernels are off or cannot be built here (the reason is logged)."""
     loaded = _load(source_name)
     if isinstance(loaded, str):
-        level = logging.DEBUG if loaded.startswith(NATIVE_KERNELS_ENV) else logging.INFO
-        if "failed" in loaded:
-            level = logging.WARNING
+        level = logging.WARNING if "failed" in loaded else logging.INFO
         logger.log(level, "native CPU kernel %s unavailable, using torch ops: %s", source_name, loaded)
         return None
     return loaded
@@ -64,7 +58,9 @@ def load_native_library(source_name: str) -> ctypes.CDLL | None:
 
 def native_kernels_status() -> str:
     """``"on"`` when every native CPU kernel builds and loads here, else ``"off: <why>"`` (one line, for
-    reports such as ``asyncllm bench``'s)."""
+    reports such as ``asyncllm bench``'s); ``$ASYNCLLM_NATIVE_KERNELS`` switched off counts as off."""
+    if not native_kernels_default():
+        return f"off: {NATIVE_KERNELS_ENV}={os.environ.get(NATIVE_KERNELS_ENV)}"
     for entry in resources.files("asyncllm.kernels").joinpath("csrc").iterdir():
         if entry.name.endswith(".c"):
             loaded = _load(entry.name)
@@ -75,8 +71,6 @@ def native_kernels_status() -> str:
 
 def _load(source_name: str) -> ctypes.CDLL | str:
     """The library, or why there is none."""
-    if not native_kernels_enabled():
-        return f"{NATIVE_KERNELS_ENV}={os.environ.get(NATIVE_KERNELS_ENV)}"
     problem = _unsupported_reason()
     if problem is not None:
         return problem

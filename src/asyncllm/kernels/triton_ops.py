@@ -7,19 +7,21 @@ which Triton reads when the kernel modules are first imported.
 
 from __future__ import annotations
 
-from asyncllm.kernels.bundle import KernelOps
+from asyncllm.kernels.bundle import KernelOps, on_cache
 from asyncllm.kernels.triton_activation import silu_and_mul_triton
 from asyncllm.kernels.triton_attention import paged_attention_triton
 from asyncllm.kernels.triton_kv_write import write_kv_triton
 from asyncllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from asyncllm.kernels.triton_rotary import rotary_triton
 
+_write_kv, _paged_attention = on_cache("triton", write_kv_triton, paged_attention_triton)
 TRITON_OPS = KernelOps(
     name="triton",
     rms_norm=rms_norm_triton,
     add_rms_norm=add_rms_norm_triton,
     rotary=rotary_triton,
     silu_and_mul=silu_and_mul_triton,
-    write_kv=write_kv_triton,
-    paged_attention=paged_attention_triton,
+    write_kv=_write_kv,
+    paged_attention=_paged_attention,
+    graph_safe=True,
 )

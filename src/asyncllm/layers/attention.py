@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncllm.kernels import AttentionMetadata, KernelOps
+from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 
 
 class PagedAttention(nn.Module):
     """Writes this step's keys/values into the paged cache, then attends over each sequence's context.
 
     ``q`` is ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]`` (already rotated); ``kv_cache`` is this layer's
-    ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hk, D]``, owned by the caller. Token ``t`` is
+    ``KVCache`` (``[num_blocks, block_size, Hk, D]`` keys and values), owned by the caller. Token ``t`` is
     written to slot ``meta.slot_mapping[t]`` before attention reads it, so a sequence's new tokens see
     each other causally and its whole cached prefix. Returns ``[T, Hq, D]`` in ``q.dtype``.
     """
@@ -35,16 +35,15 @@ class PagedAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache
-        if k_cache.shape[2:] != (self.num_kv_heads, self.head_dim) or v_cache.shape != k_cache.shape:
+        if kv_cache.shape[2:] != (self.num_kv_heads, self.head_dim):
             raise ValueError(
-                f"kv_cache: expected two [num_blocks, block_size, {self.num_kv_heads}, {self.head_dim}] "
-                f"tensors, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+                f"kv_cache: expected [num_blocks, block_size, {self.num_kv_heads}, {self.head_dim}], "
+                f"got {tuple(kv_cache.shape)}"
             )
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        self.ops.write_kv(k, v, kv_cache, meta.slot_mapping)
+        return self.ops.paged_attention(q, kv_cache, meta, self.scale)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"

@@ -1,4 +1,9 @@
-"""Token embedding and the LM head (its own matrix, or the embedding's when tied)."""
+"""Token embedding and the LM head (its own matrix, or the embedding's when tied).
+
+Both store their matrix as the kernel bundle's ``prepare_weight`` lays it out after loading (K-major on
+CPU, for the head's small-batch GEMV); a tied head is re-pointed at the embedding's matrix by the model
+once both are laid out (``tie_to``).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asyncllm.kernels.bundle import LinearOp
+from asyncllm.kernels.bundle import KernelOps
 from asyncllm.layers.weights import ShardId, empty_parameter, load_unsharded
+
+
+def _laid_out(param: nn.Parameter, ops: KernelOps) -> nn.Parameter:
+    laid_out = ops.prepare_weight(param.data)
+    return param if laid_out is param.data else nn.Parameter(laid_out, requires_grad=False)
 
 
 class VocabEmbedding(nn.Module):
@@ -16,15 +26,19 @@ class VocabEmbedding(nn.Module):
     shard_ids: tuple[ShardId, ...] = (None,)
 
     def __init__(
-        self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device
+        self, vocab_size: int, hidden_size: int, ops: KernelOps, *, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
+        self.ops = ops
         self.weight = empty_parameter(vocab_size, hidden_size, dtype=dtype, device=device)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         load_unsharded(param, loaded, shard_id)
+
+    def process_weights_after_loading(self) -> None:
+        self.weight = _laid_out(self.weight, self.ops)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
@@ -49,12 +63,12 @@ class LMHead(nn.Module):
         hidden_size: int,
         *,
         tied_to: VocabEmbedding | None,
+        ops: KernelOps,
         dtype: torch.dtype,
         device: torch.device,
-        matmul: LinearOp = F.linear,
     ) -> None:
         super().__init__()
-        self.matmul = matmul
+        self.ops = ops
         if tied_to is not None and (tied_to.vocab_size, tied_to.hidden_size) != (vocab_size, hidden_size):
             raise ValueError(
                 f"tied_to: embedding is {tied_to.vocab_size}x{tied_to.hidden_size}, "
@@ -71,8 +85,18 @@ class LMHead(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         load_unsharded(param, loaded, shard_id)
 
+    def process_weights_after_loading(self) -> None:
+        if not self.tied:
+            self.weight = _laid_out(self.weight, self.ops)
+
+    def tie_to(self, embedding: VocabEmbedding) -> None:
+        """Share ``embedding``'s (laid out) matrix; the head must have been built tied to it."""
+        if not self.tied:
+            raise ValueError("tie_to: this head owns its matrix")
+        self.weight = embedding.weight
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.matmul(hidden, self.weight, None).float()
+        return self.ops.linear(hidden, self.weight, None).float()
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size} -> {self.vocab_size}, tied={self.tied}"

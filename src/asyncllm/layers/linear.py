@@ -1,29 +1,79 @@
-"""Dense linear layers, plain and merged (fused QKV, fused gate/up), loaded through ``weight_loader``.
+"""Linear layers (plain and merged: fused QKV, fused gate/up) and the linear-method seam.
 
-Every layer computes ``y = x @ weight.T + bias`` with ``weight`` ``[output_size, input_size]``. Merged
-layers stack several checkpoint matrices along the output dimension, in ``shard_ids`` order, and each
-checkpoint matrix arrives separately: ``weight_loader(param, full_tensor, shard_id)`` copies it into rows
-``offset : offset + size`` of the merged parameter (and the same rows of the bias). See
-:mod:`asyncllm.layers.weights` for the contract that sharded or quantized replacements keep.
+A linear layer owns the logical shapes (``input_size``, ``output_sizes``, one per merged shard), the bias
+and the checkpoint-loading hook. *How* the weight is stored and multiplied belongs to its
+``LinearMethod``:
+
+- ``create_weights(layer, dtype=, device=)`` registers the parameters that hold the weight on ``layer``
+  (the unquantized method: ``weight`` ``[N, K]``; a quantized one e.g. ``qweight`` / ``scales`` /
+  ``qzeros`` / ``g_idx``), each tagged with ``output_dim`` (the dimension that indexes output features, or
+  ``None`` for a tensor every shard shares) and ``output_pack`` (output features per stored element along
+  that dimension, e.g. 8 for int4 packed into int32 along N);
+- ``process_weights_after_loading(layer)`` runs once after every checkpoint tensor is in place, to repack
+  for the device's kernel (the unquantized method applies the bundle's ``prepare_weight``: K-major on CPU);
+- ``apply(layer, x, bias)`` computes ``x @ W.T + bias`` for ``x`` ``[T, K]``.
+
+Merged layers stack several checkpoint matrices along the output dimension, in ``shard_ids`` order, and
+each arrives separately: ``weight_loader(param, full_tensor, shard_id)`` copies it into the slice
+``sum(output_sizes[:i]) / output_pack`` of length ``output_sizes[i] / output_pack`` along the parameter's
+``output_dim``; a parameter without one (``None``) must be identical for every shard and is copied whole.
+This is the whole contract a quantized method keeps: name its parameters as the checkpoint does, tag them,
+and the merged QKV / gate-up shards load without the model knowing the format.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from asyncllm.kernels.bundle import LinearOp
-from asyncllm.layers.weights import ShardId, copy_checked, empty_parameter, load_unsharded
+from asyncllm.kernels.bundle import KernelOps
+from asyncllm.layers.weights import ShardId, copy_checked, empty_parameter
+
+
+class LinearMethod(Protocol):
+    """How a linear layer's weight is stored and applied (see the module docstring)."""
+
+    def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device) -> None: ...
+
+    def process_weights_after_loading(self, layer: Linear) -> None: ...
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+def tag_parameter(param: nn.Parameter, *, output_dim: int | None, output_pack: int = 1) -> nn.Parameter:
+    """Record how ``weight_loader`` slices ``param`` per merged shard (see the module docstring)."""
+    param.output_dim = output_dim  # type: ignore[attr-defined]
+    param.output_pack = output_pack  # type: ignore[attr-defined]
+    return param
+
+
+class UnquantizedLinearMethod:
+    """A dense ``weight`` ``[N, K]`` in the model dtype, multiplied by the bundle's ``linear``; after loading
+    it is stored as the bundle's ``prepare_weight`` lays it out (same values, maybe K-major)."""
+
+    def __init__(self, ops: KernelOps) -> None:
+        self.ops = ops
+
+    def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device) -> None:
+        weight = empty_parameter(layer.output_size, layer.input_size, dtype=dtype, device=device)
+        layer.weight = tag_parameter(weight, output_dim=0)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        laid_out = self.ops.prepare_weight(layer.weight.data)
+        if laid_out is not layer.weight.data:
+            layer.weight = tag_parameter(nn.Parameter(laid_out, requires_grad=False), output_dim=0)
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.ops.linear(x, layer.weight, bias)
 
 
 class Linear(nn.Module):
-    """A replicated linear layer loaded from one checkpoint tensor per parameter (``shard_id=None``).
-
-    ``matmul`` computes ``x @ weight.T + bias`` (``F.linear`` unless a kernel bundle supplies a faster one).
-    """
+    """``y = x @ W.T + bias`` over ``output_sizes`` stacked shards (one, ``shard_id=None``, for a plain
+    linear). Invariant: ``output_size == sum(output_sizes)``; shard ``i`` owns output rows
+    ``sum(output_sizes[:i]) : sum(output_sizes[:i + 1])``."""
 
     shard_ids: tuple[ShardId, ...] = (None,)
 
@@ -33,55 +83,27 @@ class Linear(nn.Module):
         output_size: int,
         *,
         bias: bool,
+        method: LinearMethod,
         dtype: torch.dtype,
         device: torch.device,
-        matmul: LinearOp = F.linear,
+        output_sizes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.matmul = matmul
-        if input_size <= 0 or output_size <= 0:
-            raise ValueError(f"input_size/output_size: must be positive, got {input_size}, {output_size}")
+        sizes = tuple(output_sizes) if output_sizes is not None else (output_size,)
+        if input_size <= 0 or not sizes or any(size <= 0 for size in sizes):
+            raise ValueError(f"input_size/output_sizes: must be positive, got {input_size}, {sizes}")
+        if sum(sizes) != output_size:
+            raise ValueError(f"output_sizes: {sizes} do not add up to output_size={output_size}")
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = empty_parameter(output_size, input_size, dtype=dtype, device=device)
+        self.output_sizes = sizes
+        self.method = method
+        method.create_weights(self, dtype=dtype, device=device)
         self.bias: nn.Parameter | None
         if bias:
-            self.bias = empty_parameter(output_size, dtype=dtype, device=device)
+            self.bias = tag_parameter(empty_parameter(output_size, dtype=dtype, device=device), output_dim=0)
         else:
             self.register_parameter("bias", None)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        load_unsharded(param, loaded, shard_id)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
-
-
-class MergedColumnLinear(Linear):
-    """Several linears over the same input, fused along the output dim: shards ``0 .. n-1`` in order.
-
-    Invariant: ``output_size == sum(output_sizes)``; shard ``i`` owns output rows
-    ``sum(output_sizes[:i]) : sum(output_sizes[:i + 1])``.
-    """
-
-    def __init__(
-        self,
-        input_size: int,
-        output_sizes: Sequence[int],
-        *,
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        matmul: LinearOp = F.linear,
-    ) -> None:
-        if not output_sizes or any(size <= 0 for size in output_sizes):
-            raise ValueError(f"output_sizes: must be a non-empty list of positive sizes, got {output_sizes}")
-        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype, device=device, matmul=matmul)
-        self.output_sizes = tuple(output_sizes)
-        self.shard_ids = tuple(range(len(output_sizes)))
 
     def shard_index(self, shard_id: ShardId) -> int:
         """Position of ``shard_id`` in ``shard_ids``; unknown ids raise ``ValueError``."""
@@ -91,9 +113,45 @@ class MergedColumnLinear(Linear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         index = self.shard_index(shard_id)
-        offset = sum(self.output_sizes[:index])
-        size = self.output_sizes[index]
-        copy_checked(param.data.narrow(0, offset, size), loaded, f"shard {shard_id!r}")
+        dim: int | None = getattr(param, "output_dim", None)
+        if dim is None:
+            copy_checked(param.data, loaded, f"shard {shard_id!r}")
+            return
+        pack: int = getattr(param, "output_pack", 1)
+        offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
+        if offset % pack or size % pack:
+            raise ValueError(f"shard {shard_id!r}: {size} outputs at {offset} are not a multiple of the packing {pack}")
+        copy_checked(param.data.narrow(dim, offset // pack, size // pack), loaded, f"shard {shard_id!r}")
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+    def extra_repr(self) -> str:
+        method = type(self.method).__name__
+        return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, method={method}"
+
+
+class MergedColumnLinear(Linear):
+    """Several linears over the same input, fused along the output dim: shards ``0 .. n-1`` in order."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        *,
+        bias: bool,
+        method: LinearMethod,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if not output_sizes or any(size <= 0 for size in output_sizes):
+            raise ValueError(f"output_sizes: must be a non-empty list of positive sizes, got {output_sizes}")
+        super().__init__(input_size, sum(output_sizes), bias=bias, method=method, dtype=dtype, device=device,
+                         output_sizes=output_sizes)
+        self.shard_ids = tuple(range(len(output_sizes)))
 
 
 class QKVLinear(MergedColumnLinear):
@@ -107,13 +165,13 @@ class QKVLinear(MergedColumnLinear):
         num_kv_heads: int,
         *,
         bias: bool,
+        method: LinearMethod,
         dtype: torch.dtype,
         device: torch.device,
-        matmul: LinearOp = F.linear,
     ) -> None:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, (q_size, kv_size, kv_size), bias=bias, dtype=dtype, device=device,
-                         matmul=matmul)
+        super().__init__(hidden_size, (q_size, kv_size, kv_size), bias=bias, method=method, dtype=dtype,
+                         device=device)
         self.shard_ids = ("q", "k", "v")
         self.head_dim = head_dim
         self.num_heads = num_heads
@@ -127,3 +185,9 @@ class QKVLinear(MergedColumnLinear):
             k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
             v.unflatten(-1, (self.num_kv_heads, self.head_dim)),
         )
+
+
+def dense_weight(layer: Linear) -> torch.Tensor | None:
+    """The layer's dense ``[N, K]`` weight when its method is exactly the unquantized one, else ``None``: what
+    a fused kernel that multiplies dense weights may read (a subclass may compute something else)."""
+    return layer.weight if type(layer.method) is UnquantizedLinearMethod else None

@@ -32,14 +32,6 @@ def empty_parameter(*shape: int, dtype: torch.dtype, device: torch.device) -> nn
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def empty_k_major_parameter(rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    """An uninitialised, frozen ``[rows, cols]`` parameter stored column-major: a transposed view of a
-    contiguous ``[cols, rows]`` tensor (``stride() == (1, rows)``). For a linear weight ``[N, K]`` that
-    is K-major storage; it loads, indexes and multiplies like any ``[N, K]`` tensor."""
-    storage = torch.empty(cols, rows, dtype=dtype, device=device)
-    return nn.Parameter(storage.t(), requires_grad=False)
-
-
 def copy_checked(dst: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     """Copy ``loaded`` into ``dst`` (casting dtype/device); a shape mismatch raises ``ValueError``."""
     if tuple(dst.shape) != tuple(loaded.shape):

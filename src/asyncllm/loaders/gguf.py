@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType
 
+from asyncllm.architectures import spec_for_gguf
 from asyncllm.loaders.checkpoint import Checkpoint
 from asyncllm.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize
 from asyncllm.loaders.gguf_file import GGUFFile, GGUFTensorInfo
 from asyncllm.loaders.gguf_rope import rope_scaling_from_metadata
 
-ARCHITECTURE = "llama"
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
 _GLOBAL_NAMES = {
@@ -114,7 +114,9 @@ def _special_ids(metadata: dict[str, Any]) -> dict[str, Any]:
 def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
     """A Hugging Face ``LlamaConfig``-style dict from a llama GGUF file's metadata and tensor list."""
     meta = gguf.metadata
-    prefix = ARCHITECTURE + "."
+    architecture = meta.get("general.architecture")
+    spec = spec_for_gguf(architecture)
+    prefix = f"{architecture}."
     hidden = _field(meta, prefix + "embedding_length", int)
     heads = _field(meta, prefix + "attention.head_count", int)
     kv_heads = _field(meta, prefix + "attention.head_count_kv", int, heads)
@@ -136,8 +138,8 @@ def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         info = gguf.tensors[ROPE_FREQS_TENSOR]
         freq_factors = dequantize(gguf.read_bytes(info), _checked_type(info), torch.float64)
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [spec.hf_architectures[0]],
+        "model_type": spec.hf_model_types[0],
         "vocab_size": _vocab_size(gguf),
         "hidden_size": hidden,
         "intermediate_size": _field(meta, prefix + "feed_forward_length", int),
@@ -195,9 +197,10 @@ def load_gguf(path: pathlib.Path) -> Checkpoint:
     """Open a llama ``.gguf`` file; other architectures, unknown tensors and unsupported storage types
     raise ``ValueError`` naming them."""
     gguf = GGUFFile(path)
-    architecture = gguf.metadata.get("general.architecture")
-    if architecture != ARCHITECTURE:
-        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: 'llama')")
+    try:
+        spec_for_gguf(gguf.metadata.get("general.architecture"))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     if int(gguf.metadata.get("split.count", 1)) > 1:
         raise ValueError(f"{path} is one part of a split GGUF model; merge the parts first "
                          "(llama-gguf-split --merge) and pass the merged file")

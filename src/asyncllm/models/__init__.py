@@ -6,10 +6,13 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
+from asyncllm.architectures import spec_named
 from asyncllm.config import ModelConfig
-from asyncllm.kernels import AttentionMetadata, KernelOps
+from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.llama import LlamaForCausalLM
+from asyncllm.quant import UNQUANTIZED, QuantizationConfig
 
 
 @runtime_checkable
@@ -17,10 +20,10 @@ class CausalLM(Protocol):
     """What the runner needs from a model.
 
     ``forward`` takes a flat varlen batch (``[T]`` int64 token ids and positions, laid out per ``meta``) and
-    the per-layer paged caches ``(k_cache, v_cache)``, each ``[num_blocks, block_size, Hk, D]``, into which
-    it writes this step's keys/values; it returns the final hidden states ``[T, H]``. ``compute_logits``
-    maps ``[N, H]`` to float32 ``[N, V]``. ``load_weights`` takes Hugging Face-named tensors and raises
-    ``ValueError`` naming any unexpected or missing parameter.
+    the per-layer paged ``KVCache``s, into which it writes this step's keys/values; it returns the final
+    hidden states ``[T, H]``. ``compute_logits`` maps ``[N, H]`` to float32 ``[N, V]``. ``load_weights``
+    takes Hugging Face-named tensors and raises ``ValueError`` naming any unexpected or missing parameter;
+    the weights then stay where they are (kernel bundles may bind their addresses).
     """
 
     config: ModelConfig
@@ -30,7 +33,7 @@ class CausalLM(Protocol):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: Sequence[KVCache],
     ) -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
@@ -38,24 +41,35 @@ class CausalLM(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
 
-_FAMILIES: dict[str, type[LlamaForCausalLM]] = {
+_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
 }
+"""Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
 
-def build_model(config: ModelConfig, ops: KernelOps, *, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Construct the model for ``config.architecture`` with uninitialised weights on ``device``.
 
-    Construction allocates with ``torch.empty`` (no random init, nothing to gain from the ``meta`` device)
-    and computes the rotary cache, so build directly on the target device; call ``load_weights`` next.
+def model_definitions() -> dict[str, type[nn.Module]]:
+    """Every model definition by name (each ``ArchitectureSpec.model`` must be one of them)."""
+    return dict(_MODELS)
+
+
+def build_model(
+    config: ModelConfig,
+    ops: KernelOps,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: QuantizationConfig = UNQUANTIZED,
+) -> CausalLM:
+    """Construct the model of ``config.architecture``'s family with uninitialised weights on ``device``.
+
+    ``quantization`` picks each linear layer's method (dense weights by default). Construction allocates
+    with ``torch.empty`` (no random init, nothing to gain from the ``meta`` device) and computes the rotary
+    cache, so build directly on the target device; call ``load_weights`` next. Unknown architectures raise
+    ``ValueError`` naming them.
     """
-    family = _FAMILIES.get(config.architecture)
-    if family is None:
-        raise ValueError(
-            f"config.architecture: unsupported {config.architecture!r}; supported: {sorted(_FAMILIES)}"
-        )
-    return family(config, ops, dtype=dtype, device=torch.device(device))
+    model_class = _MODELS[spec_named(config.architecture).model]
+    return model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization)
 
 
-__all__ = ["CausalLM", "LlamaForCausalLM", "build_model"]
+__all__ = ["CausalLM", "LlamaForCausalLM", "build_model", "model_definitions"]

@@ -1,40 +1,39 @@
 """The Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2) over a flat varlen batch and paged KV cache.
 
 Pre-norm blocks: ``h = x + attn(norm(x)); out = h + mlp(norm(h))`` with grouped-query attention, rotary
-positions, a SiLU-gated MLP and RMSNorm. Qwen2 is the same graph with a bias on q/k/v (``attention_bias``)
-and none on ``o_proj``. Sliding-window attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) is not
-applied: every token attends to its whole context, which matches those models up to the window length.
+positions, a SiLU-gated MLP and RMSNorm. Families differ only in the flags of their ``ModelConfig``
+(``qkv_bias``, ``o_proj_bias``, ``mlp_bias``, tied embeddings; see ``asyncllm.architectures``). Sliding-window
+attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) is not applied: every token attends to its whole
+context, which matches those models up to the window length.
+
+This is the one definition of the math: every faster way to run it sits in the kernel bundle. Per step the
+bundle may plan attention once (``plan_attention``), and a bundle with the ``fused_decode`` capability runs
+the layers that declare themselves fusable (``LlamaDecoderLayer.fused_weights``) as one call each in decode
+steps it accepts; every other layer, and every other step, runs the modules below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from asyncllm.config import ModelConfig
-from asyncllm.kernels import CPU_OPS, AttentionMetadata, KernelOps
+from asyncllm.kernels import AttentionMetadata, FusedLayerWeights, KernelOps, KVCache
+from asyncllm.kernels.bundle import FusedDecodeBinding, FusedDecodeStep
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.embedding import LMHead, VocabEmbedding
-from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear
+from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear, dense_weight
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
-from asyncllm.layers.weights import ShardId, WeightLoading, empty_k_major_parameter, load_unsharded
-from asyncllm.models.llama_decode import LlamaCpuDecoder, use_k_major_weights
+from asyncllm.layers.weights import ShardId
+from asyncllm.models.weight_loader import load_named_weights
+from asyncllm.quant import UNQUANTIZED, QuantizationConfig
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
-
-# Checkpoint module name -> (our merged module name, shard id).
-_STACKED: dict[str, tuple[str, ShardId]] = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-_UNSTACKED: dict[tuple[str, ShardId], str] = {merged: hf for hf, merged in _STACKED.items()}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -44,6 +43,8 @@ class LlamaAttention(nn.Module):
         config: ModelConfig,
         ops: KernelOps,
         rotary_emb: RotaryEmbedding,
+        quantization: QuantizationConfig,
+        prefix: str,
         *,
         dtype: torch.dtype,
         device: torch.device,
@@ -51,12 +52,12 @@ class LlamaAttention(nn.Module):
         super().__init__()
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.qkv_proj = QKVLinear(
-            config.hidden_size, head_dim, heads, kv_heads,
-            bias=config.attention_bias, dtype=dtype, device=device, matmul=ops.linear,
+            config.hidden_size, head_dim, heads, kv_heads, bias=config.qkv_bias,
+            method=quantization.linear_method(f"{prefix}.qkv_proj", ops), dtype=dtype, device=device,
         )
-        o_bias = config.attention_bias and config.architecture != "qwen2"
         self.o_proj = Linear(
-            heads * head_dim, config.hidden_size, bias=o_bias, dtype=dtype, device=device, matmul=ops.linear
+            heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
+            method=quantization.linear_method(f"{prefix}.o_proj", ops), dtype=dtype, device=device,
         )
         self.rotary_emb = rotary_emb
         self.attn = PagedAttention(heads, kv_heads, head_dim, ops)
@@ -72,15 +73,18 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, config: ModelConfig, ops: KernelOps, *, dtype: torch.dtype, device: torch.device
+        self, config: ModelConfig, ops: KernelOps, quantization: QuantizationConfig, prefix: str, *,
+        dtype: torch.dtype, device: torch.device,
     ) -> None:
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
-            hidden, (inter, inter), bias=config.mlp_bias, dtype=dtype, device=device, matmul=ops.linear
+            hidden, (inter, inter), bias=config.mlp_bias,
+            method=quantization.linear_method(f"{prefix}.gate_up_proj", ops), dtype=dtype, device=device,
         )
         self.down_proj = Linear(
-            inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device, matmul=ops.linear
+            inter, hidden, bias=config.mlp_bias,
+            method=quantization.linear_method(f"{prefix}.down_proj", ops), dtype=dtype, device=device,
         )
         self.act_fn = SiluAndMul(ops)
 
@@ -94,14 +98,18 @@ class LlamaDecoderLayer(nn.Module):
         config: ModelConfig,
         ops: KernelOps,
         rotary_emb: RotaryEmbedding,
+        quantization: QuantizationConfig,
+        prefix: str,
         *,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, ops, rotary_emb, dtype=dtype, device=device)
-        self.mlp = LlamaMLP(config, ops, dtype=dtype, device=device)
+        self.self_attn = LlamaAttention(
+            config, ops, rotary_emb, quantization, f"{prefix}.self_attn", dtype=dtype, device=device
+        )
+        self.mlp = LlamaMLP(config, ops, quantization, f"{prefix}.mlp", dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype=dtype, device=device)
 
@@ -123,26 +131,53 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def fused_weights(self) -> FusedLayerWeights | None:
+        """This layer as a fused decode kernel reads it, or ``None`` when it computes anything the fused layer
+        does not: a module beyond the standard ones (e.g. q/k norms), a non-dense (quantized) linear,
+        partial rotary, another activation, or two different norm epsilons."""
+        attn, mlp = self.self_attn, self.mlp
+        standard = (self, attn, mlp, self.input_layernorm, self.post_attention_layernorm, attn.qkv_proj,
+                    attn.o_proj, attn.rotary_emb, attn.attn, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn)
+        known = {id(module) for module in standard}
+        if any(id(module) not in known for module in self.modules()):
+            return None
+        qkv, o, gate_up, down = (dense_weight(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        if qkv is None or o is None or gate_up is None or down is None:
+            return None
+        if type(mlp.act_fn) is not SiluAndMul or attn.rotary_emb.cos_sin_cache.shape[-1] != attn.qkv_proj.head_dim:
+            return None
+        if self.input_layernorm.eps != self.post_attention_layernorm.eps:
+            return None
+        return FusedLayerWeights(
+            input_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
+            eps=self.input_layernorm.eps, qkv=qkv, qkv_bias=attn.qkv_proj.bias, o=o, o_bias=attn.o_proj.bias,
+            gate_up=gate_up, gate_up_bias=mlp.gate_up_proj.bias, down=down, down_bias=mlp.down_proj.bias,
+            num_heads=attn.qkv_proj.num_heads, num_kv_heads=attn.qkv_proj.num_kv_heads,
+            head_dim=attn.qkv_proj.head_dim, scale=attn.attn.scale,
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, config: ModelConfig, ops: KernelOps, *, dtype: torch.dtype, device: torch.device
+        self, config: ModelConfig, ops: KernelOps, quantization: QuantizationConfig, *,
+        dtype: torch.dtype, device: torch.device,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.ops = ops
+        self.num_heads = config.num_attention_heads
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(
-            config.head_dim,
-            config.rope_theta,
-            config.max_position_embeddings,
-            config.rope_scaling,
-            ops,
+            config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
             device=device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, self.rotary_emb, dtype=dtype, device=device)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, ops, self.rotary_emb, quantization, f"model.layers.{i}", dtype=dtype,
+                              device=device)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype=dtype, device=device)
+        self._fused: FusedDecodeBinding | None = None
+        self._fused_bound = False
 
     def forward(
         self,
@@ -151,48 +186,75 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         kv_caches: Sequence[KVCache],
     ) -> torch.Tensor:
+        meta = self.ops.plan_attention(meta, kv_caches[0], self.num_heads)
+        fused = self._fused_step(positions, meta, kv_caches[0]) if meta.is_decode_only else None
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, meta, kv_cache)
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if fused is not None and fused.covers(index):
+                stream = hidden if residual is None else hidden.add_(residual)
+                fused.run(index, stream, kv_cache)
+                hidden, residual = stream, None
+            else:
+                hidden, residual = layer(positions, hidden, residual, meta, kv_cache)
         if residual is None:
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _fused_step(
+        self, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+    ) -> FusedDecodeStep | None:
+        """The bundle's fused decode state for this step, binding the fusable layers at the first decode
+        step (after the weights are loaded and laid out)."""
+        if self.ops.fused_decode is None:
+            return None
+        if not self._fused_bound:
+            self._fused_bound = True
+            self._fused = self.ops.fused_decode.bind([layer.fused_weights() for layer in self.layers])
+        if self._fused is None:
+            return None
+        return self._fused.begin(positions, self.rotary_emb.cos_sin_cache, meta, cache)
 
 
 class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM: ``forward`` -> final hidden states, ``compute_logits`` -> float32 logits.
 
     Parameters are created uninitialised on ``device`` in ``dtype`` and must be filled by ``load_weights``
-    (Hugging Face parameter names) before use. ``max_positions`` is the length of the rotary cache: every
-    position passed to ``forward`` must be below it.
+    (Hugging Face parameter names) before use; weights are loaded once and never moved afterwards (kernel
+    bundles may bind their addresses). ``max_positions`` is the length of the rotary cache: every position
+    passed to ``forward`` must be below it.
     """
 
+    packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = MappingProxyType({
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    })
+
     def __init__(
-        self, config: ModelConfig, ops: KernelOps, *, dtype: torch.dtype, device: torch.device
+        self,
+        config: ModelConfig,
+        ops: KernelOps,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantization: QuantizationConfig = UNQUANTIZED,
     ) -> None:
         super().__init__()
-        if config.architecture not in ("llama", "qwen2"):
-            raise ValueError(f"config.architecture: expected 'llama' or 'qwen2', got {config.architecture!r}")
+        if config.qk_norm or config.hidden_act != "silu" or config.norm != "rms":
+            raise ValueError(
+                f"config: the llama model definition has no q/k norm, {config.hidden_act!r} activation or "
+                f"{config.norm!r} norm (architecture {config.architecture!r})"
+            )
         self.config = config
         self.ops = ops
-        self.model = LlamaModel(config, ops, dtype=dtype, device=device)
-        # The flat CPU decode loop: built at the first step that needs it (after the weights are loaded in
-        # place). Its split GEMVs want K-major weights, laid out here before the head ties to the embedding.
-        self._cpu_decode_enabled = ops is CPU_OPS and torch.device(device).type == "cpu"
-        k_major = self._cpu_decode_enabled and dtype == torch.float32
-        if k_major:
-            use_k_major_weights(self.model)
+        self.model = LlamaModel(config, ops, quantization, dtype=dtype, device=device)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(
-            config.vocab_size, config.hidden_size, tied_to=tied_to, dtype=dtype, device=device, matmul=ops.linear
-        )
-        if k_major and tied_to is None:
-            self.lm_head.weight = empty_k_major_parameter(
-                config.vocab_size, config.hidden_size, dtype=dtype, device=device
-            )
-        self._cpu_decoder: LlamaCpuDecoder | None = None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
+                              device=device)
 
     @property
     def max_positions(self) -> int:
@@ -207,8 +269,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """``input_ids``/``positions`` ``[T]`` int64 (flat varlen batch laid out per ``meta``) -> ``[T, H]``.
 
-        ``kv_caches[i]`` is layer ``i``'s ``(k_cache, v_cache)``; this step's keys and values are written
-        into them at ``meta.slot_mapping``.
+        ``kv_caches[i]`` is layer ``i``'s ``KVCache``; this step's keys and values are written into it at
+        ``meta.slot_mapping``.
         """
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids: expected a 1-D [T] tensor, got shape {tuple(input_ids.shape)}")
@@ -221,103 +283,28 @@ class LlamaForCausalLM(nn.Module):
                 f"meta.slot_mapping: has {meta.slot_mapping.shape[0]} entries for {input_ids.shape[0]} tokens"
             )
         if len(kv_caches) != self.config.num_hidden_layers:
-            raise ValueError(
-                f"kv_caches: expected {self.config.num_hidden_layers} (k, v) pairs, got {len(kv_caches)}"
-            )
-        decoder = self._decoder() if meta.is_decode_only else None
-        if decoder is not None and decoder.accepts(input_ids, meta, kv_caches):
-            return decoder.forward(input_ids, positions, meta, kv_caches)
+            raise ValueError(f"kv_caches: expected {self.config.num_hidden_layers} caches, got {len(kv_caches)}")
         return self.model(input_ids, positions, meta, kv_caches)
-
-    def _decoder(self) -> LlamaCpuDecoder | None:
-        """The flat decode loop when this model runs the CPU kernel bundle on CPU and fits it, else None."""
-        if not self._cpu_decode_enabled:
-            return None
-        if self._cpu_decoder is None:
-            if not LlamaCpuDecoder.supports(self.model, self.lm_head):
-                self._cpu_decode_enabled = False
-                return None
-            self._cpu_decoder = LlamaCpuDecoder(self.model, self.lm_head)
-        return self._cpu_decoder
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` hidden states -> ``[N, V]`` float32 logits."""
         if hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden: last dim must be {self.config.hidden_size}, got {hidden.shape[-1]}")
-        decoder = self._decoder() if hidden.device.type == "cpu" and hidden.dim() == 2 else None
-        if decoder is not None:
-            return decoder.logits(hidden)
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill every parameter from Hugging Face-named tensors through its module's ``weight_loader``.
+        """Fill every parameter from Hugging Face-named tensors (``models.weight_loader``), then lay them out.
 
         ``q/k/v_proj`` and ``gate/up_proj`` load as shards of the merged ``qkv_proj`` / ``gate_up_proj``;
         ``*.rotary_emb.inv_freq`` is skipped; with tied embeddings ``lm_head.weight`` may be absent and,
-        if present, is ignored (the embedding is the tied tensor, as in Hugging Face). After consuming
-        ``weights``, raises ``ValueError`` listing every unexpected name and every missing one (in
-        checkpoint names); a tensor of the wrong shape raises ``ValueError`` naming it.
+        if present, is ignored (the embedding is the tied tensor, as in Hugging Face). Unexpected or
+        missing names and wrong shapes raise ``ValueError`` naming them.
         """
-        owners = self._parameter_owners()
-        loaded: set[tuple[str, ShardId]] = set()
-        unexpected: list[str] = []
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES) or (self.lm_head.tied and name == "lm_head.weight"):
-                continue
-            target, shard_id = _to_param_name(name)
-            owner = owners.get(target)
-            if owner is None:
-                unexpected.append(name)
-                continue
-            module, param = owner
-            try:
-                if isinstance(module, WeightLoading):
-                    module.weight_loader(param, tensor, shard_id)
-                else:
-                    load_unsharded(param, tensor, shard_id)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from exc
-            loaded.add((target, shard_id))
-        missing = [
-            _to_checkpoint_name(target, shard_id)
-            for target, (module, _) in owners.items()
-            for shard_id in (module.shard_ids if isinstance(module, WeightLoading) else (None,))
-            if (target, shard_id) not in loaded
-        ]
-        if unexpected or missing:
-            raise ValueError(
-                f"load_weights: unexpected parameters {sorted(unexpected)}; "
-                f"missing parameters {sorted(missing)}"
-            )
+        tied = self.lm_head.tied
 
-    def _parameter_owners(self) -> dict[str, tuple[nn.Module, nn.Parameter]]:
-        """Each distinct parameter's full name -> (owning module, parameter); a tied tensor appears once."""
-        owners: dict[str, tuple[nn.Module, nn.Parameter]] = {}
-        seen: set[int] = set()
-        for module_name, module in self.named_modules():
-            for param_name, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                owners[f"{module_name}.{param_name}" if module_name else param_name] = (module, param)
-        return owners
+        def skip(name: str) -> bool:
+            return name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight")
 
-
-def _to_param_name(checkpoint_name: str) -> tuple[str, ShardId]:
-    parts = checkpoint_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        stacked = _STACKED.get(part)
-        if stacked is not None:
-            parts[i] = stacked[0]
-            return ".".join(parts), stacked[1]
-    return checkpoint_name, None
-
-
-def _to_checkpoint_name(param_name: str, shard_id: ShardId) -> str:
-    parts = param_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        original = _UNSTACKED.get((part, shard_id))
-        if original is not None:
-            parts[i] = original
-            return ".".join(parts)
-    return param_name
+        load_named_weights(self, weights, self.packed_modules, skip=skip)
+        if tied:
+            self.lm_head.tie_to(self.model.embed_tokens)

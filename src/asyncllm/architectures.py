@@ -1,0 +1,121 @@
+"""The architecture registry: every model family asyncllm serves, in one table.
+
+Each ``ArchitectureSpec`` names a family, the Hugging Face ``architectures`` / ``model_type`` values and the
+GGUF ``general.architecture`` values that map to it, which model definition runs it (``model``, a key of
+``asyncllm.models``), and the flags in which families sharing a definition differ. ``ModelConfig`` copies
+the flags in (``ModelConfig.from_hf_config``), so model code reads them from its config, never from the
+family's name.
+
+Adding a family that differs from an existing one only in flags is one entry here (plus tests against
+its reference implementation); a family needing new layers also adds a model definition under
+``models/`` and names it in ``model``. This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+NormKind = Literal["rms"]
+ActivationKind = Literal["silu"]
+RopeKind = Literal["neox"]
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """One family. Flags left ``None`` are read from ``config.json``:
+
+    - ``qkv_bias`` / ``o_proj_bias``: a bias on the fused q/k/v projection / on the output projection
+      (``None``: ``attention_bias``, as Llama and Mistral read it for both);
+    - ``qk_norm``: an RMSNorm over each head of q and k before rotary (Qwen3-style);
+    - ``tie_word_embeddings``: the LM head shares the embedding (``None``: ``tie_word_embeddings``);
+    - ``norm`` / ``activation``: the normalisation and the gated MLP's activation;
+    - ``rope``: how rotary pairs dimensions (``"neox"``: rotate-half, the HF layout).
+    """
+
+    name: str
+    model: str
+    hf_architectures: tuple[str, ...]
+    hf_model_types: tuple[str, ...]
+    gguf_architectures: tuple[str, ...] = ()
+    qkv_bias: bool | None = None
+    o_proj_bias: bool | None = None
+    qk_norm: bool = False
+    tie_word_embeddings: bool | None = None
+    norm: NormKind = "rms"
+    activation: ActivationKind = "silu"
+    rope: RopeKind = "neox"
+
+
+ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    ArchitectureSpec(
+        name="llama", model="llama", hf_architectures=("LlamaForCausalLM",), hf_model_types=("llama",),
+        gguf_architectures=("llama",),
+    ),
+    ArchitectureSpec(
+        name="mistral", model="llama", hf_architectures=("MistralForCausalLM",), hf_model_types=("mistral",),
+    ),
+    ArchitectureSpec(
+        name="qwen2", model="llama", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",),
+        qkv_bias=True, o_proj_bias=False,
+    ),
+)
+
+
+def _index(key: str) -> dict[str, ArchitectureSpec]:
+    table: dict[str, ArchitectureSpec] = {}
+    for spec in ARCHITECTURES:
+        for value in getattr(spec, key):
+            if value in table:
+                raise ValueError(f"{key}: {value!r} maps to both {table[value].name!r} and {spec.name!r}")
+            table[value] = spec
+    return table
+
+
+_BY_NAME = {spec.name: spec for spec in ARCHITECTURES}
+_BY_HF_ARCHITECTURE = _index("hf_architectures")
+_BY_HF_MODEL_TYPE = _index("hf_model_types")
+_BY_GGUF = _index("gguf_architectures")
+
+
+def supported_hf_architectures() -> list[str]:
+    return sorted(_BY_HF_ARCHITECTURE)
+
+
+def supported_gguf_architectures() -> list[str]:
+    return sorted(_BY_GGUF)
+
+
+def spec_named(name: str) -> ArchitectureSpec:
+    """The family called ``name`` (``ModelConfig.architecture``); unknown names raise ``ValueError``."""
+    spec = _BY_NAME.get(name)
+    if spec is None:
+        raise ValueError(f"architecture: unsupported {name!r}; supported: {sorted(_BY_NAME)}")
+    return spec
+
+
+def spec_for_hf_config(hf: Mapping[str, Any]) -> ArchitectureSpec:
+    """The family of a ``config.json`` dict: its first known ``architectures`` entry, else its ``model_type``;
+    neither known raises ``ValueError`` naming them and what is supported."""
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        spec = _BY_HF_ARCHITECTURE.get(arch)
+        if spec is not None:
+            return spec
+    spec = _BY_HF_MODEL_TYPE.get(str(hf.get("model_type")))
+    if spec is not None:
+        return spec
+    raise ValueError(
+        f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {supported_hf_architectures()}"
+    )
+
+
+def spec_for_gguf(architecture: object) -> ArchitectureSpec:
+    """The family of a GGUF file's ``general.architecture``; unknown values raise ``ValueError``."""
+    spec = _BY_GGUF.get(str(architecture))
+    if spec is None:
+        raise ValueError(
+            f"GGUF architecture {architecture!r} is not supported (supported: {supported_gguf_architectures()})"
+        )
+    return spec
