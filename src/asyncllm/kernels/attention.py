@@ -58,24 +58,33 @@ def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.transpose(0, 1).to(q.dtype)
 
 
+def gather_padded_contexts(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sequence's whole blocks up to the longest context: keys and values ``[B, Hk, P, D]`` (``P``
+    the padded length) and ``valid`` ``[B, P]``, true where the slot holds one of the sequence's tokens."""
+    batch = meta.block_tables.shape[0]
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    num_blocks = -(-meta.max_seq_len // block_size)
+    padded = num_blocks * block_size
+    flat = meta.block_tables[:, :num_blocks].reshape(-1).long()
+    keys = k_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
+    valid = torch.arange(padded, device=k_cache.device)[None, :] < meta.seq_lens[:, None].to(k_cache.device)
+    return keys, values, valid
+
+
 def _decode_batched(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """One query per sequence: gather every context padded to the longest, mask the padding."""
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = num_heads // num_kv_heads
-    num_blocks = -(-meta.max_seq_len // block_size)
-    tables = meta.block_tables[:, :num_blocks].long()
-    padded = num_blocks * block_size
-    valid = torch.arange(padded, device=q.device)[None, :] < meta.seq_lens[:, None].to(q.device)
-    keys = k_cache[tables].reshape(batch, padded, num_kv_heads, head_dim)
-    values = v_cache[tables].reshape(batch, padded, num_kv_heads, head_dim)
+    keys, values, valid = gather_padded_contexts(k_cache, v_cache, meta)
     # padding slots may hold anything (even NaN); zero them so masked weights multiply finite values
-    invalid = ~valid[:, :, None, None]
-    keys = keys.masked_fill_(invalid, 0).transpose(1, 2).float()
-    values = values.masked_fill_(invalid, 0).transpose(1, 2).float()
-    mask = valid[:, None, None, :]
-    queries = q.reshape(batch, num_kv_heads, groups, head_dim).float()
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    invalid = ~valid[:, None, :, None]
+    keys = keys.masked_fill(invalid, 0).float()
+    values = values.masked_fill(invalid, 0).float()
+    # the query heads sharing a KV head are that head's query rows: GQA without repeating K/V
+    queries = q.reshape(batch, keys.shape[1], -1, head_dim).float()
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)

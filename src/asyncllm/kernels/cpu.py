@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from asyncllm.kernels.attention import gather_padded_contexts
 from asyncllm.kernels.bundle import KernelOps, no_attention_plan, on_cache
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.metadata import AttentionMetadata
@@ -170,19 +171,12 @@ def paged_attention_cpu(
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Batched decode: one gather of whole blocks per sequence; padding is masked (weight exactly 0)."""
+    """Batched decode: one gather of whole blocks per sequence; padding is masked (weight exactly 0), and
+    every slot is finite (the runner's guarantee), so it needs no clearing."""
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = num_heads // num_kv_heads
-    num_blocks = -(-meta.max_seq_len // block_size)
-    padded = num_blocks * block_size
-    flat = meta.block_tables[:, :num_blocks].reshape(-1).long()
-    keys = k_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
-    # the query heads sharing a KV head are that head's query rows: GQA without repeating K/V
-    queries = q.view(batch, num_kv_heads, groups, head_dim)
-    valid = (torch.arange(padded)[None, :] < meta.seq_lens[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid, scale=scale)
+    keys, values, valid = gather_padded_contexts(k_cache, v_cache, meta)
+    queries = q.view(batch, keys.shape[1], -1, head_dim)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(batch, num_heads, head_dim)
 
 

@@ -80,14 +80,6 @@ class KVCache:
         return int(self.key.shape[1])
 
     @property
-    def num_kv_heads(self) -> int:
-        return int(self.key.shape[2])
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.key.shape[3])
-
-    @property
     def dtype(self) -> torch.dtype:
         """The storage dtype."""
         return self.key.dtype

@@ -15,6 +15,7 @@ steps it accepts; every other layer, and every other step, runs the modules belo
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -37,30 +38,39 @@ from asyncllm.quant import UNQUANTIZED, QuantizationConfig
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+@dataclass(frozen=True)
+class _Build:
+    """What every module of one model is built with."""
+
+    config: ModelConfig
+    ops: KernelOps
+    quantization: QuantizationConfig
+    dtype: torch.dtype
+    device: torch.device
+
+    def linear(self, input_size: int, output_size: int, *, bias: bool, prefix: str) -> Linear:
+        method = self.quantization.linear_method(prefix, self.ops)
+        return Linear(input_size, output_size, bias=bias, method=method, dtype=self.dtype, device=self.device)
+
+    def norm(self) -> RMSNorm:
+        config = self.config
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, self.ops, dtype=self.dtype, device=self.device)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        ops: KernelOps,
-        rotary_emb: RotaryEmbedding,
-        quantization: QuantizationConfig,
-        prefix: str,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
+        config = build.config
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.qkv_proj = QKVLinear(
             config.hidden_size, head_dim, heads, kv_heads, bias=config.qkv_bias,
-            method=quantization.linear_method(f"{prefix}.qkv_proj", ops), dtype=dtype, device=device,
+            method=build.quantization.linear_method(f"{prefix}.qkv_proj", build.ops), dtype=build.dtype,
+            device=build.device,
         )
-        self.o_proj = Linear(
-            heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
-            method=quantization.linear_method(f"{prefix}.o_proj", ops), dtype=dtype, device=device,
-        )
+        self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
+                                   prefix=f"{prefix}.o_proj")
         self.rotary_emb = rotary_emb
-        self.attn = PagedAttention(heads, kv_heads, head_dim, ops)
+        self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
@@ -72,46 +82,29 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(
-        self, config: ModelConfig, ops: KernelOps, quantization: QuantizationConfig, prefix: str, *,
-        dtype: torch.dtype, device: torch.device,
-    ) -> None:
+    def __init__(self, build: _Build, prefix: str) -> None:
         super().__init__()
+        config = build.config
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
             hidden, (inter, inter), bias=config.mlp_bias,
-            method=quantization.linear_method(f"{prefix}.gate_up_proj", ops), dtype=dtype, device=device,
+            method=build.quantization.linear_method(f"{prefix}.gate_up_proj", build.ops), dtype=build.dtype,
+            device=build.device,
         )
-        self.down_proj = Linear(
-            inter, hidden, bias=config.mlp_bias,
-            method=quantization.linear_method(f"{prefix}.down_proj", ops), dtype=dtype, device=device,
-        )
-        self.act_fn = SiluAndMul(ops)
+        self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul(build.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        ops: KernelOps,
-        rotary_emb: RotaryEmbedding,
-        quantization: QuantizationConfig,
-        prefix: str,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
-        eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(
-            config, ops, rotary_emb, quantization, f"{prefix}.self_attn", dtype=dtype, device=device
-        )
-        self.mlp = LlamaMLP(config, ops, quantization, f"{prefix}.mlp", dtype=dtype, device=device)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype=dtype, device=device)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype=dtype, device=device)
+        self.self_attn = LlamaAttention(build, rotary_emb, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(build, f"{prefix}.mlp")
+        self.input_layernorm = build.norm()
+        self.post_attention_layernorm = build.norm()
 
     def forward(
         self,
@@ -158,24 +151,21 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self, config: ModelConfig, ops: KernelOps, quantization: QuantizationConfig, *,
-        dtype: torch.dtype, device: torch.device,
-    ) -> None:
+    def __init__(self, build: _Build) -> None:
         super().__init__()
+        config, ops = build.config, build.ops
         self.ops = ops
         self.num_heads = config.num_attention_heads
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=dtype, device=device)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=build.dtype,
+                                           device=build.device)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
-            device=device,
+            device=build.device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, self.rotary_emb, quantization, f"model.layers.{i}", dtype=dtype,
-                              device=device)
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(build, self.rotary_emb, f"model.layers.{i}") for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype=dtype, device=device)
+        self.norm = build.norm()
         self._fused: FusedDecodeBinding | None = None
         self._fused_bound = False
 
@@ -251,7 +241,7 @@ class LlamaForCausalLM(nn.Module):
             )
         self.config = config
         self.ops = ops
-        self.model = LlamaModel(config, ops, quantization, dtype=dtype, device=device)
+        self.model = LlamaModel(_Build(config, ops, quantization, dtype, torch.device(device)))
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
                               device=device)
