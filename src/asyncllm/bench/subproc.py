@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,22 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_child(task: str, spec: dict[str, Any], *, timeout_s: float) -> ChildOutcome:
+def run_child(task: str, spec: dict[str, Any], *, timeout_s: float, source: str | None = None,
+              env: Mapping[str, str] | None = None) -> ChildOutcome:
     """Run ``task`` with ``spec`` (the JSON-able job) in a new interpreter; never raises for a failed
-    child, which comes back as an outcome with ``error`` set."""
+    child, which comes back as an outcome with ``error`` set.
+
+    ``source`` replaces the child program (default: ``child.py``; any program taking the same
+    ``JOB_JSON RESULT_JSON`` arguments); ``env`` entries are set on top of the child's environment (for
+    example ``PYTHONPATH``, to choose which source tree ``import asyncllm`` loads).
+    """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: must be positive, got {timeout_s}")
-    source = _CHILD_SOURCE.read_text()
+    if source is None:
+        source = _CHILD_SOURCE.read_text()
+    child_env = _child_env()
+    if env:
+        child_env.update(env)
     with tempfile.TemporaryDirectory(prefix="asyncllm-bench-") as tmp:
         job_path = Path(tmp) / "job.json"
         result_path = Path(tmp) / "result.json"
@@ -62,7 +73,7 @@ def run_child(task: str, spec: dict[str, Any], *, timeout_s: float) -> ChildOutc
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", source, str(job_path), str(result_path)],
-                cwd=tmp, env=_child_env(), capture_output=True, text=True, timeout=timeout_s, check=False,
+                cwd=tmp, env=child_env, capture_output=True, text=True, timeout=timeout_s, check=False,
             )
         except subprocess.TimeoutExpired:
             return ChildOutcome(task, time.perf_counter() - start, None, f"timed out after {timeout_s:.0f} s")
