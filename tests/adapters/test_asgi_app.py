@@ -19,6 +19,7 @@ pytest.importorskip("httpx")
 from asyncllm import AsyncEngine
 from asyncllm.adapters.asgi import create_app
 
+from ..core._tokenizers import word_piece_only_bias
 from ._support import GREEDY, asgi_client, async_wait_until, parse_prometheus, parse_sse
 
 KEY = "sk-test-key"
@@ -298,7 +299,9 @@ async def test_session_turns_reuse_kv_and_match_stateless_generation(
     system = {"role": "system", "content": "You are terse."}
     first_user = {"role": "user", "content": "Name a river."}
     second_user = {"role": "user", "content": "How long is it?"}
-    params = {"max_tokens": 8, "temperature": 0.0}
+    # replies the re-rendered transcript repeats token for token (see ``word_piece_only_bias``)
+    bias = word_piece_only_bias(served.tokenizer)
+    params = {"max_tokens": 8, "temperature": 0.0, "logit_bias": {str(t): b for t, b in bias.items()}}
     async with asgi_client(create_app(served)) as client:
         url = "/v1/chat/completions"
         r1 = await client.post(url, json={"session_id": "conv-1", "messages": [system, first_user], **params})
@@ -312,7 +315,7 @@ async def test_session_turns_reuse_kv_and_match_stateless_generation(
         assert usage2["prompt_tokens_details"]["cached_tokens"] >= usage1["prompt_tokens"] + usage1[
             "completion_tokens"] - 1
         transcript = [system, first_user, {"role": "assistant", "content": reply1}, second_user]
-        expected = await reference.generate(transcript, **params)
+        expected = await reference.generate(transcript, **{**params, "logit_bias": bias})
         assert body["choices"][0]["message"]["content"] == expected.text
         assert usage2["prompt_tokens"] == expected.usage.prompt_tokens
 
@@ -324,7 +327,7 @@ async def test_session_turns_reuse_kv_and_match_stateless_generation(
         events = parse_sse(r3.text)
         streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
         transcript += [{"role": "assistant", "content": reply2}, third_user]
-        expected = await reference.generate(transcript, **params)
+        expected = await reference.generate(transcript, **{**params, "logit_bias": bias})
         assert streamed == expected.text
         assert events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] >= usage2["prompt_tokens"]
 
