@@ -20,7 +20,7 @@ from asyncllm import AsyncEngine
 from asyncllm.adapters.asgi import create_app
 
 from ..core._tokenizers import word_piece_only_bias
-from ._support import GREEDY, asgi_client, async_wait_until, parse_prometheus, parse_sse
+from ._support import GREEDY, ManualClock, asgi_client, async_wait_until, parse_prometheus, parse_sse
 
 KEY = "sk-test-key"
 USER = [{"role": "user", "content": "Name three rivers."}]
@@ -259,8 +259,8 @@ async def test_engine_closing_mid_stream_sends_an_error_event(make_tiny_engine: 
     async with asgi_client(create_app(engine)) as client:
         request = asyncio.ensure_future(client.post("/v1/completions", json={
             "prompt": "Once upon a time", "max_tokens": 2000, "stream": True, **GREEDY}))
-        await async_wait_until(lambda: engine.stats().running == 1)
-        await asyncio.sleep(0.05)
+        # a second KV block in use: past the prompt and a dozen streamed tokens
+        await async_wait_until(lambda: engine.stats().running == 1 and engine.stats().kv_blocks_used >= 2)
         await engine.aclose()
         r = await request
     events = parse_sse(r.text)
@@ -371,7 +371,8 @@ async def test_busy_session_is_409_and_disconnect_frees_it(make_tiny_engine: Any
 
 async def test_session_idle_timeout_cap_and_key_scoping(make_tiny_engine: Any) -> None:
     engine = make_tiny_engine()
-    app = create_app(engine, api_keys=["sk-a", "sk-b"], max_sessions=2, session_idle_timeout=1.0)
+    clock = ManualClock()
+    app = create_app(engine, api_keys=["sk-a", "sk-b"], max_sessions=2, session_idle_timeout=1.0, clock=clock)
     turn = {"messages": USER, "max_tokens": 2, **GREEDY}
     url = "/v1/chat/completions"
     try:
@@ -389,8 +390,11 @@ async def test_session_idle_timeout_cap_and_key_scoping(make_tiny_engine: Any) -
             await async_wait_until(
                 lambda: engine.stats().sessions_pinned == 2 and engine.stats().running == 0)
 
-            await asyncio.sleep(1.05)
+            clock.advance(0.75)
             assert (await a.get("/health")).status_code == 200  # any request sweeps idle sessions
+            assert len(app.state.server.sessions) == 2
+            clock.advance(0.25)  # idle for exactly session_idle_timeout
+            assert (await a.get("/health")).status_code == 200
             assert len(app.state.server.sessions) == 0
             await async_wait_until(lambda: engine.stats().kv_blocks_used == 0)
             r = await a.post(url, json={"session_id": "two", **turn})
