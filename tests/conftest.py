@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 GGUF (fetched by .ci/run) and a tiny random Llama for engine tests."""
+"""Shared fixtures: the real SmolLM2 GGUF (fetched by .ci/run) for the tests marked ``slow``, and a tiny
+random Llama with an in-memory tokenizer for the engine and server tests, which need no download."""
 
 from __future__ import annotations
 
@@ -62,9 +63,17 @@ def tiny_llama_state(vocab_size: int, *, seed: int = 0, **overrides: Any) -> tup
 
 
 @pytest.fixture(scope="session")
-def tiny_model_parts(smollm2_tokenizer: Any) -> tuple[Any, dict[str, Any], dict]:
-    hf_config, state = tiny_llama_state(smollm2_tokenizer.vocab_size)
-    return smollm2_tokenizer, hf_config, state
+def chat_tokenizer() -> Any:
+    """A small Llama-2-style tokenizer with a ChatML template, trained in memory (see ``_tokenizers``)."""
+    from .core._tokenizers import build_chat_tokenizer
+
+    return build_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_parts(chat_tokenizer: Any) -> tuple[Any, dict[str, Any], dict]:
+    hf_config, state = tiny_llama_state(chat_tokenizer.vocab_size)
+    return chat_tokenizer, hf_config, state
 
 
 @pytest.fixture

@@ -54,6 +54,21 @@ def running_server(app: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn did not shut down")
 
 
+class ManualClock:
+    """A monotonic clock that moves only when told to: pass it as ``create_app(..., clock=...)``."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a monotonic clock does not go back")
+        self.now += seconds
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> float:
     """Poll ``predicate`` until true; return the seconds it took; ``TimeoutError`` after ``timeout``."""
     start = time.monotonic()

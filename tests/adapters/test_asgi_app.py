@@ -19,7 +19,8 @@ pytest.importorskip("httpx")
 from asyncllm import AsyncEngine
 from asyncllm.adapters.asgi import create_app
 
-from ._support import GREEDY, asgi_client, async_wait_until, parse_prometheus, parse_sse
+from ..core._tokenizers import word_piece_only_bias
+from ._support import GREEDY, ManualClock, asgi_client, async_wait_until, parse_prometheus, parse_sse
 
 KEY = "sk-test-key"
 USER = [{"role": "user", "content": "Name three rivers."}]
@@ -258,8 +259,8 @@ async def test_engine_closing_mid_stream_sends_an_error_event(make_tiny_engine: 
     async with asgi_client(create_app(engine)) as client:
         request = asyncio.ensure_future(client.post("/v1/completions", json={
             "prompt": "Once upon a time", "max_tokens": 2000, "stream": True, **GREEDY}))
-        await async_wait_until(lambda: engine.stats().running == 1)
-        await asyncio.sleep(0.05)
+        # a second KV block in use: past the prompt and a dozen streamed tokens
+        await async_wait_until(lambda: engine.stats().running == 1 and engine.stats().kv_blocks_used >= 2)
         await engine.aclose()
         r = await request
     events = parse_sse(r.text)
@@ -298,7 +299,9 @@ async def test_session_turns_reuse_kv_and_match_stateless_generation(
     system = {"role": "system", "content": "You are terse."}
     first_user = {"role": "user", "content": "Name a river."}
     second_user = {"role": "user", "content": "How long is it?"}
-    params = {"max_tokens": 8, "temperature": 0.0}
+    # replies the re-rendered transcript repeats token for token (see ``word_piece_only_bias``)
+    bias = word_piece_only_bias(served.tokenizer)
+    params = {"max_tokens": 8, "temperature": 0.0, "logit_bias": {str(t): b for t, b in bias.items()}}
     async with asgi_client(create_app(served)) as client:
         url = "/v1/chat/completions"
         r1 = await client.post(url, json={"session_id": "conv-1", "messages": [system, first_user], **params})
@@ -312,7 +315,7 @@ async def test_session_turns_reuse_kv_and_match_stateless_generation(
         assert usage2["prompt_tokens_details"]["cached_tokens"] >= usage1["prompt_tokens"] + usage1[
             "completion_tokens"] - 1
         transcript = [system, first_user, {"role": "assistant", "content": reply1}, second_user]
-        expected = await reference.generate(transcript, **params)
+        expected = await reference.generate(transcript, **{**params, "logit_bias": bias})
         assert body["choices"][0]["message"]["content"] == expected.text
         assert usage2["prompt_tokens"] == expected.usage.prompt_tokens
 
@@ -324,7 +327,7 @@ async def test_session_turns_reuse_kv_and_match_stateless_generation(
         events = parse_sse(r3.text)
         streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
         transcript += [{"role": "assistant", "content": reply2}, third_user]
-        expected = await reference.generate(transcript, **params)
+        expected = await reference.generate(transcript, **{**params, "logit_bias": bias})
         assert streamed == expected.text
         assert events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] >= usage2["prompt_tokens"]
 
@@ -368,7 +371,8 @@ async def test_busy_session_is_409_and_disconnect_frees_it(make_tiny_engine: Any
 
 async def test_session_idle_timeout_cap_and_key_scoping(make_tiny_engine: Any) -> None:
     engine = make_tiny_engine()
-    app = create_app(engine, api_keys=["sk-a", "sk-b"], max_sessions=2, session_idle_timeout=1.0)
+    clock = ManualClock()
+    app = create_app(engine, api_keys=["sk-a", "sk-b"], max_sessions=2, session_idle_timeout=1.0, clock=clock)
     turn = {"messages": USER, "max_tokens": 2, **GREEDY}
     url = "/v1/chat/completions"
     try:
@@ -386,8 +390,11 @@ async def test_session_idle_timeout_cap_and_key_scoping(make_tiny_engine: Any) -
             await async_wait_until(
                 lambda: engine.stats().sessions_pinned == 2 and engine.stats().running == 0)
 
-            await asyncio.sleep(1.05)
+            clock.advance(0.75)
             assert (await a.get("/health")).status_code == 200  # any request sweeps idle sessions
+            assert len(app.state.server.sessions) == 2
+            clock.advance(0.25)  # idle for exactly session_idle_timeout
+            assert (await a.get("/health")).status_code == 200
             assert len(app.state.server.sessions) == 0
             await async_wait_until(lambda: engine.stats().kv_blocks_used == 0)
             r = await a.post(url, json={"session_id": "two", **turn})

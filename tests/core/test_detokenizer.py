@@ -13,7 +13,7 @@ from asyncllm.detokenizer import IncrementalDetokenizer
 from asyncllm.stop import StopStringMatcher
 from asyncllm.tokenizer import Tokenizer
 
-from ._sentencepiece import CORPUS, build_sentencepiece_backend
+from ._tokenizers import CORPUS, build_chat_tokenizer, build_sentencepiece_backend
 
 FFFD = "\ufffd"
 
@@ -34,10 +34,12 @@ def build_sentencepiece_tokenizer(decoder_style: str) -> Tokenizer:
     return Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_tokenizer: Tokenizer) -> Tokenizer:
-    """The SmolLM2 GGUF's byte-level BPE tokenizer (skips when the GGUF is absent)."""
-    return smollm2_tokenizer
+@pytest.fixture(scope="module", params=["in-memory", pytest.param("smollm2", marks=pytest.mark.slow)])
+def byte_level(request: pytest.FixtureRequest) -> Tokenizer:
+    """A byte-level BPE tokenizer: the one trained in memory, and the SmolLM2 GGUF's (skips when absent)."""
+    if request.param == "smollm2":
+        return request.getfixturevalue("smollm2_tokenizer")
+    return build_chat_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["strip", "metaspace"])
@@ -45,11 +47,13 @@ def sentencepiece(request: pytest.FixtureRequest) -> Tokenizer:
     return build_sentencepiece_tokenizer(request.param)
 
 
-@pytest.fixture(scope="module",
-                params=["smollm2-byte-level", "sentencepiece-strip", "sentencepiece-metaspace"])
+@pytest.fixture(scope="module", params=["byte-level", pytest.param("smollm2-byte-level", marks=pytest.mark.slow),
+                                        "sentencepiece-strip", "sentencepiece-metaspace"])
 def tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
+    if request.param == "byte-level":
+        return build_chat_tokenizer()
     if request.param == "smollm2-byte-level":
-        return request.getfixturevalue("smol")
+        return request.getfixturevalue("smollm2_tokenizer")
     return build_sentencepiece_tokenizer(request.param.removeprefix("sentencepiece-"))
 
 
@@ -88,13 +92,13 @@ def test_deltas_concatenate_to_full_decode(tokenizer: Tokenizer, skip_special_to
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_random_byte_level_ids_stream_exactly(smol: Tokenizer, skip_special_tokens: bool,
+def test_random_byte_level_ids_stream_exactly(byte_level: Tokenizer, skip_special_tokens: bool,
                                               data: st.DataObject) -> None:
     """Arbitrary ids, specials included: split and invalid UTF-8 sequences of every kind."""
-    token = st.one_of(st.integers(0, smol.vocab_size - 1), st.sampled_from(smol.all_special_ids))
+    token = st.one_of(st.integers(0, byte_level.vocab_size - 1), st.sampled_from(byte_level.all_special_ids))
     ids = data.draw(st.lists(token, max_size=30))
-    expected = smol.decode(ids, skip_special_tokens=skip_special_tokens)
-    deltas = stream(IncrementalDetokenizer(smol, skip_special_tokens=skip_special_tokens), ids)
+    expected = byte_level.decode(ids, skip_special_tokens=skip_special_tokens)
+    deltas = stream(IncrementalDetokenizer(byte_level, skip_special_tokens=skip_special_tokens), ids)
     assert "".join(deltas) == expected
     assert (deltas[-1] == "") == (not expected.endswith(FFFD))
 
@@ -249,12 +253,12 @@ def test_stop_strings_cut_at_the_earliest_match(tokenizer: Tokenizer, prefix: st
     assert not any(s in delta for s in STOPS for delta in deltas)
 
 
-def test_stop_on_special_token_text_when_specials_are_kept(smol: Tokenizer) -> None:
-    ids = smol.encode("Hi there<|im_end|>\n<|im_start|>user\nmore", add_special_tokens=False)
-    kept = IncrementalDetokenizer(smol, skip_special_tokens=False, stop=["<|im_end|>"])
+def test_stop_on_special_token_text_when_specials_are_kept(byte_level: Tokenizer) -> None:
+    ids = byte_level.encode("Hi there<|im_end|>\n<|im_start|>user\nmore", add_special_tokens=False)
+    kept = IncrementalDetokenizer(byte_level, skip_special_tokens=False, stop=["<|im_end|>"])
     assert "".join(stream(kept, ids)) == "Hi there" and kept.stopped
-    skipped = IncrementalDetokenizer(smol, skip_special_tokens=True, stop=["<|im_end|>"])
-    assert "".join(stream(skipped, ids)) == smol.decode(ids) and not skipped.stopped
+    skipped = IncrementalDetokenizer(byte_level, skip_special_tokens=True, stop=["<|im_end|>"])
+    assert "".join(stream(skipped, ids)) == byte_level.decode(ids) and not skipped.stopped
 
 
 def test_stop_at_start_releases_nothing(tokenizer: Tokenizer) -> None:

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from asyncllm.tokenizer import Tokenizer
 
-from ._sentencepiece import CORPUS, build_sentencepiece_backend
+from ._tokenizers import CORPUS, build_sentencepiece_backend
 
 LLAMA2_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -95,6 +95,7 @@ def gguf_metadata(gguf_path: Path) -> dict[str, Any]:
     return {key: reader.fields[key].contents() for key in wanted if key in reader.fields}
 
 
+@pytest.mark.slow
 def test_gguf_encode_matches_transformers(smol: Tokenizer, smol_reference: Any) -> None:
     for text in TEXTS:
         assert smol.encode(text) == smol_reference.encode(text), text
@@ -102,6 +103,7 @@ def test_gguf_encode_matches_transformers(smol: Tokenizer, smol_reference: Any) 
             text, add_special_tokens=False), text
 
 
+@pytest.mark.slow
 def test_gguf_decode_matches_transformers(smol: Tokenizer, smol_reference: Any) -> None:
     for text in TEXTS:
         ids = [*smol_reference.encode(text), smol.eos_token_ids[0]]
@@ -110,6 +112,7 @@ def test_gguf_decode_matches_transformers(smol: Tokenizer, smol_reference: Any) 
                 ids, skip_special_tokens=skip)
 
 
+@pytest.mark.slow
 def test_gguf_vocabulary_and_special_ids_match_metadata(smol: Tokenizer,
                                                         gguf_metadata: dict[str, Any]) -> None:
     tokens = gguf_metadata["tokenizer.ggml.tokens"]
@@ -142,6 +145,7 @@ REPRESENTABLE = st.characters(blacklist_categories=("Cs",), max_codepoint=0x3FFF
                               blacklist_characters="\x04\x06\x13\x14\x16\x1d")
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(text=st.text(alphabet=REPRESENTABLE, max_size=40))
 def test_gguf_byte_level_round_trip(smol: Tokenizer, text: str) -> None:
@@ -150,6 +154,7 @@ def test_gguf_byte_level_round_trip(smol: Tokenizer, text: str) -> None:
     assert _byte_level_text([smol.id_to_token(i) for i in ids]) == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_gguf_chat_template_matches_transformers(smol: Tokenizer, smol_reference: Any,
@@ -162,6 +167,7 @@ def test_gguf_chat_template_matches_transformers(smol: Tokenizer, smol_reference
         reference_chat_ids(smol_reference, conversation, add_generation_prompt)
 
 
+@pytest.mark.slow
 def test_gguf_loads_from_metadata_quickly(gguf_path: Path, smol: Tokenizer) -> None:
     """Only the metadata is parsed: CPU time, not wall time, so a busy machine does not fail it."""
     import time

@@ -46,6 +46,7 @@ def hf_greedy(model: Any, prompt_ids: list[int], eos_ids: list[int]) -> list[int
     return out[0, len(prompt_ids):].tolist()
 
 
+@pytest.mark.slow
 def test_greedy_chat_matches_hf_token_for_token(engine: AsyncEngine, hf_model: Any) -> None:
     eos = list(engine.tokenizer.eos_token_ids)
     prompts = [engine.tokenizer.apply_chat_template(chat) for chat in CHATS]

@@ -19,9 +19,9 @@ def _engine(ops: KernelOps, tokenizer: Any, hf_config: dict, state: dict) -> Asy
     return AsyncEngine.from_model(model, tokenizer, device="cpu", num_kv_blocks=32, block_size=16)
 
 
-def test_triton_model_generates_like_the_torch_model(smollm2_tokenizer: Any) -> None:
+def test_triton_model_generates_like_the_torch_model(chat_tokenizer: Any) -> None:
     hf_config, state = tiny_llama_state(
-        smollm2_tokenizer.vocab_size, hidden_size=96, num_attention_heads=3, num_key_value_heads=1,
+        chat_tokenizer.vocab_size, hidden_size=96, num_attention_heads=3, num_key_value_heads=1,
         intermediate_size=64, num_hidden_layers=2,
     )
     prompts = ["Once upon a time in a land far away", "Hi"]
@@ -33,8 +33,8 @@ def test_triton_model_generates_like_the_torch_model(smollm2_tokenizer: Any) -> 
 
     triton_ops = get_kernel_ops("triton", torch.device("cpu"))
     assert triton_ops.name != TORCH_OPS.name
-    expected = asyncio.run(run(_engine(TORCH_OPS, smollm2_tokenizer, hf_config, state)))
-    actual = asyncio.run(run(_engine(triton_ops, smollm2_tokenizer, hf_config, state)))
+    expected = asyncio.run(run(_engine(TORCH_OPS, chat_tokenizer, hf_config, state)))
+    actual = asyncio.run(run(_engine(triton_ops, chat_tokenizer, hf_config, state)))
     for ours, ref in zip(actual, expected, strict=True):
         assert ours.token_ids == ref.token_ids
         for a, b in zip(ours.logprobs, ref.logprobs, strict=True):

@@ -65,6 +65,7 @@ def create_app(
     api_keys: Sequence[str] | None = None,
     settings: ServerSettings | None = None,
     manage_engine: bool = True,
+    clock: Callable[[], float] | None = None,
     **options: Any,
 ) -> Starlette:
     """The OpenAI-compatible app for ``engine``.
@@ -72,7 +73,8 @@ def create_app(
     ``model_name``, ``api_keys`` and ``options`` (further ``ServerSettings`` fields: ``max_body_bytes``,
     ``max_waiting``, ...) override ``settings`` (default: ``ServerSettings()``). ``manage_engine``: when this
     app is served as the top-level ASGI app, its lifespan starts the engine and closes it at shutdown (a
-    mounted app never receives lifespan events).
+    mounted app never receives lifespan events). ``clock``: monotonic seconds for session idle timeouts and
+    latency metrics (default: ``time.monotonic`` and ``time.perf_counter``); tests pass a clock they advance.
     ``app.state.server`` is the ``OpenAIServer`` behind the routes.
     """
     changes: dict[str, Any] = dict(options)
@@ -80,7 +82,7 @@ def create_app(
         changes["model_name"] = model_name
     if api_keys is not None:
         changes["api_keys"] = tuple(api_keys)
-    server = OpenAIServer(engine, replace(settings or ServerSettings(), **changes))
+    server = OpenAIServer(engine, replace(settings or ServerSettings(), **changes), clock=clock)
     return server.build(manage_engine=manage_engine)
 
 
@@ -88,12 +90,13 @@ class OpenAIServer:
     """The state and request handlers behind one app: settings, metrics and the session registry."""
 
     def __init__(self, engine: AsyncEngine, settings: ServerSettings,
-                 *, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, clock: Callable[[], float] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.sessions = SessionRegistry(engine, max_sessions=settings.max_sessions,
-                                        idle_timeout=settings.session_idle_timeout, clock=clock)
-        self.metrics = ServerMetrics(engine, lambda: len(self.sessions))
+                                        idle_timeout=settings.session_idle_timeout,
+                                        clock=clock or time.monotonic)
+        self.metrics = ServerMetrics(engine, lambda: len(self.sessions), clock=clock or time.perf_counter)
         self.limits = RequestLimits(vocab_size=engine.model_config.vocab_size, max_n=settings.max_n)
         self._keys = [key.encode("utf-8") for key in settings.api_keys]
         self._created = int(time.time())
