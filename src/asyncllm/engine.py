@@ -31,8 +31,7 @@ from asyncllm.outputs import Completion, Usage
 from asyncllm.runner import KVCacheSpec, ModelRunner
 from asyncllm.sampling import SamplingParams, SamplingRow
 from asyncllm.scheduler import Scheduler, SchedulerStep
-from asyncllm.sequence import FinishReason
-from asyncllm.sequence import Sequence as Seq
+from asyncllm.sequence import FinishReason, SequenceState
 from asyncllm.streams import OutputChannel, RequestStream, TextStream
 from asyncllm.tokenizer import Tokenizer
 
@@ -63,7 +62,7 @@ class EngineStats:
 
 @dataclass
 class _Request:
-    seq: Seq
+    seq: SequenceState
     channel: OutputChannel
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
@@ -102,7 +101,7 @@ class AsyncEngine:
         self._eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._pending_aborts: set[str] = set()
-        self._flushing: dict[str, Seq] = {}
+        self._flushing: dict[str, SequenceState] = {}
         self._settled: dict[Hashable, asyncio.Event] = {}
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -309,7 +308,7 @@ class AsyncEngine:
         self._check_token_ids(params)
         max_new = params.max_tokens if params.max_tokens is not None else room
         request_id = f"req-{next(self._ids)}"
-        seq = Seq(request_id, list(token_ids), params, max_total_tokens=len(token_ids) + max_new,
+        seq = SequenceState(request_id, list(token_ids), params, max_total_tokens=len(token_ids) + max_new,
                   session_id=session_id)
         channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids=token_ids,
@@ -484,7 +483,7 @@ class AsyncEngine:
             if seq.flush_only and seq.num_computed_tokens == len(seq.token_ids):
                 self._end_flush(seq, keep=True)
 
-    def _end_flush(self, seq: Seq, *, keep: bool) -> None:
+    def _end_flush(self, seq: SequenceState, *, keep: bool) -> None:
         self._flushing.pop(seq.request_id, None)
         self._scheduler.finish(seq, seq.finish_reason if keep and seq.finish_reason else "abort")
         event = self._settled.pop(seq.session_id, None)
@@ -497,7 +496,7 @@ class AsyncEngine:
             await event.wait()
 
     @staticmethod
-    def _usage(seq: Seq) -> Usage:
+    def _usage(seq: SequenceState) -> Usage:
         return Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                      cached_tokens=seq.num_cached_tokens or 0)
 

@@ -31,7 +31,7 @@ from asyncllm.kernels import CPU_OPS, TORCH_OPS, KernelOps, get_kernel_ops
 from asyncllm.models import CausalLM, build_model
 from asyncllm.runner import KVCacheSpec, ModelRunner
 from asyncllm.scheduler import ScheduledChunk
-from asyncllm.sequence import Sequence
+from asyncllm.sequence import SequenceState
 from tests.conftest import tiny_llama_state
 
 BLOCK = 8
@@ -93,9 +93,9 @@ class Batch:
         rng = random.Random(seed)
         free = list(range(1, NUM_BLOCKS))
         rng.shuffle(free)
-        self.seqs: list[Sequence] = []
+        self.seqs: list[SequenceState] = []
         for i, length in enumerate(prompt_lens):
-            seq = Sequence(f"r{i}", [rng.randrange(VOCAB) for _ in range(length)], None, length + room)
+            seq = SequenceState(f"r{i}", [rng.randrange(VOCAB) for _ in range(length)], None, length + room)
             seq.block_table = [free.pop() for _ in range(-(-(length + room) // BLOCK))]
             self.seqs.append(seq)
 
