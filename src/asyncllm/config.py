@@ -156,7 +156,6 @@ class EngineConfig:
     enforce_eager: bool = False
     native_kernels: bool = field(default_factory=native_kernels_default)
     native_layer_max_rows: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",

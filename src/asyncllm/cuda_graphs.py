@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -51,24 +52,16 @@ def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
 class DecodeGraphSettings:
     """How decode steps are padded and whether they are recorded.
 
-    ``batch_sizes``: the padded batch sizes (kept sorted ascending). ``max_model_len``: the longest context
-    a padded step may carry; ``None`` lets the runner use its KV pool and the model's positions as the
-    bound. ``capture``: record CUDA graphs (needs a CUDA device and graph-safe kernels); with ``False`` the
-    same padded static-buffer step runs eagerly, on any device.
+    ``batch_sizes``: the padded batch sizes (kept sorted ascending). ``capture``: record CUDA graphs (needs
+    a CUDA device and graph-safe kernels); with ``False`` the same padded static-buffer step runs eagerly,
+    on any device. The longest context a padded step may carry is the runner's ``max_model_len``.
     """
 
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    max_model_len: int | None = None
     capture: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", _positive_ints("batch_sizes", self.batch_sizes))
-        if self.max_model_len is not None and (
-            isinstance(self.max_model_len, bool)
-            or not isinstance(self.max_model_len, int)
-            or self.max_model_len <= 0
-        ):
-            raise ValueError(f"max_model_len: must be a positive int or None, got {self.max_model_len!r}")
         if not isinstance(self.capture, bool):
             raise ValueError(f"capture: must be a bool, got {self.capture!r}")
 
@@ -81,7 +74,10 @@ class DecodeGraphSettings:
         sizes = sorted(config.cuda_graph_batch_sizes)
         kept = [b for b in sizes if b < config.max_num_seqs]
         kept += [b for b in sizes if b >= config.max_num_seqs][:1]
-        return cls(batch_sizes=tuple(kept), max_model_len=config.max_model_len)
+        return cls(batch_sizes=tuple(kept))
+
+
+DecodeGraphsOption = DecodeGraphSettings | Literal["auto"] | None
 
 
 def graph_safe(model: CausalLM) -> bool:
@@ -90,14 +86,40 @@ def graph_safe(model: CausalLM) -> bool:
     return bool(getattr(ops, "graph_safe", False))
 
 
-def decode_graphs_for(
-    config: EngineConfig, model: CausalLM, device: torch.device
+def resolve_decode_graphs(
+    model: CausalLM,
+    device: torch.device,
+    option: DecodeGraphsOption = "auto",
+    *,
+    config: EngineConfig | None = None,
 ) -> DecodeGraphSettings | None:
-    """What an engine should hand its runner: graph settings on CUDA with graph-safe kernels, else ``None``
-    (every step eager)."""
-    if device.type != "cuda" or not graph_safe(model):
+    """Decide how a runner serving ``model`` on ``device`` runs decode steps; the one place that decides.
+
+    ``"auto"``: on a CUDA device with graph-safe kernels, the settings ``config`` asks for
+    (``DecodeGraphSettings.from_engine_config``; the defaults without a config), else ``None`` (every step
+    eager). ``None``: every step eager. A ``DecodeGraphSettings`` is returned as given, after checking that
+    ``capture=True`` has a CUDA device and graph-safe kernels (``ValueError`` otherwise).
+    """
+    if option == "auto":
+        if device.type != "cuda" or not graph_safe(model):
+            return None
+        return DecodeGraphSettings() if config is None else DecodeGraphSettings.from_engine_config(config)
+    if option is None:
         return None
-    return DecodeGraphSettings.from_engine_config(config)
+    if not isinstance(option, DecodeGraphSettings):
+        raise ValueError(f"decode_graphs: expected 'auto', None or DecodeGraphSettings, got {option!r}")
+    if option.capture and device.type != "cuda":
+        raise ValueError(
+            f"decode_graphs: capture needs a CUDA device, got {device}; "
+            "use capture=False to run the padded steps eagerly"
+        )
+    if option.capture and not graph_safe(model):
+        ops = getattr(getattr(model, "ops", None), "name", None)
+        raise ValueError(
+            f"decode_graphs: capture needs graph-safe kernels (a bundle with graph_safe, e.g. 'triton'), "
+            f"the model uses {ops!r}"
+        )
+    return option
 
 
 def bucket_size(num_seqs: int, batch_sizes: Sequence[int]) -> int | None:
@@ -136,7 +158,8 @@ class DecodeGraphs:
     Invariants: the static buffers and ``kv_caches`` keep their storage for this object's lifetime (a
     recorded graph holds their addresses); a padded row never writes the KV cache (its slot is ``-1``);
     ``run`` returns only real rows. Each step's inputs reach the device through one asynchronous copy per
-    buffer group; nothing in ``run`` waits for the device.
+    buffer group; nothing in ``run`` waits for the device. ``settings`` come from ``resolve_decode_graphs``,
+    which checks that the model's kernels can be recorded.
     """
 
     def __init__(
@@ -157,11 +180,6 @@ class DecodeGraphs:
             raise ValueError(
                 f"decode_graphs: capture needs a CUDA device, got {device}; "
                 "use capture=False to run the padded steps eagerly"
-            )
-        if settings.capture and not graph_safe(model):
-            ops = getattr(getattr(model, "ops", None), "name", None)
-            raise ValueError(
-                f"decode_graphs: capture needs a graph-safe kernel bundle (e.g. 'triton'), the model uses {ops!r}"
             )
         self.model = model
         self.kv_caches = list(kv_caches)

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from asyncllm.config import ModelConfig
-from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, graph_safe, host_staging
+from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, host_staging
 from asyncllm.kernels import AttentionMetadata, KVCache
 from asyncllm.models import CausalLM
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
-
-DecodeGraphsOption = DecodeGraphSettings | Literal["auto"] | None
 
 
 @dataclass(frozen=True)
@@ -68,12 +65,10 @@ class _StepInputs:
 class ModelRunner:
     """Runs one model over a paged KV pool; ``step`` is the only hot entry point.
 
-    ``decode_graphs``: ``"auto"`` records decode CUDA graphs with the default settings when the device is
-    CUDA and the model's kernels are graph-safe, and runs every step eagerly otherwise; ``None`` always
-    runs eagerly; a ``DecodeGraphSettings`` is used as given (``capture=True`` needs CUDA and graph-safe
-    kernels, else ``ValueError``). Recording happens here, at construction, after the KV pool exists.
-    The padded steps' context bound is ``settings.max_model_len`` capped by the pool's token count and
-    the model's positions.
+    ``max_model_len``: the longest context the engine lets a sequence reach (see
+    ``asyncllm.builder.max_model_len_for``); padded decode steps are built for it. ``decode_graphs``: the
+    settings ``cuda_graphs.resolve_decode_graphs`` chose, or ``None`` to run every step eagerly. Recording
+    happens here, at construction, after the KV pool exists.
     """
 
     def __init__(
@@ -82,11 +77,20 @@ class ModelRunner:
         spec: KVCacheSpec,
         *,
         device: torch.device,
-        decode_graphs: DecodeGraphsOption = "auto",
+        max_model_len: int,
+        decode_graphs: DecodeGraphSettings | None = None,
     ) -> None:
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len <= 0:
+            raise ValueError(f"max_model_len: must be a positive int, got {max_model_len!r}")
+        if decode_graphs is not None and not isinstance(decode_graphs, DecodeGraphSettings):
+            raise ValueError(
+                f"decode_graphs: expected None or DecodeGraphSettings (see resolve_decode_graphs), "
+                f"got {decode_graphs!r}"
+            )
         self.model = model
         self.spec = spec
         self.device = device
+        self.max_model_len = max_model_len
         self.kv_caches: list[KVCache] = [
             KVCache.allocate(spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
                              dtype=spec.dtype, device=device)
@@ -95,14 +99,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device)
         self.graphs: DecodeGraphs | None = None
-        settings = self._resolve_graphs(decode_graphs)
-        if settings is not None:
+        if decode_graphs is not None:
             self.graphs = DecodeGraphs(
                 model,
                 self.kv_caches,
                 block_size=spec.block_size,
-                max_model_len=self._graph_max_len(settings),
-                settings=settings,
+                max_model_len=max_model_len,
+                settings=decode_graphs,
                 device=device,
             )
 
@@ -127,19 +130,6 @@ class ModelRunner:
         return self._logits(chunks, need_logits=True)
 
     # -- internals -----------------------------------------------------------------------------
-    def _resolve_graphs(self, option: DecodeGraphsOption) -> DecodeGraphSettings | None:
-        if option == "auto":
-            usable = self.device.type == "cuda" and graph_safe(self.model)
-            return DecodeGraphSettings() if usable else None
-        if option is None or isinstance(option, DecodeGraphSettings):
-            return option
-        raise ValueError(f"decode_graphs: expected 'auto', None or DecodeGraphSettings, got {option!r}")
-
-    def _graph_max_len(self, settings: DecodeGraphSettings) -> int:
-        positions = getattr(self.model, "max_positions", None) or self.model.config.max_position_embeddings
-        bound = min(int(positions), self.spec.num_blocks * self.spec.block_size)
-        return bound if settings.max_model_len is None else min(bound, settings.max_model_len)
-
     def _logits(self, chunks: Sequence[ScheduledChunk], *, need_logits: bool) -> torch.Tensor:
         if not chunks:
             raise ValueError("chunks: a step needs at least one chunk")

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinnedKV, PinRegistry
 from asyncllm.kv.prefix_cache import ROOT_KEY
-from asyncllm.sequence import FinishReason, Sequence, SequenceStatus
+from asyncllm.sequence import FinishReason, SequenceState, SequenceStatus
 
 
 @dataclass(frozen=True)
 class ScheduledChunk:
     """Run ``num_tokens`` tokens of ``seq`` starting at position ``start``; sample after iff ``samples``."""
 
-    seq: Sequence
+    seq: SequenceState
     start: int
     num_tokens: int
 
@@ -37,7 +37,7 @@ class ScheduledChunk:
 @dataclass
 class SchedulerStep:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[SequenceState] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -74,8 +74,8 @@ class Scheduler:
         self.pins = pins
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
         self.num_preemptions = 0
         self._watermark = max(1, blocks.num_blocks // 100)
 
@@ -84,7 +84,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         if self.blocks.blocks_needed(seq.max_total_tokens) > self.blocks.num_blocks:
             raise ValueError(
                 f"prompt: {len(seq.token_ids)} tokens plus max_tokens need "
@@ -93,7 +93,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def finish(self, seq: SequenceState, reason: FinishReason) -> None:
         """Remove ``seq``; its blocks are pinned for its session (if any and not aborted) or released."""
         if seq.status is SequenceStatus.FINISHED:
             return
@@ -124,7 +124,7 @@ class Scheduler:
         step = SchedulerStep()
         budget = self.max_num_batched_tokens
         queue = deque(self.running)
-        kept: list[Sequence] = []
+        kept: list[SequenceState] = []
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_uncomputed_tokens, budget)
@@ -142,7 +142,7 @@ class Scheduler:
             budget = self._admit(step, budget)
         return step
 
-    def _reserve(self, seq: Sequence, num_tokens: int, victims: deque[Sequence], step: SchedulerStep) -> bool:
+    def _reserve(self, seq: SequenceState, num_tokens: int, victims: deque[SequenceState], step: SchedulerStep) -> bool:
         """Grow ``seq``'s table to cover ``num_tokens``, evicting pins then preempting the newest of ``victims``."""
         need = self.blocks.blocks_needed(num_tokens) - len(seq.block_table)
         while need > self.blocks.num_available:
@@ -155,7 +155,7 @@ class Scheduler:
             seq.block_table.extend(self.blocks.allocate(need))
         return True
 
-    def _preempt(self, seq: Sequence, step: SchedulerStep) -> None:
+    def _preempt(self, seq: SequenceState, step: SchedulerStep) -> None:
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.block_keys = []
@@ -188,7 +188,7 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _attach_cached_kv(self, seq: Sequence) -> None:
+    def _attach_cached_kv(self, seq: SequenceState) -> None:
         """Give a waiting ``seq`` the longest reusable KV: its session's pin, else the prefix cache.
 
         At least one token is always left to compute, so the step yields logits to sample from.
@@ -215,7 +215,7 @@ class Scheduler:
             seq.block_keys.extend(keys)
             seq.num_computed_tokens = max(seq.num_computed_tokens, len(seq.block_keys) * size)
 
-    def _match_after(self, seq: Sequence, limit: int) -> tuple[list[int], list[int]]:
+    def _match_after(self, seq: SequenceState, limit: int) -> tuple[list[int], list[int]]:
         size = self.blocks.block_size
         if len(seq.block_table) != len(seq.block_keys):
             return [], []  # a partial private block follows: the cache cannot extend past it
@@ -226,7 +226,7 @@ class Scheduler:
         )
         return hits, keys
 
-    def _detach(self, seq: Sequence) -> None:
+    def _detach(self, seq: SequenceState) -> None:
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.block_keys = []

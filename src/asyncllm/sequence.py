@@ -20,7 +20,7 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """One request's token stream.
 
     Invariants: ``num_computed_tokens <= len(token_ids)``; the KV of ``token_ids[:num_computed_tokens]``

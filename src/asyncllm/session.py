@@ -54,7 +54,7 @@ class Session:
             self._messages.append(dict(message))
         self._busy = False
         self._closed = False
-        engine._open_session(self.id)
+        engine.open_session(self.id)
 
     @property
     def messages(self) -> list[Message]:
@@ -85,7 +85,7 @@ class Session:
         token_ids = self._engine.tokenizer.apply_chat_template([*self._messages, user], add_generation_prompt=True)
         self._busy = True
         try:
-            return self._engine._submit(
+            return self._engine.submit(
                 token_ids, sampling_params, session_id=self.id,
                 on_done=lambda completion: self._end_turn(user, completion),
             )
@@ -109,13 +109,13 @@ class Session:
         if self._busy:
             raise SessionBusyError(f"{self.id} has a turn in progress")
         self._messages = [m for m in self._messages[:1] if m.get("role") == "system"]
-        self._engine._release_session(self.id)
+        self._engine.release_session(self.id)
 
     async def close(self) -> None:
         """Release the session's KV; idempotent."""
         if not self._closed:
             self._closed = True
-            await self._engine._close_session(self.id)
+            await self._engine.close_session(self.id)
 
     async def __aenter__(self) -> Session:
         return self

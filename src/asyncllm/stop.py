@@ -36,10 +36,6 @@ class StopStringMatcher:
         self._matched: str | None = None
 
     @property
-    def stop_strings(self) -> tuple[str, ...]:
-        return self._stops
-
-    @property
     def stopped(self) -> bool:
         """Whether a stop string has matched."""
         return self._matched is not None

@@ -15,6 +15,21 @@ from asyncllm.sampling import TokenLogprobs
 from asyncllm.sequence import FinishReason
 
 
+def call_in_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., object], *args: object) -> None:
+    """Call ``fn(*args)`` at once when running in ``loop``, else schedule it there (thread-safe); do nothing
+    when ``loop`` is ``None`` or closed."""
+    if loop is None or loop.is_closed():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
+
+
 class OutputChannel:
     """Single-producer, single-consumer buffer of one request's outputs; ``push`` never blocks."""
 

@@ -25,6 +25,13 @@ from asyncllm.detokenizer import IncrementalDetokenizer
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
 
 _GGUF_MAGIC = b"GGUF"
+# Tokenizer config names of the special tokens, and the ``tokenizer.ggml.*_token_id`` keys naming them.
+_GGUF_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Placeholders used to find the token a chat template closes an assistant turn with.
 _PROBE_USER = "\x02probe-user\x03"
@@ -111,6 +118,39 @@ class Tokenizer:
         if _is_gguf(target):
             return _load_gguf(target)
         raise ValueError(f"path: {target} is neither a model directory, a tokenizer.json nor a GGUF file")
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, metadata: Mapping[str, Any], *, path: str | os.PathLike[str] | None = None
+    ) -> Tokenizer:
+        """Build from a GGUF file's already parsed metadata (``general.architecture``, ``tokenizer.*``), so
+        the file is not read a second time; the result equals ``from_path`` on that file.
+
+        ``path`` names the file in error messages, and is read only on a transformers without GGUF
+        tokenizer converters.
+        """
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+        except ImportError:
+            if path is None:
+                raise
+            return _load_gguf_with_auto_tokenizer(Path(path))
+        architecture = metadata.get("general.architecture")
+        if not isinstance(architecture, str):
+            raise ValueError(f"path: {path}: GGUF metadata has no general.architecture")
+        tokenizer_dict, config = (
+            {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+            for renames in (GGUF_TOKENIZER_MAPPING["tokenizer"], GGUF_TOKENIZER_MAPPING["tokenizer_config"])
+        )
+        # As transformers' get_gguf_tokenizer: llama.cpp adds BOS to a sentencepiece vocabulary that does
+        # not say otherwise.
+        if tokenizer_dict.get("tokenizer_type") == "llama":
+            config.setdefault("add_bos_token", True)
+        tokens = tokenizer_dict.get("tokens")
+        for name, key in _GGUF_SPECIAL_TOKEN_IDS.items():
+            token_id = metadata.get(f"tokenizer.ggml.{key}")
+            config[name] = tokens[token_id] if token_id is not None and isinstance(tokens, list) else None
+        return _gguf_tokenizer(architecture, tokenizer_dict, config, path)
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -388,14 +428,20 @@ def _load_gguf(path: Path) -> Tokenizer:
     them, falls back to ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``.
     """
     try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            convert_gguf_tokenizer,
-            get_gguf_tokenizer,
-        )
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import get_gguf_tokenizer
     except ImportError:
         return _load_gguf_with_auto_tokenizer(path)
 
     architecture, tokenizer_dict, config = get_gguf_tokenizer(str(path))
+    return _gguf_tokenizer(architecture, tokenizer_dict, config, path)
+
+
+def _gguf_tokenizer(
+    architecture: str, tokenizer_dict: dict[str, Any], config: dict[str, Any], path: str | os.PathLike[str] | None
+) -> Tokenizer:
+    """The tokenizer of transformers' GGUF tokenizer inputs ``(architecture, tokenizer dict, config)``."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
     if "tokens" not in tokenizer_dict:
         raise ValueError(f"path: {path} has no tokenizer.ggml.tokens metadata")
     backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)

@@ -26,12 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncllm import AsyncEngine, EngineConfig, ModelConfig
-from asyncllm.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphSettings, bucket_size, decode_graphs_for
+from asyncllm.builder import max_model_len_for
+from asyncllm.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphSettings, bucket_size, resolve_decode_graphs
 from asyncllm.kernels import CPU_OPS, TORCH_OPS, KernelOps, get_kernel_ops
 from asyncllm.models import CausalLM, build_model
 from asyncllm.runner import KVCacheSpec, ModelRunner
 from asyncllm.scheduler import ScheduledChunk
-from asyncllm.sequence import Sequence
+from asyncllm.sequence import SequenceState
 from tests.conftest import tiny_llama_state
 
 BLOCK = 8
@@ -76,9 +77,14 @@ def make_runner(
     device: str = "cpu",
     sentinel: float = float("nan"),
     dtype: torch.dtype = torch.float32,
+    max_model_len: int | None = None,
 ) -> ModelRunner:
+    """A runner over a ``NUM_BLOCKS`` pool; ``decode_graphs`` is resolved as the engine's builder does."""
     spec = KVCacheSpec.for_model(model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK, dtype=dtype)
-    runner = ModelRunner(model, spec, device=torch.device(device), decode_graphs=decode_graphs)
+    runner = ModelRunner(
+        model, spec, device=torch.device(device), max_model_len=max_model_len_for(model, spec, max_model_len),
+        decode_graphs=resolve_decode_graphs(model, torch.device(device), decode_graphs),
+    )
     for cache in runner.kv_caches:
         cache.key.fill_(sentinel)
         cache.value.fill_(sentinel)
@@ -93,9 +99,9 @@ class Batch:
         rng = random.Random(seed)
         free = list(range(1, NUM_BLOCKS))
         rng.shuffle(free)
-        self.seqs: list[Sequence] = []
+        self.seqs: list[SequenceState] = []
         for i, length in enumerate(prompt_lens):
-            seq = Sequence(f"r{i}", [rng.randrange(VOCAB) for _ in range(length)], None, length + room)
+            seq = SequenceState(f"r{i}", [rng.randrange(VOCAB) for _ in range(length)], None, length + room)
             seq.block_table = [free.pop() for _ in range(-(-(length + room) // BLOCK))]
             self.seqs.append(seq)
 
@@ -154,8 +160,6 @@ def test_settings_and_engine_config_reject_bad_values_by_name() -> None:
             DecodeGraphSettings(batch_sizes=bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"^cuda_graph_batch_sizes"):
             EngineConfig(cuda_graph_batch_sizes=bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^max_model_len"):
-        DecodeGraphSettings(max_model_len=0)
     with pytest.raises(ValueError, match=r"^enforce_eager"):
         EngineConfig(enforce_eager=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^num_seqs"):
@@ -173,17 +177,37 @@ def test_engine_config_sizes_are_trimmed_to_what_max_num_seqs_can_use() -> None:
     assert sizes(max_num_seqs=1000) == DEFAULT_BATCH_SIZES
     assert sizes(max_num_seqs=3, cuda_graph_batch_sizes=(8, 1)) == (1, 8)
     assert sizes(enforce_eager=True) is None
-    assert DecodeGraphSettings.from_engine_config(EngineConfig(max_model_len=77)).max_model_len == 77
 
 
 def test_cpu_runner_defaults_to_eager_and_refuses_capture(tiny_state: tuple[dict[str, Any], dict]) -> None:
     model = make_model(tiny_state, CPU_OPS)
     assert make_runner(model, "auto").graphs is None
-    assert decode_graphs_for(EngineConfig(), model, torch.device("cpu")) is None
+    assert resolve_decode_graphs(model, torch.device("cpu"), config=EngineConfig()) is None
     with pytest.raises(ValueError, match=r"^decode_graphs: capture needs a CUDA device"):
         make_runner(model, DecodeGraphSettings(batch_sizes=(1, 2)))
     with pytest.raises(ValueError, match=r"^decode_graphs"):
         make_runner(model, "always")
+
+
+def test_one_max_model_len_bounds_the_engine_and_the_padded_steps(
+    tiny_state: tuple[dict[str, Any], dict], tiny_model_parts: Any
+) -> None:
+    tokenizer, hf_config, state = tiny_model_parts
+    model = make_model((hf_config, state), CPU_OPS)  # max_position_embeddings 2048
+    spec = KVCacheSpec.for_model(model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK, dtype=torch.float32)
+    assert max_model_len_for(model, spec) == NUM_BLOCKS * BLOCK  # the pool is smaller than the positions
+    assert max_model_len_for(model, spec, 77) == 77
+    assert max_model_len_for(make_model(tiny_state, CPU_OPS), spec) == MAX_POSITIONS  # fewer positions than slots
+    config = EngineConfig(device="cpu", num_kv_blocks=NUM_BLOCKS, block_size=BLOCK, max_model_len=77)
+    engine = AsyncEngine.from_model(model, tokenizer, config=config)
+    assert engine.max_model_len == engine._runner.max_model_len == 77
+    settings = DecodeGraphSettings(batch_sizes=(1, 2), capture=False)
+    padded = ModelRunner(model, spec, device=torch.device("cpu"), max_model_len=77, decode_graphs=settings)
+    assert padded.graphs is not None and padded.graphs.max_model_len == 77
+    with pytest.raises(ValueError, match=r"^max_model_len"):
+        ModelRunner(model, spec, device=torch.device("cpu"), max_model_len=0)
+    with pytest.raises(ValueError, match=r"^decode_graphs"):
+        ModelRunner(model, spec, device=torch.device("cpu"), max_model_len=77, decode_graphs="auto")  # type: ignore[arg-type]
 
 
 # -- padded decode on CPU (capture disabled: the same static buffers, run eagerly) -------------------------
@@ -240,7 +264,7 @@ def test_non_sampling_rows_are_dropped_and_other_steps_fall_back(
     model = make_model(tiny_state, CPU_OPS)
     plain = make_runner(model, None, sentinel=0.0)
     padded = make_runner(
-        model, DecodeGraphSettings(batch_sizes=(2, 4), max_model_len=24, capture=False), sentinel=0.0
+        model, DecodeGraphSettings(batch_sizes=(2, 4), capture=False), sentinel=0.0, max_model_len=24
     )
     graphs = padded.graphs
     assert graphs is not None and graphs.max_model_len == 24
@@ -277,7 +301,8 @@ async def test_engine_with_padded_decode_generates_like_plain_engine(tiny_model_
 
     def engine(decode_graphs: Any) -> tuple[AsyncEngine, ModelRunner]:
         spec = KVCacheSpec.for_model(model.config, num_blocks=64, block_size=16, dtype=torch.float32)
-        runner = ModelRunner(model, spec, device=torch.device("cpu"), decode_graphs=decode_graphs)
+        runner = ModelRunner(model, spec, device=torch.device("cpu"), max_model_len=max_model_len_for(model, spec),
+                             decode_graphs=decode_graphs)
         return AsyncEngine(runner, tokenizer, model.config, config), runner
 
     async def run(target: AsyncEngine) -> list[list[int]]:
@@ -336,7 +361,7 @@ def test_gpu_auto_mode_captures_for_triton_and_refuses_reference_ops(
     runner = make_runner(triton_model, "auto", device="cuda", dtype=torch.bfloat16, sentinel=0.0)
     assert runner.graphs is not None and runner.graphs.captured
     assert runner.graphs.batch_sizes == DEFAULT_BATCH_SIZES
-    eager_settings = decode_graphs_for(EngineConfig(enforce_eager=True), triton_model, torch.device("cuda"))
+    eager_settings = resolve_decode_graphs(triton_model, torch.device("cuda"), config=EngineConfig(enforce_eager=True))
     assert eager_settings is None
     reference_model = make_model(tiny_state, TORCH_OPS, "cuda", torch.bfloat16)
     assert make_runner(reference_model, "auto", device="cuda", dtype=torch.bfloat16).graphs is None

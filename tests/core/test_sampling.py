@@ -472,3 +472,30 @@ def test_bad_inputs_raise_value_errors_naming_them() -> None:
         sampler(torch.randn(1, 10), [row(SamplingParams(repetition_penalty=1.1), prompt=[3, 10])])
     with pytest.raises(ValueError, match=r"output_token_ids"):
         sampler(torch.randn(1, 10), [row(SamplingParams(presence_penalty=1.0), output=[-1])])
+
+
+# ---------------------------------------------------------------------- per-request rows
+def test_request_rows_carry_history_only_for_penalties_and_bans_only_below_min_tokens() -> None:
+    eos = (2, 7)
+    plain = sampling.RequestSampling.create(SamplingParams(), eos_token_ids=eos, device=torch.device("cpu"))
+    assert plain.generator is None and plain.min_tokens_blocked_ids == ()
+    row = plain.row([5, 6, 9], num_prompt_tokens=2)
+    assert (tuple(row.prompt_token_ids), tuple(row.output_token_ids), tuple(row.min_tokens_blocked_ids)) == (
+        (), (), ())
+
+    params = SamplingParams(min_tokens=2, stop_token_ids=[11, 2], presence_penalty=0.5, seed=3)
+    state = sampling.RequestSampling.create(params, eos_token_ids=eos, device=torch.device("cpu"))
+    assert state.min_tokens_blocked_ids == sampling.min_tokens_blocked_ids(params, eos) == (2, 7, 11)
+    assert state.generator is not None and state.generator.initial_seed() == 3
+    first = state.row([5, 6, 9], num_prompt_tokens=2)
+    assert (list(first.prompt_token_ids), list(first.output_token_ids)) == ([5, 6], [9])
+    assert tuple(first.min_tokens_blocked_ids) == (2, 7, 11) and first.generator is state.generator
+    assert tuple(state.row([5, 6, 9, 4], num_prompt_tokens=2).min_tokens_blocked_ids) == ()
+
+
+def test_params_token_ids_are_checked_against_the_vocabulary() -> None:
+    sampling.check_token_ids(SamplingParams(stop_token_ids=[9], logit_bias={0: 1.0}), 10)
+    with pytest.raises(ValueError, match=r"^stop_token_ids"):
+        sampling.check_token_ids(SamplingParams(stop_token_ids=[10]), 10)
+    with pytest.raises(ValueError, match=r"^logit_bias"):
+        sampling.check_token_ids(SamplingParams(logit_bias={10: 1.0}), 10)

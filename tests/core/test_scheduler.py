@@ -11,15 +11,16 @@ from hypothesis import strategies as st
 from asyncllm.kv import BlockManager
 from asyncllm.kv.pins import PinRegistry
 from asyncllm.scheduler import Scheduler
-from asyncllm.sequence import Sequence, SequenceStatus
+from asyncllm.sequence import SequenceState, SequenceStatus
 
 from ._sim import SimulatedKV, next_token, run_step
 
 _ids = itertools.count()
 
 
-def make_seq(tokens: list[int], max_new: int, session: str | None = None) -> Sequence:
-    return Sequence(f"r{next(_ids)}", list(tokens), None, max_total_tokens=len(tokens) + max_new, session_id=session)
+def make_seq(tokens: list[int], max_new: int, session: str | None = None) -> SequenceState:
+    return SequenceState(f"r{next(_ids)}", list(tokens), None, max_total_tokens=len(tokens) + max_new,
+                         session_id=session)
 
 
 def make_scheduler(num_blocks: int, block_size: int, *, max_seqs: int = 8, budget: int = 16,

@@ -126,6 +126,35 @@ def test_gguf_vocabulary_and_special_ids_match_metadata(smol: Tokenizer,
     assert smol.chat_template == gguf_metadata["tokenizer.chat_template"]
 
 
+def test_gguf_tokenizer_from_the_loaders_parsed_metadata_equals_from_path(
+    smol: Tokenizer, gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine builds a GGUF's tokenizer from the metadata its checkpoint loader already parsed, without
+    reading the file's header again."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    from asyncllm.loaders import load_checkpoint
+
+    checkpoint = load_checkpoint(gguf_path)
+    assert checkpoint.gguf_metadata is not None
+
+    def no_second_parse(path: str) -> Any:
+        raise AssertionError(f"{path} parsed again")
+
+    monkeypatch.setattr(gguf_tokenizer_mapping, "get_gguf_tokenizer", no_second_parse)
+    built = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata, path=gguf_path)
+    assert built.vocab_size == smol.vocab_size
+    assert [built.id_to_token(i) for i in range(built.vocab_size)] == [
+        smol.id_to_token(i) for i in range(smol.vocab_size)]
+    assert (built.bos_token_id, built.eos_token_ids, built.all_special_ids, built.chat_template) == (
+        smol.bos_token_id, smol.eos_token_ids, smol.all_special_ids, smol.chat_template)
+    for text in TEXTS:
+        assert built.encode(text) == smol.encode(text), text
+    for messages in CONVERSATIONS:
+        assert built.apply_chat_template(messages, add_generation_prompt=True) == smol.apply_chat_template(
+            messages, add_generation_prompt=True)
+
+
 def _byte_level_text(tokens: list[str]) -> str:
     """Decode GPT-2 byte-level token spellings (printable stand-ins for bytes) per the published scheme."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),

@@ -357,6 +357,18 @@ def test_gguf_config_from_metadata(tmp_path: pathlib.Path) -> None:
     assert model_config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
+def test_gguf_yarn_scaling_is_refused_by_name(tmp_path: pathlib.Path) -> None:
+    tensors = [(name, np.zeros(shape, np.float32), None) for name, shape in _weight_shapes(SHAPE).items()]
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(4.0)
+        writer.add_rope_scaling_orig_ctx_len(128)
+
+    with pytest.raises(ValueError, match=r"rope\.scaling\.type='yarn'.*not supported"):
+        load_checkpoint(write_gguf(tmp_path / "yarn.gguf", tensors, extra=metadata))
+
+
 @pytest.mark.parametrize(("factor", "head_dim"), [(8.0, 128), (32.0, 64)])
 def test_gguf_llama3_rope_frequencies_roundtrip(tmp_path: pathlib.Path, factor: float, head_dim: int) -> None:
     """``rope_freqs.weight`` (as llama.cpp writes it for Llama 3.x) becomes a rope_scaling dict that gives

@@ -68,11 +68,6 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
 
 
-def decode_bytes_per_step(weight_bytes: int, kv_per_token: int, context_tokens: float) -> float:
-    """Bytes one single-sequence decode step reads: all weights plus the KV of ``context_tokens``."""
-    return weight_bytes + kv_per_token * context_tokens
-
-
 def decode_flops_per_token(config: ModelConfig, context_tokens: float) -> float:
     """Multiply-adds x 2 of one decode token: every projection, the MLP, the LM head and attention over
     ``context_tokens`` cached tokens (norms, rotary and softmax left out)."""

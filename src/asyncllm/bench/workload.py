@@ -7,7 +7,6 @@ peer receive the same token ids.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -194,13 +193,6 @@ class WorkloadSpec:
 
     def with_jobs(self, jobs: Sequence[str]) -> WorkloadSpec:
         return WorkloadSpec(**{**asdict(self), "jobs": list(jobs)})
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkloadSpec:
-        return cls(**json.loads(text))
 
 
 def kv_tokens_for(prompts: Sequence[Sequence[int]], max_tokens: int, *, session_tokens: int,

@@ -45,10 +45,6 @@ class PinRegistry:
         self._open.discard(owner)
         self.release(owner)
 
-    @property
-    def num_open(self) -> int:
-        return len(self._open)
-
     def __len__(self) -> int:
         return len(self._pins)
 

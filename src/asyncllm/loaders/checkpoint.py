@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -34,10 +34,11 @@ class Checkpoint:
 
     ``hf_config`` is a ``config.json``-style dict (``architectures``, ``hidden_size``, ...,
     ``tie_word_embeddings``); ``local_path`` is the model directory or the ``.gguf`` file (the tokenizer
-    is loaded from it); ``format`` says which. ``tensors(dtype)`` streams ``(name, tensor)`` pairs one at
-    a time under Hugging Face parameter names (``model.embed_tokens.weight``,
-    ``model.layers.0.self_attn.q_proj.weight``, ..., ``lm_head.weight`` unless embeddings are tied)
-    with weights shaped ``[out_features, in_features]``.
+    is loaded from it); ``format`` says which; ``gguf_metadata`` is a GGUF file's parsed metadata
+    (``None`` for other formats), from which its tokenizer is built without parsing the file again.
+    ``tensors(dtype)`` streams ``(name, tensor)`` pairs one at a time under Hugging Face parameter names
+    (``model.embed_tokens.weight``, ``model.layers.0.self_attn.q_proj.weight``, ..., ``lm_head.weight``
+    unless embeddings are tied) with weights shaped ``[out_features, in_features]``.
 
     Invariants: every yielded tensor is a new contiguous CPU tensor that the caller owns (it aliases
     neither the file nor any other yielded tensor); floating-point tensors are converted to ``dtype``,
@@ -49,6 +50,7 @@ class Checkpoint:
     local_path: pathlib.Path
     format: CheckpointFormat
     source: TensorSource = field(repr=False, compare=False)
+    gguf_metadata: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def tensor_names(self) -> tuple[str, ...]:
         return self.source.tensor_names()

@@ -218,4 +218,4 @@ def load_gguf(path: pathlib.Path) -> Checkpoint:
         elif ".attn_k." in info.name:
             rotary_heads[info.name] = config["num_key_value_heads"]
     return Checkpoint(hf_config=config, local_path=path, format="gguf",
-                      source=GGUFSource(gguf, tuple(names), rotary_heads))
+                      source=GGUFSource(gguf, tuple(names), rotary_heads), gguf_metadata=gguf.metadata)

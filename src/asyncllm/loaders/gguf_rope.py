@@ -1,7 +1,8 @@
 """Rotary-scaling settings of a GGUF file, expressed as a Hugging Face ``rope_scaling`` dict.
 
 GGUF keeps linear and YaRN scaling as ``{arch}.rope.scaling.*`` metadata, but Llama-3-style scaling
-as a ``rope_freqs.weight`` tensor of per-frequency divisors. Those divisors are matched against the
+as a ``rope_freqs.weight`` tensor of per-frequency divisors. YaRN (and any other named type) is not
+supported by the model's rotary embedding and raises ``ValueError`` naming it. Those divisors are matched against the
 Llama 3 formula over a small grid of its parameters; a match reproduces every divisor (to float32
 precision), so the rotary frequencies the model computes from the returned dict equal the file's.
 Anything that cannot be represented exactly raises ``ValueError``.
@@ -78,20 +79,7 @@ def rope_scaling_from_metadata(
         return None
     if scaling_type == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
-    if scaling_type == "yarn":
-        attn_factor = float(metadata.get(prefix + "rope.scaling.attn_factor", 1.0))
-        if attn_factor != 1.0:
-            raise ValueError(f"{prefix}rope.scaling.attn_factor={attn_factor} is not supported")
-        original = metadata.get(prefix + "rope.scaling.original_context_length")
-        if original is None:
-            raise ValueError(f"GGUF metadata key {prefix}rope.scaling.original_context_length is missing "
-                             "(required by YaRN scaling)")
-        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor),
-                                   "original_max_position_embeddings": int(original)}
-        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            if prefix + "rope.scaling." + key in metadata:
-                scaling[hf_key] = float(metadata[prefix + "rope.scaling." + key])
-        return scaling
     raise ValueError(
-        f"{prefix}rope.scaling.type={scaling_type!r} is not supported (supported: none, linear, yarn)"
+        f"{prefix}rope.scaling.type={scaling_type!r}: this rotary scaling is not supported "
+        "(supported: none, linear, and Llama 3 scaling through rope_freqs.weight)"
     )
