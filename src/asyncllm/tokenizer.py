@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import tokenizers
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from asyncllm.chat_template import compile_chat_template, validate_messages
 from asyncllm.detokenizer import IncrementalDetokenizer
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
@@ -87,7 +85,7 @@ class Tokenizer:
         if chat_template is not None:
             if not isinstance(chat_template, str) or not chat_template.strip():
                 raise ValueError("chat_template: must be a non-empty string or None")
-            self._template = _compile_chat_template(chat_template)
+            self._template = compile_chat_template(chat_template)
         self._chat_template = chat_template
         eos_ids: list[int] = []
         eos_id = self._token_id("eos_token")
@@ -199,7 +197,7 @@ class Tokenizer:
         """The chat template rendered over ``messages`` (``{"role": str, "content": str}`` mappings)."""
         if self._template is None:
             raise ValueError("messages: this tokenizer has no chat template; encode plain text instead")
-        checked = _validate_messages(messages)
+        checked = validate_messages(messages)
         return self._template.render(
             messages=checked,
             add_generation_prompt=bool(add_generation_prompt),
@@ -273,62 +271,6 @@ class Tokenizer:
 
 def _is_token_id(value: object, vocab_size: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
-
-
-# ---------------------------------------------------------------------- chat template
-
-
-def _compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the environment Hugging Face templates are written for.
-
-    Sandboxed and immutable; ``trim_blocks``/``lstrip_blocks``; ``loopcontrols``; a ``tojson`` that keeps
-    non-ASCII text and does not HTML-escape; ``raise_exception`` and ``strftime_now`` globals.
-    """
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = strftime_now
-    try:
-        return environment.from_string(source)
-    except jinja2.TemplateSyntaxError as error:
-        raise ValueError(
-            f"chat_template: invalid Jinja template (line {error.lineno}): {error.message}"
-        ) from error
-
-
-def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(
-            f"messages: must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
-        )
-    checked: list[dict[str, Any]] = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{index}]: must be a dict, got {type(message).__name__}")
-        for field in ("role", "content"):
-            if field not in message:
-                raise ValueError(f"messages[{index}].{field}: missing")
-            if not isinstance(message[field], str):
-                kind = type(message[field]).__name__
-                raise ValueError(f"messages[{index}].{field}: must be a str, got {kind}")
-        if not message["role"]:
-            raise ValueError(f"messages[{index}].role: must be non-empty")
-        checked.append(dict(message))
-    return checked
 
 
 # ---------------------------------------------------------------------- Hugging Face directories

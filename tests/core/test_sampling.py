@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncllm import sampling
+from asyncllm import sampling, sampling_search
 from asyncllm.sampling import (
     MAX_LOGPROBS,
     Sampler,
@@ -320,8 +320,8 @@ def test_empirical_distribution_matches_reference(vocab: int, scale: float, live
     logits[:live] = torch.randn(live, generator=generator) * scale
     expected = reference_distribution(logits, params)
     fallbacks: list[int] = []
-    original = sampling._top_p_cutoff_by_buckets
-    monkeypatch.setattr(sampling, "_top_p_cutoff_by_buckets",
+    original = sampling.top_p_cutoff_by_buckets
+    monkeypatch.setattr(sampling, "top_p_cutoff_by_buckets",
                         lambda probs, target: fallbacks.append(len(probs)) or original(probs, target))
     per_call, calls = 3000, 10
     batch = [row(params) for _ in range(per_call)]
@@ -351,11 +351,11 @@ def test_inverse_cdf_never_returns_a_zero_probability_index() -> None:
     probs[3, 5] = 1e-30  # a tiny mass next to a large one
     probs[3, 900] = 1.0
     for u in (0.0, 0.5, 1.0 - 2**-53):
-        picked = sampling._inverse_cdf(probs, torch.full((4, 1), u, dtype=torch.float64))
+        picked = sampling_search.inverse_cdf(probs, torch.full((4, 1), u, dtype=torch.float64))
         assert all(float(probs[i, t]) > 0 for i, t in enumerate(picked.tolist())), (u, picked)
     narrow = probs[:, :400].clone()
     narrow[1, 399] = 1.0
-    picked = sampling._inverse_cdf(narrow, torch.full((4, 1), 1.0 - 2**-53, dtype=torch.float64))
+    picked = sampling_search.inverse_cdf(narrow, torch.full((4, 1), 1.0 - 2**-53, dtype=torch.float64))
     assert all(float(narrow[i, t]) > 0 for i, t in enumerate(picked.tolist()))
 
 
