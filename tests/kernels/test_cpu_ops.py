@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncllm.kernels import TORCH_OPS, KVCache, get_kernel_ops
+from asyncllm.kernels import TORCH_OPS, KVCache, cpu_ops, get_kernel_ops
 from asyncllm.kernels.activation import silu_and_mul_reference
 from asyncllm.kernels.attention import paged_attention_reference
 from asyncllm.kernels.cpu import (
@@ -38,8 +38,8 @@ def test_auto_on_cpu_picks_the_cpu_ops() -> None:
     auto = get_kernel_ops("auto", torch.device("cpu"))
     assert auto.linear is linear_cpu and auto.fused_decode is not None and not auto.graph_safe
     plain = get_kernel_ops("auto", torch.device("cpu"), native_kernels=False)
-    assert plain.linear is linear_cpu and plain.fused_decode is None
-    assert plain.plan_attention is TORCH_OPS.plan_attention
+    assert plain.linear is linear_cpu and plain.plan_attention is TORCH_OPS.plan_attention
+    assert cpu_ops(native=False, fused_layers=False).fused_decode is None
     assert get_kernel_ops("torch", torch.device("cpu")) is TORCH_OPS
     with pytest.raises(ValueError, match="kernel_backend"):
         get_kernel_ops("cuda-magic", torch.device("cpu"))

@@ -1,10 +1,10 @@
 """The CPU bundle's faster decode paths against the module path of the same model.
 
 One model definition runs every step; the CPU bundle adds, per decode step, a native attention plan and
-(for steps of up to ``native_layer_max_rows`` rows) one C call per fusable layer. HF parity of every
-bundle is in ``test_llama_parity.py``; here: which steps and layers take the fused path, that it writes
-the same KV and returns the same hidden states as the module path on the same inputs, and that anything
-the fused kernel does not implement keeps the modules.
+a flat pass per fusable layer: one C call for steps of up to ``native_layer_max_rows`` rows, a short
+sequence of torch calls otherwise. HF parity of every bundle is in ``test_llama_parity.py``; here: which
+steps and layers take which pass, that each writes the same KV and returns the same hidden states as the
+module path on the same inputs, and that anything the fused passes do not implement keeps the modules.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from asyncllm.kernels import CPU_OPS, TORCH_OPS, AttentionMetadata, KernelOps, KVCache, cpu_ops
 from asyncllm.kernels.cpu import k_major_layout, split_gemv
+from asyncllm.kernels.cpu_fused import TorchDecodeStep
 from asyncllm.kernels.native_layer import NativeDecodeStep
 from asyncllm.layers.linear import UnquantizedLinearMethod
 from asyncllm.models import CausalLM, build_model
@@ -27,22 +28,28 @@ from ._paged import BlockPool, PagedSequence, build_step, make_kv_caches
 from .test_llama_parity import hf_llama, hf_qwen2, ours, random_ids
 
 BLOCK_SIZE = 4
-MODULES_ONLY = cpu_ops(native=False)
-NATIVE_ATTENTION_ONLY = cpu_ops(native=True, native_layer_max_rows=0)
+MODULES_ONLY = cpu_ops(native=False, fused_layers=False)
+BUNDLES = {
+    "native-layer": CPU_OPS,
+    "torch-pass-native-attention": cpu_ops(native_layer_max_rows=0),
+    "torch-pass": cpu_ops(native=False),
+}
 
 
 class _FusedCalls:
-    """Counts fused layer calls while installed."""
+    """Counts fused layer calls while installed: ``layers`` those in C, ``torch_layers`` the torch passes."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.layers: list[int] = []
-        original = NativeDecodeStep.run
+        self.torch_layers: list[int] = []
+        for step_class, calls in ((NativeDecodeStep, self.layers), (TorchDecodeStep, self.torch_layers)):
+            original = step_class.run
 
-        def counted(step: NativeDecodeStep, layer: int, *args: object) -> None:
-            self.layers.append(layer)
-            original(step, layer, *args)  # type: ignore[arg-type]
+            def counted(step: object, layer: int, *args: object, original=original, calls=calls) -> None:
+                calls.append(layer)
+                original(step, layer, *args)
 
-        monkeypatch.setattr(NativeDecodeStep, "run", counted)
+            monkeypatch.setattr(step_class, "run", counted)
 
 
 def _prefilled(model: CausalLM, prompt_lens: Sequence[int]) -> tuple[BlockPool, list[PagedSequence], list[KVCache]]:
@@ -98,12 +105,13 @@ def _assert_step_matches(
     "prompt_lens", [(6,), (5, 9, 2), (7, 7), (3, 8, 5, 6, 1, 4)], ids=["one", "ragged", "equal", "six-rows"]
 )
 @pytest.mark.parametrize("host_lengths", ["exact", "upper-bound"])
-@pytest.mark.parametrize("bundle", ["fused", "native-attention"])
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_decode_steps_match_the_module_path(
     family: str, prompt_lens: tuple[int, ...], host_lengths: str, bundle: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    require_native_kernels()
-    fast, modules = _pair(family, CPU_OPS if bundle == "fused" else NATIVE_ATTENTION_ONLY)
+    if bundle != "torch-pass":
+        require_native_kernels()
+    fast, modules = _pair(family, BUNDLES[bundle])
     pool, seqs, caches = _prefilled(fast, prompt_lens)
     calls = _FusedCalls(monkeypatch)
     for step in range(3):  # crosses a block boundary for every prompt length above
@@ -112,8 +120,9 @@ def test_decode_steps_match_the_module_path(
             meta = _with_upper_bound_lengths(meta, 40)
         ids = torch.tensor(random_ids(len(seqs), seed=50 + step))
         _assert_step_matches(fast, modules, ids, positions, meta, caches)
-    fused_rows = bundle == "fused" and len(prompt_lens) <= 4
-    assert calls.layers == ([0, 1] * 3 if fused_rows else [])
+    in_c = bundle == "native-layer" and len(prompt_lens) <= 4
+    assert calls.layers == ([0, 1] * 3 if in_c else [])
+    assert calls.torch_layers == ([] if in_c else [0, 1] * 3)
 
 
 def test_the_native_plan_is_attached_once_per_decode_step_only() -> None:
@@ -133,16 +142,16 @@ def test_prefill_and_other_bundles_never_fuse(monkeypatch: pytest.MonkeyPatch) -
     hf = hf_llama()
     calls = _FusedCalls(monkeypatch)
     _prefilled(ours(hf, ops=CPU_OPS), (5, 3))  # a prefill step
-    for ops in (TORCH_OPS, MODULES_ONLY, NATIVE_ATTENTION_ONLY):
+    for ops in (TORCH_OPS, MODULES_ONLY, cpu_ops(native=True, fused_layers=False)):
         model = ours(hf, ops=ops)
         pool, seqs, caches = _prefilled(model, (5,))
         positions, meta = _decode_step(pool, seqs)
         with torch.no_grad():
             model.forward(torch.tensor([1]), positions, meta, caches)
-    assert calls.layers == []
+    assert calls.layers == calls.torch_layers == []
 
 
-def test_steps_beyond_the_row_limit_run_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_steps_beyond_the_row_limit_take_the_torch_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     require_native_kernels()
     hf = hf_llama()
     two_rows = ours(hf, ops=cpu_ops(native_layer_max_rows=2))
@@ -150,7 +159,7 @@ def test_steps_beyond_the_row_limit_run_the_modules(monkeypatch: pytest.MonkeyPa
     calls = _FusedCalls(monkeypatch)
     positions, meta = _decode_step(pool, seqs)
     _assert_step_matches(two_rows, ours(hf, ops=MODULES_ONLY), torch.tensor([1, 2, 3]), positions, meta, caches)
-    assert calls.layers == []
+    assert calls.layers == [] and calls.torch_layers == [0, 1]
 
 
 def test_unwritten_slot_runs_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,7 +173,7 @@ def test_unwritten_slot_runs_the_modules(monkeypatch: pytest.MonkeyPatch) -> Non
     calls = _FusedCalls(monkeypatch)
     with torch.no_grad():
         model.forward(torch.tensor([3, 4]), positions, meta, caches)
-    assert calls.layers == []
+    assert calls.layers == calls.torch_layers == []
     written = int(slots[0])
     for cache, old in zip(caches, before, strict=True):
         changed = (cache.key != old.key).flatten(1).any(dim=1) | (cache.value != old.value).flatten(1).any(dim=1)
@@ -195,7 +204,7 @@ def test_a_layer_with_an_extra_module_is_never_fused(monkeypatch: pytest.MonkeyP
     calls = _FusedCalls(monkeypatch)
     positions, meta = _decode_step(pool, seqs)
     _assert_step_matches(fast, modules, torch.tensor([9]), positions, meta, caches)
-    assert calls.layers == [0]
+    assert calls.layers == [0] and calls.torch_layers == []
 
 
 def test_a_non_dense_linear_method_is_never_fused() -> None:
@@ -223,7 +232,7 @@ def test_non_float32_models_run_the_modules(monkeypatch: pytest.MonkeyPatch) -> 
         model.forward(torch.tensor(random_ids(5, seed=1)), positions, meta, caches)
         positions, meta = _decode_step(pool, seqs)
         model.forward(torch.tensor([2]), positions, meta, caches)
-    assert calls.layers == []
+    assert calls.layers == calls.torch_layers == []
 
 
 @pytest.mark.parametrize("k_major", [True, False], ids=["k-major", "row-major"])
@@ -313,7 +322,7 @@ def test_native_layer_step_rejects_tensors_that_do_not_fit() -> None:
     pool, seqs, caches = _prefilled(model, (6,))
     positions, meta = _decode_step(pool, seqs)
     meta = CPU_OPS.plan_attention(meta, caches[0], model.config.num_attention_heads)
-    step = model.model._fused_step(positions, meta, caches[0])
+    step = model.model._fused_step(positions, meta, caches)
     assert step is not None and step.covers(0)
     hidden = model.config.hidden_size
     bad = [
@@ -329,7 +338,7 @@ def test_native_layer_step_rejects_tensors_that_do_not_fit() -> None:
             step.run(0, residual, cache)
     bad_slots = AttentionMetadata(**{**meta.__dict__, "slot_mapping": meta.slot_mapping + 64 * BLOCK_SIZE})
     with pytest.raises(ValueError, match="slot_mapping"):
-        model.model._fused_step(positions, bad_slots, caches[0])
+        model.model._fused_step(positions, bad_slots, caches)
     step.run(0, torch.zeros(1, hidden), caches[0])
 
 
@@ -343,4 +352,4 @@ def test_a_layer_not_laid_out_for_the_c_layer_runs_as_modules(monkeypatch: pytes
     calls = _FusedCalls(monkeypatch)
     positions, meta = _decode_step(pool, seqs)
     _assert_step_matches(model, modules, torch.tensor([5]), positions, meta, caches)
-    assert calls.layers == [1]
+    assert calls.layers == [1] and calls.torch_layers == []

@@ -79,10 +79,11 @@ class FusedDecodeBinding(Protocol):
     """A model's fusable layers bound to a fused kernel (weights must stay where they are)."""
 
     def begin(
-        self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+        self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
+        caches: Sequence[KVCache],
     ) -> FusedDecodeStep | None:
-        """The step's fused state, or ``None`` when this step does not fit the kernel (too many rows, no
-        attention plan, another dtype)."""
+        """The step's fused state (every layer's cache checked once), or ``None`` when this step does not fit
+        the kernel (too many rows, no attention plan, another dtype)."""
         ...
 
 

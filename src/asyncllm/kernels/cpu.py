@@ -7,8 +7,9 @@ model writes finite values), so masked padding can be multiplied by zero instead
 ``cpu_ops(native=..., native_layer_max_rows=...)`` makes the bundle: float32 dense weights with at least as
 many outputs as inputs are stored K-major (``prepare_weight``), which the small-batch split GEMV of
 ``linear_cpu`` wants; with ``native`` on, decode attention reads the paged cache in C through a per-step
-plan (``plan_attention``), and fusable layers of steps of a few rows run as one C call each
-(``fused_decode``).
+plan (``plan_attention``); and decode steps run their fusable layers as one flat pass each
+(``fused_decode``, ``kernels.cpu_fused``): one C call per layer for steps of a few rows, a short
+sequence of torch calls otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from asyncllm.kernels.attention import gather_padded_contexts
 from asyncllm.kernels.bundle import KernelOps, no_attention_plan, on_cache
+from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
@@ -180,10 +182,12 @@ def _decode(
     return out.reshape(batch, num_heads, head_dim)
 
 
-def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4) -> KernelOps:
-    """The CPU bundle; ``native`` adds the C kernels' capabilities (see the module docstring)."""
+def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers: bool = True) -> KernelOps:
+    """The CPU bundle; ``native`` adds the C kernels' capabilities, ``fused_layers`` the flat decode pass of
+    fusable layers (see the module docstring). With both off, every step runs as modules."""
     write_kv, paged_attention = on_cache("cpu", write_kv_cpu, paged_attention_cpu)
     kernels = NativeKernels(native_layer_max_rows) if native else None
+    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cpu) if fused_layers else None
     return KernelOps(
         name="cpu+native" if native else "cpu",
         rms_norm=rms_norm_cpu,
@@ -195,7 +199,7 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4) -> KernelOps
         linear=linear_cpu,
         prepare_weight=k_major_layout,
         plan_attention=kernels.plan_attention if kernels is not None else no_attention_plan,
-        fused_decode=kernels,
+        fused_decode=fused,
     )
 
 

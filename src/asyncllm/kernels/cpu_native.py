@@ -65,7 +65,8 @@ class NativeKernels:
         return dataclasses.replace(meta, plan=plan)
 
     def bind(self, layers: Sequence[FusedLayerWeights | None]) -> NativeDecodeLayers | None:
-        """``FusedDecode.bind``: ``None`` when no layer can be bound or the libraries are unavailable."""
+        """The layers bound to the C layer; ``None`` when no layer can be bound or the libraries are
+        unavailable."""
         if self.max_layer_rows == 0 or not any(layer is not None for layer in layers):
             return None
         if self.attention() is None:

@@ -92,72 +92,81 @@ class NativeDecodeLayers:
         return sum(layer is not None for layer in self.layers)
 
     def begin(
-        self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+        self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
+        caches: Sequence[KVCache],
     ) -> NativeDecodeStep | None:
         """The step's shared tables, or ``None`` when it does not fit: more rows than ``max_rows``, no native
-        attention plan, a padded row (slot ``-1``), or a cache other than a plain contiguous float32 one."""
+        attention plan, a padded row (slot ``-1``), or a cache other than a plain contiguous float32 one of
+        the plan's shape. Every cache is checked here, once per step."""
         rows = int(positions.shape[0])
         plan = meta.plan
-        if not 0 < rows <= self.max_rows or not isinstance(plan, DecodeAttentionPlan) or plan.num_heads <= 0:
+        if not 0 < rows <= self.max_rows or not isinstance(plan, DecodeAttentionPlan):
             return None
-        if cache.is_quantized or cache.dtype != torch.float32 or not cache.key.is_contiguous():
+        if plan.seq_lens.shape[0] != rows or len(caches) != len(self.layers):
+            return None
+        if not all(_plain_float32(cache, plan.cache_shape) for cache in caches):
             return None
         slots = meta.slot_mapping
         if slots.device.type != "cpu" or slots.shape != (rows,) or int(slots.min()) < 0:
             return None
-        if int(slots.max()) >= cache.num_blocks * cache.block_size:
-            raise ValueError(f"slot_mapping: must lie in [0, {cache.num_blocks * cache.block_size})")
+        num_blocks, block_size, _, _ = plan.cache_shape
+        if int(slots.max()) >= num_blocks * block_size:
+            raise ValueError(f"slot_mapping: must lie in [0, {num_blocks * block_size})")
         half = cos_sin_cache.shape[-1] // 2
         cos_sin = cos_sin_cache.index_select(0, positions).float()
         cos, sin = cos_sin[:, :half], cos_sin[:, half:]
         return NativeDecodeStep(
-            self, plan, torch.cat((cos, cos), dim=-1).contiguous(), torch.cat((-sin, sin), dim=-1).contiguous(),
+            self, plan, caches, torch.cat((cos, cos), dim=-1).contiguous(), torch.cat((-sin, sin), dim=-1).contiguous(),
             slots.long().contiguous(),
         )
 
 
-class NativeDecodeStep:
-    """One decode step over the bound layers (``FusedDecodeStep``): shared rotary rows, slots and scratch."""
+def _plain_float32(cache: KVCache, shape: tuple[int, int, int, int]) -> bool:
+    return (not cache.is_quantized and cache.dtype == torch.float32 and tuple(cache.shape) == shape
+            and cache.key.is_contiguous() and cache.value.is_contiguous())
 
-    def __init__(self, binding: NativeDecodeLayers, plan: DecodeAttentionPlan, cos: torch.Tensor,
-                 sin: torch.Tensor, slots: torch.Tensor) -> None:
+
+class NativeDecodeStep:
+    """One decode step over the bound layers (``FusedDecodeStep``): the caches checked once, shared rotary
+    rows, slots and scratch, and the C arguments that every layer of the step repeats."""
+
+    def __init__(self, binding: NativeDecodeLayers, plan: DecodeAttentionPlan, caches: Sequence[KVCache],
+                 cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> None:
         self._binding = binding
         self._plan = plan
-        self._cos, self._sin, self._slots = cos, sin, slots
-        self._rows = int(slots.shape[0])
-        if plan.seq_lens.shape[0] != self._rows:
-            raise ValueError(f"plan: laid out for {plan.seq_lens.shape[0]} rows, this step has {self._rows}")
-        self._work: torch.Tensor | None = None
+        self._caches = tuple(caches)
+        self._tensors = (cos, sin, slots)  # kept alive: the C call reads them through raw pointers
+        self._rows = rows = int(slots.shape[0])
+        covered = [bound if bound is not None and bound.weights.num_heads == plan.num_heads
+                   and cos.shape[1] == bound.weights.head_dim else None for bound in binding.layers]
+        self._covered = tuple(covered)
+        sizes = [rows * (b.hidden + (b.weights.num_heads + 2 * b.weights.num_kv_heads) * b.weights.head_dim
+                         + b.weights.num_heads * b.weights.head_dim + 3 * b.inter + b.weights.num_heads * plan.max_len)
+                 for b in covered if b is not None]
+        self._work = torch.empty(max(sizes, default=0), dtype=torch.float32)
+        _num_blocks, block_size, _, _ = plan.cache_shape
+        self._step_args = (cos.data_ptr(), sin.data_ptr(), slots.data_ptr())
+        self._table_args = (plan.block_tables.data_ptr(), plan.seq_lens.data_ptr(), plan.block_tables.shape[1],
+                            block_size, plan.max_len, rows)
 
     def covers(self, layer: int) -> bool:
-        bound = self._binding.layers[layer]
-        return bound is not None and bound.weights.num_heads == self._plan.num_heads and \
-            self._cos.shape[1] == bound.weights.head_dim
+        return self._covered[layer] is not None
 
     def run(self, layer: int, residual: torch.Tensor, cache: KVCache) -> None:
-        bound = self._binding.layers[layer]
+        bound = self._covered[layer]
         if bound is None:
-            raise ValueError(f"layer: {layer} is not bound to the native layer")
-        w, rows, plan = bound.weights, self._rows, self._plan
-        if residual.shape != (rows, bound.hidden) or residual.dtype != torch.float32 or not residual.is_contiguous():
-            raise ValueError(f"residual: expected contiguous float32 [{rows}, {bound.hidden}], got "
+            raise ValueError(f"layer: {layer} is not covered by this fused step")
+        if residual.shape != (self._rows, bound.hidden) or residual.dtype != torch.float32 \
+                or not residual.is_contiguous():
+            raise ValueError(f"residual: expected contiguous float32 [{self._rows}, {bound.hidden}], got "
                              f"{residual.dtype} {tuple(residual.shape)}")
-        if tuple(cache.shape) != plan.cache_shape or cache.dtype != torch.float32 or not cache.key.is_contiguous() \
-                or not cache.value.is_contiguous() or cache.is_quantized:
-            raise ValueError(f"cache: expected a plain contiguous float32 cache of shape {plan.cache_shape}")
-        qkv_width = (w.num_heads + 2 * w.num_kv_heads) * w.head_dim
-        size = rows * (bound.hidden + qkv_width + w.num_heads * w.head_dim + 3 * bound.inter) \
-            + rows * w.num_heads * plan.max_len
-        if self._work is None or self._work.numel() < size:
-            self._work = torch.empty(size, dtype=torch.float32)
-        _num_blocks, block_size, _, _ = plan.cache_shape
+        if cache is not self._caches[layer] and not _plain_float32(cache, self._plan.cache_shape):
+            raise ValueError(f"cache: expected a plain contiguous float32 cache of shape {self._plan.cache_shape}")
+        w = bound.weights
         self._binding._function(
-            residual.data_ptr(), self._work.data_ptr(), *bound.args,
-            self._cos.data_ptr(), self._sin.data_ptr(), self._slots.data_ptr(),
-            cache.key.data_ptr(), cache.value.data_ptr(),
-            plan.block_tables.data_ptr(), plan.seq_lens.data_ptr(), plan.block_tables.shape[1], block_size,
-            plan.max_len, rows, bound.hidden, w.num_heads, w.num_kv_heads, w.head_dim, bound.inter,
-            w.scale, plan.threads,
+            residual.data_ptr(), self._work.data_ptr(), *bound.args, *self._step_args,
+            cache.key.data_ptr(), cache.value.data_ptr(), *self._table_args,
+            bound.hidden, w.num_heads, w.num_kv_heads, w.head_dim, bound.inter, w.scale, self._plan.threads,
         )
 
 

@@ -177,7 +177,7 @@ class LlamaModel(nn.Module):
         kv_caches: Sequence[KVCache],
     ) -> torch.Tensor:
         meta = self.ops.plan_attention(meta, kv_caches[0], self.num_heads)
-        fused = self._fused_step(positions, meta, kv_caches[0]) if meta.is_decode_only else None
+        fused = self._fused_step(positions, meta, kv_caches) if meta.is_decode_only else None
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -193,7 +193,7 @@ class LlamaModel(nn.Module):
         return hidden
 
     def _fused_step(
-        self, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+        self, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVCache]
     ) -> FusedDecodeStep | None:
         """The bundle's fused decode state for this step, binding the fusable layers at the first decode
         step (after the weights are loaded and laid out)."""
@@ -204,7 +204,7 @@ class LlamaModel(nn.Module):
             self._fused = self.ops.fused_decode.bind([layer.fused_weights() for layer in self.layers])
         if self._fused is None:
             return None
-        return self._fused.begin(positions, self.rotary_emb.cos_sin_cache, meta, cache)
+        return self._fused.begin(positions, self.rotary_emb.cos_sin_cache, meta, kv_caches)
 
 
 class LlamaForCausalLM(nn.Module):

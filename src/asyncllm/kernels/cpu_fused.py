@@ -1,0 +1,136 @@
+"""The CPU bundle's ``fused_decode`` capability: fusable layers of a decode step as one flat pass each.
+
+Two implementations read the same ``FusedLayerWeights``:
+
+- the native C layer (``native_layer.NativeDecodeStep``), one call per layer, for steps of up to
+  ``native_layer_max_rows`` rows when the native kernels are built;
+- ``TorchDecodeStep``, the same layer as a short sequence of torch calls on the layer's tensors, for every
+  other decode step. At a few dozen rows a step is still a few weight-streaming matmuls per layer, and the
+  ~15 small ops the modules add around them (residual adds, per-layer rotary tables, KV-write checks,
+  module dispatch) cost ~10 % of a batch-32 step on 2 cores (measured side by side against this pass).
+  It builds the rotary rows once per step, rotates q and k in one ``addcmul``, writes K/V with two
+  ``index_copy_`` and attends through the step's native plan (or the batched torch decode attention).
+
+Both need every slot written (no padding row) and plain float32 caches; any other step runs as modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from asyncllm.kernels.bundle import FusedDecodeStep, FusedLayerWeights, LinearOp
+from asyncllm.kernels.cpu_native import NativeKernels
+from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.native_attention import DecodeAttentionPlan
+from asyncllm.kernels.native_layer import NativeDecodeLayers
+
+
+def _torch_fits(weights: FusedLayerWeights) -> bool:
+    tensors = (weights.qkv, weights.o, weights.gate_up, weights.down, weights.input_norm, weights.post_norm)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and weights.head_dim % 2 == 0
+
+
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+
+
+class CpuFusedDecode:
+    """``FusedDecode`` for the CPU bundle: binds the native layer where available, the torch pass always.
+    ``linear`` and ``attend`` are the bundle's own linear and tensor-level paged attention."""
+
+    def __init__(self, native: NativeKernels | None, linear: LinearOp, attend: DecodeAttention) -> None:
+        self._native = native
+        self._linear = linear
+        self._attend = attend
+
+    def bind(self, layers: Sequence[FusedLayerWeights | None]) -> CpuFusedBinding | None:
+        torch_layers = tuple(w if w is not None and _torch_fits(w) else None for w in layers)
+        if not any(w is not None for w in torch_layers):
+            return None
+        native = self._native.bind(layers) if self._native is not None else None
+        return CpuFusedBinding(torch_layers, native, self._linear, self._attend)
+
+
+class CpuFusedBinding:
+    """A model's fusable layers bound to both passes (``FusedDecodeBinding``)."""
+
+    def __init__(self, layers: tuple[FusedLayerWeights | None, ...], native: NativeDecodeLayers | None,
+                 linear: LinearOp, attend: DecodeAttention) -> None:
+        self.layers = layers
+        self.native = native
+        self._linear = linear
+        self._attend = attend
+
+    def begin(
+        self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
+        caches: Sequence[KVCache],
+    ) -> FusedDecodeStep | None:
+        if self.native is not None:
+            step = self.native.begin(positions, cos_sin_cache, meta, caches)
+            if step is not None:
+                return step
+        rows = int(positions.shape[0])
+        slots = meta.slot_mapping
+        if rows == 0 or slots.device.type != "cpu" or int(slots.min()) < 0 or len(caches) != len(self.layers):
+            return None
+        if any(c.is_quantized or c.dtype != torch.float32 or c.device.type != "cpu" for c in caches):
+            return None
+        return TorchDecodeStep(self.layers, self._linear, self._attend, positions, cos_sin_cache, meta, caches)
+
+
+class TorchDecodeStep:
+    """One decode step's fusable layers as flat torch passes (see the module docstring)."""
+
+    def __init__(self, layers: tuple[FusedLayerWeights | None, ...], linear: LinearOp, attend: DecodeAttention,
+                 positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
+                 caches: Sequence[KVCache]) -> None:
+        self._layers = layers
+        self._linear = linear
+        self._attend = attend
+        self._meta = meta
+        self._caches = tuple(caches)
+        half = cos_sin_cache.shape[-1] // 2
+        cos_sin = cos_sin_cache.index_select(0, positions).float()
+        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+        self._cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [rows, 1, D]: [cos | cos]
+        self._sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # [rows, 1, D]: [-sin | sin]
+        self._slots = meta.slot_mapping.long()
+        self._plan = meta.plan if isinstance(meta.plan, DecodeAttentionPlan) else None
+
+    def covers(self, layer: int) -> bool:
+        weights = self._layers[layer]
+        return weights is not None and weights.head_dim == self._cos.shape[-1] and \
+            (self._plan is None or self._plan.num_heads == weights.num_heads)
+
+    def run(self, layer: int, residual: torch.Tensor, cache: KVCache) -> None:
+        w = self._layers[layer]
+        if w is None:
+            raise ValueError(f"layer: {layer} is not fusable")
+        if cache is not self._caches[layer] and (cache.is_quantized or cache.dtype != torch.float32):
+            raise ValueError("cache: expected a plain float32 cache")
+        linear = self._linear
+        rows, hidden_size = residual.shape
+        heads, kv_heads, head_dim = w.num_heads, w.num_kv_heads, w.head_dim
+        qk_width = (heads + kv_heads) * head_dim
+        hidden = F.rms_norm(residual, (hidden_size,), w.input_norm, w.eps)
+        qkv = linear(hidden, w.qkv, w.qkv_bias)
+        qk = qkv[:, :qk_width].view(rows, heads + kv_heads, head_dim)
+        # q and k are adjacent in the fused output: rotate both at once (neox rotate-half as a roll)
+        rotated = torch.addcmul(qk * self._cos, qk.roll(head_dim // 2, -1), self._sin)
+        values = qkv[:, qk_width:].view(rows, kv_heads, head_dim)
+        cache.key.view(-1, kv_heads, head_dim).index_copy_(0, self._slots, rotated[:, heads:])
+        cache.value.view(-1, kv_heads, head_dim).index_copy_(0, self._slots, values)
+        queries = rotated[:, :heads]
+        if self._plan is not None:
+            attn = self._plan.run(queries, cache.key, cache.value, w.scale)
+        else:
+            attn = self._attend(queries.contiguous(), cache.key, cache.value, self._meta, w.scale)
+            attn = attn.reshape(rows, heads * head_dim)
+        residual.add_(linear(attn, w.o, w.o_bias))
+        hidden = F.rms_norm(residual, (hidden_size,), w.post_norm, w.eps)
+        gate_up = linear(hidden, w.gate_up, w.gate_up_bias)
+        inter = gate_up.shape[1] // 2
+        residual.add_(linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down, w.down_bias))
