@@ -8,7 +8,6 @@ metadata carries the vocabulary, merges, special tokens and chat template. Strea
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import tokenizers
 
 from asyncllm.chat_template import compile_chat_template, validate_messages
 from asyncllm.detokenizer import IncrementalDetokenizer
+from asyncllm.json_files import read_json_object
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
 
@@ -276,18 +276,6 @@ def _is_token_id(value: object, vocab_size: int) -> bool:
 # ---------------------------------------------------------------------- Hugging Face directories
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path.name}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path.name}: expected a JSON object")
-    return data
-
-
 def _token_content(value: Any) -> str | None:
     """A special token as ``tokenizer_config.json`` spells it: a string or an ``AddedToken`` dict."""
     if isinstance(value, str):
@@ -309,9 +297,9 @@ def _pick_chat_template(value: Any) -> str | None:
 
 
 def _load_hf_directory(directory: Path) -> Tokenizer:
-    config = _read_json(directory / "tokenizer_config.json")
-    special_map = _read_json(directory / "special_tokens_map.json")
-    generation = _read_json(directory / "generation_config.json")
+    config = read_json_object(directory / "tokenizer_config.json", missing_ok=True)
+    special_map = read_json_object(directory / "special_tokens_map.json", missing_ok=True)
+    generation = read_json_object(directory / "generation_config.json", missing_ok=True)
     if (directory / "tokenizer.json").is_file():
         backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     elif (directory / "tokenizer.model").is_file():
@@ -332,7 +320,8 @@ def _load_hf_directory(directory: Path) -> Tokenizer:
     if template_file.is_file():
         chat_template = template_file.read_text(encoding="utf-8")
     else:
-        chat_template = _pick_chat_template(_read_json(directory / "chat_template.json").get("chat_template"))
+        stored = read_json_object(directory / "chat_template.json", missing_ok=True)
+        chat_template = _pick_chat_template(stored.get("chat_template"))
         if chat_template is None:
             chat_template = _pick_chat_template(config.get("chat_template"))
 

@@ -6,15 +6,14 @@ what the caller keeps. ``.bin`` (pickle) checkpoints are refused: they can execu
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from asyncllm.json_files import read_json_object
 from asyncllm.loaders.checkpoint import Checkpoint
 
 CONFIG_FILE = "config.json"
@@ -45,16 +44,6 @@ class SafetensorsSource:
                     position += 1
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _file_keys(path: pathlib.Path) -> list[str]:
     with safe_open(str(path), framework="pt") as handle:
         return list(handle.keys())
@@ -62,7 +51,7 @@ def _file_keys(path: pathlib.Path) -> list[str]:
 
 def _sharded_source(directory: pathlib.Path) -> SafetensorsSource:
     index_path = directory / INDEX_FILE
-    weight_map = _read_json(index_path).get("weight_map")
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no 'weight_map' object naming the tensors' shard files")
     shard_names = list(dict.fromkeys(str(shard) for shard in weight_map.values()))
@@ -106,6 +95,6 @@ def load_hf_dir(directory: pathlib.Path) -> Checkpoint:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; it is not a Hugging Face model directory")
-    hf_config = _read_json(config_path)
+    hf_config = read_json_object(config_path)
     source = _weights_source(directory)
     return Checkpoint(hf_config=hf_config, local_path=directory, format="hf", source=source)
