@@ -16,7 +16,7 @@ import torch
 
 from asyncllm.detokenizer import IncrementalDetokenizer
 from asyncllm.outputs import Usage
-from asyncllm.sampling import RequestSampling, SamplingParams, check_token_ids
+from asyncllm.sampling import RequestSampling, SamplingParams, check_bans, check_token_ids
 from asyncllm.scheduler import ScheduledChunk, Scheduler
 from asyncllm.sequence import FinishReason, SequenceState
 from asyncllm.streams import OutputChannel
@@ -72,9 +72,9 @@ class Request:
         device: torch.device,
         session_id: Hashable | None = None,
     ) -> Request:
-        """Check that the prompt and ``max_tokens`` fit ``max_model_len`` and that the params' token ids are
-        in the vocabulary (``ValueError`` otherwise), and build the request. Without ``max_tokens`` a
-        request may run up to ``max_model_len``."""
+        """Check that the prompt and ``max_tokens`` fit ``max_model_len``, that the params' token ids are in
+        the vocabulary and that ``min_tokens`` bans leave something to sample (``ValueError`` otherwise), and
+        build the request. Without ``max_tokens`` a request may run up to ``max_model_len``."""
         if len(token_ids) >= max_model_len:
             raise ValueError(
                 f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len={max_model_len}"
@@ -86,13 +86,15 @@ class Request:
                 f"max_model_len={max_model_len}"
             )
         check_token_ids(params, vocab_size)
+        check_bans(params, eos_token_ids, vocab_size)
         max_new = params.max_tokens if params.max_tokens is not None else room
         seq = SequenceState(request_id, list(token_ids), params, max_total_tokens=len(token_ids) + max_new,
                             session_id=session_id)
         channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)
         detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=token_ids,
                                              skip_special_tokens=params.skip_special_tokens, stop=params.stop)
-        sampling = RequestSampling.create(params, eos_token_ids=eos_token_ids, device=device)
+        sampling = RequestSampling.create(params, eos_token_ids=eos_token_ids, device=device,
+                                          vocab_size=vocab_size)
         return cls(seq, channel, detokenizer, sampling)
 
     def accept(self, token: int, eos_token_ids: frozenset[int], max_model_len: int) -> tuple[str, FinishReason | None]:

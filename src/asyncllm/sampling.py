@@ -16,6 +16,12 @@ logits' device, applying in this order:
    tokens whose probability is below ``min_p`` times the most likely one's. One token is drawn from the
    renormalised remainder. Tokens tied with the last one a filter keeps may or may not be kept.
 
+A row left without any finite processed logit (NaN counts as ``-inf``; ``+inf`` as the largest float32)
+cannot come from validated params on finite logits (see ``SamplingParams``' bounds and
+``sampling_rows.check_bans``); if one does (e.g. a model producing NaN), that row alone falls back to the
+argmax of its raw logits (NaN as ``-inf``, so id 0 when the raw row holds nothing else), and the rest of the batch
+is sampled as usual: no parameter or logit value makes the call raise.
+
 Logprobs (``SamplerOutput.logprobs``) describe the model's raw distribution: ``log_softmax`` of the logits
 as given, before any of the steps above.
 
@@ -33,25 +39,48 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.sampling_params import MAX_ABS_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams, _fail
-from asyncllm.sampling_rows import RequestSampling, SamplingRow, check_token_ids, min_tokens_blocked_ids
+from asyncllm.sampling_params import (
+    GREEDY_TEMPERATURE_EPSILON,
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PRESENCE_FREQUENCY,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+    _fail,
+)
+from asyncllm.sampling_rows import (
+    RequestSampling,
+    SamplingRow,
+    check_bans,
+    check_token_ids,
+    min_tokens_blocked_ids,
+)
 from asyncllm.sampling_search import candidate_cutoff, inverse_cdf, pick, top_p_cutoff_by_buckets
 
 __all__ = [
+    "GREEDY_TEMPERATURE_EPSILON",
     "MAX_ABS_LOGIT_BIAS",
+    "MAX_ABS_PRESENCE_FREQUENCY",
     "MAX_LOGPROBS",
+    "MAX_REPETITION_PENALTY",
+    "MAX_TEMPERATURE",
+    "MIN_REPETITION_PENALTY",
     "RequestSampling",
     "Sampler",
     "SamplerOutput",
     "SamplingParams",
     "SamplingRow",
     "TokenLogprobs",
+    "check_bans",
     "check_token_ids",
     "min_tokens_blocked_ids",
     "process_logits",
 ]
 
 _TOP_P_CANDIDATES = 64  # how many of a row's largest logits are searched first for its top-p set
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -288,7 +317,8 @@ class Sampler:
     them; top-k/top-p search a partial selection (``topk``) of each row, and a row whose top-p set is larger
     than that falls back to bucketing by probability instead of sorting; rows with neither skip selection.
 
-    Precondition: every row keeps at least one finite logit after bans.
+    A row without any finite logit after bans and penalties takes the argmax of its raw logits instead
+    (see the module docstring); no row's values make the call raise for the batch.
     """
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
@@ -306,9 +336,21 @@ class Sampler:
     @staticmethod
     def _choose(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None
                 ) -> torch.Tensor:
-        device = logits.device
         x = logits.to(torch.float32, copy=True)
         _apply_processors(x, rows)
+        x.nan_to_num_(nan=float("-inf"), posinf=_FLOAT32_MAX, neginf=float("-inf"))
+        # Rows left without a finite logit are sampled from zeros (never raising) and replaced below by
+        # their raw argmax; no host sync is needed to find them.
+        stuck = (x == float("-inf")).all(dim=1)
+        x.masked_fill_(stuck.unsqueeze(1), 0.0)
+        tokens = Sampler._pick(x, rows, generator)
+        fallback = logits.to(torch.float32).nan_to_num(nan=float("-inf")).argmax(dim=-1)
+        return torch.where(stuck, fallback, tokens)
+
+    @staticmethod
+    def _pick(x: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None
+              ) -> torch.Tensor:
+        device = x.device
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         shared = [i for i, row in enumerate(rows) if not row.params.is_greedy and row.generator is None]

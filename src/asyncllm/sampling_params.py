@@ -17,6 +17,20 @@ MAX_LOGPROBS = 20
 """The largest number of top alternatives ``SamplingParams.logprobs`` may ask for."""
 
 MAX_ABS_LOGIT_BIAS = 100.0
+"""``logit_bias`` values lie in ``[-MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS]``."""
+
+GREEDY_TEMPERATURE_EPSILON = 1e-5
+"""Temperatures below this (subnormals included) sample greedily: dividing float32 logits by them would
+overflow. A temperature of at least this is applied as given."""
+
+MAX_TEMPERATURE = 1e4
+"""The largest temperature accepted (far flatter than any use needs; its float32 is finite)."""
+
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+"""``repetition_penalty`` lies in this range: dividing or multiplying a float32 logit by it stays finite."""
+
+MAX_ABS_PRESENCE_FREQUENCY = 2.0
+"""``presence_penalty`` and ``frequency_penalty`` lie in ``[-2, 2]`` (OpenAI's range)."""
 _SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
 
 
@@ -102,9 +116,13 @@ class SamplingParams:
 
     ``max_tokens``: tokens to generate at most (``None``: until the model's context is full); ``>= 1``.
     ``min_tokens``: EOS and ``stop_token_ids`` are banned until this many tokens exist; ``<= max_tokens``.
-    ``temperature``: ``>= 0``; ``0`` means greedy. ``top_p`` in ``(0, 1]``; ``top_k``: ``0`` disables it and
+    ``temperature``: in ``[0, 1e4]``; below ``GREEDY_TEMPERATURE_EPSILON`` (``1e-5``) it means greedy, so
+    ``0`` and tiny or subnormal values all take the argmax. ``top_p`` in ``(0, 1]``; ``top_k``: ``0`` disables it and
     ``-1`` is accepted as a synonym (normalised to ``0``), otherwise ``>= 1``. ``min_p`` in ``[0, 1]``.
-    ``repetition_penalty > 0``; ``presence_penalty`` and ``frequency_penalty`` in ``[-2, 2]``.
+    ``repetition_penalty`` in ``[0.01, 100]``; ``presence_penalty`` and ``frequency_penalty`` in ``[-2, 2]``.
+    These bounds keep every processed float32 logit finite, so no valid request can leave its row
+    without a token to choose (bans covering the whole vocabulary are refused at submission, where the
+    vocabulary is known; see ``asyncllm.sampling_rows.check_bans``).
     ``seed``: makes the request's sampling reproducible (any value ``torch.Generator.manual_seed`` takes).
     ``stop``: strings that end generation; a single str or a list is normalised to a tuple, empty strings
     are rejected. ``stop_token_ids``: token ids that end generation (a tuple after construction).
@@ -150,9 +168,11 @@ class SamplingParams:
             _fail("min_tokens", f"must be <= max_tokens ({max_tokens}), got {min_tokens}")
         put("min_tokens", min_tokens)
 
-        temperature = _as_float("temperature", self.temperature)
+        temperature = _as_float("temperature", self.temperature) + 0.0  # -0.0 becomes 0.0
         if temperature < 0:
             _fail("temperature", f"must be >= 0, got {self.temperature!r}")
+        if temperature > MAX_TEMPERATURE:
+            _fail("temperature", f"must be <= {MAX_TEMPERATURE:g}, got {self.temperature!r}")
         put("temperature", temperature)
         top_p = _as_float("top_p", self.top_p)
         _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
@@ -165,12 +185,11 @@ class SamplingParams:
         _in_range("min_p", min_p, 0.0, 1.0)
         put("min_p", min_p)
         repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
-        if repetition_penalty <= 0:
-            _fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        _in_range("repetition_penalty", repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
         put("repetition_penalty", repetition_penalty)
         for name in ("presence_penalty", "frequency_penalty"):
             penalty = _as_float(name, getattr(self, name))
-            _in_range(name, penalty, -2.0, 2.0)
+            _in_range(name, penalty, -MAX_ABS_PRESENCE_FREQUENCY, MAX_ABS_PRESENCE_FREQUENCY)
             put(name, penalty)
 
         seed = _as_optional_int("seed", self.seed)
@@ -204,8 +223,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """True when the token is always the argmax of the processed logits (temperature 0 or top_k 1)."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when the token is always the argmax of the processed logits (temperature below
+        ``GREEDY_TEMPERATURE_EPSILON`` or top_k 1)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPSILON or self.top_k == 1
 
     @property
     def has_logit_processors(self) -> bool:

@@ -53,12 +53,28 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
             raise ValueError(f"logit_bias: token {token} is outside the vocabulary [0, {vocab_size})")
 
 
-def min_tokens_blocked_ids(params: SamplingParams, eos_token_ids: Iterable[int]) -> tuple[int, ...]:
+def check_bans(params: SamplingParams, eos_token_ids: Iterable[int], vocab_size: int) -> None:
+    """Raise ``ValueError`` naming ``min_tokens`` and ``stop_token_ids`` when the ids banned until
+    ``min_tokens`` outputs exist (EOS plus ``stop_token_ids``) cover the whole vocabulary ``[0, vocab_size)``:
+    such a row would have nothing left to sample. (``logit_bias`` cannot ban: its values are bounded.)"""
+    if params.min_tokens and len(min_tokens_blocked_ids(params, eos_token_ids, vocab_size)) >= vocab_size:
+        raise ValueError(
+            f"min_tokens, stop_token_ids: with min_tokens={params.min_tokens}, EOS and stop_token_ids ban "
+            f"every one of the {vocab_size} tokens; nothing could be sampled"
+        )
+
+
+def min_tokens_blocked_ids(params: SamplingParams, eos_token_ids: Iterable[int],
+                           vocab_size: int | None = None) -> tuple[int, ...]:
     """The ids a request bans while it has fewer than ``params.min_tokens`` output tokens: the EOS ids plus
-    ``params.stop_token_ids``, sorted; ``()`` when ``min_tokens`` is 0."""
+    ``params.stop_token_ids``, sorted; ``()`` when ``min_tokens`` is 0. With ``vocab_size``, ids outside
+    ``[0, vocab_size)`` (an EOS id the model cannot produce) are left out."""
     if not params.min_tokens:
         return ()
-    return tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids)))
+    ids = set(eos_token_ids) | set(params.stop_token_ids)
+    if vocab_size is not None:
+        ids = {token for token in ids if 0 <= token < vocab_size}
+    return tuple(sorted(ids))
 
 
 @dataclass(eq=False)
@@ -72,13 +88,16 @@ class RequestSampling:
 
     @classmethod
     def create(
-        cls, params: SamplingParams, *, eos_token_ids: Iterable[int], device: torch.device
+        cls, params: SamplingParams, *, eos_token_ids: Iterable[int], device: torch.device,
+        vocab_size: int | None = None,
     ) -> RequestSampling:
+        """``vocab_size``: when given, bans outside the vocabulary are dropped (see
+        ``min_tokens_blocked_ids``)."""
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
-        return cls(params, generator, min_tokens_blocked_ids(params, eos_token_ids))
+        return cls(params, generator, min_tokens_blocked_ids(params, eos_token_ids, vocab_size))
 
     def row(self, token_ids: Sequence[int], num_prompt_tokens: int) -> SamplingRow:
         """The row for sampling the token after ``token_ids`` (prompt, then output). The token history is

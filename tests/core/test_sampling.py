@@ -499,3 +499,91 @@ def test_params_token_ids_are_checked_against_the_vocabulary() -> None:
         sampling.check_token_ids(SamplingParams(stop_token_ids=[10]), 10)
     with pytest.raises(ValueError, match=r"^logit_bias"):
         sampling.check_token_ids(SamplingParams(logit_bias={10: 1.0}), 10)
+
+
+# ------------------------------------------------------------------ extreme values and finite choices
+@pytest.mark.parametrize("value", [1e-46, 5e-324, 1e-300, 9.99e-6, 0.0, -0.0])
+def test_temperatures_below_the_epsilon_are_greedy(value: float) -> None:
+    params = SamplingParams(temperature=value)
+    assert params.is_greedy and params.temperature >= 0.0
+    assert not SamplingParams(temperature=sampling.GREEDY_TEMPERATURE_EPSILON).is_greedy
+    logits = torch.randn(3, 40)
+    out = Sampler()(logits, [row(params), row(SamplingParams(temperature=value, presence_penalty=1.0),
+                                              output=[int(logits[1].argmax())]),
+                             row(SamplingParams(temperature=0.7, seed=1))])
+    assert out.token_ids[0] == int(logits[0].argmax())
+    expected = logits[1].clone()
+    expected[int(logits[1].argmax())] -= 1.0
+    assert out.token_ids[1] == int(expected.argmax())
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [
+    ("temperature", 0.0, sampling.MAX_TEMPERATURE),
+    ("repetition_penalty", sampling.MIN_REPETITION_PENALTY, sampling.MAX_REPETITION_PENALTY),
+    ("presence_penalty", -2.0, 2.0),
+    ("frequency_penalty", -2.0, 2.0),
+])
+def test_penalty_and_temperature_bounds_are_inclusive_and_enforced(name: str, low: float, high: float) -> None:
+    SamplingParams(**{name: low})
+    SamplingParams(**{name: high})
+    for bad in (math.nextafter(high, INF), 1e300, -1e300 if low >= 0 else math.nextafter(low, -INF)):
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            SamplingParams(**{name: bad})
+    if name == "repetition_penalty":
+        for bad in (1e-46, 5e-324, math.nextafter(low, 0.0)):
+            with pytest.raises(ValueError, match=r"^repetition_penalty: "):
+                SamplingParams(repetition_penalty=bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    temperature=st.sampled_from([0.0, 5e-324, 1e-46, 1e-5, 0.3, 1.0, 1e4]),
+    repetition_penalty=st.sampled_from([0.01, 1.0, 100.0]),
+    presence=st.sampled_from([-2.0, 0.0, 2.0, 5e-324]),
+    frequency=st.sampled_from([-2.0, 0.0, 2.0]),
+    bias=st.sampled_from([None, -100.0, 100.0, 5e-324]),
+    top_p=st.sampled_from([5e-324, 1e-300, 0.5, 1.0]),
+    min_p=st.sampled_from([0.0, 5e-324, 1.0]),
+    top_k=st.sampled_from([0, 1, 3]),
+    scale=st.sampled_from([1.0, 1e30, 1e-30]),
+    seed=st.integers(0, 2**16),
+)
+def test_every_valid_params_row_gets_a_token_it_allows(temperature: float, repetition_penalty: float,
+                                                        presence: float, frequency: float, bias: float | None,
+                                                        top_p: float, min_p: float, top_k: int, scale: float,
+                                                        seed: int) -> None:
+    vocab = 30
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, vocab, generator=gen) * scale
+    params = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty, top_p=top_p,
+                            presence_penalty=presence, frequency_penalty=frequency, min_p=min_p, top_k=top_k,
+                            min_tokens=4, logit_bias=None if bias is None else dict.fromkeys(range(vocab), bias))
+    blocked = list(range(vocab - 1))  # only the last id may be chosen while min_tokens is unmet
+    rows = [row(params, prompt=list(range(vocab)), output=[1, 1, 2], blocked=blocked),
+            row(SamplingParams(temperature=0.0))]
+    out = Sampler()(logits, rows, torch.Generator().manual_seed(seed))
+    assert out.token_ids == [vocab - 1, int(logits[1].argmax())]
+
+
+def test_a_row_without_any_finite_logit_falls_back_to_its_raw_argmax_alone() -> None:
+    logits = torch.randn(4, 20)
+    logits[1] = NAN
+    logits[2, 5] = INF
+    rows = [row(SamplingParams(temperature=0.0)),
+            row(SamplingParams(temperature=0.8)),
+            row(SamplingParams(temperature=0.8, min_tokens=1), blocked=range(20)),  # bans every id
+            row(SamplingParams(temperature=0.0, presence_penalty=1.0), output=[3])]
+    out = Sampler()(logits, rows, torch.Generator().manual_seed(0))
+    reference = logits[3].clone()
+    reference[3] -= 1.0
+    assert out.token_ids == [int(logits[0].argmax()), 0, 5, int(reference.argmax())]
+
+
+def test_bans_covering_the_vocabulary_are_refused_naming_the_fields() -> None:
+    params = SamplingParams(min_tokens=1, stop_token_ids=list(range(1, 10)))
+    with pytest.raises(ValueError, match=r"^min_tokens, stop_token_ids: "):
+        sampling.check_bans(params, [0], 10)
+    sampling.check_bans(params, [0], 11)  # id 10 is still allowed
+    sampling.check_bans(dataclasses.replace(params, min_tokens=0), [0], 10)  # no bans without min_tokens
+    # an EOS id outside the vocabulary neither counts as a ban nor reaches the sampler
+    assert sampling.min_tokens_blocked_ids(params, [0, 99], 10) == tuple(range(10))
