@@ -6,7 +6,7 @@
 """
 
 from asyncllm.config import EngineConfig, ModelConfig
-from asyncllm.engine import AsyncEngine, EngineClosedError, EngineStats
+from asyncllm.engine import AsyncEngine, EngineClosedError, EngineStats, StepFailedError
 from asyncllm.outputs import Completion, StepOutput, Usage
 from asyncllm.sampling import SamplingParams, TokenLogprobs
 from asyncllm.session import Session, SessionBusyError, SessionClosedError
@@ -24,6 +24,7 @@ __all__ = [
     "Session",
     "SessionBusyError",
     "SessionClosedError",
+    "StepFailedError",
     "StepOutput",
     "TextStream",
     "TokenLogprobs",

@@ -26,8 +26,9 @@ from asyncllm.outputs import Completion
 from asyncllm.request import Message, Prompt, Request, SessionFlushes, encode_prompt
 from asyncllm.runner import ModelRunner
 from asyncllm.sampling import SamplingParams, SamplingRow
-from asyncllm.scheduler import Scheduler, SchedulerStep
+from asyncllm.scheduler import ScheduledChunk, Scheduler, SchedulerStep
 from asyncllm.sequence import FinishReason
+from asyncllm.step_isolation import StepFailedError, run_step, step_error
 from asyncllm.streams import RequestStream, TextStream, call_in_loop
 from asyncllm.tokenizer import Tokenizer
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asyncllm")
 T = TypeVar("T")
 
-__all__ = ["AsyncEngine", "EngineClosedError", "EngineStats", "Message", "Prompt"]
+__all__ = ["AsyncEngine", "EngineClosedError", "EngineStats", "Message", "Prompt", "StepFailedError"]
 
 
 class EngineClosedError(RuntimeError):
@@ -314,19 +315,17 @@ class AsyncEngine:
                     self._reject_stuck_head()
                     await asyncio.sleep(0)
                     continue
-                rows = self._sampling_rows(step)
-                try:
-                    output = await self._loop.run_in_executor(self._executor, self._runner.step, step.chunks, rows)
-                except Exception as error:  # a failed step fails its requests; others keep being served
-                    logger.exception("model step failed")
-                    for chunk in step.chunks:
-                        if chunk.seq.flush_only:
-                            self._flushes.end(chunk.seq, keep=False)
-                        self._fail_request(chunk.seq.request_id, error)
-                    continue
-                self._scheduler.on_step_done(step.chunks)
-                self._process(step, output)
-                self._flushes.complete(step.chunks)
+                # A failing step is rerun without the chunks that fail it (step_isolation): only those fail.
+                result = await self._loop.run_in_executor(
+                    self._executor, run_step, self._runner.step, step.chunks, self._sampling_rows(step))
+                for chunk, error in result.failed:
+                    logger.error("model step failed for %s", chunk.seq.request_id, exc_info=error)
+                    if chunk.seq.flush_only:
+                        self._flushes.end(chunk.seq, keep=False)
+                    self._fail_request(chunk.seq.request_id, step_error(chunk.seq.request_id, error))
+                self._scheduler.on_step_done(result.chunks)
+                self._process(result.chunks, result.output)
+                self._flushes.complete(result.chunks)
                 await asyncio.sleep(0)
         except asyncio.CancelledError:
             # the event loop is shutting down (e.g. asyncio.run ending without aclose): a close, not a failure
@@ -344,9 +343,9 @@ class AsyncEngine:
         return [self._requests[chunk.seq.request_id].sampling.row(chunk.seq.token_ids, chunk.seq.num_prompt_tokens)
                 for chunk in step.chunks if chunk.samples]
 
-    def _process(self, step: SchedulerStep, output: Any) -> None:
+    def _process(self, chunks: Sequence[ScheduledChunk], output: Any) -> None:
         sampled = iter(zip(output.token_ids, output.logprobs, strict=True))
-        for chunk in step.chunks:
+        for chunk in chunks:
             if not chunk.samples:
                 continue
             token, logprob = next(sampled)
