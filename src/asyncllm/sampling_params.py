@@ -117,12 +117,13 @@ class SamplingParams:
     ``max_tokens``: tokens to generate at most (``None``: until the model's context is full); ``>= 1``.
     ``min_tokens``: EOS and ``stop_token_ids`` are banned until this many tokens exist; ``<= max_tokens``.
     ``temperature``: in ``[0, 1e4]``; below ``GREEDY_TEMPERATURE_EPSILON`` (``1e-5``) it means greedy, so
-    ``0`` and tiny or subnormal values all take the argmax. ``top_p`` in ``(0, 1]``; ``top_k``: ``0`` disables it and
-    ``-1`` is accepted as a synonym (normalised to ``0``), otherwise ``>= 1``. ``min_p`` in ``[0, 1]``.
-    ``repetition_penalty`` in ``[0.01, 100]``; ``presence_penalty`` and ``frequency_penalty`` in ``[-2, 2]``.
-    These bounds keep every processed float32 logit finite, so no valid request can leave its row
-    without a token to choose (bans covering the whole vocabulary are refused at submission, where the
-    vocabulary is known; see ``asyncllm.sampling_rows.check_bans``).
+    ``0`` and tiny or subnormal values all take the argmax. ``top_p`` in ``(0, 1]``; ``top_k``: ``0``
+    disables it and ``-1`` is accepted as a synonym (normalised to ``0``), otherwise ``>= 1``. ``min_p`` in
+    ``[0, 1]``. ``repetition_penalty`` in ``[0.01, 100]``; ``presence_penalty`` and ``frequency_penalty``
+    in ``[-2, 2]``. For finite model logits below ``1e36`` in magnitude these bounds keep every processed
+    float32 logit finite, so no valid request leaves its row without a token to choose (bans covering the
+    whole vocabulary are refused at submission, where the vocabulary is known: see
+    ``asyncllm.sampling_rows.check_bans``; the sampler's fallback covers anything else).
     ``seed``: makes the request's sampling reproducible (any value ``torch.Generator.manual_seed`` takes).
     ``stop``: strings that end generation; a single str or a list is normalised to a tuple, empty strings
     are rejected. ``stop_token_ids``: token ids that end generation (a tuple after construction).
