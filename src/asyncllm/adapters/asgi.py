@@ -94,6 +94,8 @@ class OpenAIServer:
         self.engine = engine
         self.settings = settings
         self.sessions = SessionRegistry(engine, max_sessions=settings.max_sessions,
+                                        max_sessions_per_key=settings.max_sessions_per_key
+                                        if settings.api_keys else None,
                                         idle_timeout=settings.session_idle_timeout,
                                         clock=clock or time.monotonic)
         self.metrics = ServerMetrics(engine, lambda: len(self.sessions), clock=clock or time.perf_counter)
@@ -188,6 +190,13 @@ class OpenAIServer:
             raise unavailable(f"the server is overloaded ({limit} requests waiting); retry later",
                               "overloaded", retry_after=1)
 
+    def _check_max_tokens_limit(self, req: GenerationRequest) -> None:
+        limit, asked = self.settings.max_tokens_limit, req.params.max_tokens
+        if limit is not None and asked is not None and asked > limit:
+            field = req.max_tokens_field
+            raise invalid(f"{field}: this server allows at most {limit} completion tokens per request, but "
+                          f"{asked} were requested", field)
+
     async def _body(self, request: Request) -> Any:
         return ensure_object(await read_json(request, self.settings.max_body_bytes))
 
@@ -204,6 +213,7 @@ class OpenAIServer:
         body = await self._body(request)
         req = parse_chat_request(body, self.limits) if chat else parse_completion_request(body, self.limits)
         self._check_model(req.model)
+        self._check_max_tokens_limit(req)
         await self._engine_ready()
         self._check_load()
         renames = {"prompt": "messages"} if chat else {}

@@ -2,11 +2,18 @@
 
 API keys come from ``--api-key`` (repeatable) and from the ``ASYNCLLM_API_KEYS`` environment variable
 (comma-separated), which keeps them out of the process list.
+
+Shutdown (SIGTERM or Ctrl-C): the listening socket closes at once and idle keep-alive connections are
+closed; requests in flight get ``--shutdown-grace`` seconds to finish. Then the engine is closed, which ends
+every stream still open with an error event and ``data: [DONE]`` (a non-streamed request gets 503), and the
+process exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -15,6 +22,12 @@ from pathlib import Path
 from typing import Any
 
 API_KEYS_ENV = "ASYNCLLM_API_KEYS"
+DEFAULT_MAX_TOKENS = 512
+"""The completion limit of a request that gives no ``max_tokens`` (``--default-max-tokens``)."""
+DEFAULT_SHUTDOWN_GRACE = 10.0
+"""Seconds in-flight requests get to finish after SIGTERM before their streams are ended."""
+FLUSH_AFTER_GRACE = 5.0
+"""Seconds, after the grace period, for the final error events to reach clients before tasks are cancelled."""
 
 
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,9 +45,19 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--max-waiting", type=int, default=1024,
                        help="answer 503 while this many requests are queued (0: no limit)")
-    serve.add_argument("--max-sessions", type=int, default=256)
+    serve.add_argument("--max-sessions", type=int, default=256,
+                       help="open server-side sessions in all (default 256)")
+    serve.add_argument("--max-sessions-per-key", type=int, default=64,
+                       help="open sessions per API key (default 64; without keys only --max-sessions applies)")
     serve.add_argument("--session-idle-timeout", type=float, default=900.0, help="seconds")
-    serve.add_argument("--default-max-tokens", type=int, default=None)
+    serve.add_argument("--default-max-tokens", type=int, default=None,
+                       help=f"completion limit when a request gives none (default {DEFAULT_MAX_TOKENS}, "
+                            f"or --max-tokens-limit if lower; 0: until the context is full)")
+    serve.add_argument("--max-tokens-limit", type=int, default=None,
+                       help="largest max_tokens a request may ask for; larger get 400 (default: the context)")
+    serve.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
+                       help=f"seconds in-flight requests get to finish after SIGTERM/Ctrl-C before their "
+                            f"streams end with an error event (default {DEFAULT_SHUTDOWN_GRACE:g})")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -69,6 +92,54 @@ def _model_name(args: argparse.Namespace, model: str) -> str:
     return path.stem if path.suffix == ".gguf" else (path.name or model)
 
 
+def _default_max_tokens(args: argparse.Namespace) -> int | None:
+    if args.default_max_tokens is not None:
+        return args.default_max_tokens or None
+    limit = args.max_tokens_limit
+    return DEFAULT_MAX_TOKENS if limit is None or limit < 1 else min(DEFAULT_MAX_TOKENS, limit)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port``.
+
+    Created with ``IPPROTO_TCP`` explicitly: asyncio sets ``TCP_NODELAY`` only on sockets whose ``proto``
+    says TCP, and accepted sockets inherit it. With ``proto`` 0, Nagle's algorithm stays on, and a response
+    written in two parts (headers, then body) waits for the client's delayed ACK: about 40 ms per response
+    on a kept-alive connection.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _draining_server(config: Any, grace: float, end_streams: Any) -> Any:
+    """A uvicorn server whose shutdown gives in-flight requests ``grace`` seconds, then awaits
+    ``end_streams()`` (which must end them with an error) while uvicorn still waits for them to finish."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            async def end_after_grace() -> None:
+                await asyncio.sleep(grace)
+                await end_streams()
+
+            ender = asyncio.ensure_future(end_after_grace())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ender.cancel()
+                with contextlib.suppress(BaseException):
+                    await ender
+
+    return DrainingServer(config)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, bind ``--host``/``--port``, print the address, and serve until interrupted."""
     try:
@@ -86,9 +157,12 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(
             model_name=_model_name(args, model), api_keys=tuple(_api_keys(args)),
             max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting or None,
-            max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout,
-            default_max_tokens=args.default_max_tokens,
+            max_sessions=args.max_sessions, max_sessions_per_key=args.max_sessions_per_key,
+            session_idle_timeout=args.session_idle_timeout, default_max_tokens=_default_max_tokens(args),
+            max_tokens_limit=args.max_tokens_limit,
         )
+        if not (args.shutdown_grace >= 0 and args.shutdown_grace < float("inf")):
+            raise ValueError(f"--shutdown-grace: must be a number of seconds >= 0, got {args.shutdown_grace}")
     except ValueError as error:
         print(f"asyncllm serve: {error}", file=sys.stderr)
         return 2
@@ -102,21 +176,19 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine.from_pretrained(model, **overrides)
     app = create_app(engine, settings=settings)
 
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock = bind_socket(args.host, args.port)
     except OSError as error:
-        sock.close()
         print(f"asyncllm serve: cannot bind {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {settings.model_name!r} at http://{shown}:{port}/v1"
           f"{' (API key required)' if settings.api_keys else ''}", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on",
+                            timeout_graceful_shutdown=args.shutdown_grace + FLUSH_AFTER_GRACE)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _draining_server(config, args.shutdown_grace, engine.aclose).run(sockets=[sock])
     except KeyboardInterrupt:
         return 130
     finally:

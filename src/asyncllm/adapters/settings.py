@@ -14,9 +14,12 @@ class ServerSettings:
     ``model`` means this one). ``api_keys``: accepted bearer tokens (empty: no authentication).
     ``max_body_bytes``: larger request bodies get 413. ``max_waiting``: while the engine has this many
     requests queued, new generation requests get 503 (``None``: never). ``max_n``: the largest ``n``.
-    ``max_sessions`` / ``session_idle_timeout`` (seconds): the cap on open sessions and how long an idle one
-    lives. ``default_max_tokens``: the completion limit when a request gives none (``None``: until the
-    context is full), clamped to the room the prompt leaves.
+    ``max_sessions`` / ``max_sessions_per_key`` / ``session_idle_timeout`` (seconds): the cap on open
+    sessions in all and per API key (without API keys every client is the same principal and only
+    ``max_sessions`` applies), and how long an idle one lives. ``default_max_tokens``: the completion limit
+    when a request gives none (``None``: until the context is full), clamped to the room the prompt leaves.
+    ``max_tokens_limit``: the largest ``max_tokens`` a request may ask for (larger get 400; ``None``: only
+    the context limits it).
     """
 
     model_name: str = "asyncllm"
@@ -25,8 +28,10 @@ class ServerSettings:
     max_waiting: int | None = 1024
     max_n: int = 16
     max_sessions: int = 256
+    max_sessions_per_key: int = 64
     session_idle_timeout: float = 900.0
-    default_max_tokens: int | None = None
+    default_max_tokens: int | None = 512
+    max_tokens_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -43,8 +48,16 @@ class ServerSettings:
             raise ValueError(f"max_n: must be >= 1, got {self.max_n}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions: must be >= 1, got {self.max_sessions}")
+        if self.max_sessions_per_key < 1:
+            raise ValueError(f"max_sessions_per_key: must be >= 1, got {self.max_sessions_per_key}")
         if not (self.session_idle_timeout > 0 and math.isfinite(self.session_idle_timeout)):
             raise ValueError(f"session_idle_timeout: must be a positive number of seconds, "
                              f"got {self.session_idle_timeout}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens: must be >= 1 or None, got {self.default_max_tokens}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit: must be >= 1 or None, got {self.max_tokens_limit}")
+        if (self.max_tokens_limit is not None and self.default_max_tokens is not None
+                and self.default_max_tokens > self.max_tokens_limit):
+            raise ValueError(f"default_max_tokens: must be <= max_tokens_limit ({self.max_tokens_limit}), "
+                             f"got {self.default_max_tokens}")
