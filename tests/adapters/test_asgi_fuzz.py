@@ -160,7 +160,7 @@ async def test_json_routes_require_application_json(served: Any) -> None:
         assert_client_error(await client.post("/v1/chat/completions", content=body), 415)  # no header at all
         assert not engine.is_running  # a cross-site form post never reached the engine
         for content_type in ("application/json", 'Application/JSON; Charset="UTF-8"',
-                             "application/json;charset=utf8"):
+                             "application/json;charset=utf8", "application/json; charset=utf-8;"):
             r = await client.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
             assert r.status_code == 200, (content_type, r.text)
 

@@ -48,6 +48,8 @@ def check_json_content_type(content_type: str | None) -> None:
     media_type, *parameters = (content_type or "").split(";")
     ok = media_type.strip().lower() == JSON_MEDIA_TYPE
     for parameter in parameters:
+        if not parameter.strip():  # a stray ";"
+            continue
         name, _, value = parameter.partition("=")
         if name.strip().lower() != "charset" or value.strip().strip('"').lower() not in ("utf-8", "utf8"):
             ok = False
