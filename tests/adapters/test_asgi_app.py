@@ -212,7 +212,8 @@ async def test_every_error_status_and_the_server_keeps_serving(make_tiny_engine:
             async def chunked() -> AsyncIterator[bytes]:
                 for _ in range(10):
                     yield b" " * 300
-            check(await client.post(url, content=chunked()), 413, None, "request_too_large")
+            check(await client.post(url, content=chunked(), headers={"content-type": "application/json"}), 413, None,
+                  "request_too_large")
             await ok(client)
 
             async with asgi_client(app) as anonymous, asgi_client(app, "sk-wrong") as wrong:

@@ -74,8 +74,44 @@ def test_max_completion_tokens_wins_and_errors_name_the_field_sent() -> None:
     ({"n": 0}, "n"),
     ({"n": 5}, "n"),
     ({"n": True}, "n"),
-    ({"stop": [""]}, "stop"),
+    ({"stop": [""]}, "stop[0]"),
+    ({"stop": ["ok", 5]}, "stop[1]"),
     ({"stop": 5}, "stop"),
+    ({"stop": "\ud800"}, "stop"),
+    ({"stop": ["ok", "a\udfff"]}, "stop[1]"),
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # "²".isdigit() but int("²") fails
+    ({"logit_bias": {"\u0661": 1}}, "logit_bias"),  # ARABIC-INDIC DIGIT ONE
+    ({"logit_bias": {" 5": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ({"logit_bias": {"3": True}}, "logit_bias"),
+    ({"logit_bias": {"3": float("nan")}}, "logit_bias"),
+    ({"logit_bias": {"3": "1"}}, "logit_bias"),
+    ({"logit_bias": [1]}, "logit_bias"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"temperature": 1e300}, "temperature"),  # above SamplingParams' bound
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
+    ({"top_p": float("-inf")}, "top_p"),
+    ({"max_tokens": 2.0}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"n": 10**30}, "n"),
+    ({"top_k": 1e300}, "top_k"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"skip_special_tokens": 0}, "skip_special_tokens"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ({"model": "m\ud800"}, "model"),
+    ({"user": "\udc00"}, "user"),
+    ({"session_id": "s\ud800"}, "session_id"),
+    ({"session_id": 7}, "session_id"),
     ({"seed": 1.5}, "seed"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"100": 1}}, "logit_bias"),
@@ -100,6 +136,48 @@ def test_chat_logprobs_map_to_top_alternatives() -> None:
     assert chat(logprobs=True).params.logprobs == 0
     assert chat(logprobs=True, top_logprobs=5).params.logprobs == 5
     assert chat(logprobs=False).params.logprobs is None
+
+
+def test_surrogates_in_message_text_and_prompts_are_400_naming_the_field() -> None:
+    content = [{"type": "text", "text": "fine"}, {"type": "text", "text": "x\ud83d"}]
+    err = rejected(parse_messages, [{"role": "user", "content": content}])
+    assert err.param == "messages[0].content[1].text" and err.code == "invalid_string"
+    assert "U+D83D" in err.message
+    err.message.encode("utf-8")
+    assert rejected(parse_messages, [{"role": "user", "content": "\udfff"}]).param == "messages[0].content"
+    assert rejected(parse_prompt, "\ud800", 100).param == "prompt"
+    assert rejected(parse_prompt, ["ok\ud800"], 100).param == "prompt"
+    assert rejected(lambda: parse_tokenize_request({"prompt": "\ud800"})).param == "prompt"
+    assert rejected(lambda: parse_tokenize_request({"messages": [{"role": "user", "content": "\ud800"}]})
+                    ).param == "messages[0].content"
+    assert rejected(lambda: parse_detokenize_request({"tokens": [1], "model": "\ud800"}, 100)).param == "model"
+    # a correctly paired surrogate escape is an ordinary character
+    assert parse_messages([{"role": "user", "content": "\U0001F600"}])[0]["content"] == "\U0001F600"
+
+
+def test_extreme_but_valid_numbers_are_accepted() -> None:
+    p = chat(temperature=1e4, repetition_penalty=100, top_p=5e-324, min_p=5e-324,
+             presence_penalty=-0.0, max_tokens=10**30, seed=2**64 - 1).params
+    assert p.temperature == 1e4 and p.max_tokens == 10**30 and p.seed == 2**64 - 1
+    assert chat(temperature=0).params.is_greedy
+    # below SamplingParams' greedy epsilon a temperature samples greedily instead of underflowing
+    assert chat(temperature=5e-324).params.is_greedy and chat(temperature=1e-46).params.is_greedy
+    for field, value in (("temperature", 1e300), ("repetition_penalty", 5e-324)):
+        err = rejected(lambda field=field, value=value: chat(**{field: value}))
+        assert err.status == 400 and err.param == field
+
+
+def test_unhashable_roles_are_400_not_500() -> None:
+    for role in ([], {}, 1, None, True):
+        assert rejected(parse_messages, [{"role": role, "content": "x"}]).param == "messages[0].role"
+
+
+def test_error_messages_echoing_unencodable_input_stay_encodable() -> None:
+    err = APIError(400, "model: got 'x\ud800'", param="a\udfffb")
+    assert err.message == "model: got 'x\\ud800'" and err.param == "a\\udfffb"
+    body = err.body()
+    body["error"]["message"].encode("utf-8")
+    assert len(APIError(400, "x" * 10**6).message) <= 2000
 
 
 def test_messages_accept_text_parts_and_map_developer_to_system() -> None:

@@ -136,11 +136,20 @@ def _events(lines: list[str]) -> list[Any]:
     return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
-def test_sigterm_drains_then_ends_open_streams_with_an_error_event(model_dir: Path) -> None:
-    process, url = _start(model_dir, "--shutdown-grace", "3")
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_parts: Any) -> Path:
+    """The tiny model with room for a stream far longer than any grace period (60k positions)."""
+    tokenizer, hf_config, state = tiny_model_parts
+    directory = tmp_path_factory.mktemp("serve-long") / "tiny-llama"
+    _write_tiny_model(directory, (tokenizer, {**hf_config, "max_position_embeddings": 1 << 16}, state))
+    return directory
+
+
+def test_sigterm_drains_then_ends_open_streams_with_an_error_event(long_context_model_dir: Path) -> None:
+    process, url = _start(long_context_model_dir, "--shutdown-grace", "3", "--kv-cache-tokens", "66000")
     try:
         with httpx.Client(timeout=60) as long_client, httpx.Client(timeout=60) as short_client, \
-                _stream(long_client, url, 2000) as long_response:
+                _stream(long_client, url, 60000) as long_response:
             assert long_response.status_code == 200
             long_lines = long_response.iter_lines()
             first = [next(long_lines) for _ in range(6)]  # a few tokens are out: the stream is running

@@ -30,7 +30,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from asyncllm.adapters.asgi_io import ClientDisconnected, EventStreamResponse, read_json, until_disconnect
+from asyncllm.adapters.asgi_io import (
+    ClientDisconnected,
+    EventStreamResponse,
+    SafeJSONResponse,
+    read_json,
+    until_disconnect,
+)
 from asyncllm.adapters.errors import APIError, invalid, not_found, unavailable
 from asyncllm.adapters.generation import RunningRequest, api_error_of
 from asyncllm.adapters.metrics import CONTENT_TYPE
@@ -393,4 +399,4 @@ def _template_error(error: jinja2.TemplateError, param: str = "messages") -> API
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
+    return SafeJSONResponse(error.body(), status_code=error.status, headers=error.headers or None)

@@ -1,4 +1,8 @@
-"""OpenAI-shaped API errors: ``{"error": {"message", "type", "param", "code"}}`` plus an HTTP status."""
+"""OpenAI-shaped API errors: ``{"error": {"message", "type", "param", "code"}}`` plus an HTTP status.
+
+Error bodies can always be sent: every text in them is made encodable as UTF-8 (a lone surrogate echoed from
+the request becomes the escape ``\\udXXX``) and bounded in length, so answering an error never fails.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,18 @@ INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+
+MAX_MESSAGE_CHARS = 2000
+MAX_PARAM_CHARS = 300
+
+
+def safe_text(value: object, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``value`` as text that encodes as UTF-8 (unencodable characters escaped) and has at most ``limit``
+    characters (longer text is cut and ends with ``...``)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class APIError(Exception):
@@ -33,9 +49,9 @@ class APIError(Exception):
         if not 400 <= status <= 599:
             raise ValueError(f"status: must be an HTTP error status, got {status}")
         self.status = status
-        self.message = message
+        self.message = safe_text(message)
         self.type = type
-        self.param = param
+        self.param = None if param is None else safe_text(param, MAX_PARAM_CHARS)
         self.code = code
         self.headers = dict(headers or {})
 
@@ -45,7 +61,8 @@ class APIError(Exception):
 
 def error_body(message: str, *, type: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": safe_text(message), "type": type,
+                      "param": None if param is None else safe_text(param, MAX_PARAM_CHARS), "code": code}}
 
 
 def field_of(message: str) -> str | None:

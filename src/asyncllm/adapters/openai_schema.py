@@ -2,11 +2,16 @@
 
 Every rejection is an ``APIError`` (400) whose ``param`` names the offending field. ``null`` means "not
 given" for every optional field, and fields this server does not know are ignored, as OpenAI clients expect.
+Types are exact: a boolean is not an integer, an integer-valued float is not an integer, numbers must be
+finite, strings must encode as UTF-8 (no lone surrogates), and ``logit_bias`` keys are ASCII decimal token
+ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +26,8 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 """Roles a chat message may have; ``developer`` is OpenAI's newer name for ``system`` and is mapped to it."""
 
 MAX_SESSION_ID_LENGTH = 256
+
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}")
 
 _PASSTHROUGH_SAMPLING = (
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
@@ -73,6 +80,17 @@ class GenerationRequest:
 
 
 # -- small typed readers -------------------------------------------------------------------------
+def _text(value: str, where: str) -> str:
+    """``value`` when it encodes as UTF-8; a 400 naming ``where`` otherwise (a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise invalid(f"{where}: must be valid Unicode text; it holds the unpaired surrogate "
+                      f"U+{ord(value[error.start]):04X} at index {error.start}", where,
+                      "invalid_string") from None
+    return value
+
+
 def _optional_bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
     value = body.get(name)
     if value is None:
@@ -97,7 +115,7 @@ def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise invalid(f"{name}: must be a string, got {type(value).__name__}", name)
-    return value
+    return _text(value, name)
 
 
 def _token_ids(value: Any, name: str, vocab_size: int) -> list[int]:
@@ -110,17 +128,39 @@ def _token_ids(value: Any, name: str, vocab_size: int) -> list[int]:
     return list(value)
 
 
-def _logit_bias(value: Any, vocab_size: int) -> dict[int, Any]:
+def _logit_bias(value: Any, vocab_size: int) -> dict[int, float]:
+    """Token id keys (ASCII decimal strings, or ints from Python callers) -> finite numeric biases; the range
+    of the bias is checked by ``SamplingParams``."""
     if not isinstance(value, Mapping):
         raise invalid("logit_bias: must be an object mapping token ids to biases", "logit_bias")
-    bias: dict[int, Any] = {}
+    bias: dict[int, float] = {}
     for key, amount in value.items():
-        text = str(key).strip()
-        if not text.isdigit() or not 0 <= int(text) < vocab_size:
-            raise invalid(f"logit_bias: keys must be token ids in [0, {vocab_size}), got {key!r}",
+        if isinstance(key, int) and not isinstance(key, bool):
+            token = key
+        elif isinstance(key, str) and _TOKEN_ID_KEY.fullmatch(key):
+            token = int(key)
+        else:
+            token = -1
+        if not 0 <= token < vocab_size:
+            raise invalid(f"logit_bias: keys must be token ids (ASCII decimal) in [0, {vocab_size}), got "
+                          f"{key!r}", "logit_bias")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+            raise invalid(f"logit_bias: the bias of token {token} must be a finite number, got {amount!r}",
                           "logit_bias")
-        bias[int(text)] = amount
+        bias[token] = float(amount)
     return bias
+
+
+def _stop(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise invalid(f"stop: must be a string or a list of strings, got {type(value).__name__}", "stop")
+    for i, item in enumerate(items):
+        where = "stop" if isinstance(value, str) else f"stop[{i}]"
+        if not isinstance(item, str) or not item:
+            raise invalid(f"{where}: stop sequences must be non-empty strings, got {item!r}", where)
+        _text(item, where)
+    return list(items)
 
 
 def parse_messages(value: Any, name: str = "messages") -> list[Message]:
@@ -137,7 +177,7 @@ def parse_messages(value: Any, name: str = "messages") -> list[Message]:
         if not isinstance(message, Mapping):
             raise invalid(f"{where}: must be an object with 'role' and 'content'", where)
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise invalid(f"{where}.role: must be one of {sorted(CHAT_ROLES)}, got {role!r}", f"{where}.role")
         content = _message_content(message.get("content"), f"{where}.content")
         messages.append({"role": "system" if role == "developer" else role, "content": content})
@@ -146,7 +186,7 @@ def parse_messages(value: Any, name: str = "messages") -> list[Message]:
 
 def _message_content(value: Any, where: str) -> str:
     if isinstance(value, str):
-        return value
+        return _text(value, where)
     if not isinstance(value, list):
         raise invalid(f"{where}: must be a string or a list of text parts", where)
     texts: list[str] = []
@@ -158,7 +198,7 @@ def _message_content(value: Any, where: str) -> str:
         text = part.get("text")
         if not isinstance(text, str):
             raise invalid(f"{where}[{j}].text: must be a string", f"{where}[{j}].text")
-        texts.append(text)
+        texts.append(_text(text, f"{where}[{j}].text"))
     return "".join(texts)
 
 
@@ -169,7 +209,7 @@ def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
     if isinstance(value, str):
         if not value:
             raise invalid("prompt: must not be empty", "prompt")
-        return value
+        return _text(value, "prompt")
     if isinstance(value, list):
         if not value:
             raise invalid("prompt: must not be empty", "prompt")
@@ -187,7 +227,7 @@ def _sampling(body: Mapping[str, Any], limits: RequestLimits, *, max_tokens: tup
         name: body[name] for name in _PASSTHROUGH_SAMPLING if body.get(name) is not None
     }
     if body.get("stop") is not None:
-        kwargs["stop"] = body["stop"]
+        kwargs["stop"] = _stop(body["stop"])
     if body.get("stop_token_ids") is not None:
         kwargs["stop_token_ids"] = _token_ids(body["stop_token_ids"], "stop_token_ids", limits.vocab_size)
     if body.get("logit_bias") is not None:
@@ -215,7 +255,11 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
         return False
     if not isinstance(options, Mapping):
         raise invalid("stream_options: must be an object", "stream_options")
-    return _optional_bool(options, "include_usage", False)
+    value = options.get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"stream_options.include_usage: must be a boolean, got {value!r}",
+                      "stream_options.include_usage")
+    return bool(value)
 
 
 def _common(body: Mapping[str, Any]) -> tuple[str | None, bool]:
