@@ -31,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -222,6 +223,14 @@ class Client:
         self.tally.status(r, expect_4xx=True)
 
 
+def _sample_rss(pid: int, every: float, samples: list[int], stop: threading.Event) -> None:
+    """Append the server's RSS to ``samples`` every ``every`` seconds until ``stop`` is set: whether growth
+    levels off shows in the series, not in its two ends."""
+    while not stop.wait(every):
+        with contextlib.suppress(OSError, RuntimeError):
+            samples.append(_rss_kib(pid))
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -285,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests-per-client", type=int, default=100_000)
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rss-every", type=float, default=60.0, help="seconds between server RSS samples")
     parser.add_argument("--api-key", default="sk-soak")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="extra argument for asyncllm serve (repeatable; use --serve-arg=--flag=value)")
@@ -299,8 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                                                         "max_tokens": 8}).raise_for_status()
         rss_start = _rss_kib(process.pid)
         started = time.monotonic()
+        samples, stop_sampling = [rss_start], threading.Event()
+        sampler = threading.Thread(target=_sample_rss, args=(process.pid, args.rss_every, samples, stop_sampling),
+                                   daemon=True)
+        sampler.start()
         tally = asyncio.run(soak(args, url))
         elapsed = time.monotonic() - started
+        stop_sampling.set()
+        sampler.join()
         settle = time.monotonic() + 30
         while True:  # aborted requests are dropped at the engine's next step
             metrics = _metrics(url)
@@ -334,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
           f"waiting {leaks['requests_waiting']:.0f}, sessions open {leaks['sessions_open']:.0f}")
     print(f"server RSS: {rss_start / 1024:.1f} MiB after warm-up -> {rss_end / 1024:.1f} MiB "
           f"({(rss_end - rss_start) / 1024:+.1f} MiB)")
+    series = ", ".join(f"{kib / 1024:.0f}" for kib in samples)
+    print(f"server RSS every {args.rss_every:g} s (MiB): {series}")
     print(f"server exit status after SIGTERM: {process.returncode}")
     for text in tally.problems:
         print(f"  problem: {text}")
