@@ -23,6 +23,7 @@ from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
+from asyncllm.kernels.rotary import rotate_half_tables
 
 # Rows up to which a linear takes the split GEMV (measured on x86 with 2 threads: at 1-2 rows it streams the
 # weights 15-35% faster than oneDNN's GEMV; from 4 rows on oneDNN's GEMM is as fast or faster).
@@ -113,11 +114,8 @@ def rotary_cpu(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x * [cos, cos] + [x2, x1] * [-sin, sin]`` over the rotated dims, one pass per tensor."""
-    cos_sin = cos_sin_cache.index_select(0, positions).to(q.dtype)
-    half = cos_sin.shape[-1] // 2
-    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    cos_full = torch.cat((cos, cos), dim=-1)
-    sin_signed = torch.cat((-sin, sin), dim=-1)
+    cos_full, sin_signed = (t.unsqueeze(1) for t in rotate_half_tables(cos_sin_cache, positions, q.dtype))
+    half = cos_full.shape[-1] // 2
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         rot = x[..., : 2 * half]

@@ -27,6 +27,7 @@ from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_layer import NativeDecodeLayers
+from asyncllm.kernels.rotary import rotate_half_tables
 
 
 def _torch_fits(weights: FusedLayerWeights) -> bool:
@@ -92,11 +93,8 @@ class TorchDecodeStep:
         self._attend = attend
         self._meta = meta
         self._caches = tuple(caches)
-        half = cos_sin_cache.shape[-1] // 2
-        cos_sin = cos_sin_cache.index_select(0, positions).float()
-        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
-        self._cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [rows, 1, D]: [cos | cos]
-        self._sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # [rows, 1, D]: [-sin | sin]
+        cos, sin = rotate_half_tables(cos_sin_cache, positions, torch.float32)
+        self._cos, self._sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [rows, 1, D], shared by every head
         self._slots = meta.slot_mapping.long()
         self._plan = meta.plan if isinstance(meta.plan, DecodeAttentionPlan) else None
 

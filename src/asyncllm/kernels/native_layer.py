@@ -27,6 +27,7 @@ from asyncllm.kernels.bundle import FusedLayerWeights
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
+from asyncllm.kernels.rotary import rotate_half_tables
 
 MAX_HEAD_DIM = 512  # the C rotary keeps one head in a stack buffer of this many floats
 _ARGTYPES = (
@@ -112,13 +113,8 @@ class NativeDecodeLayers:
         num_blocks, block_size, _, _ = plan.cache_shape
         if int(slots.max()) >= num_blocks * block_size:
             raise ValueError(f"slot_mapping: must lie in [0, {num_blocks * block_size})")
-        half = cos_sin_cache.shape[-1] // 2
-        cos_sin = cos_sin_cache.index_select(0, positions).float()
-        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
-        return NativeDecodeStep(
-            self, plan, caches, torch.cat((cos, cos), dim=-1).contiguous(), torch.cat((-sin, sin), dim=-1).contiguous(),
-            slots.long().contiguous(),
-        )
+        cos, sin = rotate_half_tables(cos_sin_cache, positions, torch.float32)
+        return NativeDecodeStep(self, plan, caches, cos, sin, slots.long().contiguous())
 
 
 def _plain_float32(cache: KVCache, shape: tuple[int, int, int, int]) -> bool:

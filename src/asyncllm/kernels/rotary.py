@@ -5,6 +5,17 @@ from __future__ import annotations
 import torch
 
 
+def rotate_half_tables(
+    cos_sin_cache: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``positions`` as factors of ``x * cos + rotate_half_swapped(x) * sin``: ``[T, R]``
+    ``[cos | cos]`` and ``[-sin | sin]`` in ``dtype`` (``R`` the rotated width, the cache's row width)."""
+    cos_sin = cos_sin_cache.index_select(0, positions).to(dtype)
+    half = cos_sin.shape[-1] // 2
+    cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def rotary_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
