@@ -47,7 +47,7 @@ def load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[Cau
     ``config``'s device and dtype, and build its tokenizer from the same checkpoint."""
     from asyncllm.loaders import load_checkpoint  # imported on use: it pulls in gguf and huggingface_hub
 
-    checkpoint = load_checkpoint(model)
+    checkpoint = load_checkpoint(model, dequantize_weights=config.dequantize_weights)
     return model_from_checkpoint(checkpoint, config), load_tokenizer(checkpoint)
 
 
@@ -58,7 +58,7 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> Causa
     model_config = ModelConfig.from_hf_config(checkpoint.hf_config)
     ops = get_kernel_ops(config.kernel_backend, device, native_kernels=config.native_kernels,
                          native_layer_max_rows=config.native_layer_max_rows)
-    model = build_model(model_config, ops, dtype=dtype, device=device)
+    model = build_model(model_config, ops, dtype=dtype, device=device, quantization=checkpoint.quantization)
     model.load_weights(checkpoint.tensors(dtype))
     return model
 

@@ -138,6 +138,9 @@ class EngineConfig:
     ``native_kernels``: on CPU, run the C decode kernels where they build (default from
     ``$ASYNCLLM_NATIVE_KERNELS``); ``native_layer_max_rows``: decode steps of up to this many rows run each
     fusable decoder layer as one C call (0: never), a machine-tuned threshold (see ``kernels.cpu_native``).
+
+    ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
+    compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
     """
 
     device: str = "auto"
@@ -156,6 +159,7 @@ class EngineConfig:
     enforce_eager: bool = False
     native_kernels: bool = field(default_factory=native_kernels_default)
     native_layer_max_rows: int = 4
+    dequantize_weights: bool = False
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -183,6 +187,8 @@ class EngineConfig:
                  f"must be a bool, got {self.native_kernels!r}")
         _require(isinstance(self.native_layer_max_rows, int) and self.native_layer_max_rows >= 0,
                  "native_layer_max_rows", f"must be an int >= 0, got {self.native_layer_max_rows!r}")
+        _require(isinstance(self.dequantize_weights, bool), "dequantize_weights",
+                 f"must be a bool, got {self.dequantize_weights!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 

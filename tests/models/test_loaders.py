@@ -231,7 +231,7 @@ def test_gguf_quantized_weights_match_the_block_spec(tmp_path: pathlib.Path, qty
             raw = gguf.quants.quantize(source if heads is None else llama_cpp_permute(source, heads), qtype)
         stored[name] = (raw, source)
         tensors.append((name, raw, qtype))
-    checkpoint = load_checkpoint(write_gguf(tmp_path / "tiny.gguf", tensors))
+    checkpoint = load_checkpoint(write_gguf(tmp_path / "tiny.gguf", tensors), dequantize_weights=True)
     loaded = dict(checkpoint.tensors(torch.float32))
 
     assert checkpoint.format == "gguf"
@@ -458,7 +458,7 @@ def transformers_gguf_reference(smollm2_gguf: pathlib.Path) -> dict[str, Any]:
 def test_smollm2_tensors_match_transformers(smollm2_gguf: pathlib.Path,
                                             transformers_gguf_reference: dict[str, Any]) -> None:
     expected = transformers_gguf_reference["tensors"]
-    checkpoint = load_checkpoint(smollm2_gguf)
+    checkpoint = load_checkpoint(smollm2_gguf, dequantize_weights=True)
     seen = set()
     for name, tensor in checkpoint.tensors(torch.float32):
         assert name in expected, name

@@ -9,6 +9,8 @@ bundle's identity or name. Members with a default are capabilities a backend may
 - ``plan_attention``: once per step, before the layers run, a backend may attach a per-step plan to the
   attention metadata (``AttentionMetadata.plan``), which its ``paged_attention`` then uses for every layer.
 - ``graph_safe``: no op ever synchronises with the host, so the bundle's steps can be recorded as CUDA graphs.
+- ``quantized_linear``: ``x @ W.T + bias`` for a weight-only quantized ``PackedWeight`` (the reference
+  dequantizes, then multiplies; backends run kernels that read the packed codes).
 - ``fused_decode``: whole decoder layers in one call for decode steps of a few rows (``FusedDecode``),
   used only for layers that declare themselves fusable (``FusedLayerWeights``).
 """
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.quant_linear import quant_linear_reference
+from asyncllm.quant.packed import PackedWeight
 
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 AddRmsNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -37,6 +41,8 @@ PagedAttention = Callable[[torch.Tensor, KVCache, AttentionMetadata, float], tor
 PlanAttention = Callable[[AttentionMetadata, KVCache, int], AttentionMetadata]
 """``(meta, first layer's cache, num_heads) -> meta``, possibly with ``plan`` set."""
 WeightLayout = Callable[[torch.Tensor], torch.Tensor]
+QuantLinearOp = Callable[[torch.Tensor, PackedWeight, torch.Tensor | None], torch.Tensor]
+"""``(x [T, K], packed weight [N, K], bias [N] or None) -> [T, N]`` in ``x.dtype``."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class KernelOps:
     write_kv: WriteKV
     paged_attention: PagedAttention
     linear: LinearOp = F.linear
+    quantized_linear: QuantLinearOp = quant_linear_reference
     prepare_weight: WeightLayout = keep_layout
     plan_attention: PlanAttention = no_attention_plan
     graph_safe: bool = False

@@ -17,6 +17,7 @@ Merged layers stack several checkpoint matrices along the output dimension, in `
 each arrives separately: ``weight_loader(param, full_tensor, shard_id)`` copies it into the slice
 ``sum(output_sizes[:i]) / output_pack`` of length ``output_sizes[i] / output_pack`` along the parameter's
 ``output_dim``; a parameter without one (``None``) must be identical for every shard and is copied whole.
+A per-group parameter tagged ``expand_groups`` also accepts a shard stored with coarser groups.
 This is the whole contract a quantized method keeps: name its parameters as the checkpoint does, tag them,
 and the merged QKV / gate-up shards load without the model knowing the format.
 """
@@ -43,11 +44,27 @@ class LinearMethod(Protocol):
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
-def tag_parameter(param: nn.Parameter, *, output_dim: int | None, output_pack: int = 1) -> nn.Parameter:
-    """Record how ``weight_loader`` slices ``param`` per merged shard (see the module docstring)."""
+def tag_parameter(
+    param: nn.Parameter, *, output_dim: int | None, output_pack: int = 1, expand_groups: bool = False
+) -> nn.Parameter:
+    """Record how ``weight_loader`` slices ``param`` per merged shard (see the module docstring);
+    ``expand_groups``: a 2-D per-group parameter that accepts a shard stored with coarser groups (its columns
+    are repeated to this parameter's group count, which leaves the weight's values unchanged)."""
     param.output_dim = output_dim  # type: ignore[attr-defined]
     param.output_pack = output_pack  # type: ignore[attr-defined]
+    param.expand_groups = expand_groups  # type: ignore[attr-defined]
     return param
+
+
+def _expanded_groups(param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
+    """``loaded`` repeated along dim 1 to ``param``'s column count when ``param`` is tagged ``expand_groups``
+    and that count is a whole multiple of the loaded one; otherwise ``loaded`` (the shape check follows)."""
+    if not getattr(param, "expand_groups", False) or loaded.dim() != 2 or param.dim() != 2:
+        return loaded
+    have, want = int(loaded.shape[1]), int(param.shape[1])
+    if have == want or have == 0 or want % have:
+        return loaded
+    return loaded.repeat_interleave(want // have, dim=1)
 
 
 class UnquantizedLinearMethod:
@@ -113,6 +130,7 @@ class Linear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         index = self.shard_index(shard_id)
+        loaded = _expanded_groups(param, loaded)
         dim: int | None = getattr(param, "output_dim", None)
         if dim is None:
             copy_checked(param.data, loaded, f"shard {shard_id!r}")

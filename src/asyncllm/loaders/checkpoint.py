@@ -9,6 +9,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
+
 CheckpointFormat = Literal["hf", "gguf"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -35,15 +37,17 @@ class Checkpoint:
     ``hf_config`` is a ``config.json``-style dict (``architectures``, ``hidden_size``, ...,
     ``tie_word_embeddings``); ``local_path`` is the model directory or the ``.gguf`` file (the tokenizer
     is loaded from it); ``format`` says which; ``gguf_metadata`` is a GGUF file's parsed metadata
-    (``None`` for other formats), from which its tokenizer is built without parsing the file again.
+    (``None`` for other formats), from which its tokenizer is built without parsing the file again;
+    ``quantization`` says which modules arrive as weight-only quantized codes (``UNQUANTIZED``: none).
     ``tensors(dtype)`` streams ``(name, tensor)`` pairs one at a time under Hugging Face parameter names
     (``model.embed_tokens.weight``, ``model.layers.0.self_attn.q_proj.weight``, ..., ``lm_head.weight``
     unless embeddings are tied) with weights shaped ``[out_features, in_features]``.
 
     Invariants: every yielded tensor is a new contiguous CPU tensor that the caller owns (it aliases
-    neither the file nor any other yielded tensor); floating-point tensors are converted to ``dtype``,
-    integer tensors (packed quantized weights) are yielded unchanged; names are unique and equal
-    ``tensor_names()``, in the same order.
+    neither the file nor any other yielded tensor); floating-point tensors are converted to ``dtype``
+    except a quantized module's float32 code parameters (``*.code_scales`` / ``code_zeros`` /
+    ``code_mins``), integer tensors (codes, packed formats) are yielded unchanged; names are unique and
+    equal ``tensor_names()``, in the same order.
     """
 
     hf_config: dict[str, Any]
@@ -51,6 +55,7 @@ class Checkpoint:
     format: CheckpointFormat
     source: TensorSource = field(repr=False, compare=False)
     gguf_metadata: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    quantization: QuantizationConfig = field(default=UNQUANTIZED, compare=False)
 
     def tensor_names(self) -> tuple[str, ...]:
         return self.source.tensor_names()

@@ -3,7 +3,13 @@
 ``load_gguf`` parses the header, builds a ``config.json``-style dict from the ``llama.*`` and
 ``tokenizer.ggml.*`` metadata and checks every tensor's name and storage type up front, so an
 unsupported file fails before any weight is decoded. Streaming then decodes one tensor at a time from
-the memory-mapped file (see ``gguf_dequant``).
+the memory-mapped file.
+
+Block-quantized weights (``Q4_0`` ... ``Q6_K``, see ``gguf_codes``) are kept quantized by default: each is
+streamed as its exact codes (``<module>.codes``, ``.code_scales``, ``.code_zeros``, ``.code_mins``; see
+``quant.packed_linear``) and the checkpoint's ``quantization`` names every such module with its code width
+and group size, so the model packs them once loaded. With ``dequantize_weights=True`` every tensor is decoded to
+floats instead (``gguf_dequant``), and the model is dense.
 
 Layout conversions (the inverse of llama.cpp's ``convert_hf_to_gguf.py``):
 
@@ -26,9 +32,11 @@ from gguf import GGMLQuantizationType
 
 from asyncllm.architectures import spec_for_gguf
 from asyncllm.loaders.checkpoint import Checkpoint
+from asyncllm.loaders.gguf_codes import QUANTIZED_TYPES, layer_quant, quant_codes
 from asyncllm.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize
 from asyncllm.loaders.gguf_file import GGUFFile, GGUFTensorInfo
 from asyncllm.loaders.gguf_rope import rope_scaling_from_metadata
+from asyncllm.quant.config import UNQUANTIZED, LayerQuant, QuantizationConfig, WeightOnlyQuantization
 
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
@@ -180,22 +188,44 @@ class GGUFSource:
     gguf: GGUFFile
     names: tuple[tuple[str, str], ...]
     rotary_heads: dict[str, int]
+    packed: frozenset[str] = frozenset()
+    """GGUF names of the tensors streamed as codes (the rest are decoded to floats)."""
 
     def tensor_names(self) -> tuple[str, ...]:
-        return tuple(hf_name for _, hf_name in self.names)
+        return tuple(name for gguf_name, hf_name in self.names for name in self._hf_names(gguf_name, hf_name))
+
+    def _hf_names(self, gguf_name: str, hf_name: str) -> tuple[str, ...]:
+        if gguf_name not in self.packed:
+            return (hf_name,)
+        prefix = hf_name.removesuffix(".weight")
+        return tuple(f"{prefix}.{part}" for part in _CODE_PARTS)
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         for gguf_name, hf_name in self.names:
             info = self.gguf.tensors[gguf_name]
+            heads = self.rotary_heads.get(gguf_name)
+            if gguf_name in self.packed:
+                rows, cols = info.torch_shape
+                codes = quant_codes(self.gguf.read_bytes(info), _checked_type(info), rows, cols)
+                parts = (codes.codes, codes.scales, codes.zeros, codes.mins)
+                for name, part in zip(self._hf_names(gguf_name, hf_name), parts, strict=True):
+                    yield name, part if heads is None else unpermute_rotary_rows(part, heads)
+                continue
             values = dequantize(self.gguf.read_bytes(info), _checked_type(info), dtype)
             values = values.reshape(info.torch_shape)
-            heads = self.rotary_heads.get(gguf_name)
             yield hf_name, values if heads is None else unpermute_rotary_rows(values, heads)
 
 
-def load_gguf(path: pathlib.Path) -> Checkpoint:
-    """Open a llama ``.gguf`` file; other architectures, unknown tensors and unsupported storage types
-    raise ``ValueError`` naming them."""
+_CODE_PARTS = ("codes", "code_scales", "code_zeros", "code_mins")
+
+
+def _keeps_codes(info: GGUFTensorInfo, hf_name: str) -> bool:
+    return info.ggml_type in QUANTIZED_TYPES and len(info.torch_shape) == 2 and hf_name.endswith(".weight")
+
+
+def load_gguf(path: pathlib.Path, *, dequantize_weights: bool = False) -> Checkpoint:
+    """Open a llama ``.gguf`` file, its block-quantized weights kept as codes unless ``dequantize_weights``; other
+    architectures, unknown tensors and unsupported storage types raise ``ValueError`` naming them."""
     gguf = GGUFFile(path)
     try:
         spec_for_gguf(gguf.metadata.get("general.architecture"))
@@ -207,15 +237,22 @@ def load_gguf(path: pathlib.Path) -> Checkpoint:
     config = gguf_hf_config(gguf)
     names = []
     rotary_heads: dict[str, int] = {}
+    layers: dict[str, LayerQuant] = {}
+    packed: set[str] = set()
     for info in gguf.tensors.values():
         if info.name == ROPE_FREQS_TENSOR:
             continue
         hf_name = hf_tensor_name(info.name, config["num_hidden_layers"])
-        _checked_type(info)
+        ggml_type = _checked_type(info)
         names.append((info.name, hf_name))
+        if not dequantize_weights and _keeps_codes(info, hf_name):
+            packed.add(info.name)
+            layers[hf_name.removesuffix(".weight")] = layer_quant(ggml_type)
         if ".attn_q." in info.name:
             rotary_heads[info.name] = config["num_attention_heads"]
         elif ".attn_k." in info.name:
             rotary_heads[info.name] = config["num_key_value_heads"]
+    quantization: QuantizationConfig = WeightOnlyQuantization("gguf", layers) if layers else UNQUANTIZED
     return Checkpoint(hf_config=config, local_path=path, format="gguf",
-                      source=GGUFSource(gguf, tuple(names), rotary_heads), gguf_metadata=gguf.metadata)
+                      source=GGUFSource(gguf, tuple(names), rotary_heads, frozenset(packed)),
+                      gguf_metadata=gguf.metadata, quantization=quantization)

@@ -47,17 +47,20 @@ def load_checkpoint(
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    dequantize_weights: bool = False,
 ) -> Checkpoint:
     """Open ``model``: a Hugging Face directory, a ``.gguf`` file, a directory whose only weights are one
-    ``.gguf`` file, or a hub id. Tensors are not read until ``Checkpoint.tensors`` is iterated."""
+    ``.gguf`` file, or a hub id. Tensors are not read until ``Checkpoint.tensors`` is iterated.
+    Weight-only quantized checkpoints stream their weights as codes (see ``Checkpoint.quantization``)
+    unless ``dequantize_weights``, which decodes them to dense floats at load."""
     path = resolve_model_path(model, revision=revision, cache_dir=cache_dir)
     if path.is_file():
         if path.suffix.lower() != GGUF_SUFFIX:
             raise ValueError(f"model file {path} is not a .gguf file; for safetensors weights pass their "
                              "directory (with its config.json)")
-        return load_gguf(path)
+        return load_gguf(path, dequantize_weights=dequantize_weights)
     if not (path / CONFIG_FILE).is_file():
         gguf_file = _single_gguf_in(path)
         if gguf_file is not None:
-            return load_gguf(gguf_file)
+            return load_gguf(gguf_file, dequantize_weights=dequantize_weights)
     return load_hf_dir(path)

@@ -12,7 +12,7 @@ from asyncllm.architectures import spec_named
 from asyncllm.config import ModelConfig
 from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.llama import LlamaForCausalLM
-from asyncllm.quant import UNQUANTIZED, QuantizationConfig
+from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
 
 @runtime_checkable

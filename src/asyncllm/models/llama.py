@@ -33,7 +33,7 @@ from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.weights import ShardId
 from asyncllm.models.weight_loader import load_named_weights
-from asyncllm.quant import UNQUANTIZED, QuantizationConfig
+from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -64,7 +64,10 @@ class LlamaAttention(nn.Module):
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.qkv_proj = QKVLinear(
             config.hidden_size, head_dim, heads, kv_heads, bias=config.qkv_bias,
-            method=build.quantization.linear_method(f"{prefix}.qkv_proj", build.ops), dtype=build.dtype,
+            method=build.quantization.linear_method(
+                f"{prefix}.qkv_proj", build.ops, shards=[f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
+            ),
+            dtype=build.dtype,
             device=build.device,
         )
         self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
@@ -88,7 +91,10 @@ class LlamaMLP(nn.Module):
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
             hidden, (inter, inter), bias=config.mlp_bias,
-            method=build.quantization.linear_method(f"{prefix}.gate_up_proj", build.ops), dtype=build.dtype,
+            method=build.quantization.linear_method(
+                f"{prefix}.gate_up_proj", build.ops, shards=[f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+            ),
+            dtype=build.dtype,
             device=build.device,
         )
         self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj")
@@ -157,7 +163,8 @@ class LlamaModel(nn.Module):
         self.ops = ops
         self.num_heads = config.num_attention_heads
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=build.dtype,
-                                           device=build.device)
+                                           device=build.device,
+                                           quant=build.quantization.embedding_quant("model.embed_tokens"))
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
             device=build.device,
@@ -244,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(_Build(config, ops, quantization, dtype, torch.device(device)))
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
-                              device=device)
+                              device=device, quant=quantization.embedding_quant("lm_head"))
 
     @property
     def max_positions(self) -> int:
@@ -293,7 +300,7 @@ class LlamaForCausalLM(nn.Module):
         tied = self.lm_head.tied
 
         def skip(name: str) -> bool:
-            return name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight")
+            return name.endswith(_IGNORED_SUFFIXES) or (tied and name.startswith("lm_head."))
 
         load_named_weights(self, weights, self.packed_modules, skip=skip)
         if tied:

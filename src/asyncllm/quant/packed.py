@@ -153,7 +153,7 @@ class PackedWeight:
 def pack(codes: QuantCodes) -> PackedWeight:
     """``codes`` in kernel storage: 4-bit nibble runs when ``codes.bits <= 4``, else one byte per code."""
     bits = storage_bits(codes.bits)
-    rows, cols = codes.shape
+    cols = codes.shape[1]
     scales = codes.scales.contiguous()
     biases = (codes.mins - codes.scales * codes.zeros).contiguous()
     if bits == 8:

@@ -1,0 +1,84 @@
+"""The linear method of weight-only quantized layers, and the code parameters it shares with embeddings.
+
+Loading: a quantized module receives its weight as the format-neutral codes the loaders emit for every
+format (``quant.packed.QuantCodes``, one tensor each): ``codes`` uint8 ``[N, K]``, ``code_scales`` /
+``code_zeros`` / ``code_mins`` float32 ``[N, K / G]`` and, for GPTQ act-order, ``input_perm`` int64 ``[K]``
+(the layer computes ``x[:, input_perm] @ W.T``). All are tagged ``output_dim=0``, so a merged layer's
+shards land in their row ranges like dense weights; the group parameters of a shard stored with coarser
+groups than the merged layer's are repeated to its groups on load (values unchanged).
+
+After loading, ``process_weights_after_loading`` checks the codes fit the declared width, packs them
+(``quant.packed.pack``) and keeps only the packed tensors (``qweight``, ``qscales``, ``qbiases``, as
+frozen parameters so memory accounting sees them); ``apply`` calls the bundle's ``quantized_linear``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from asyncllm.layers.linear import tag_parameter
+from asyncllm.layers.weights import empty_parameter
+from asyncllm.quant.config import LayerQuant
+from asyncllm.quant.packed import PackedWeight, QuantCodes, pack
+
+if TYPE_CHECKING:
+    from asyncllm.kernels.bundle import KernelOps
+    from asyncllm.layers.linear import Linear
+
+CODE_PARAMETERS = ("codes", "code_scales", "code_zeros", "code_mins")
+PACKED_PARAMETERS = ("qweight", "qscales", "qbiases")
+
+
+def create_code_parameters(module: nn.Module, rows: int, cols: int, quant: LayerQuant, device: torch.device) -> None:
+    """Register the (uninitialised) code parameters of a ``[rows, cols]`` weight stored as ``quant``."""
+    groups = quant.groups(cols)
+    module.codes = tag_parameter(empty_parameter(rows, cols, dtype=torch.uint8, device=device), output_dim=0)
+    for name in CODE_PARAMETERS[1:]:
+        param = empty_parameter(rows, groups, dtype=torch.float32, device=device)
+        setattr(module, name, tag_parameter(param, output_dim=0, expand_groups=True))
+    if quant.permuted:
+        module.input_perm = tag_parameter(empty_parameter(cols, dtype=torch.int64, device=device), output_dim=None)
+
+
+def pack_code_parameters(module: nn.Module, quant: LayerQuant, what: str) -> PackedWeight:
+    """Pack the module's loaded code parameters and replace them by the packed ones (see the module
+    docstring); codes beyond ``quant.bits`` raise ``ValueError`` naming ``what``."""
+    codes = module.codes.data
+    group_size = codes.shape[1] // quant.groups(int(codes.shape[1]))
+    if codes.numel() and int(codes.max()) >= 1 << quant.bits:
+        raise ValueError(f"{what}: codes up to {int(codes.max())} do not fit the declared {quant.bits} bits")
+    exact = QuantCodes(codes, module.code_scales.data, module.code_zeros.data, module.code_mins.data,
+                       bits=quant.bits, group_size=group_size)
+    packed = pack(exact)
+    for name in CODE_PARAMETERS:
+        delattr(module, name)
+    module.qweight = nn.Parameter(packed.qweight, requires_grad=False)
+    module.qscales = nn.Parameter(packed.scales, requires_grad=False)
+    module.qbiases = nn.Parameter(packed.biases, requires_grad=False)
+    return packed
+
+
+class PackedLinearMethod:
+    """Weight-only quantized codes, packed after loading and multiplied by the bundle's ``quantized_linear``.
+
+    Invariant: after ``process_weights_after_loading`` the layer's ``packed`` weight reads the layer's
+    ``qweight`` / ``qscales`` / ``qbiases`` parameters (one copy in memory)."""
+
+    def __init__(self, ops: KernelOps, quant: LayerQuant) -> None:
+        self.ops = ops
+        self.quant = quant
+
+    def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device) -> None:
+        create_code_parameters(layer, layer.output_size, layer.input_size, self.quant, device)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        layer.packed = pack_code_parameters(layer, self.quant, f"linear {layer.input_size}->{layer.output_size}")
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        perm = getattr(layer, "input_perm", None)
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        return self.ops.quantized_linear(x, layer.packed, bias)
