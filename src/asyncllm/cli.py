@@ -31,6 +31,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (CPU)")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--dequantize-weights", action="store_true",
+                        help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
+                             "weights at load instead of keeping it packed")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +47,8 @@ def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
     if args.kv_cache_tokens is not None:
         overrides["kv_cache_tokens"] = args.kv_cache_tokens
+    if args.dequantize_weights:
+        overrides["dequantize_weights"] = True
     return overrides
 
 

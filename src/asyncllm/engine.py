@@ -17,10 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from torch import nn
+
 from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
+from asyncllm.layers.weights import parameter_bytes
 from asyncllm.models import CausalLM
 from asyncllm.outputs import Completion
 from asyncllm.request import Message, Prompt, Request, SessionFlushes, encode_prompt
@@ -47,6 +50,10 @@ class EngineClosedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineStats:
+    """A snapshot of the engine: KV blocks, requests, sessions, and the model's resident weight bytes
+    (packed quantized weights counted as stored) with its quantization (``"unquantized"``, ``"gguf"``,
+    ``"awq"``, ...)."""
+
     kv_blocks_total: int
     kv_blocks_used: int
     kv_blocks_cached: int
@@ -54,6 +61,8 @@ class EngineStats:
     waiting: int
     sessions_pinned: int
     num_preemptions: int
+    weight_bytes: int = 0
+    weight_quantization: str = "unquantized"
 
 
 class AsyncEngine:
@@ -79,6 +88,9 @@ class AsyncEngine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self._runner = runner
+        model = runner.model
+        self._weight_bytes = parameter_bytes(model) if isinstance(model, nn.Module) else 0
+        self._weight_quantization = str(getattr(model, "quantization_name", "unquantized"))
         spec = runner.spec
         self._blocks = BlockManager(spec.num_blocks, spec.block_size,
                                     enable_prefix_caching=self.config.enable_prefix_caching)
@@ -226,6 +238,8 @@ class AsyncEngine:
             waiting=len(self._scheduler.waiting),
             sessions_pinned=len(self._pins),
             num_preemptions=self._scheduler.num_preemptions,
+            weight_bytes=self._weight_bytes,
+            weight_quantization=self._weight_quantization,
         )
 
     # -- public request API --------------------------------------------------------------------

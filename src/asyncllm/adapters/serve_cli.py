@@ -65,6 +65,8 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (CPU)")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-num-seqs", type=int, default=None)
+    serve.add_argument("--dequantize-weights", action="store_true",
+                       help="decode a quantized checkpoint to dense weights at load instead of keeping it packed")
     return serve
 
 
@@ -172,6 +174,8 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["kv_cache_tokens"] = args.kv_cache_tokens
     if args.max_num_seqs is not None:
         overrides["max_num_seqs"] = args.max_num_seqs
+    if args.dequantize_weights:
+        overrides["dequantize_weights"] = True
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     engine = AsyncEngine.from_pretrained(model, **overrides)
     app = create_app(engine, settings=settings)

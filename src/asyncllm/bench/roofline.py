@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from asyncllm.config import ModelConfig
 
@@ -46,20 +45,6 @@ def measure_copy_bandwidth(megabytes: int, *, repeats: int = 5) -> Bandwidth:
         best = min(best, time.perf_counter() - start)
     del src, dst
     return Bandwidth(bytes_per_copy=2 * numel * 4, best_seconds=best, repeats=repeats)
-
-
-def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of the module's parameters, each tensor counted once (tied weights once), whether they own
-    their storage or are views of one shared arena (padding between them not counted)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for param in module.parameters():
-        nbytes = param.numel() * param.element_size()
-        key = (param.data_ptr(), nbytes)
-        if key not in seen:
-            seen.add(key)
-            total += nbytes
-    return total
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -46,3 +46,18 @@ def load_unsharded(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId)
     if shard_id is not None:
         raise ValueError(f"shard_id: this parameter is not merged, got shard {shard_id!r}")
     copy_checked(param.data, loaded, "weight")
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters, each tensor counted once (tied weights once), whether they own
+    their storage or are views of one shared arena (padding between them not counted). Packed quantized
+    weights are parameters too, so this is the resident weight footprint."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for param in module.parameters():
+        nbytes = param.numel() * param.element_size()
+        key = (param.data_ptr(), nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total

@@ -248,6 +248,7 @@ class LlamaForCausalLM(nn.Module):
             )
         self.config = config
         self.ops = ops
+        self.quantization_name = quantization.name
         self.model = LlamaModel(_Build(config, ops, quantization, dtype, torch.device(device)))
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
