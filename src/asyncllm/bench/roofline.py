@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncllm.config import ModelConfig
+from asyncllm.layers.weights import parameter_bytes  # noqa: F401  (re-exported: the bench counts weights with it)
 
 
 @dataclass(frozen=True)
