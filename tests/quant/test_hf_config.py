@@ -160,6 +160,7 @@ REJECTIONS = [
     (_with(CT, "sparsity_config", {"format": "sparse-24-bitmask"}), "sparsity_config"),
     (_with(CT, "transform_config", {"config_groups": {"u": {}}}), "transform_config"),
     (_with(CT, "ignore", "lm_head"), "ignore"),
+    (_with(CT, "config_groups.group_0.targets", []), "targets"),
 ]
 
 

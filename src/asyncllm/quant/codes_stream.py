@@ -14,7 +14,8 @@ by:
 
 Everything else (``P.bias``, norms, embeddings, dense linears) passes through unchanged, in order. A
 module's parts may arrive in any order, interleaved with others and across shard files; its canonical
-tensors are yielded as soon as its last required part arrives, so at most the incomplete modules are held.
+tensors are yielded as soon as its last required part arrives, so only the incomplete modules' parts are
+held (and the names of completed ones, to catch duplicates).
 Exactness needs the parts as stored: scales converted to a narrower float type (e.g. float16 to bfloat16)
 before they reach this stream are no longer the checkpoint's.
 """
@@ -101,11 +102,11 @@ def _is_part(spec: WeightQuantSpec, parts: ModuleParts, suffix: str, tensor: tor
     return suffix != "weight" or not (tensor.is_floating_point() or tensor.dtype == torch.bool)
 
 
-def _check_group_size(spec: WeightQuantSpec, prefix: str, unpacked: PermutedCodes) -> None:
+def _check_group_size(spec: WeightQuantSpec, unpacked: PermutedCodes) -> None:
     k = unpacked.codes.shape[1]
     expected = spec.group_size_for(k)
     if unpacked.codes.group_size != expected:
-        raise ValueError(f"{prefix}: stored with groups of {unpacked.codes.group_size} inputs, but the "
+        raise ValueError(f"stored with groups of {unpacked.codes.group_size} inputs, but the "
                          f"quantization_config declares {expected} (K={k})")
 
 
@@ -147,7 +148,7 @@ def codes_stream(spec: WeightQuantSpec,
         del pending[prefix]
         try:
             unpacked = unpack_module(spec, stored)
-            _check_group_size(spec, prefix, unpacked)
+            _check_group_size(spec, unpacked)
         except ValueError as exc:
             raise ValueError(f"{prefix}: {exc}") from exc
         done.add(prefix)

@@ -221,7 +221,7 @@ def _ct_weights(group: str, scheme: Mapping[str, Any]) -> tuple[int, int | None,
     kind = weights.get("type", "int")
     if not isinstance(kind, str) or kind.lower() != "int":
         raise _fail(f"{where}.type", kind, "'int'")
-    if weights.get("dynamic", False) is not False:
+    if weights.get("dynamic") not in (None, False):
         raise _fail(f"{where}.dynamic", weights["dynamic"], "false")
     if weights.get("block_structure") is not None:
         raise _fail(f"{where}.block_structure", weights["block_structure"], "null")
@@ -285,7 +285,10 @@ def _parse_compressed_tensors(config: Mapping[str, Any]) -> WeightQuantSpec:
         else:
             fmt = _ct_format("format", top_format)
         settings.add((*_ct_weights(name, scheme), fmt))
-        targets.extend(_names(f"config_groups.{name}.targets", scheme.get("targets")))
+        scheme_targets = _names(f"config_groups.{name}.targets", scheme.get("targets"))
+        if not scheme_targets:
+            raise _fail(f"config_groups.{name}.targets", scheme.get("targets"), "a non-empty list")
+        targets.extend(scheme_targets)
     if len(settings) > 1:
         raise _fail("config_groups", dict(groups), "schemes that all share one weight format")
     if top_format is not None and top_format != "mixed-precision":
