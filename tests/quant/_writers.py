@@ -110,18 +110,30 @@ def write_awq(directory: Path, family: str = "llama", group_size: int | None = 3
     return reference
 
 
+def _shared_input(prefix: str) -> str:
+    """Linears reading the same input share a key: ``...self_attn.qkv``, ``...mlp.gate_up``, else themselves."""
+    for members, key in ((("q_proj", "k_proj", "v_proj"), "qkv"), (("gate_proj", "up_proj"), "gate_up")):
+        head, _, last = prefix.rpartition(".")
+        if last in members:
+            return f"{head}.{key}"
+    return prefix
+
+
 def write_gptq(directory: Path, family: str = "llama", bits: int = 4, group_size: int | None = 32, *,
                sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq", seed: int = 0,
                shards: int = 1, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """An AutoGPTQ-layout checkpoint. ``desc_act`` shuffles each linear's groups over its input channels
-    (``g_idx``) as act-order does; ``checkpoint_format`` ``"gptq"`` stores zero points minus one (so the
-    asymmetric quantizer keeps zero points >= 1, which that format can store) or ``"gptq_v2"`` as they are."""
+    """An AutoGPTQ-layout checkpoint. ``desc_act`` shuffles the groups over the input channels (``g_idx``)
+    as act-order does: one order per input, shared by the linears that read it (q/k/v, gate/up), since
+    act-order sorts channels by the input's Hessian; ``checkpoint_format`` ``"gptq"`` stores zero points minus
+    one (so the asymmetric quantizer keeps zero points >= 1, which that format can store) or ``"gptq_v2"`` as
+    they are."""
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     hf_config, state = tiny_model(family, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     tensors: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}
     for name, weight in state.items():
         prefix = quantized_prefix(name)
         if prefix is None:
@@ -130,7 +142,13 @@ def write_gptq(directory: Path, family: str = "llama", bits: int = 4, group_size
             continue
         k = weight.shape[1]
         g = group_size or k
-        g_idx = act_order_g_idx(k, g, gen) if desc_act else torch.arange(k) // g
+        if desc_act:
+            shared = _shared_input(prefix)
+            if shared not in orders:
+                orders[shared] = act_order_g_idx(k, g, gen)
+            g_idx = orders[shared]
+        else:
+            g_idx = torch.arange(k) // g
         min_zero = 1 if checkpoint_format == "gptq" and not sym else 0
         codes, zeros, scales = rtn(weight, bits, g, symmetric=sym, g_idx=g_idx, min_zero=min_zero)
         packed = pack_gptq(codes, zeros, scales, g_idx, bits, v2=checkpoint_format == "gptq_v2")

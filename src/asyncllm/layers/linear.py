@@ -56,6 +56,18 @@ def tag_parameter(
     return param
 
 
+def _load_shared(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> None:
+    """Copy a tensor every shard carries whole (e.g. an input permutation); a shard whose copy differs from
+    an earlier shard's raises ``ValueError`` (the merged layer can hold only one)."""
+    first: ShardId | None = getattr(param, "loaded_by", None)
+    if first is not None and (tuple(loaded.shape) != tuple(param.shape) or not torch.equal(param.data, loaded.to(
+            param.dtype))):
+        raise ValueError(f"shard {shard_id!r}: differs from shard {first!r}, and the merged layer holds one copy")
+    copy_checked(param.data, loaded, f"shard {shard_id!r}")
+    if first is None:
+        param.loaded_by = shard_id  # type: ignore[attr-defined]
+
+
 def _expanded_groups(param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
     """``loaded`` repeated along dim 1 to ``param``'s column count when ``param`` is tagged ``expand_groups``
     and that count is a whole multiple of the loaded one; otherwise ``loaded`` (the shape check follows)."""
@@ -133,7 +145,7 @@ class Linear(nn.Module):
         loaded = _expanded_groups(param, loaded)
         dim: int | None = getattr(param, "output_dim", None)
         if dim is None:
-            copy_checked(param.data, loaded, f"shard {shard_id!r}")
+            _load_shared(param, loaded, shard_id)
             return
         pack: int = getattr(param, "output_pack", 1)
         offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]

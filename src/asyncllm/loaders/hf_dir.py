@@ -15,6 +15,9 @@ from safetensors import safe_open
 
 from asyncllm.json_files import read_json_object
 from asyncllm.loaders.checkpoint import Checkpoint
+from asyncllm.loaders.quantized_source import QuantizedHFSource, quantized_prefixes, weight_only_quantization
+from asyncllm.quant.config import UNQUANTIZED
+from asyncllm.quant.hf_config import quant_spec_from_hf_config
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -34,13 +37,17 @@ class SafetensorsSource:
         return self.names
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.raw_tensors():
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def raw_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors exactly as stored (dtype included)."""
         position = 0
         for file_index, path in enumerate(self.files):
             with safe_open(str(path), framework="pt") as handle:
                 while position < len(self.names) and self.file_of[position] == file_index:
                     name = self.names[position]
-                    tensor = handle.get_tensor(name)
-                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    yield name, handle.get_tensor(name)
                     position += 1
 
 
@@ -88,8 +95,11 @@ def _weights_source(directory: pathlib.Path) -> SafetensorsSource:
     raise FileNotFoundError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE} (safetensors weights)")
 
 
-def load_hf_dir(directory: pathlib.Path) -> Checkpoint:
-    """Open a Hugging Face model directory; raises ``FileNotFoundError`` naming what is missing."""
+def load_hf_dir(directory: pathlib.Path, *, dequantize_weights: bool = False) -> Checkpoint:
+    """Open a Hugging Face model directory; raises ``FileNotFoundError`` naming what is missing. A
+    weight-only quantized one (``quantization_config``: AWQ, GPTQ, compressed-tensors) streams its quantized
+    linears as exact codes, or dense with ``dequantize_weights`` (``loaders.quantized_source``); an
+    unsupported ``quantization_config`` raises ``ValueError`` naming the field."""
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory not found: {directory}")
     config_path = directory / CONFIG_FILE
@@ -97,4 +107,14 @@ def load_hf_dir(directory: pathlib.Path) -> Checkpoint:
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; it is not a Hugging Face model directory")
     hf_config = read_json_object(config_path)
     source = _weights_source(directory)
-    return Checkpoint(hf_config=hf_config, local_path=directory, format="hf", source=source)
+    spec = quant_spec_from_hf_config(hf_config)
+    if spec is None:
+        return Checkpoint(hf_config=hf_config, local_path=directory, format="hf", source=source)
+    prefixes = quantized_prefixes(spec, source.names)
+    if not prefixes:
+        raise ValueError(f"{directory}: config.json declares {spec.method} quantization but no tensor holds "
+                         "quantized weights")
+    quantized = QuantizedHFSource(source, spec, tuple(prefixes), dequantize_weights)
+    quantization = UNQUANTIZED if dequantize_weights else weight_only_quantization(spec, prefixes)
+    return Checkpoint(hf_config=hf_config, local_path=directory, format="hf", source=quantized,
+                      quantization=quantization)

@@ -63,4 +63,4 @@ def load_checkpoint(
         gguf_file = _single_gguf_in(path)
         if gguf_file is not None:
             return load_gguf(gguf_file, dequantize_weights=dequantize_weights)
-    return load_hf_dir(path)
+    return load_hf_dir(path, dequantize_weights=dequantize_weights)
