@@ -55,8 +55,8 @@ from asyncllm.kernels.triton_launch import (
 )
 from asyncllm.quant.packed import NIBBLE_RUN, PackedWeight
 
-Path = Literal["gemv", "gemm", "dequant"]
-PATHS: tuple[Path, ...] = ("gemv", "gemm", "dequant")
+QuantPath = Literal["gemv", "gemm", "dequant"]
+PATHS: tuple[QuantPath, ...] = ("gemv", "gemm", "dequant")
 
 GEMV_MAX_M = 4
 """Largest row count served by the GEMV (also the most rows one GEMV program handles)."""
@@ -78,7 +78,7 @@ class QuantLaunch:
     none is empty); ``block_m`` rows of ``x`` per program (GEMV: rows reusing one dequantized tile).
     """
 
-    path: Path
+    path: QuantPath
     block_m: int
     block_n: int
     block_k: int
@@ -119,7 +119,7 @@ def _target_programs(device: torch.device, per_sm: int) -> int:
     return CPU_TARGET_PROGRAMS
 
 
-def default_path(m: int) -> Path:
+def default_path(m: int) -> QuantPath:
     """The path for ``m`` rows (see the module docstring for the thresholds)."""
     if m <= GEMV_MAX_M:
         return "gemv"
@@ -127,7 +127,7 @@ def default_path(m: int) -> Path:
 
 
 def plan_quant_linear(m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype,
-                      device: torch.device, path: Path | None = None,
+                      device: torch.device, path: QuantPath | None = None,
                       split_k: int | None = None) -> QuantLaunch:
     """The launch for ``x [m, k] @ W.T`` with ``W [n, k]`` stored in ``bits`` with groups of ``group_size``.
 
@@ -144,7 +144,7 @@ def plan_quant_linear(m: int, n: int, k: int, bits: int, group_size: int, dtype:
         block_k = tile_k(bits, group_size, 256 if bits == 4 else 128)
         tile_bytes = block_k * bits // 8
         block_n = max(16, min(128, 4096 // tile_bytes)) if gpu else 64
-        block_n = min(block_n, pow2_at_least(n))
+        block_n = min(block_n, pow2_at_least(n, 16))
         block_m = min(pow2_at_least(m), GEMV_MAX_M)
         tiles = -(-m // block_m) * -(-n // block_n)
         splits, split_len = plan_splits(tiles, k, block_k, _target_programs(device, 4), split_k)
@@ -166,7 +166,7 @@ def plan_quant_linear(m: int, n: int, k: int, bits: int, group_size: int, dtype:
 def dequant_tiles(n: int, bits: int, group_size: int, device: torch.device) -> tuple[int, int]:
     """``(block_n, block_k)`` of ``dequantize_triton``: one program per ``[block_n, block_k]`` tile."""
     gpu = device.type == "cuda" and not interpreting()
-    return (32 if gpu else min(pow2_at_least(n), 64)), tile_k(bits, group_size, 256 if bits == 4 else 128)
+    return (32 if gpu else min(pow2_at_least(n, 16), 64)), tile_k(bits, group_size, 256 if bits == 4 else 128)
 
 
 # -- device code ----------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def _check_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
 
 
 def quant_linear_triton(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
-                        path: Path | None = None, split_k: int | None = None) -> torch.Tensor:
+                        path: QuantPath | None = None, split_k: int | None = None) -> torch.Tensor:
     """``x @ weight.dequantize().T + bias`` as ``[M, N]`` in ``x.dtype`` (fp32, fp16 or bf16).
 
     ``x`` is ``[M, K]`` (any row stride) on the weight's device; ``bias`` ``[N]`` or ``None``. Products
@@ -475,7 +475,7 @@ def quant_linear_triton(x: torch.Tensor, weight: PackedWeight, bias: torch.Tenso
         _gemm_kernel[grid](*args, BLOCK_M=launch.block_m, PRECISION=dot_precision(x.dtype),
                            UPCAST=upcast_dot(x.dtype), **common)
     if not direct:
-        block = min(pow2_at_least(n), 1024)
+        block = min(pow2_at_least(n, 128), 1024)
         _reduce_splits_kernel[(m, triton.cdiv(n, block))](
             part, bias_arg, out, n, launch.split_k, m * n, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
