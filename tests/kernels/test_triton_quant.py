@@ -7,7 +7,11 @@ fixture); ``cuda``-marked tests run Llama-3-8B-sized shapes, CUDA-graph capture 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +219,36 @@ def test_plan_uses_dot_sized_tiles() -> None:
         launch = plan_quant_linear(m, 1, 4096 * 3 // 2, bits, group, torch.bfloat16, cpu)
         assert launch.path == "gemm" and launch.block_m >= 16 and launch.block_n >= 16
         assert (launch.block_k // 2 if bits == 4 else launch.block_k) >= 16  # each dot's K: low or high nibbles
+
+
+# -- the GPU benchmark's quantized-linear rows, timing stubbed ------------------------------------------------
+def test_benchmark_quant_rows(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/gpu.py``'s W4A16 section on tiny shapes: every row present, the two layers' outputs close."""
+    name = "asyncllm_gpu_benchmark_quant"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, bench)  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "QUANT_LAYER", (("a", 64, 48), ("b", 96, 32)))
+    monkeypatch.setattr(bench, "QUANT_GROUP", 32)
+    monkeypatch.setattr(bench, "QUANT_BATCHES", (1, 5))
+    timed: list[int] = []
+
+    def fake_time(fn: Callable[[int], object]) -> float:
+        fn(0), fn(1)  # both layer copies
+        timed.append(1)
+        return 10.0 * len(timed)
+
+    monkeypatch.setattr(bench, "graph_time_us", fake_time)
+    rows, raw = bench.bench_quant_layer(device, seed=0)
+    assert len(timed) == 4
+    metrics = [row.metric for row in rows]
+    assert metrics == [f"{what}, batch {b}{suffix}" for b in (1, 5) for what, suffix in (
+        ("2 linears", f" ({'gemv' if b == 1 else 'gemm'})"), ("bytes read per s", ""),
+        ("max relative difference to bf16", ""))]
+    assert rows[0].ratio == 2.0 and rows[0].target.threshold == bench.QUANT_TARGET  # 20 us bf16 / 10 us W4
+    assert all(v["max_relative_difference"] < 2e-2 for v in raw["batches"].values())
 
 
 # -- on a GPU: realistic shapes, graphs, no host sync ----------------------------------------------------
