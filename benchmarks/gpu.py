@@ -4,6 +4,7 @@
     python benchmarks/gpu.py --models tinyllama-1.1b --batches 1,64 --skip-hf
     python benchmarks/gpu.py --json gpu.json
     python benchmarks/gpu.py --dry-run                         # a tiny model on CPU: checks the plumbing
+    python benchmarks/gpu.py --quant-only                      # only the W4A16 linear rows (below)
 
 Each named shape is built twice from one random initialisation, directly on the device: the HF
 ``LlamaForCausalLM`` and asyncllm's model loaded from its state dict, so both serve the same weights.
@@ -20,6 +21,10 @@ Measurements (greedy, EOS ignored, random prompt ids, prefix caching off):
 - ``--concurrent`` (64) requests end to end (prefill included): asyncllm against HF ``generate`` of the same
   batch,
   and against HF serving the requests one at a time.
+- ``--quant`` / ``--quant-only`` (CUDA only): one Llama-3-8B decoder layer's four linears (qkv, o, gate_up,
+  down) with random 4-bit codes in groups of 128, ``quant_linear_triton`` against bf16 ``F.linear`` (cuBLAS)
+  on the same dequantized values, at batch 1 and 64: median time per layer over CUDA-graph replays (CUDA
+  events), the speed-up (target at batch 1: >= 2.5x) and the weight bytes read per second.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ from asyncllm.bench.results import REPORT_ONLY, Row, Target
 from asyncllm.bench.roofline import kv_bytes_per_token, measure_copy_bandwidth, parameter_bytes
 from asyncllm.kernels import get_kernel_ops
 from asyncllm.models import CausalLM, build_model
+from asyncllm.quant.packed import PackedWeight
 from asyncllm.tokenizer import Tokenizer
 
 Result = dict[str, Any]
@@ -104,6 +111,19 @@ SHAPES: dict[str, dict[str, Any]] = {
 ROOFLINE_TARGETS = {"tinyllama-1.1b": 0.70, "llama-3.2-1b": 0.70}
 CONCURRENT_TARGET = 10.0
 AGREEMENT_TOKENS = 16
+# One Llama-3-8B decoder layer's linears: (name, in_features K, out_features N).
+QUANT_LAYER: tuple[tuple[str, int, int], ...] = (
+    ("qkv", 4096, 6144),
+    ("o", 4096, 4096),
+    ("gate_up", 4096, 28672),
+    ("down", 14336, 4096),
+)
+QUANT_BITS = 4
+QUANT_GROUP = 128
+QUANT_BATCHES = (1, 64)
+QUANT_TARGET = 2.5  # batch-1 speed-up of the W4A16 layer over bf16
+# Layer copies cycled through in the timed graphs: two layers of 4-bit weights (~250 MB) exceed any L2.
+QUANT_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,8 @@ class GpuBenchSettings:
     bandwidth_mb: int = 1024
     concurrent: int = 64
     skip_hf: bool = False
+    quant: bool = False
+    quant_only: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -136,6 +158,8 @@ class GpuBenchSettings:
             raise ValueError(f"decode_tokens: needs at least 4 for a decode window, got {self.decode_tokens}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.quant_only and not self.quant:
+            raise ValueError("quant_only: needs quant")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -495,6 +519,88 @@ def shape_rows(
     return rows
 
 
+# -- weight-only quantized linears ------------------------------------------------------------------
+def random_packed_weight(n: int, k: int, device: torch.device, generator: torch.Generator) -> PackedWeight:
+    """A ``PackedWeight`` ``[n, k]`` of random 4-bit codes, groups of ``QUANT_GROUP``, symmetric around 8."""
+    qweight = torch.randint(0, 256, (n, k * QUANT_BITS // 8), dtype=torch.uint8, device=device, generator=generator)
+    scales = torch.rand((n, k // QUANT_GROUP), device=device, generator=generator) * 2e-3 + 1e-3
+    return PackedWeight(qweight, scales, -8 * scales, QUANT_BITS, QUANT_GROUP, k)
+
+
+def graph_time_us(fn: Callable[[int], object], reps: int = 20, replays: int = 50) -> float:
+    """Median time of one ``fn(i)`` in microseconds: ``fn(0) .. fn(reps - 1)`` recorded in one CUDA graph,
+    each replay timed with CUDA events."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: Triton compilation, cuBLAS workspaces
+        for i in range(reps):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    del graph
+    return statistics.median(times)
+
+
+def bench_quant_layer(device: torch.device, seed: int) -> tuple[list[Row], Result]:
+    """One Llama-3-8B layer's four linears, W4A16 (``quant_linear_triton``) against bf16 ``F.linear``."""
+    from asyncllm.kernels.triton_quant import default_path, dequantize_triton, quant_linear_triton
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    layers = [
+        [random_packed_weight(n, k, device, generator) for _, k, n in QUANT_LAYER] for _ in range(QUANT_COPIES)
+    ]
+    dense = [[dequantize_triton(w, torch.bfloat16) for w in layer] for layer in layers]
+    quant_bytes = sum(w.nbytes for w in layers[0])
+    dense_bytes = sum(w.numel() * w.element_size() for w in dense[0])
+    rows: list[Row] = []
+    raw: Result = {"model": "llama-3-8b layer linears, W4A16", "quant_bytes": quant_bytes,
+                   "dense_bytes": dense_bytes, "batches": {}}
+    label = f"llama-3-8b layer, W{QUANT_BITS}A16 g{QUANT_GROUP}"
+    for batch in QUANT_BATCHES:
+        inputs = {k: torch.randn((batch, k), device=device, generator=generator).to(torch.bfloat16)
+                  for k in {k for _, k, _ in QUANT_LAYER}}
+
+        def quant_layer(i: int, inputs: dict[int, torch.Tensor] = inputs) -> None:
+            for w in layers[i % QUANT_COPIES]:
+                quant_linear_triton(inputs[w.in_features], w)
+
+        def dense_layer(i: int, inputs: dict[int, torch.Tensor] = inputs) -> None:
+            for w in dense[i % QUANT_COPIES]:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+        quant_us, dense_us = graph_time_us(quant_layer), graph_time_us(dense_layer)
+        # the same weight values either way: how far the two outputs drift apart (bf16 rounding)
+        drift = 0.0
+        for w, d in zip(layers[0], dense[0], strict=True):
+            x = inputs[w.in_features]
+            want = torch.nn.functional.linear(x, d).float()
+            got = quant_linear_triton(x, w).float()
+            drift = max(drift, ((got - want).abs().max() / want.abs().max()).item())
+        act_bytes = sum(batch * (k + n) * 2 for _, k, n in QUANT_LAYER)
+        raw["batches"][batch] = {"quant_us": quant_us, "dense_us": dense_us, "max_relative_difference": drift,
+                                 "path": default_path(batch)}
+        target = Target("ratio_at_least", QUANT_TARGET) if batch == 1 else REPORT_ONLY
+        metric = f"{len(QUANT_LAYER)} linears, batch {batch} ({default_path(batch)})"
+        rows.append(Row(label, metric, "us", quant_us, dense_us, False, target, "bf16 F.linear (cuBLAS), CUDA graph"))
+        rows.append(Row(label, f"bytes read per s, batch {batch}", "GB/s", (quant_bytes + act_bytes) / quant_us / 1e3,
+                        (dense_bytes + act_bytes) / dense_us / 1e3, True, REPORT_ONLY, "bf16 F.linear"))
+        rows.append(Row(label, f"max relative difference to bf16, batch {batch}", "", drift, None, False,
+                        REPORT_ONLY, "-"))
+    return rows, raw
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | None, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -516,14 +622,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | Non
     parser.add_argument("--dtype", default=defaults.dtype, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--skip-hf", action="store_true", help="measure asyncllm only")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and raw results here")
+    parser.add_argument("--quant", action="store_true",
+                        help="also time one Llama-3-8B layer's linears, W4A16 against bf16 (CUDA only)")
+    parser.add_argument("--quant-only", action="store_true", help="only the --quant rows, no model shapes")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="a tiny model on CPU with a few tokens: checks the script, measures nothing useful",
     )
     args = parser.parse_args(argv)
+    quant = args.quant or args.quant_only
     if args.dry_run:
-        return replace(DRY_RUN, skip_hf=args.skip_hf), args.json, True
+        return replace(DRY_RUN, skip_hf=args.skip_hf, quant=quant, quant_only=args.quant_only), args.json, True
     settings = GpuBenchSettings(
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
@@ -534,6 +644,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | Non
         dtype=args.dtype,
         skip_hf=args.skip_hf,
         concurrent=args.concurrent,
+        quant=quant,
+        quant_only=args.quant_only,
     )
     return settings, args.json, False
 
@@ -572,23 +684,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows: list[Row] = []
     raw: list[Result] = []
-    for name in settings.models:
-        shape_rows_, shape_raw = bench_shape(name, settings, bandwidth)
-        rows += shape_rows_
-        raw.append(shape_raw)
-        # Each shape's table as soon as it is measured, so a run cut short still reports what it finished.
-        print(f"\n{name} (built in {shape_raw['build_s']:.1f} s):", flush=True)
-        print(render_table(shape_rows_), flush=True)
+
+    def record() -> None:
         if json_path is not None:
-            record = {
+            text = {
                 "settings": asdict(settings),
                 "copy_bandwidth_bytes_per_s": bandwidth,
                 "device": where,
                 "rows": [row.to_dict() for row in rows],
                 "raw": raw,
             }
-            json_path.write_text(json.dumps(record, indent=2, default=str))
-    print("\nratio = ours / peer; for the bandwidth rows it is the fraction of the measured copy roofline.")
+            json_path.write_text(json.dumps(text, indent=2, default=str))
+
+    for name in () if settings.quant_only else settings.models:
+        shape_rows_, shape_raw = bench_shape(name, settings, bandwidth)
+        rows += shape_rows_
+        raw.append(shape_raw)
+        # Each shape's table as soon as it is measured, so a run cut short still reports what it finished.
+        print(f"\n{name} (built in {shape_raw['build_s']:.1f} s):", flush=True)
+        print(render_table(shape_rows_), flush=True)
+        record()
+    if settings.quant and device.type != "cuda":
+        print("\nquantized linears (--quant): skipped, the Triton kernels need a CUDA device", flush=True)
+    elif settings.quant:
+        quant_rows, quant_raw = bench_quant_layer(device, settings.seed)
+        rows += quant_rows
+        raw.append(quant_raw)
+        torch.cuda.empty_cache()
+        print(f"\n{quant_raw['model']}: {QUANT_COPIES} layers cycled in CUDA graphs, median per layer:", flush=True)
+        print(render_table(quant_rows), flush=True)
+        record()
+    record()
+    print(
+        "\nratio = ours / peer (peer / ours for times: the speed-up); for the decode bandwidth rows it is the "
+        "fraction of the measured copy roofline."
+    )
     return 0
 
 

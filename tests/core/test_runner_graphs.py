@@ -416,6 +416,14 @@ def test_gpu_benchmark_dry_run_reports_every_row(bench: ModuleType, tmp_path: Pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_benchmark_quant_rows_are_skipped_off_cuda(bench: ModuleType) -> None:
+    with _captured_output() as (out, _):
+        assert bench.main(["--dry-run", "--quant-only"]) == 0
+    text = out.getvalue()
+    assert "quantized linears (--quant): skipped" in text and "decode tok/s" not in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_gpu_benchmark_without_gpu_exits_with_a_clear_message(bench: ModuleType) -> None:
     with _captured_output() as (_, err):
         assert bench.main(["--models", "tinyllama-1.1b"]) == 2
