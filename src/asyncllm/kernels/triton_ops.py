@@ -12,6 +12,7 @@ from asyncllm.kernels.triton_activation import silu_and_mul_triton
 from asyncllm.kernels.triton_attention import paged_attention_triton
 from asyncllm.kernels.triton_kv_write import write_kv_triton
 from asyncllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from asyncllm.kernels.triton_quant import quant_linear_triton
 from asyncllm.kernels.triton_rotary import rotary_triton
 
 _write_kv, _paged_attention = on_cache("triton", write_kv_triton, paged_attention_triton)
@@ -23,5 +24,6 @@ TRITON_OPS = KernelOps(
     silu_and_mul=silu_and_mul_triton,
     write_kv=_write_kv,
     paged_attention=_paged_attention,
+    quantized_linear=quant_linear_triton,
     graph_safe=True,
 )
