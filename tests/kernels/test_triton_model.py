@@ -55,7 +55,8 @@ def _rtn_codes(weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
 
 def test_triton_packed_model_generates_like_the_torch_model(chat_tokenizer: Any) -> None:
     """Weight-only 4-bit linears through the Triton quantized kernels (GEMV at decode, GEMM at prefill)."""
-    from asyncllm.quant.config import LayerQuant, WeightOnlyQuantization
+    from asyncllm.quant.config import WeightOnlyQuantization
+    from asyncllm.quant.layer_quant import LayerQuant
 
     hf_config, state = tiny_llama_state(
         chat_tokenizer.vocab_size, hidden_size=96, num_attention_heads=3, num_key_value_heads=1,

@@ -115,7 +115,7 @@ def _hf_config(config: dict[str, Any]) -> Any:
 def test_merged_shards_with_different_input_orders_are_refused() -> None:
     from asyncllm.kernels import TORCH_OPS
     from asyncllm.layers.linear import QKVLinear
-    from asyncllm.quant.config import LayerQuant
+    from asyncllm.quant.layer_quant import LayerQuant
     from asyncllm.quant.packed_linear import PackedLinearMethod
 
     method = PackedLinearMethod(TORCH_OPS, LayerQuant(bits=4, group_size=32, permuted=True))

@@ -16,7 +16,7 @@ from torch import nn
 
 from asyncllm.kernels.bundle import KernelOps
 from asyncllm.layers.weights import ShardId, empty_parameter, load_unsharded
-from asyncllm.quant.config import LayerQuant
+from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import PackedWeight
 from asyncllm.quant.packed_linear import create_code_parameters, pack_code_parameters
 

@@ -36,7 +36,8 @@ from asyncllm.loaders.gguf_codes import QUANTIZED_TYPES, layer_quant, quant_code
 from asyncllm.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize
 from asyncllm.loaders.gguf_file import GGUFFile, GGUFTensorInfo
 from asyncllm.loaders.gguf_rope import rope_scaling_from_metadata
-from asyncllm.quant.config import UNQUANTIZED, LayerQuant, QuantizationConfig, WeightOnlyQuantization
+from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig, WeightOnlyQuantization
+from asyncllm.quant.layer_quant import LayerQuant
 
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from asyncllm.quant.config import LayerQuant
+from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import QuantCodes
 
 _Decoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

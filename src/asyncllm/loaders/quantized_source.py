@@ -29,8 +29,9 @@ from asyncllm.quant.codes_stream import (
     codes_stream,
     module_parts,
 )
-from asyncllm.quant.config import LayerQuant, WeightOnlyQuantization
+from asyncllm.quant.config import WeightOnlyQuantization
 from asyncllm.quant.hf_config import WeightQuantSpec
+from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import QuantCodes
 
 _CODE_SUFFIXES = (CODES, CODE_SCALES, CODE_ZEROS, CODE_MINS)

@@ -21,7 +21,7 @@ from torch import nn
 
 from asyncllm.layers.linear import tag_parameter
 from asyncllm.layers.weights import empty_parameter
-from asyncllm.quant.config import LayerQuant
+from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import PackedWeight, QuantCodes, pack
 
 if TYPE_CHECKING:
