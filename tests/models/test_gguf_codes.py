@@ -108,8 +108,11 @@ def test_packed_gguf_model_matches_dequantized(tmp_path: pathlib.Path, mix: str)
         names = {name for name, _ in packed.named_parameters()}
         assert "model.layers.0.self_attn.qkv_proj.qweight" in names and "model.embed_tokens.qweight" in names
         assert not any(name.endswith(".weight") and "proj" in name for name in names)
+        # the torch ops multiply the exact weights; the CPU fast paths' decode kernels round activations to
+        # int8 blocks (llama.cpp's scheme), an error of up to half a block scale per input (see native_quant)
+        tolerance = 1e-4 if backend == "torch" else 3e-2
         for want, got in zip(_logits_per_step(dense, ids), _logits_per_step(packed, ids), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * float(want.abs().max()))
             assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 

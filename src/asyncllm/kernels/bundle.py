@@ -49,24 +49,30 @@ QuantLinearOp = Callable[[torch.Tensor, PackedWeight, torch.Tensor | None], torc
 class FusedLayerWeights:
     """One pre-norm decoder layer, as a fused kernel reads it: RMSNorm -> fused QKV -> rotate-half rotary over
     the whole head -> paged GQA attention -> output projection -> residual add -> RMSNorm -> fused gate/up ->
-    SiLU(gate) * up -> down projection -> residual add. Dense weights ``[N, K]`` (possibly strided views),
-    optional biases. A layer that computes anything else declares no ``FusedLayerWeights``."""
+    SiLU(gate) * up -> down projection -> residual add. Each projection is a dense weight ``[N, K]``
+    (possibly a strided view) or a weight-only quantized ``PackedWeight`` of that shape; optional biases.
+    A layer that computes anything else declares no ``FusedLayerWeights``."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
-    qkv: torch.Tensor
+    qkv: torch.Tensor | PackedWeight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: torch.Tensor | PackedWeight
     o_bias: torch.Tensor | None
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | PackedWeight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | PackedWeight
     down_bias: torch.Tensor | None
     num_heads: int
     num_kv_heads: int
     head_dim: int
     scale: float
+
+    @property
+    def projections(self) -> tuple[torch.Tensor | PackedWeight, ...]:
+        """``(qkv, o, gate_up, down)``."""
+        return (self.qkv, self.o, self.gate_up, self.down)
 
 
 class FusedDecodeStep(Protocol):

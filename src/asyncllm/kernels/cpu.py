@@ -23,6 +23,7 @@ from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
+from asyncllm.kernels.quant_linear import quant_linear_reference
 from asyncllm.kernels.rotary import rotate_half_tables
 
 # Rows up to which a linear takes the split GEMV (measured on x86 with 2 threads: at 1-2 rows it streams the
@@ -185,7 +186,7 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers
     fusable layers (see the module docstring). With both off, every step runs as modules."""
     write_kv, paged_attention = on_cache("cpu", write_kv_cpu, paged_attention_cpu)
     kernels = NativeKernels(native_layer_max_rows) if native else None
-    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cpu) if fused_layers else None
+    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cpu, quant_linear_reference) if fused_layers else None
     return KernelOps(
         name="cpu+native" if native else "cpu",
         rms_norm=rms_norm_cpu,

@@ -21,18 +21,36 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from asyncllm.kernels.bundle import FusedDecodeStep, FusedLayerWeights, LinearOp
+from asyncllm.kernels.bundle import FusedDecodeStep, FusedLayerWeights, LinearOp, QuantLinearOp
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_layer import NativeDecodeLayers
 from asyncllm.kernels.rotary import rotate_half_tables
+from asyncllm.quant.packed import PackedWeight
 
 
 def _torch_fits(weights: FusedLayerWeights) -> bool:
-    tensors = (weights.qkv, weights.o, weights.gate_up, weights.down, weights.input_norm, weights.post_norm)
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and weights.head_dim % 2 == 0
+    tensors = [weights.input_norm, weights.post_norm]
+    for projection in weights.projections:
+        tensors.append(projection.qweight if isinstance(projection, PackedWeight) else projection)
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    dense_fp32 = all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+    return on_cpu and dense_fp32 and weights.head_dim % 2 == 0
+
+
+class Projection:
+    """A projection of either storage: the bundle's dense ``linear`` or its ``quantized_linear``."""
+
+    def __init__(self, linear: LinearOp, quantized: QuantLinearOp) -> None:
+        self._linear = linear
+        self._quantized = quantized
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(weight, PackedWeight):
+            return self._quantized(x, weight, bias)
+        return self._linear(x, weight, bias)
 
 
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
@@ -40,11 +58,12 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionM
 
 class CpuFusedDecode:
     """``FusedDecode`` for the CPU bundle: binds the native layer where available, the torch pass always.
-    ``linear`` and ``attend`` are the bundle's own linear and tensor-level paged attention."""
+    ``linear`` / ``quantized`` and ``attend`` are the bundle's own linears and tensor-level paged attention."""
 
-    def __init__(self, native: NativeKernels | None, linear: LinearOp, attend: DecodeAttention) -> None:
+    def __init__(self, native: NativeKernels | None, linear: LinearOp, attend: DecodeAttention,
+                 quantized: QuantLinearOp) -> None:
         self._native = native
-        self._linear = linear
+        self._linear = Projection(linear, quantized)
         self._attend = attend
 
     def bind(self, layers: Sequence[FusedLayerWeights | None]) -> CpuFusedBinding | None:
@@ -59,7 +78,7 @@ class CpuFusedBinding:
     """A model's fusable layers bound to both passes (``FusedDecodeBinding``)."""
 
     def __init__(self, layers: tuple[FusedLayerWeights | None, ...], native: NativeDecodeLayers | None,
-                 linear: LinearOp, attend: DecodeAttention) -> None:
+                 linear: Projection, attend: DecodeAttention) -> None:
         self.layers = layers
         self.native = native
         self._linear = linear
@@ -85,7 +104,7 @@ class CpuFusedBinding:
 class TorchDecodeStep:
     """One decode step's fusable layers as flat torch passes (see the module docstring)."""
 
-    def __init__(self, layers: tuple[FusedLayerWeights | None, ...], linear: LinearOp, attend: DecodeAttention,
+    def __init__(self, layers: tuple[FusedLayerWeights | None, ...], linear: Projection, attend: DecodeAttention,
                  positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
                  caches: Sequence[KVCache]) -> None:
         self._layers = layers

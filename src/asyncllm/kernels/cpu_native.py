@@ -8,7 +8,7 @@ absent (no plan, nothing bound) and the torch ops run instead; ``native_build`` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 from asyncllm.kernels.native_build import load_native_library
-from asyncllm.kernels.native_layer import NativeDecodeLayers, bind_layer_function
+from asyncllm.kernels.native_layer import LayerFunctions, NativeDecodeLayers, bind_layer_functions
 
 _LAYER_SOURCE = "decode_layer.c"
 
@@ -36,7 +36,7 @@ class NativeKernels:
             raise ValueError(f"native_layer_max_rows: must be >= 0, got {max_layer_rows}")
         self.max_layer_rows = max_layer_rows
         self._attention: NativeDecodeAttention | None = None
-        self._layer: Callable[..., None] | None = None
+        self._layer: LayerFunctions | None = None
         self._loaded: set[str] = set()
 
     def attention(self) -> NativeDecodeAttention | None:
@@ -45,11 +45,11 @@ class NativeKernels:
             self._attention = NativeDecodeAttention.load()
         return self._attention
 
-    def layer_function(self) -> Callable[..., None] | None:
+    def layer_functions(self) -> LayerFunctions | None:
         if "layer" not in self._loaded:
             self._loaded.add("layer")
             library = load_native_library(_LAYER_SOURCE)
-            self._layer = None if library is None else bind_layer_function(library)
+            self._layer = None if library is None else bind_layer_functions(library)
         return self._layer
 
     def plan_attention(self, meta: AttentionMetadata, cache: KVCache, num_heads: int) -> AttentionMetadata:
@@ -71,8 +71,8 @@ class NativeKernels:
             return None
         if self.attention() is None:
             return None
-        function = self.layer_function()
-        if function is None:
+        functions = self.layer_functions()
+        if functions is None:
             return None
-        binding = NativeDecodeLayers(function, layers, self.max_layer_rows)
+        binding = NativeDecodeLayers(functions, layers, self.max_layer_rows)
         return binding if binding.num_bound else None

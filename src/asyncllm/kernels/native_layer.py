@@ -8,11 +8,16 @@ dispatch. The C layer runs everything in one OpenMP region: each thread streams 
 range of every weight row, and attention reads the paged cache in place through the step's
 ``DecodeAttentionPlan`` (the one ``paged_attention`` uses).
 
+A layer whose four projections are all weight-only quantized (``PackedWeight``) binds to the C layer's
+packed variant (``asyncllm_decode_layer_quant``): each projection quantizes its input rows to int8 blocks
+and multiplies them with the packed codes (``csrc/quant_gemv.h``, the kernel of ``native_quant``).
+
 Invariants: the bound pointers are the model's parameters when the binding is made (weights load and are
-laid out before the first decode step, and never move afterwards); a bound layer stores QKV, output and
-gate/up weights K-major and the down projection row-major, all float32 and contiguous in that layout
-(``_fits``; another layout leaves the layer unbound, so it runs as modules); the C code trusts every index
-it gets, so ``begin`` and ``run`` check each step's tables and tensors first.
+laid out before the first decode step, and never move afterwards); a bound dense layer stores QKV, output
+and gate/up weights K-major and the down projection row-major, all float32 and contiguous in that layout
+(``_fits``); a bound packed layer has four contiguous CPU ``PackedWeight``s (``_fits_packed``); any other
+layer is left unbound, so it runs as modules; the C code trusts every index it gets, so ``begin`` and
+``run`` check each step's tables and tensors first.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.rotary import rotate_half_tables
+from asyncllm.quant.packed import PackedWeight
 
 MAX_HEAD_DIM = 512  # the C rotary keeps one head in a stack buffer of this many floats
 _ARGTYPES = (
@@ -36,8 +42,50 @@ _ARGTYPES = (
 )
 
 
+class PackedLinearArg(ctypes.Structure):
+    """``packed_linear`` of ``csrc/decode_layer.c``: one projection's packed tensors and optional bias."""
+
+    _fields_ = [("qweight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("bits", ctypes.c_int64), ("group_size", ctypes.c_int64)]
+
+
+_QUANT_ARGTYPES = (
+    [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 9
+    + [ctypes.c_float, ctypes.c_int32]
+)
+
+
+def _shared_fits(weights: FusedLayerWeights) -> bool:
+    """The checks every binding needs: float32 contiguous norms, an even head dim that fits the C buffer."""
+    norms = (weights.input_norm, weights.post_norm)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in norms):
+        return False
+    head_dim = weights.head_dim
+    return head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM and weights.num_heads % weights.num_kv_heads == 0
+
+
+def _fits_packed(weights: FusedLayerWeights) -> bool:
+    """Whether the packed C layer can read this layer: four CPU ``PackedWeight``s of the layer's shapes."""
+    projections = weights.projections
+    if not _shared_fits(weights) or not all(isinstance(p, PackedWeight) for p in projections):
+        return False
+    packed = [p for p in projections if isinstance(p, PackedWeight)]
+    if any(t.device.type != "cpu" or not t.is_contiguous() for p in packed for t in (p.qweight, p.scales, p.biases)):
+        return False
+    biases = [b for b in (weights.qkv_bias, weights.o_bias, weights.gate_up_bias, weights.down_bias) if b is not None]
+    if any(b.dtype != torch.float32 or not b.is_contiguous() for b in biases):
+        return False
+    hidden, head_dim = weights.input_norm.shape[0], weights.head_dim
+    q_width, inter = weights.num_heads * head_dim, packed[3].in_features
+    shapes = ((q_width + 2 * weights.num_kv_heads * head_dim, hidden), (hidden, q_width), (2 * inter, hidden),
+              (hidden, inter))
+    return all(p.shape == shape for p, shape in zip(packed, shapes, strict=True))
+
+
 def _fits(weights: FusedLayerWeights) -> bool:
-    """Whether the C layer can read this layer as it is stored (see the module invariants)."""
+    """Whether the dense C layer can read this layer as it is stored (see the module invariants)."""
+    if not all(isinstance(p, torch.Tensor) for p in weights.projections):
+        return False
     k_major = (weights.qkv, weights.o, weights.gate_up)
     tensors = [*k_major, weights.down, weights.input_norm, weights.post_norm]
     biases = [b for b in (weights.qkv_bias, weights.o_bias, weights.gate_up_bias, weights.down_bias) if b is not None]
@@ -60,33 +108,79 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 @dataclass(frozen=True)
+class LayerFunctions:
+    """The C layer's entry points: dense, packed, and the packed scratch size (``None`` if not built)."""
+
+    dense: Callable[..., None]
+    packed: Callable[..., None] | None = None
+    prepared_bytes: Callable[[int, int, int], int] | None = None
+
+
+@dataclass(frozen=True)
 class _BoundLayer:
     weights: FusedLayerWeights
-    args: tuple[int | float | None, ...]  # norms, eps and projections in the C argument order
+    args: tuple[object, ...]  # dense: norms, eps and projections; packed: norms, eps, projection structs
     hidden: int
     inter: int
+    packed: bool
+
+
+def _bind(w: FusedLayerWeights, functions: LayerFunctions) -> _BoundLayer | None:
+    hidden = int(w.input_norm.shape[0])
+    if _fits(w):
+        args: tuple[object, ...] = (
+            w.input_norm.data_ptr(), w.post_norm.data_ptr(), w.eps,
+            *(part for p, b in zip(w.projections, (w.qkv_bias, w.o_bias, w.gate_up_bias, w.down_bias), strict=True)
+              for part in (_tensor(p).data_ptr(), _pointer(b))),
+        )
+        return _BoundLayer(w, args, hidden, int(_tensor(w.down).shape[1]), packed=False)
+    if functions.packed is None or not _fits_packed(w):
+        return None
+    structs = (PackedLinearArg * 4)(*(
+        PackedLinearArg(p.qweight.data_ptr(), p.scales.data_ptr(), p.biases.data_ptr(), _pointer(b), p.bits,
+                        p.group_size)
+        for p, b in zip(_packed(w), (w.qkv_bias, w.o_bias, w.gate_up_bias, w.down_bias), strict=True)
+    ))
+    args = (w.input_norm.data_ptr(), w.post_norm.data_ptr(), w.eps, structs)
+    return _BoundLayer(w, args, hidden, _packed(w)[3].in_features, packed=True)
+
+
+def _tensor(p: torch.Tensor | PackedWeight) -> torch.Tensor:
+    if not isinstance(p, torch.Tensor):
+        raise ValueError("projection: expected a dense weight")
+    return p
+
+
+def _packed(w: FusedLayerWeights) -> tuple[PackedWeight, ...]:
+    packed = tuple(p for p in w.projections if isinstance(p, PackedWeight))
+    if len(packed) != 4:
+        raise ValueError("projections: expected four packed weights")
+    return packed
 
 
 class NativeDecodeLayers:
     """The fusable layers of one model bound to the C layer (``FusedDecodeBinding``)."""
 
-    def __init__(self, function: Callable[..., None], layers: Sequence[FusedLayerWeights | None],
+    def __init__(self, functions: LayerFunctions, layers: Sequence[FusedLayerWeights | None],
                  max_rows: int) -> None:
-        self._function = function
+        self._functions = functions
         self.max_rows = max_rows
         # each layer's pointers, fixed for the binding's life (the weights never move), so a step does not
         # re-read ~300 data pointers
         self.layers: tuple[_BoundLayer | None, ...] = tuple(
-            None if w is None or not _fits(w) else _BoundLayer(
-                weights=w,
-                args=(w.input_norm.data_ptr(), w.post_norm.data_ptr(), w.eps,
-                      w.qkv.data_ptr(), _pointer(w.qkv_bias), w.o.data_ptr(), _pointer(w.o_bias),
-                      w.gate_up.data_ptr(), _pointer(w.gate_up_bias), w.down.data_ptr(), _pointer(w.down_bias)),
-                hidden=int(w.input_norm.shape[0]),
-                inter=int(w.down.shape[1]),
-            )
-            for w in layers
+            None if w is None else _bind(w, functions) for w in layers
         )
+
+    def prepared_bytes(self, rows: int) -> int:
+        """Scratch bytes the packed layers' activation quantization needs for ``rows`` rows."""
+        sizes = [0]
+        size_of = self._functions.prepared_bytes
+        for bound in self.layers:
+            if bound is None or not bound.packed or size_of is None:
+                continue
+            for p in _packed(bound.weights):
+                sizes.append(int(size_of(rows, p.in_features, p.group_size)))
+        return max(sizes)
 
     @property
     def num_bound(self) -> int:
@@ -140,6 +234,9 @@ class NativeDecodeStep:
                          + b.weights.num_heads * b.weights.head_dim + 3 * b.inter + b.weights.num_heads * plan.max_len)
                  for b in covered if b is not None]
         self._work = torch.empty(max(sizes, default=0), dtype=torch.float32)
+        self._prepared = torch.empty(binding.prepared_bytes(rows) + 64, dtype=torch.uint8)
+        offset = -self._prepared.data_ptr() % 64  # the int8 rows are read with aligned vector loads
+        self._prepared_ptr = self._prepared.data_ptr() + offset
         _num_blocks, block_size, _, _ = plan.cache_shape
         self._step_args = (cos.data_ptr(), sin.data_ptr(), slots.data_ptr())
         self._table_args = (plan.block_tables.data_ptr(), plan.seq_lens.data_ptr(), plan.block_tables.shape[1],
@@ -159,16 +256,27 @@ class NativeDecodeStep:
         if cache is not self._caches[layer] and not _plain_float32(cache, self._plan.cache_shape):
             raise ValueError(f"cache: expected a plain contiguous float32 cache of shape {self._plan.cache_shape}")
         w = bound.weights
-        self._binding._function(
-            residual.data_ptr(), self._work.data_ptr(), *bound.args, *self._step_args,
-            cache.key.data_ptr(), cache.value.data_ptr(), *self._table_args,
-            bound.hidden, w.num_heads, w.num_kv_heads, w.head_dim, bound.inter, w.scale, self._plan.threads,
-        )
+        functions = self._binding._functions
+        tail = (*self._step_args, cache.key.data_ptr(), cache.value.data_ptr(), *self._table_args,
+                bound.hidden, w.num_heads, w.num_kv_heads, w.head_dim, bound.inter, w.scale, self._plan.threads)
+        if bound.packed and functions.packed is not None:
+            functions.packed(residual.data_ptr(), self._work.data_ptr(), self._prepared_ptr, *bound.args, *tail)
+        else:
+            functions.dense(residual.data_ptr(), self._work.data_ptr(), *bound.args, *tail)
 
 
-def bind_layer_function(library: ctypes.CDLL) -> Callable[..., None]:
-    """The C entry point with its argument types declared."""
-    function = library.asyncllm_decode_layer
-    function.restype = None
-    function.argtypes = _ARGTYPES
-    return function
+def bind_layer_functions(library: ctypes.CDLL) -> LayerFunctions:
+    """The C entry points with their argument types declared (the packed ones only where the library has
+    them)."""
+    dense = library.asyncllm_decode_layer
+    dense.restype = None
+    dense.argtypes = _ARGTYPES
+    packed = getattr(library, "asyncllm_decode_layer_quant", None)
+    size_of = getattr(library, "asyncllm_quant_prepared_bytes", None)
+    if packed is None or size_of is None:
+        return LayerFunctions(dense)
+    packed.restype = None
+    packed.argtypes = _QUANT_ARGTYPES
+    size_of.restype = ctypes.c_int64
+    size_of.argtypes = [ctypes.c_int64] * 3
+    return LayerFunctions(dense, packed, size_of)

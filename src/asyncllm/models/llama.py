@@ -34,6 +34,7 @@ from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.weights import ShardId
 from asyncllm.models.weight_loader import load_named_weights
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
+from asyncllm.quant.packed_linear import packed_weight
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -132,7 +133,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def fused_weights(self) -> FusedLayerWeights | None:
         """This layer as a fused decode kernel reads it, or ``None`` when it computes anything the fused layer
-        does not: a module beyond the standard ones (e.g. q/k norms), a non-dense (quantized) linear,
+        does not: a module beyond the standard ones (e.g. q/k norms), a linear neither dense nor packed
+        (another linear method, or packed with an input permutation),
         partial rotary, another activation, or two different norm epsilons."""
         attn, mlp = self.self_attn, self.mlp
         standard = (self, attn, mlp, self.input_layernorm, self.post_attention_layernorm, attn.qkv_proj,
@@ -140,7 +142,8 @@ class LlamaDecoderLayer(nn.Module):
         known = {id(module) for module in standard}
         if any(id(module) not in known for module in self.modules()):
             return None
-        qkv, o, gate_up, down = (dense_weight(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        qkv, o, gate_up, down = (dense_weight(m) if packed_weight(m) is None else packed_weight(m)
+                                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
         if qkv is None or o is None or gate_up is None or down is None:
             return None
         if type(mlp.act_fn) is not SiluAndMul or attn.rotary_emb.cos_sin_cache.shape[-1] != attn.qkv_proj.head_dim:

@@ -82,3 +82,11 @@ class PackedLinearMethod:
         if perm is not None:
             x = x.index_select(-1, perm)
         return self.ops.quantized_linear(x, layer.packed, bias)
+
+
+def packed_weight(layer: Linear) -> PackedWeight | None:
+    """The layer's ``PackedWeight`` when its method is exactly the packed one with no input permutation (what
+    a fused kernel that multiplies packed weights may read), else ``None``."""
+    if type(layer.method) is not PackedLinearMethod or getattr(layer, "input_perm", None) is not None:
+        return None
+    return getattr(layer, "packed", None)

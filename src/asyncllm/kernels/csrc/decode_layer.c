@@ -20,6 +20,12 @@
  * Each GEMV splits its output columns into one contiguous range per thread, so every thread streams
  * its share of each weight row and no partial sums need combining. Phases are separated by barriers.
  * The caller validates shapes and indices: this code trusts them.
+ *
+ * asyncllm_decode_layer_quant is the same layer over weight-only quantized projections (PackedWeight
+ * storage, see quant_gemv.h: output-major codes with per-group scales and biases). Before each projection
+ * the threads quantize its input rows to int8 blocks into the shared `prepared` buffer (at least
+ * asyncllm_quant_prepared_bytes(rows, k, group_size) bytes for every projection's k and group size); after
+ * a barrier each thread computes one contiguous range of the projection's output features.
  */
 #include <math.h>
 #include <omp.h>
@@ -27,6 +33,7 @@
 #include <string.h>
 
 #include "paged_attention.h"
+#include "quant_gemv.h"
 
 /* [lo, hi) of n columns for thread t of count, in multiples of 16 floats where possible. */
 static void column_range(int64_t n, int t, int count, int64_t *lo, int64_t *hi)
@@ -180,5 +187,98 @@ void asyncllm_decode_layer(float *residual, float *work, const float *input_norm
 
         column_range(hidden, t, count, &lo, &hi);
         gemv_row_major_add(act, w_down, b_down, residual, rows, inter, hidden, lo, hi);
+    }
+}
+
+/* One weight-only quantized projection (a PackedWeight) and its optional float bias. */
+typedef struct {
+    const uint8_t *qweight;
+    const float *scales;
+    const float *biases;
+    const float *bias;
+    int64_t bits;
+    int64_t group_size;
+} packed_linear;
+
+int64_t asyncllm_quant_prepared_bytes(int64_t rows, int64_t k, int64_t group_size)
+{
+    return qg_round_up(quant_prepared_bytes(rows, k, group_size), 64);
+}
+
+/* Quantize rows of x [rows, k] for p (this thread's share), then, after a barrier, output features
+ * [lo, hi) of y [rows, n] (+)= x @ p^T. Must be called by every thread of the region. */
+static void packed_projection(const float *x, int64_t rows, int64_t k, const packed_linear *p, void *prepared,
+                              float *y, int64_t n, int add, int t, int count)
+{
+    quant_prepare_rows(x, k, rows * t / count, rows * (t + 1) / count, k, (int)p->bits, p->group_size, prepared);
+#pragma omp barrier
+    int64_t lo, hi;
+    column_range(n, t, count, &lo, &hi);
+    quant_gemv_rows(prepared, rows, k, (int)p->bits, p->group_size, p->qweight, p->scales, p->biases, p->bias, y,
+                    n, lo, hi, add);
+}
+
+/* The layer of asyncllm_decode_layer with packed projections w[0..3] = qkv, o, gate_up, down (each
+ * [n, k] output-major) and a `prepared` activation scratch (see the header comment). */
+void asyncllm_decode_layer_quant(float *residual, float *work, void *prepared, const float *input_norm,
+                                 const float *post_norm, float eps, const packed_linear *w, const float *cos,
+                                 const float *sin, const int64_t *slots, float *k_cache, float *v_cache,
+                                 const int32_t *tables, const int32_t *lens, int64_t width, int64_t block_size,
+                                 int64_t max_len, int64_t rows, int64_t hidden, int64_t heads, int64_t kv_heads,
+                                 int64_t head_dim, int64_t inter, float scale, int32_t threads)
+{
+    const int64_t groups = heads / kv_heads;
+    const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+    const int64_t qkv_width = q_width + 2 * kv_width;
+    float *normed = work;
+    float *qkv = normed + rows * hidden;
+    float *attn = qkv + rows * qkv_width;
+    float *gate_up = attn + rows * q_width;
+    float *act = gate_up + rows * 2 * inter;
+    float *scores = act + rows * inter;
+
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+
+#pragma omp single
+        rms_norm(residual, input_norm, normed, rows, hidden, eps);
+
+        packed_projection(normed, rows, hidden, &w[0], prepared, qkv, qkv_width, 0, t, count);
+#pragma omp barrier
+
+#pragma omp single
+        for (int64_t r = 0; r < rows; ++r) {
+            float *row = qkv + r * qkv_width;
+            rotate(row, heads + kv_heads, head_dim, cos + r * head_dim, sin + r * head_dim);
+            memcpy(k_cache + slots[r] * kv_width, row + q_width, (size_t)kv_width * sizeof(float));
+            memcpy(v_cache + slots[r] * kv_width, row + q_width + kv_width, (size_t)kv_width * sizeof(float));
+        }
+
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {
+            const int64_t b = pair / kv_heads, h = pair % kv_heads;
+            attend_pair(qkv + b * qkv_width + h * groups * head_dim, k_cache, v_cache, tables + b * width, lens[b],
+                        h, groups, kv_heads, head_dim, block_size, max_len, scale, scores + pair * groups * max_len,
+                        attn + b * q_width + h * groups * head_dim);
+        }
+
+        packed_projection(attn, rows, q_width, &w[1], prepared, residual, hidden, 1, t, count);
+#pragma omp barrier
+
+#pragma omp single
+        rms_norm(residual, post_norm, normed, rows, hidden, eps);
+
+        packed_projection(normed, rows, hidden, &w[2], prepared, gate_up, 2 * inter, 0, t, count);
+#pragma omp barrier
+
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * inter; ++i) {
+            const int64_t r = i / inter, j = i % inter;
+            const float gate = gate_up[r * 2 * inter + j];
+            act[i] = gate / (1.f + expf(-gate)) * gate_up[r * 2 * inter + inter + j];
+        }
+
+        packed_projection(act, rows, inter, &w[3], prepared, residual, hidden, 1, t, count);
     }
 }
