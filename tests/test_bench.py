@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from asyncllm.bench import add_bench_command, main
+from asyncllm.bench import add_bench_command, harness, main, peers_llamacpp
 from asyncllm.bench.harness import build_parser, plan
 from asyncllm.bench.results import REPORT_ONLY, Row, Target
 from asyncllm.bench.roofline import decode_flops_per_token, kv_bytes_per_token, parameter_bytes
@@ -20,6 +21,7 @@ from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
 from asyncllm.bench.workload import (
     SINGLE_STREAM_RUNS,
     chat_prompt_ids,
+    llamacpp_round_key,
     median_decode_run,
     session_user_messages,
     single_round_keys,
@@ -147,13 +149,13 @@ def test_tiny_end_to_end_run_reports_measured_values(
     status = main([
         "--model", str(smollm2_gguf), "--only", "throughput,memory,session,single", "--requests", "2",
         "--tokens", "8", "--session-tokens", "200", "--session-turns", "2", "--session-reply-tokens", "4",
-        "--bandwidth-mb", "64", "--skip-peer", "--json", str(out), "--timeout", "300",
+        "--bandwidth-mb", "64", "--skip-peer", "--skip-llamacpp", "--json", str(out), "--timeout", "300",
     ])
     assert status == 0
     record = json.loads(out.read_text())
     rows = {row["metric"]: row for row in record["rows"]}
     raw = {task: proc["result"] for task, proc in record["processes"].items()}
-    assert set(raw) == {"ours_throughput", "ours_misc"} | {
+    assert set(raw) == {"ours_throughput", "ours_weights_dense", "ours_misc"} | {
         single_round_keys(index)[0] for index in range(1, SINGLE_STREAM_RUNS + 1)}
 
     batch = raw["ours_throughput"]
@@ -162,8 +164,14 @@ def test_tiny_end_to_end_run_reports_measured_values(
     assert throughput["asyncllm"] == pytest.approx(16 / batch["elapsed_s"])
     assert (throughput["peer"], throughput["ratio"], throughput["verdict"]) == (None, None, "n/a")
 
+    # The default load keeps the Q4_1 weights packed; the dequantized load holds every tensor in float32.
+    dense = raw["ours_weights_dense"]
+    assert dense["dequantize_weights"] and dense["weight_bytes"] == _gguf_weight_bytes(smollm2_gguf)
+    weights = rows["weight bytes, default (packed) vs dequantized load"]
+    assert weights["asyncllm"] == pytest.approx(batch["weight_bytes"] / 1e6)
+    assert weights["share"] == pytest.approx(batch["weight_bytes"] / dense["weight_bytes"])
+    assert weights["verdict"] == ("pass" if weights["share"] <= 0.35 else "fail")
     # SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64, K and V, float32.
-    assert batch["weight_bytes"] == _gguf_weight_bytes(smollm2_gguf)
     assert batch["kv_pool_bytes"] == batch["kv_pool_tokens"] * 2 * 30 * 3 * 64 * 4
     memory = rows["peak RSS of the 2x8 process"]
     budget = batch["weight_bytes"] + batch["kv_pool_bytes"] + MEMORY_HEADROOM_BYTES
@@ -196,14 +204,242 @@ def test_tiny_end_to_end_run_reports_measured_values(
     assert record["machine"]["torch_threads"] == batch["threads"] == raw["ours_misc"]["threads"] == rounds[0]["threads"]
 
 
-def test_single_stream_rounds_alternate_asyncllm_and_hf_processes() -> None:
-    settings = BenchSettings.from_args(build_parser().parse_args(["--only", "single"]))
+def _settings(*argv: str) -> BenchSettings:
+    return BenchSettings.from_args(build_parser().parse_args(list(argv)))
+
+
+def test_single_stream_rounds_alternate_asyncllm_hf_and_llamacpp_processes() -> None:
+    settings = _settings("--only", "single")
     expected = []
     for index in range(1, SINGLE_STREAM_RUNS + 1):
         ours_key, hf_key = single_round_keys(index)
-        expected += [(ours_key, "ours_single", []), (hf_key, "hf", ["single"])]
-    assert plan(settings) == expected
-    alone = BenchSettings.from_args(build_parser().parse_args(["--only", "single", "--skip-peer"]))
-    assert plan(alone) == expected[::2]
+        expected += [(ours_key, "ours_single", []), (hf_key, "hf", ["single"]),
+                     (llamacpp_round_key(index), peers_llamacpp.TASK, [])]
+    assert plan(settings, llamacpp=True) == expected
+    assert plan(settings, llamacpp=False) == [task for task in expected if task[1] != peers_llamacpp.TASK]
+    alone = _settings("--only", "single", "--skip-peer")
+    assert plan(alone, llamacpp=False) == expected[::3]
+    assert plan(alone, llamacpp=True) == [task for task in expected if task[1] != "hf"]
     with pytest.raises(ValueError, match=r"^round_index"):
         single_round_keys(0)
+    with pytest.raises(ValueError, match=r"^round_index"):
+        llamacpp_round_key(0)
+
+
+def test_memory_plans_a_dense_load_and_compare_dequantized_a_dense_throughput_run() -> None:
+    assert plan(_settings("--only", "memory"), llamacpp=False) == [
+        ("ours_throughput", "ours_throughput", []), ("ours_weights_dense", "ours_weights_dense", [])]
+    assert plan(_settings("--only", "throughput", "--skip-peer"), llamacpp=False) == [
+        ("ours_throughput", "ours_throughput", [])]
+    # the dense throughput process also supplies the dense weight bytes: no separate load
+    assert plan(_settings("--only", "throughput,memory", "--compare-dequantized", "--skip-peer"), llamacpp=False) == [
+        ("ours_throughput", "ours_throughput", []), ("ours_throughput_dense", "ours_throughput_dense", [])]
+
+
+def test_every_planned_task_is_dispatched_by_the_child() -> None:
+    child_source = Path(harness.__file__).with_name("child.py").read_text()
+    settings = _settings("--compare-dequantized")
+    tasks = {task for _, task, _ in plan(settings, llamacpp=True)} | {peers_llamacpp.TASK_NO_EXTRA_BUFFERS}
+    tasks |= {task for _, task, _ in plan(_settings("--only", "memory"), llamacpp=False)}
+    assert {"ours_throughput_dense", "ours_weights_dense", "llamacpp"} <= tasks
+    for task in tasks:
+        assert f'"{task}"' in child_source, task
+
+
+def test_new_options_parse_and_compare_dequantized_needs_the_throughput_measurement() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--skip-llamacpp", "--compare-dequantized"])
+    assert (args.skip_llamacpp, args.compare_dequantized) == (True, True)
+    settings = BenchSettings.from_args(args)
+    assert settings.skip_llamacpp and settings.compare_dequantized
+    assert not BenchSettings().skip_llamacpp and not BenchSettings().compare_dequantized
+    with pytest.raises(ValueError, match=r"^compare_dequantized"):
+        BenchSettings(only=("single",), compare_dequantized=True)
+    assert main(["--only", "single,memory", "--compare-dequantized"]) == 2
+
+
+def test_share_target_bounds_ours_over_peer() -> None:
+    smaller = Row("5", "weights", "MB", 100.0, 500.0, False, Target("share_at_most", 0.35), "dense")
+    assert smaller.share == pytest.approx(0.2) and smaller.ratio == pytest.approx(5.0)
+    assert smaller.verdict == "pass" and smaller.target.describe("MB") == "<= 0.35x peer"
+    assert Row("5", "w", "MB", 200.0, 500.0, False, Target("share_at_most", 0.35), "d").verdict == "fail"
+    assert Row("5", "w", "MB", 100.0, None, False, Target("share_at_most", 0.35), "d").verdict == "n/a"
+    assert Row("5", "w", "MB", 100.0, 0.0, False, Target("share_at_most", 0.35), "d").verdict == "n/a"
+    with pytest.raises(ValueError, match=r"^kind"):
+        Target("ratio_at_most")  # type: ignore[arg-type]
+
+
+def test_llamacpp_skip_reason_names_the_missing_package_and_non_gguf_models(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now fails
+    reason = peers_llamacpp.skip_reason(str(tmp_path / "m.gguf"))
+    assert peers_llamacpp.skip_message(reason or "") == (
+        "llama.cpp peer skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
+    assert peers_llamacpp.skip_reason(str(tmp_path / "hf-dir")) == "the model is not a .gguf file"
+    assert harness.llamacpp_skip(_settings("--only", "single", "--skip-llamacpp"), "m.gguf") == "--skip-llamacpp"
+    assert harness.llamacpp_skip(_settings("--only", "cold"), "m.gguf") == "the single measurement is not selected"
+
+
+class _FakeLlama:
+    """Stands in for ``llama_cpp.Llama``: ``generate`` yields token ids forever, as the real one does."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.resets = 0
+        self.closed = False
+        self.calls: list[tuple[list[int], dict[str, Any]]] = []
+        self.stop_after = stop_after
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def generate(self, tokens: list[int], **kwargs: Any) -> Any:
+        self.calls.append((tokens, kwargs))
+
+        def tokens_forever() -> Any:
+            try:
+                count = 0
+                while self.stop_after is None or count < self.stop_after:
+                    count += 1
+                    yield 2  # EOS: never ends the run
+            finally:
+                self.closed = True
+
+        return tokens_forever()
+
+
+def test_llamacpp_greedy_run_takes_exactly_the_asked_tokens_and_times_decode_like_ours() -> None:
+    llama = _FakeLlama()
+    result = peers_llamacpp.timed_decode(llama, [5, 6, 7], 6)
+    assert llama.resets == 1 and llama.closed
+    assert llama.calls == [([5, 6, 7], {"temp": 0.0, "repeat_penalty": 1.0, "reset": True})]
+    assert (result["generated_tokens"], result["decode_tokens"], result["prompt_tokens"]) == (6, 5, 3)
+    assert result["decode_s"] == pytest.approx(result["elapsed_s"] - result["ttft_s"])
+    with pytest.raises(RuntimeError, match="generated 2 tokens, asked for 4"):
+        peers_llamacpp.greedy_stamps(_FakeLlama(stop_after=2), [1], 4)
+    assert peers_llamacpp.context_tokens([75, 60], 128) == 512
+    assert peers_llamacpp.context_tokens([700], 128) == 1024
+
+
+def _round(speed: float, **extra: Any) -> dict[str, Any]:
+    single = {"decode_tokens_per_s": speed, "prompt_tokens": 75, "decode_tokens": 15, "ttft_s": 0.1,
+              "elapsed_s": 0.5, "decode_s": 0.4, "generated_tokens": 16}
+    return {"threads": 2, "weight_bytes": 100e6, "kv_bytes_per_token": 46080, "single": single, **extra}
+
+
+def _ours_round(speed: float) -> dict[str, Any]:
+    return _round(speed, bandwidth_samples_bytes_per_s=[30e9, 32e9], bandwidth_copy_bytes=2 * 2**20,
+                  bandwidth_repeats=5, decode_flops_per_token_ctx0=2.7e8, decode_flops_per_context_token=69120.0)
+
+
+def _llama_round(speed: float) -> dict[str, Any]:
+    return _round(speed, extra_buffers=False, version="0.3.36", n_ctx=512, n_batch=512, threads_batch=2)
+
+
+def _throughput(tok_s: float, weight_bytes: float, dtype: str) -> dict[str, Any]:
+    return {"threads": 2, "tokens_per_s": tok_s, "ttft_mean_s": 0.5, "ttft_p50_s": 0.5, "elapsed_s": 4.0,
+            "weight_bytes": weight_bytes, "tokens_per_request": [8, 8], "prompt_tokens": 150, "requests": 2,
+            "generated_tokens": 16, "num_preemptions": 0, "dtype": dtype, "peak_rss_bytes": 900e6,
+            "peak_rss_load_bytes": 800e6, "peak_rss_run_bytes": 900e6, "kv_pool_bytes": 190e6,
+            "kv_pool_tokens": 4096, "decode_flops_per_token_ctx0": 2.7e8, "decode_flops_per_context_token": 69120.0}
+
+
+def _ok(task: str, result: dict[str, Any]) -> Any:
+    from asyncllm.bench.subproc import ChildOutcome
+
+    return ChildOutcome(task, 1.0, result, None, 0)
+
+
+def test_findings_report_llamacpp_dense_throughput_and_weight_bytes_rows() -> None:
+    from asyncllm.bench.measurements import build_findings
+    from asyncllm.bench.report import render_table, table_cells
+
+    settings = _settings("--only", "throughput,single,memory", "--requests", "2", "--tokens", "16",
+                         "--compare-dequantized", "--skip-peer")
+    outcomes = {
+        "ours_throughput": _ok("ours_throughput", _throughput(40.0, 100e6, "float32")),
+        "ours_throughput_dense": _ok("ours_throughput_dense", _throughput(32.0, 500e6, "float32")),
+    }
+    for index, (ours, llama) in enumerate(((50.0, 40.0), (45.0, 50.0), (60.0, 30.0)), start=1):
+        outcomes[single_round_keys(index)[0]] = _ok("ours_single", _ours_round(ours))
+        outcomes[llamacpp_round_key(index)] = _ok("llamacpp_no_extra_bufts", _llama_round(llama))
+    findings = build_findings(settings, outcomes)
+    rows = {row.metric: row for row in findings.rows}
+
+    dense_row = rows["aggregate throughput 2x16, packed vs dequantized"]
+    assert (dense_row.ours, dense_row.peer, dense_row.verdict) == (40.0, 32.0, "-")
+    assert dense_row.ratio == pytest.approx(1.25)
+    llama_row = rows["single-stream decode 1x16, llama.cpp peer"]
+    assert (llama_row.ours, llama_row.peer) == (50.0, 40.0)  # each side's median round
+    assert llama_row.ratio == pytest.approx(1.25) and llama_row.verdict == "pass"
+    hf_row = rows["single-stream decode 1x16"]
+    assert (hf_row.peer, hf_row.verdict) == (None, "n/a")
+    weights = rows["weight bytes, default (packed) vs dequantized load"]
+    assert (weights.ours, weights.peer, weights.verdict) == (100.0, 500.0, "pass")
+    assert weights.peer_label == "asyncllm dequantize_weights=True (float32)"
+
+    cells = {line[1]: line for line in table_cells(findings.rows)}
+    assert cells[llama_row.metric][2:7] == ("50.0 tok/s", "40.0 tok/s", "1.25x", ">= 1x", "pass")
+    assert cells[weights.metric][2:7] == ("100 MB", "500 MB", "5.00x", "<= 0.35x peer", "pass")
+    assert llama_row.metric in render_table(findings.rows)
+    notes = "\n".join(findings.notes)
+    assert "llama.cpp 40.0, 50.0, 30.0" in notes and "use_extra_bufts=False" in notes
+    assert "every measuring process ran with 2 threads" in notes
+
+
+def test_missing_llamacpp_is_announced_and_the_run_proceeds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncllm.bench import machine
+    from asyncllm.bench.workload import WorkloadSpec
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    spec = WorkloadSpec(model=str(model), threads=2, kv_cache_tokens=1024, max_tokens=16, prompts=[[1, 2]],
+                        issue_requests=1, warmup_prompt=[3], cold_prompt=[4], session_system="s",
+                        session_messages=["a", "b"], session_reply_tokens=4, bandwidth_mb=8)
+    monkeypatch.setattr(harness, "build_workload", lambda settings, model, threads: spec)
+    monkeypatch.setattr(machine, "collect_machine", lambda threads: machine.MachineInfo(
+        "cpu", 2, 2, threads, "t", "x", "3.11", "linux", "on"))
+    planned: list[list[tuple[str, str, list[str]]]] = []
+
+    def fake_run(settings: BenchSettings, spec: Any, *, llamacpp: bool) -> Any:
+        planned.append(plan(settings, llamacpp=llamacpp))
+        return {key: _ok(task, _ours_round(50.0)) for key, task, _ in planned[-1]}, []
+
+    monkeypatch.setattr(harness, "run_processes", fake_run)
+    assert main(["--model", str(model), "--only", "single", "--skip-peer", "--threads", "2", "--tokens", "16"]) == 0
+    assert [task for _, task, _ in planned[0]] == ["ours_single"] * SINGLE_STREAM_RUNS
+    captured = capsys.readouterr()
+    message = "llama.cpp peer skipped: llama-cpp-python is not installed (pip install llama-cpp-python)"
+    assert message in captured.err and message in captured.out
+    llama_line = next(line for line in captured.out.splitlines() if "llama.cpp peer" in line and "|" in line)
+    assert "50.0 tok/s" in llama_line and llama_line.count("n/a") == 3  # peer, ratio, verdict
+
+
+def test_a_llamacpp_process_killed_by_sigill_reruns_without_extra_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from asyncllm.bench.subproc import ChildOutcome
+    from asyncllm.bench.workload import WorkloadSpec
+
+    spec = WorkloadSpec(model="m.gguf", threads=2, kv_cache_tokens=1024, max_tokens=16, prompts=[[1, 2]],
+                        issue_requests=1, warmup_prompt=[3], cold_prompt=[4], session_system="s",
+                        session_messages=["a", "b"], session_reply_tokens=4, bandwidth_mb=8)
+    calls: list[str] = []
+
+    def fake_child(task: str, job: dict[str, Any], *, timeout_s: float) -> ChildOutcome:
+        calls.append(task)
+        if task == peers_llamacpp.TASK:
+            return ChildOutcome(task, 0.1, None, "exited with status -4 and no result", -signal.SIGILL)
+        return ChildOutcome(task, 0.1, {"threads": 2}, None, 0)
+
+    monkeypatch.setattr(harness, "run_child", fake_child)
+    outcomes, notes = harness.run_processes(_settings("--only", "single", "--skip-peer"), spec, llamacpp=True)
+    fallback = peers_llamacpp.TASK_NO_EXTRA_BUFFERS
+    assert calls == ["ours_single", peers_llamacpp.TASK, fallback] + ["ours_single", fallback] * 2
+    assert all(outcome.ok for outcome in outcomes.values())
+    assert outcomes[llamacpp_round_key(1)].task == fallback
+    assert len(notes) == 1 and "SIGILL" in notes[0]

@@ -1,6 +1,7 @@
-"""``asyncllm bench``: asyncllm against Hugging Face transformers on the same model, machine and inputs.
+"""``asyncllm bench``: asyncllm against Hugging Face transformers (and, for the single stream on a ``.gguf``
+model, llama.cpp through the optional ``llama-cpp-python``) on the same model, machine and inputs.
 
-Every measurement runs in fresh subprocesses (one per library) with equal torch thread counts; the report
+Every measurement runs in fresh subprocesses (one per library) with equal thread counts; the report
 prints only measured values, with ``n/a`` wherever a value could not be measured.
 """
 

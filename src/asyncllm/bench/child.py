@@ -83,10 +83,14 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     from asyncllm.bench.workload import WorkloadSpec
 
     workload = WorkloadSpec(**spec)
-    if task == "ours_throughput":
+    if task in ("ours_throughput", "ours_throughput_dense"):
         from asyncllm.bench.ours import run_throughput
 
-        return run_throughput(workload)
+        return run_throughput(workload, dequantize_weights=task.endswith("_dense"))
+    if task == "ours_weights_dense":
+        from asyncllm.bench.ours import run_load
+
+        return run_load(workload, dequantize_weights=True)
     if task == "ours_misc":
         from asyncllm.bench.ours import run_misc
 
@@ -99,6 +103,10 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         from asyncllm.bench.peers_hf import run_hf
 
         return run_hf(workload)
+    if task in ("llamacpp", "llamacpp_no_extra_bufts"):
+        from asyncllm.bench.peers_llamacpp import run_llamacpp
+
+        return run_llamacpp(workload, extra_buffers=task == "llamacpp")
     raise ValueError(f"task: unknown {task!r}")
 
 

@@ -1,12 +1,15 @@
 """``asyncllm bench``: plan the measuring processes, run them one after another, print and save the report.
 
-Processes never overlap (they would compete for the same cores). asyncllm and the peer each run in
-their own fresh process with the same torch thread count and the same prompt token ids.
+Processes never overlap (they would compete for the same cores). asyncllm and each peer (HF transformers;
+llama.cpp for a ``.gguf`` model when ``llama-cpp-python`` is installed) run in their own fresh process
+with the same thread count and the same prompt token ids. A peer that cannot run is skipped with a
+message; its ratios show ``n/a`` and the rest of the run proceeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from asyncllm.bench import peers_llamacpp
 from asyncllm.bench.settings import MEASUREMENTS, BenchSettings, parse_only
 from asyncllm.bench.subproc import ChildOutcome, run_child
 from asyncllm.bench.workload import (
@@ -22,6 +26,7 @@ from asyncllm.bench.workload import (
     WorkloadSpec,
     chat_prompt_ids,
     kv_tokens_for,
+    llamacpp_round_key,
     session_user_messages,
     single_round_keys,
     warmup_ids,
@@ -42,8 +47,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--only", type=parse_only, default=None, help=f"comma-separated subset of: {', '.join(MEASUREMENTS)}")
     add("--json", default=None, metavar="PATH", help="also write the full results as JSON")
     add("--skip-peer", action="store_true", help="skip the Hugging Face runs (their ratios show n/a)")
+    add("--skip-llamacpp", action="store_true",
+        help="skip the llama.cpp single-stream runs (their ratio shows n/a)")
+    add("--compare-dequantized", action="store_true",
+        help="also run the throughput workload on a dequantize_weights=True load and report packed vs dense")
     add("--threads", type=int, default=None,
-        help="torch threads for every measuring process (default: torch.get_num_threads())")
+        help="threads for every measuring process: torch threads, llama.cpp n_threads "
+             "(default: torch.get_num_threads())")
     add("--kv-cache-tokens", type=int, default=None,
         help="asyncllm KV pool in tokens (default: sized to hold the whole workload)")
     add("--session-tokens", type=int, default=1500, help="transcript length by the last turn (default 1500)")
@@ -57,7 +67,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on an ``argparse`` sub-parser collection; dispatch it with ``run_bench(args)``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "bench", help="measure throughput, latency, session reuse, cold start and memory vs HF transformers",
+        "bench", help="measure throughput, latency, session reuse, cold start and memory vs HF transformers "
+                      "(and single-stream decode vs llama.cpp)",
     )
     add_bench_arguments(parser)
     return parser
@@ -66,7 +77,8 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncllm-bench",
-        description="asyncllm vs Hugging Face transformers on the same model, machine and token ids.")
+        description="asyncllm vs Hugging Face transformers (and llama.cpp) on the same model, machine and "
+                    "token ids.")
     add_bench_arguments(parser)
     return parser
 
@@ -102,15 +114,22 @@ def build_workload(settings: BenchSettings, model: str, threads: int) -> Workloa
     )
 
 
-def plan(settings: BenchSettings) -> list[tuple[str, str, list[str]]]:
-    """The processes to run, in order, as (outcome key, task, jobs).
+def plan(settings: BenchSettings, *, llamacpp: bool) -> list[tuple[str, str, list[str]]]:
+    """The processes to run, in order, as (outcome key, task, jobs); ``llamacpp``: whether the llama.cpp
+    peer can run (see ``peers_llamacpp.skip_reason``).
 
-    The single-stream measurement runs as ``SINGLE_STREAM_RUNS`` rounds of one asyncllm process and one
-    HF process back to back, so that both sides of each round see the same state of a shared machine.
+    The single-stream measurement runs as ``SINGLE_STREAM_RUNS`` rounds of one asyncllm process, one HF
+    process and one llama.cpp process back to back, so that every side of a round sees the same state of a
+    shared machine. The dequantized throughput process runs right after the packed one; without it, the
+    memory measurement's dense weight bytes come from a process that only loads.
     """
     tasks: list[tuple[str, str, list[str]]] = []
     if settings.wants("throughput") or settings.wants("memory"):
         tasks.append(("ours_throughput", "ours_throughput", []))
+    if settings.compare_dequantized:
+        tasks.append(("ours_throughput_dense", "ours_throughput_dense", []))
+    elif settings.wants("memory"):
+        tasks.append(("ours_weights_dense", "ours_weights_dense", []))
     misc = [job for job in _OURS_MISC_JOBS if settings.wants(job)]
     if misc:
         tasks.append(("ours_misc", "ours_misc", misc))
@@ -123,6 +142,8 @@ def plan(settings: BenchSettings) -> list[tuple[str, str, list[str]]]:
             tasks.append((ours_key, "ours_single", []))
             if not settings.skip_peer:
                 tasks.append((hf_key, "hf", ["single"]))
+            if llamacpp:
+                tasks.append((llamacpp_round_key(round_index), peers_llamacpp.TASK, []))
     if settings.wants("cold"):
         tasks.append(("cold_asyncllm", "cold_asyncllm", []))
         if not settings.skip_peer:
@@ -130,18 +151,49 @@ def plan(settings: BenchSettings) -> list[tuple[str, str, list[str]]]:
     return tasks
 
 
-def run_processes(settings: BenchSettings, spec: WorkloadSpec) -> dict[str, ChildOutcome]:
+def died_of_illegal_instruction(outcome: ChildOutcome) -> bool:
+    return outcome.returncode == -signal.SIGILL
+
+
+def run_processes(
+    settings: BenchSettings, spec: WorkloadSpec, *, llamacpp: bool
+) -> tuple[dict[str, ChildOutcome], list[str]]:
+    """Every planned process's outcome by key, and notes on how the run deviated from the plan.
+
+    A llama.cpp process with the library's defaults that dies of SIGILL (ggml's AMX kernels fault on
+    some machines) is rerun at once with the extra weight buffer types off, and so are the later rounds.
+    """
     outcomes: dict[str, ChildOutcome] = {}
-    for key, task, jobs in plan(settings):
+    notes: list[str] = []
+    llamacpp_task = peers_llamacpp.TASK
+    for key, task, jobs in plan(settings, llamacpp=llamacpp):
+        if task == peers_llamacpp.TASK:
+            task = llamacpp_task
         label = key + (f" ({', '.join(jobs)})" if jobs else "")
         _log(f"running {label} in a fresh process ...")
         outcome = run_child(task, asdict(spec.with_jobs(jobs)), timeout_s=settings.timeout_s)
+        if task == peers_llamacpp.TASK and died_of_illegal_instruction(outcome):
+            llamacpp_task = peers_llamacpp.TASK_NO_EXTRA_BUFFERS
+            message = ("llama.cpp died of an illegal instruction (SIGILL) with its default weight buffer "
+                       "types; its rounds run with use_extra_bufts=False (no AMX, no repacked weights)")
+            _log(message)
+            notes.append(f"[2] {message}")
+            outcome = run_child(llamacpp_task, asdict(spec.with_jobs(jobs)), timeout_s=settings.timeout_s)
         state = "done" if outcome.ok else "FAILED"
         _log(f"{label}: {state} in {outcome.wall_s:.1f} s")
         if outcome.error is not None:
             _log(outcome.error.rstrip())
         outcomes[key] = outcome
-    return outcomes
+    return outcomes, notes
+
+
+def llamacpp_skip(settings: BenchSettings, model: str) -> str | None:
+    """Why the llama.cpp rounds do not run (``None`` when they do)."""
+    if not settings.wants("single"):
+        return "the single measurement is not selected"
+    if settings.skip_llamacpp:
+        return "--skip-llamacpp"
+    return peers_llamacpp.skip_reason(model)
 
 
 def resolve_model(model: str | None) -> str | None:
@@ -184,12 +236,18 @@ def run_bench(args: argparse.Namespace) -> int:
     spec = build_workload(settings, model, threads)
     _log(f"model {model}; torch threads {threads}; KV pool {spec.kv_cache_tokens} tokens; "
          f"prompts {min(map(len, spec.prompts))}-{max(map(len, spec.prompts))} tokens")
+    skip = llamacpp_skip(settings, model)
+    if skip is not None and settings.wants("single"):
+        _log(peers_llamacpp.skip_message(skip))
     machine = collect_machine(threads)  # first: builds the native kernels if this machine lacks them
-    outcomes = run_processes(settings, spec)
-    findings = build_findings(settings, outcomes)
-    print(render_report(machine, settings, findings.rows, findings.notes), flush=True)
+    outcomes, run_notes = run_processes(settings, spec, llamacpp=skip is None)
+    if skip is not None and settings.wants("single"):
+        run_notes.insert(0, f"[2] {peers_llamacpp.skip_message(skip)}")
+    findings = build_findings(settings, outcomes, run_notes)
+    print(render_report(machine, settings, findings.rows, findings.notes, llamacpp_skip=skip), flush=True)
     if settings.json_path is not None:
-        record = report_json(machine, settings, model, findings.rows, findings.notes, outcomes)
+        record = report_json(machine, settings, model, findings.rows, findings.notes, outcomes,
+                             llamacpp_skip=skip)
         write_json(settings.json_path, record)
         _log(f"wrote {settings.json_path}")
     _log(f"total {time.perf_counter() - start:.1f} s")

@@ -14,10 +14,11 @@ from typing import Any
 from asyncllm.bench.results import REPORT_ONLY, Row, Target
 from asyncllm.bench.settings import MEMORY_HEADROOM_BYTES, BenchSettings
 from asyncllm.bench.subproc import ChildOutcome
-from asyncllm.bench.workload import SINGLE_STREAM_RUNS, median_decode_run, single_round_keys
+from asyncllm.bench.workload import SINGLE_STREAM_RUNS, llamacpp_round_key, median_decode_run, single_round_keys
 
 MB = 1e6
 GB = 1e9
+DENSE_LABEL = "asyncllm dequantize_weights=True"
 
 Outcomes = Mapping[str, ChildOutcome]
 Raw = Mapping[str, Any]
@@ -90,9 +91,20 @@ def throughput_findings(settings: BenchSettings, outcomes: Outcomes, out: Findin
     hf = get(_result(outcomes, "hf"), "throughput")
     peer = "HF generate_batch"
     shape = f"{settings.requests}x{settings.tokens}"
+    out.rows.append(Row("1", f"aggregate throughput {shape}", "tok/s", get(ours, "tokens_per_s"),
+                        get(hf, "tokens_per_s"), True, Target("ratio_at_least", 5.0), peer))
+    if settings.compare_dequantized:
+        dense = _result(outcomes, "ours_throughput_dense")
+        out.rows.append(Row("1", f"aggregate throughput {shape}, packed vs dequantized", "tok/s",
+                            get(ours, "tokens_per_s"), get(dense, "tokens_per_s"), True, REPORT_ONLY,
+                            DENSE_LABEL))
+        if dense is not None:
+            out.notes.append(
+                f"[1] asyncllm dequantized: {dense['generated_tokens']} tokens "
+                f"({_span(dense['tokens_per_request'])} per request) in {dense['elapsed_s']:.2f} s; "
+                f"{dense['num_preemptions']} preemptions; {dense['weight_bytes'] / MB:.0f} MB of stored weights "
+                f"(compute dtype {dense['dtype']}); peak RSS {dense['peak_rss_bytes'] / MB:.0f} MB")
     out.rows += [
-        Row("1", f"aggregate throughput {shape}", "tok/s", get(ours, "tokens_per_s"),
-            get(hf, "tokens_per_s"), True, Target("ratio_at_least", 5.0), peer),
         Row("1", "TTFT mean, concurrent batch", "s", get(ours, "ttft_mean_s"), get(hf, "ttft_mean_s"),
             False, REPORT_ONLY, peer),
         Row("1", "TTFT p50, concurrent batch", "s", get(ours, "ttft_p50_s"), get(hf, "ttft_p50_s"),
@@ -104,8 +116,9 @@ def throughput_findings(settings: BenchSettings, outcomes: Outcomes, out: Findin
         context = ours["prompt_tokens"] / ours["requests"] + settings.tokens / 2
         line = (f"[1] asyncllm: {ours['generated_tokens']} tokens ({_span(ours['tokens_per_request'])} per "
                 f"request) in {elapsed:.2f} s; {ours['prompt_tokens']} prompt tokens; "
-                f"{ours['num_preemptions']} preemptions; {weights / MB:.0f} MB of {ours['dtype']} weights "
-                f"read once per batched step: >= {weights * steps / elapsed / GB:.2f} GB/s of weight traffic")
+                f"{ours['num_preemptions']} preemptions; {weights / MB:.0f} MB of stored weights (compute dtype "
+                f"{ours['dtype']}) read once per batched step: >= {weights * steps / elapsed / GB:.2f} GB/s of "
+                f"weight traffic")
         flops = flops_per_token(ours, context)
         if flops is not None:
             line += (f"; ~{flops / GB:.3f} GFLOP per decode token at context {context:.0f}, "
@@ -129,9 +142,9 @@ def issue_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -
                          f"HF {hf['generated_tokens']} tokens in {hf['elapsed_s']:.2f} s")
 
 
-def _round_results(outcomes: Outcomes, side: int) -> list[Raw]:
-    keys = [single_round_keys(index)[side] for index in range(1, SINGLE_STREAM_RUNS + 1)]
-    return [result for result in (_result(outcomes, key) for key in keys) if result is not None]
+def _round_results(outcomes: Outcomes, key: Callable[[int], str]) -> list[Raw]:
+    keys = [key(index) for index in range(1, SINGLE_STREAM_RUNS + 1)]
+    return [result for result in (_result(outcomes, name) for name in keys) if result is not None]
 
 
 def _median_single(results: Sequence[Raw]) -> dict[str, Any] | None:
@@ -140,10 +153,12 @@ def _median_single(results: Sequence[Raw]) -> dict[str, Any] | None:
 
 
 def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -> None:
-    ours_rounds, hf_rounds = _round_results(outcomes, 0), _round_results(outcomes, 1)
+    ours_rounds = _round_results(outcomes, lambda index: single_round_keys(index)[0])
+    hf_rounds = _round_results(outcomes, lambda index: single_round_keys(index)[1])
+    llama_rounds = _round_results(outcomes, llamacpp_round_key)
     misc = ours_rounds[0] if ours_rounds else None  # weights, KV bytes: the same in every round
     hf_all = hf_rounds[0] if hf_rounds else None
-    ours, hf = _median_single(ours_rounds), _median_single(hf_rounds)
+    ours, hf, llama = _median_single(ours_rounds), _median_single(hf_rounds), _median_single(llama_rounds)
     if ours is not None and misc is not None:  # the roofline's bandwidth: the median of every round's samples
         samples = [sample for result in ours_rounds for sample in result["bandwidth_samples_bytes_per_s"]]
         ours.update(bandwidth_bytes_per_s=statistics.median_low(samples), bandwidth_samples_bytes_per_s=samples,
@@ -155,15 +170,26 @@ def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) 
     out.rows += [
         Row("2", f"single-stream decode 1x{settings.tokens}", "tok/s", get(ours, "decode_tokens_per_s"),
             get(hf, "decode_tokens_per_s"), True, Target("ratio_at_least", 2.0), peer),
+        Row("2", f"single-stream decode 1x{settings.tokens}, llama.cpp peer", "tok/s",
+            get(ours, "decode_tokens_per_s"), get(llama, "decode_tokens_per_s"), True,
+            Target("ratio_at_least", 1.0), "llama.cpp, same .gguf, batch 1"),
         Row("2", "decode bandwidth / roofline", "fraction", ours_roof.fraction if ours_roof else None,
             hf_roof.fraction if hf_roof else None, True, Target("ours_at_least", 0.6), peer),
     ]
     spreads = [f"{name} {', '.join(f'{speed:.1f}' for speed in side['runs_decode_tokens_per_s'])}"
-               for name, side in (("asyncllm", ours), ("HF", hf))
+               for name, side in (("asyncllm", ours), ("HF", hf), ("llama.cpp", llama))
                if side is not None and side.get("runs_decode_tokens_per_s")]
     if spreads:
-        out.notes.append(f"[2] decode tok/s of each round, asyncllm then HF back to back in fresh processes "
-                         f"(the median run counts): {'; '.join(spreads)}")
+        out.notes.append(f"[2] decode tok/s of each round, asyncllm, HF and llama.cpp back to back in fresh "
+                         f"processes (the median run counts): {'; '.join(spreads)}")
+    if llama_rounds:
+        first = llama_rounds[0]
+        buffers = "default" if first["extra_buffers"] else "off (use_extra_bufts=False)"
+        out.notes.append(
+            f"[2] llama.cpp (llama-cpp-python {first['version']}): n_threads = n_threads_batch = "
+            f"{first['threads']}, n_ctx {first['n_ctx']}, n_batch {first['n_batch']}, extra weight buffer "
+            f"types {buffers}; {first['weight_bytes'] / MB:.1f} MB of model tensors; greedy, "
+            f"{settings.tokens} tokens, decode timed from the first token as for asyncllm")
     context = decode_context(ours)
     if ours is not None and misc is not None and ours_roof is not None and context is not None:
         sample_mib = ours["bandwidth_copy_bytes"] / 2 / 2**20
@@ -215,13 +241,27 @@ def cold_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) ->
                              f"(process wall time {outcomes[task].wall_s:.2f} s)")
 
 
+def _megabytes(value: Any) -> float | None:
+    return None if value is None else float(value) / MB
+
+
 def memory_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -> None:
     ours = _result(outcomes, "ours_throughput")
+    dense = _result(outcomes, "ours_throughput_dense") or _result(outcomes, "ours_weights_dense")
     peak = get(ours, "peak_rss_bytes")
     budget = None if ours is None else ours["weight_bytes"] + ours["kv_pool_bytes"] + MEMORY_HEADROOM_BYTES
-    out.rows.append(Row("5", f"peak RSS of the {settings.requests}x{settings.tokens} process", "MB",
-                        None if peak is None else peak / MB, None if budget is None else budget / MB, False,
-                        Target("ratio_at_least", 1.0), "budget: weights + KV pool + 600 MB"))
+    dense_dtype = get(dense, "dtype")
+    out.rows += [
+        Row("5", f"peak RSS of the {settings.requests}x{settings.tokens} process", "MB",
+            None if peak is None else peak / MB, None if budget is None else budget / MB, False,
+            Target("ratio_at_least", 1.0), "budget: weights + KV pool + 600 MB"),
+        Row("5", "weight bytes, default (packed) vs dequantized load", "MB",
+            _megabytes(get(ours, "weight_bytes")), _megabytes(get(dense, "weight_bytes")), False,
+            Target("share_at_most", 0.35), DENSE_LABEL + (f" ({dense_dtype})" if dense_dtype else "")),
+    ]
+    if ours is not None and dense is not None and ours["weight_bytes"] == dense["weight_bytes"]:
+        out.notes.append("[5] the default and the dequantized load hold the same weight bytes: the model has "
+                         "no weight-only quantized tensors")
     if ours is not None:
         run_peak = ours["peak_rss_run_bytes"]
         run_text = "n/a (peak reset not permitted)" if run_peak is None else f"{run_peak / MB:.0f} MB"
@@ -243,20 +283,23 @@ _BUILDERS: dict[str, Callable[[BenchSettings, Outcomes, Findings], None]] = {
 }
 
 
-def build_findings(settings: BenchSettings, outcomes: Outcomes) -> Findings:
-    """Rows and notes for every selected measurement, then one note per failed process and one on the
-    torch thread counts the processes reported."""
+def build_findings(settings: BenchSettings, outcomes: Outcomes, run_notes: Sequence[str] = ()) -> Findings:
+    """Rows and notes for every selected measurement, then ``run_notes`` (how the run went: peers skipped,
+    fallbacks), one note per failed process and one on the thread counts the processes reported (torch
+    threads; llama.cpp's ``n_threads``)."""
     findings = Findings()
     for name in settings.only:
         _BUILDERS[name](settings, outcomes, findings)
+    findings.notes.extend(run_notes)
     for task, outcome in outcomes.items():
         if outcome.error is not None:
             lines = outcome.error.strip().splitlines()
             findings.notes.append(f"ERROR: process '{task}' failed: {lines[0] if lines else 'no message'}")
     threads = {task: get(o.result, "threads") for task, o in outcomes.items() if o.result is not None}
     if len(set(threads.values())) > 1:
-        findings.notes.append(f"WARNING: torch thread counts differ between processes: {threads}")
+        findings.notes.append(f"WARNING: thread counts differ between processes: {threads}")
     elif threads:
         count = next(iter(threads.values()))
-        findings.notes.append(f"every measuring process ran with torch threads = {count}")
+        findings.notes.append(f"every measuring process ran with {count} threads (torch threads; llama.cpp "
+                              f"n_threads)")
     return findings

@@ -1,7 +1,9 @@
 """asyncllm's side of each measurement; each entry point runs inside its own measuring subprocess.
 
 Every timed request is greedy with EOS ignored unless stated, so each one generates exactly the asked
-number of tokens; results count the tokens actually streamed, never the number asked for.
+number of tokens; results count the tokens actually streamed, never the number asked for. Engines load
+with the library's defaults (a weight-only quantized checkpoint stays packed) unless an entry point is
+asked for ``dequantize_weights``, which decodes it to dense weights as ``EngineConfig`` describes.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ def stored_weight_bytes(engine: AsyncEngine) -> int:
     return parameter_bytes(model)
 
 
-def load_engine(spec: WorkloadSpec) -> tuple[AsyncEngine, float]:
+def load_engine(spec: WorkloadSpec, *, dequantize_weights: bool = False) -> tuple[AsyncEngine, float]:
     """The engine on CPU with the spec's KV pool, and the seconds its load took."""
     torch.set_num_threads(spec.threads)
     start = time.perf_counter()
-    engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_tokens=spec.kv_cache_tokens)
+    engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_tokens=spec.kv_cache_tokens,
+                                         dequantize_weights=dequantize_weights)
     return engine, time.perf_counter() - start
 
 
@@ -133,9 +136,9 @@ async def _warm_up(engine: AsyncEngine, spec: WorkloadSpec) -> None:
     await timed_batch(engine, [spec.warmup_prompt, spec.warmup_prompt[::-1]], WARMUP_NEW_TOKENS)
 
 
-def run_throughput(spec: WorkloadSpec) -> Result:
+def run_throughput(spec: WorkloadSpec, *, dequantize_weights: bool = False) -> Result:
     """Measurement 1 (and 5): ``len(spec.prompts)`` concurrent requests; this process's peak RSS."""
-    engine, load_s = load_engine(spec)
+    engine, load_s = load_engine(spec, dequantize_weights=dequantize_weights)
     rss_after_load = current_rss_bytes()
     peak_after_load = peak_rss_bytes()
     reset_ok = reset_peak_rss()
@@ -152,6 +155,7 @@ def run_throughput(spec: WorkloadSpec) -> Result:
     result.update(engine_footprint(engine))
     result.update({
         "load_s": load_s,
+        "dequantize_weights": dequantize_weights,
         "threads": torch.get_num_threads(),
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_load_bytes": peak_after_load,
@@ -159,6 +163,14 @@ def run_throughput(spec: WorkloadSpec) -> Result:
         "peak_rss_bytes": max(peak_after_load, peak_run),
     })
     return result
+
+
+def run_load(spec: WorkloadSpec, *, dequantize_weights: bool) -> Result:
+    """Only load the engine (nothing runs on it): its footprint and load time, e.g. the weight bytes of
+    the dequantized load for measurement 5 when no dequantized throughput process runs."""
+    engine, load_s = load_engine(spec, dequantize_weights=dequantize_weights)
+    return {"load_s": load_s, "dequantize_weights": dequantize_weights, "threads": torch.get_num_threads(),
+            **engine_footprint(engine)}
 
 
 def _session_reuse(engine: AsyncEngine, spec: WorkloadSpec) -> Result:

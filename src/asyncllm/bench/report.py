@@ -37,23 +37,38 @@ def render_table(rows: Sequence[Row]) -> str:
     return "\n".join([line(cells[0]), rule, *(line(values) for values in cells[1:])])
 
 
+def peers_line(settings: BenchSettings, llamacpp_skip: str | None) -> str:
+    """Which peers ran: HF transformers unless ``--skip-peer``; llama.cpp (single stream only) unless
+    ``llamacpp_skip`` says why not."""
+    hf = "HF transformers skipped (--skip-peer)" if settings.skip_peer else (
+        "HF transformers, same model and token ids")
+    if not settings.wants("single"):
+        return hf
+    llama = (f"llama.cpp skipped ({llamacpp_skip})" if llamacpp_skip is not None
+             else "llama.cpp for the single stream, same .gguf and token ids")
+    return f"{hf}; {llama}"
+
+
 def render_report(
-    machine: MachineInfo, settings: BenchSettings, rows: Sequence[Row], notes: Sequence[str]
+    machine: MachineInfo, settings: BenchSettings, rows: Sequence[Row], notes: Sequence[str], *,
+    llamacpp_skip: str | None = None,
 ) -> str:
-    peer = "skipped (--skip-peer)" if settings.skip_peer else "HF transformers, same model and token ids"
+    peer = peers_line(settings, llamacpp_skip)
     workload = (f"workload: {settings.requests} requests x {settings.tokens} new tokens, greedy, "
                 f"EOS ignored, chat-template prompts")
     if settings.wants("session"):
         workload += f"; session: {settings.session_turns} turns to ~{settings.session_tokens} tokens"
-    head = ["asyncllm benchmark", machine.describe(), f"{workload}; peer: {peer}",
+    head = ["asyncllm benchmark", machine.describe(), f"{workload}; peers: {peer}",
             f"measurements: {', '.join(settings.only)}", ""]
-    tail = ["", "ratio = times better than the peer column (ours/peer for tok/s, peer/ours for s and MB)."]
+    tail = ["", "ratio = times better than the peer column (ours/peer for tok/s, peer/ours for s and MB); "
+            "a '<= Nx peer' target bounds ours/peer instead."]
     tail += notes
     return "\n".join([*head, render_table(rows), *tail])
 
 
 def report_json(machine: MachineInfo, settings: BenchSettings, model: str, rows: Sequence[Row],
-                notes: Sequence[str], outcomes: Mapping[str, ChildOutcome]) -> dict[str, Any]:
+                notes: Sequence[str], outcomes: Mapping[str, ChildOutcome], *,
+                llamacpp_skip: str | None = None) -> dict[str, Any]:
     return {
         "machine": machine.to_dict(),
         "model": model,
@@ -61,13 +76,16 @@ def report_json(machine: MachineInfo, settings: BenchSettings, model: str, rows:
             "requests": settings.requests, "tokens": settings.tokens,
             "issue_requests": settings.issue_requests,
             "only": list(settings.only), "skip_peer": settings.skip_peer,
+            "skip_llamacpp": settings.skip_llamacpp, "compare_dequantized": settings.compare_dequantized,
             "session_tokens": settings.session_tokens, "session_turns": settings.session_turns,
             "session_reply_tokens": settings.session_reply_tokens, "bandwidth_mb": settings.bandwidth_mb,
         },
+        "llamacpp_skipped": llamacpp_skip,
         "rows": [row.to_dict() for row in rows],
         "notes": list(notes),
         "processes": {
-            task: {"wall_s": outcome.wall_s, "result": outcome.result, "error": outcome.error}
+            task: {"task": outcome.task, "wall_s": outcome.wall_s, "result": outcome.result,
+                   "error": outcome.error}
             for task, outcome in outcomes.items()
         },
     }

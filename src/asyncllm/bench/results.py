@@ -2,7 +2,9 @@
 
 The ratio always reads "times better than the comparison": ``ours / peer`` where higher is better
 (tokens per second), ``peer / ours`` where lower is better (seconds, bytes). A missing or zero value
-gives no ratio, and a target that needs a missing value gives the verdict ``n/a``.
+gives no ratio, and a target that needs a missing value gives the verdict ``n/a``. A ``share_at_most``
+target reads the other way round (asyncllm's value as a share of the peer's, ``ours / peer``, must not
+exceed the threshold) for a quantity asyncllm should shrink, e.g. weight bytes against a dense load.
 """
 
 from __future__ import annotations
@@ -10,20 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-TargetKind = Literal["ratio_at_least", "ours_at_least", "report_only"]
+TargetKind = Literal["ratio_at_least", "ours_at_least", "share_at_most", "report_only"]
+_KINDS: tuple[TargetKind, ...] = ("ratio_at_least", "ours_at_least", "share_at_most", "report_only")
 Verdict = Literal["pass", "fail", "n/a", "-"]
 
 
 @dataclass(frozen=True)
 class Target:
     """``ratio_at_least``: the ratio must reach ``threshold``; ``ours_at_least``: asyncllm's own value
-    must (e.g. a fraction of roofline); ``report_only``: measured for context, no verdict."""
+    must (e.g. a fraction of roofline); ``share_at_most``: ``ours / peer`` must not exceed ``threshold``;
+    ``report_only``: measured for context, no verdict."""
 
     kind: TargetKind
     threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ratio_at_least", "ours_at_least", "report_only"):
+        if self.kind not in _KINDS:
             raise ValueError(f"kind: unknown target kind {self.kind!r}")
 
     def describe(self, unit: str) -> str:
@@ -31,6 +35,8 @@ class Target:
             return f">= {self.threshold:g}x"
         if self.kind == "ours_at_least":
             return f">= {format_value(self.threshold, unit)}"
+        if self.kind == "share_at_most":
+            return f"<= {self.threshold:g}x peer"
         return "-"
 
 
@@ -58,9 +64,19 @@ class Row:
         return numerator / denominator if denominator > 0 else None
 
     @property
+    def share(self) -> float | None:
+        """``ours / peer`` (``None`` when either is missing or the peer is not positive)."""
+        if self.ours is None or self.peer is None or self.peer <= 0:
+            return None
+        return self.ours / self.peer
+
+    @property
     def verdict(self) -> Verdict:
         if self.target.kind == "report_only":
             return "-"
+        if self.target.kind == "share_at_most":
+            share = self.share
+            return "n/a" if share is None else ("pass" if share <= self.target.threshold else "fail")
         value = self.ratio if self.target.kind == "ratio_at_least" else self.ours
         if value is None:
             return "n/a"
@@ -76,6 +92,7 @@ class Row:
             "peer_label": self.peer_label,
             "higher_is_better": self.higher_is_better,
             "ratio": self.ratio,
+            "share": self.share,
             "target": {"kind": self.target.kind, "threshold": self.target.threshold,
                        "text": self.target.describe(self.unit)},
             "verdict": self.verdict,

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 MEASUREMENTS: tuple[str, ...] = ("throughput", "issue", "single", "session", "cold", "memory")
 """Measurement names accepted by ``--only``, in the order the report prints them.
 
-``throughput``: N concurrent requests x M tokens vs HF ``generate_batch``; ``issue``: a smaller concurrent
-batch vs HF ``generate`` run one request after another; ``single``: one request's decode speed vs HF
-``generate`` plus the memory-bandwidth roofline; ``session``: TTFT of the last turn of a long chat inside a
-``Session`` vs the same transcript sent stateless with prefix caching off; ``cold``: import + load + first
-token in fresh processes vs HF; ``memory``: peak RSS of the throughput process vs its budget.
+``throughput``: N concurrent requests x M tokens vs HF ``generate_batch`` (and, with
+``compare_dequantized``, vs asyncllm's own dequantized load); ``issue``: a smaller concurrent batch vs HF
+``generate`` run one request after another; ``single``: one request's decode speed vs HF ``generate`` and
+vs llama.cpp on the same ``.gguf``, plus the memory-bandwidth roofline; ``session``: TTFT of the last turn
+of a long chat inside a ``Session`` vs the same transcript sent stateless with prefix caching off;
+``cold``: import + load + first token in fresh processes vs HF; ``memory``: peak RSS of the throughput
+process vs its budget, and the weight bytes of the default (packed) load vs the dequantized one.
 """
 
 MEMORY_HEADROOM_BYTES = 600 * 10**6
@@ -29,7 +31,10 @@ class BenchSettings:
     """One benchmark run's parameters.
 
     Invariants: every count is positive; ``only`` is a non-empty subset of ``MEASUREMENTS`` kept in
-    ``MEASUREMENTS`` order; ``kv_cache_tokens`` is ``None`` (size the pool from the workload) or positive.
+    ``MEASUREMENTS`` order; ``kv_cache_tokens`` is ``None`` (size the pool from the workload) or positive;
+    ``compare_dequantized`` implies that ``throughput`` is measured (it adds a row to that measurement).
+
+    ``skip_peer`` skips the HF transformers processes, ``skip_llamacpp`` the llama.cpp ones.
     """
 
     model: str | None = None
@@ -39,6 +44,8 @@ class BenchSettings:
     only: tuple[str, ...] = MEASUREMENTS
     json_path: str | None = None
     skip_peer: bool = False
+    skip_llamacpp: bool = False
+    compare_dequantized: bool = False
     threads: int | None = None
     kv_cache_tokens: int | None = None
     session_tokens: int = 1500
@@ -64,6 +71,10 @@ class BenchSettings:
             raise ValueError(
                 f"only: expected a non-empty subset of {list(MEASUREMENTS)}, got {list(self.only)}")
         object.__setattr__(self, "only", tuple(name for name in MEASUREMENTS if name in self.only))
+        if self.compare_dequantized and not self.wants("throughput"):
+            raise ValueError(
+                "compare_dequantized: compares the throughput measurement, which --only leaves out "
+                f"(got {list(self.only)})")
 
     def wants(self, measurement: str) -> bool:
         return measurement in self.only
@@ -78,6 +89,8 @@ class BenchSettings:
             only=tuple(args.only) if args.only else MEASUREMENTS,
             json_path=args.json,
             skip_peer=args.skip_peer,
+            skip_llamacpp=args.skip_llamacpp,
+            compare_dequantized=args.compare_dequantized,
             threads=args.threads,
             kv_cache_tokens=args.kv_cache_tokens,
             session_tokens=args.session_tokens,

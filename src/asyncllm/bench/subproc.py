@@ -23,12 +23,16 @@ _CHILD_SOURCE = Path(__file__).with_name("child.py")
 
 @dataclass(frozen=True)
 class ChildOutcome:
-    """``result`` when the task finished, else ``error`` (with the tail of the child's stderr)."""
+    """``result`` when the task finished, else ``error`` (with the tail of the child's stderr).
+
+    ``returncode`` is the child's exit status (negative: killed by that signal), ``None`` when it timed out.
+    """
 
     task: str
     wall_s: float
     result: dict[str, Any] | None
     error: str | None
+    returncode: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,9 +85,10 @@ def run_child(task: str, spec: dict[str, Any], *, timeout_s: float, source: str 
         stderr_tail = proc.stderr[-3000:]
         if not result_path.is_file():
             return ChildOutcome(task, wall, None,
-                                f"exited with status {proc.returncode} and no result; stderr:\n{stderr_tail}")
+                                f"exited with status {proc.returncode} and no result; stderr:\n{stderr_tail}",
+                                proc.returncode)
         payload = json.loads(result_path.read_text())
     if not payload.get("ok"):
         error = payload.get("error", "unknown error")
-        return ChildOutcome(task, wall, None, f"{error}\nstderr:\n{stderr_tail}")
-    return ChildOutcome(task, wall, dict(payload["result"]), None)
+        return ChildOutcome(task, wall, None, f"{error}\nstderr:\n{stderr_tail}", proc.returncode)
+    return ChildOutcome(task, wall, dict(payload["result"]), None, proc.returncode)

@@ -58,8 +58,9 @@ SESSION_SYSTEM = "You are a senior database engineer. Answer concisely and concr
 WARMUP_NEW_TOKENS = 8
 """Tokens each warm-up request generates before timing starts (both libraries)."""
 SINGLE_STREAM_RUNS = 3
-"""Rounds of the single-stream measurement: each round is one asyncllm process and one HF process, back to
-back, with one timed run each; on each side the run of median decode speed counts."""
+"""Rounds of the single-stream measurement: each round is one asyncllm process, one HF process and one
+llama.cpp process, back to back, with one timed run each; on each side the run of median decode speed
+counts."""
 
 
 def single_round_keys(round_index: int) -> tuple[str, str]:
@@ -67,6 +68,13 @@ def single_round_keys(round_index: int) -> tuple[str, str]:
     if round_index < 1:
         raise ValueError(f"round_index: must be >= 1, got {round_index}")
     return f"ours_single_{round_index}", f"hf_single_{round_index}"
+
+
+def llamacpp_round_key(round_index: int) -> str:
+    """Outcome key of the llama.cpp process of single-stream round ``round_index`` (from 1)."""
+    if round_index < 1:
+        raise ValueError(f"round_index: must be >= 1, got {round_index}")
+    return f"llamacpp_single_{round_index}"
 
 
 def stamped_timing(start: float, stamps: Sequence[tuple[float, int]]) -> dict[str, Any]:
