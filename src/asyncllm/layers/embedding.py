@@ -18,7 +18,7 @@ from asyncllm.kernels.bundle import KernelOps
 from asyncllm.layers.weights import ShardId, empty_parameter, load_unsharded
 from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import PackedWeight
-from asyncllm.quant.packed_linear import create_code_parameters, pack_code_parameters
+from asyncllm.quant.packed_linear import CodeLoadTracker, create_code_parameters, pack_code_parameters
 
 
 def _laid_out(param: nn.Parameter, ops: KernelOps) -> nn.Parameter:
@@ -47,14 +47,17 @@ class VocabEmbedding(nn.Module):
             self.weight = empty_parameter(vocab_size, hidden_size, dtype=dtype, device=device)
         else:
             create_code_parameters(self, vocab_size, hidden_size, quant, device)
+            self._tracker = CodeLoadTracker(self, self.shard_ids)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         load_unsharded(param, loaded, shard_id)
+        if self.quant is not None and self._tracker.loaded(param, shard_id):
+            self.process_weights_after_loading()  # pack now: see quant.packed_linear
 
     def process_weights_after_loading(self) -> None:
         if self.quant is None:
             self.weight = _laid_out(self.weight, self.ops)
-        else:
+        elif self.packed is None:
             self.packed = pack_code_parameters(self, self.quant, "embedding")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -108,16 +111,19 @@ class LMHead(nn.Module):
             self.weight = empty_parameter(vocab_size, hidden_size, dtype=dtype, device=device)
         else:
             create_code_parameters(self, vocab_size, hidden_size, quant, device)
+            self._tracker = CodeLoadTracker(self, self.shard_ids)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         load_unsharded(param, loaded, shard_id)
+        if self.quant is not None and self._tracker.loaded(param, shard_id):
+            self.process_weights_after_loading()  # pack now: see quant.packed_linear
 
     def process_weights_after_loading(self) -> None:
         if self.tied:
             return
         if self.quant is None:
             self.weight = _laid_out(self.weight, self.ops)
-        else:
+        elif self.packed is None:
             self.packed = pack_code_parameters(self, self.quant, "lm_head")
 
     def tie_to(self, embedding: VocabEmbedding) -> None:

@@ -146,12 +146,20 @@ class Linear(nn.Module):
         dim: int | None = getattr(param, "output_dim", None)
         if dim is None:
             _load_shared(param, loaded, shard_id)
+            self._loaded(param, shard_id)
             return
         pack: int = getattr(param, "output_pack", 1)
         offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
         if offset % pack or size % pack:
             raise ValueError(f"shard {shard_id!r}: {size} outputs at {offset} are not a multiple of the packing {pack}")
         copy_checked(param.data.narrow(dim, offset // pack, size // pack), loaded, f"shard {shard_id!r}")
+        self._loaded(param, shard_id)
+
+    def _loaded(self, param: nn.Parameter, shard_id: ShardId) -> None:
+        """Tell a method that repacks early (``weight_loaded``) that a checkpoint slice arrived."""
+        hook = getattr(self.method, "weight_loaded", None)
+        if hook is not None:
+            hook(self, param, shard_id)
 
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)

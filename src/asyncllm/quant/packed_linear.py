@@ -7,9 +7,12 @@ format (``quant.packed.QuantCodes``, one tensor each): ``codes`` uint8 ``[N, K]`
 shards land in their row ranges like dense weights; the group parameters of a shard stored with coarser
 groups than the merged layer's are repeated to its groups on load (values unchanged).
 
-After loading, ``process_weights_after_loading`` checks the codes fit the declared width, packs them
-(``quant.packed.pack``) and keeps only the packed tensors (``qweight``, ``qscales``, ``qbiases``, as
-frozen parameters so memory accounting sees them); ``apply`` calls the bundle's ``quantized_linear``.
+As soon as every code parameter of every shard has arrived (``CodeLoadTracker``; at the latest in
+``process_weights_after_loading``) the codes are checked to fit the declared width, packed
+(``quant.packed.pack``) and dropped: only the packed tensors stay (``qweight``, ``qscales``, ``qbiases``, as
+frozen parameters so memory accounting sees them). Packing module by module keeps a load's peak memory
+near the packed size instead of the size of the whole model's one-byte codes. ``apply`` calls the
+bundle's ``quantized_linear``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ def create_code_parameters(module: nn.Module, rows: int, cols: int, quant: Layer
         module.input_perm = tag_parameter(empty_parameter(cols, dtype=torch.int64, device=device), output_dim=None)
 
 
+class CodeLoadTracker:
+    """Which ``(code parameter, shard)`` pairs of one module are still to be loaded."""
+
+    def __init__(self, module: nn.Module, shard_ids: tuple[object, ...]) -> None:
+        names = [name for name in (*CODE_PARAMETERS, "input_perm") if hasattr(module, name)]
+        self._params = {id(getattr(module, name)): name for name in names}
+        self._pending = {(name, shard) for name in names for shard in shard_ids}
+
+    def loaded(self, param: nn.Parameter, shard_id: object) -> bool:
+        """Record that ``param``'s ``shard_id`` slice arrived; ``True`` once nothing is pending."""
+        name = self._params.get(id(param))
+        if name is not None:
+            self._pending.discard((name, shard_id))
+        return not self._pending
+
+
 def pack_code_parameters(module: nn.Module, quant: LayerQuant, what: str) -> PackedWeight:
     """Pack the module's loaded code parameters and replace them by the packed ones (see the module
     docstring); codes beyond ``quant.bits`` raise ``ValueError`` naming ``what``."""
@@ -73,9 +92,19 @@ class PackedLinearMethod:
 
     def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device) -> None:
         create_code_parameters(layer, layer.output_size, layer.input_size, self.quant, device)
+        layer.packed = None
+
+    def weight_loaded(self, layer: Linear, param: nn.Parameter, shard_id: object) -> None:
+        """Pack as soon as the last code slice of the layer arrives (see the module docstring)."""
+        tracker = getattr(layer, "code_tracker", None)
+        if tracker is None:
+            tracker = layer.code_tracker = CodeLoadTracker(layer, layer.shard_ids)
+        if tracker.loaded(param, shard_id):
+            self.process_weights_after_loading(layer)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        layer.packed = pack_code_parameters(layer, self.quant, f"linear {layer.input_size}->{layer.output_size}")
+        if layer.packed is None:
+            layer.packed = pack_code_parameters(layer, self.quant, f"linear {layer.input_size}->{layer.output_size}")
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         perm = getattr(layer, "input_perm", None)
