@@ -1,0 +1,600 @@
+/* Weight-only quantized GEMV/GEMM pieces for one thread of an OpenMP region (no nested parallelism).
+ *
+ * Weights are a PackedWeight (asyncllm.quant.packed): qweight uint8 [n, k * bits / 8] with bits 4 (every
+ * run of 32 values along a row is 16 bytes, byte i holding value i in its low nibble and value i + 16 in
+ * its high nibble) or 8 (one code per byte); scales and biases float32 [n, k / group_size]; the weight is
+ * w[j, i] = scales[j, g] * q[j, i] + biases[j, g] with g = i / group_size. group_size is a multiple of 16
+ * dividing k; 4-bit storage needs k % 32 == 0.
+ *
+ * Scheme (llama.cpp's Q8_0 / Q8_1 activations): each activation row is quantized per block of 32 values
+ * to int8 with d = max|x| / 127 and xq = round(x / d), so xhat = d * xq is within d / 2 of x. The kernel
+ * computes y = xhat @ w^T, up to fp32 rounding, as
+ *
+ *   y[r, j] = sum_i scales[j, g(i)] * d[r, b(i)] * q[j, i] * xq[r, i]  +  sum_g biases[j, g] * xhat_sum[r, g]
+ *
+ * with xhat_sum[r, g] the sum of xhat over group g (as llama.cpp's Q8_1 block sums). Hence
+ *   |y - x @ w^T| <= sum_b (d_b / 2) * sum_{i in b} |w[j, i]|  (+ fp32 rounding).
+ * (Pairing the biases with the exact sums of x instead leaves an error that scales with |scales * q|, the
+ * codes' unsigned part, rather than |w|: measured 2-3x larger on Q4_0, Q4_1, AWQ, Q8_0 and Q6_K-style
+ * weights, whose zero points sit mid-range.)
+ * The integer products run 64 codes at a time (VNNI vpdpbusd: unsigned codes times signed activations
+ * into int32 lanes of 4 products each); each lane's sum is converted to float and scaled by its block's
+ * d times its group's scale, so any group_size (a multiple of 16) works.
+ *
+ * Usage inside a parallel region, rows of x [rows, k] row stride ldx, y [rows, ldy]:
+ *
+ *   prepared = work buffer of quant_prepared_bytes(rows, k, group_size) bytes (64-byte aligned is best)
+ *   quant_prepare_rows(x, ldx, r_lo, r_hi, k, bits, group_size, prepared);   each thread its own rows
+ *   #pragma omp barrier
+ *   quant_gemv_rows(prepared, rows, k, bits, group_size, qweight, scales, biases, bias, y, ldy, lo, hi, add);
+ *
+ * quant_gemv_rows computes output features [lo, hi) of every row; threads take disjoint ranges. The
+ * prepared rows depend on (k, bits, group_size) only, so one preparation serves every weight of that
+ * format that reads the same activations.
+ *
+ * Builds: AVX-512 (F, BW, VL, VNNI) when the compiler targets it, else AVX2 + FMA (with AVX-VNNI when
+ * present), else portable C; all three compute the same sums (integer products are exact, only the float
+ * accumulation order differs). The caller validates shapes and pointers: this code trusts them.
+ */
+#ifndef ASYNCLLM_QUANT_GEMV_H
+#define ASYNCLLM_QUANT_GEMV_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) \
+    && !defined(QG_FORCE_PORTABLE)
+#define QG_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(QG_FORCE_PORTABLE)
+#define QG_AVX2 1
+#include <immintrin.h>
+#endif
+
+#define QG_BLOCK 32 /* activation values per int8 scale */
+#define QG_CHUNK 64 /* values per kernel step (one 512-bit register of codes) */
+#define QG_ROW_TILE 4
+
+static inline int64_t qg_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/* Prepared row layout (every part a multiple of 64 bytes):
+ *   xq   int8  [kp]        kp = k rounded up to 64; chunk-permuted for 4-bit (see qg_chunk_position),
+ *                          zero past k
+ *   dl   float [kp / 4]    per int32 lane of each chunk: the d of the block its 4 values belong to
+ *   d    float [kp / 32]   per block of 32 values, natural order
+ *   xsum float [gp]        per group, the sum of xhat = d * xq over it; gp = groups rounded up to 16, zero
+ *                          past them */
+static inline int64_t quant_prepared_row_bytes(int64_t k, int64_t group_size)
+{
+    const int64_t kp = qg_round_up(k, QG_CHUNK);
+    return kp + kp + qg_round_up(kp / QG_BLOCK, 16) * 4 + qg_round_up(k / group_size, 16) * 4;
+}
+
+static inline int64_t quant_prepared_bytes(int64_t rows, int64_t k, int64_t group_size)
+{
+    return rows * quant_prepared_row_bytes(k, group_size);
+}
+
+/* Byte position, within its 64-value chunk, of value v (0..63) of that chunk. The 4-bit kernel unpacks two
+ * nibble runs as [run0 low | run1 low | run0 high | run1 high] 16-byte quarters, i.e. values
+ * [0..15 | 32..47 | 16..31 | 48..63]: quarters 1 and 2 swap. 8-bit codes keep their order. */
+static inline int qg_chunk_position(int v, int bits)
+{
+    if (bits != 4) return v;
+    static const int quarter[4] = {0, 2, 1, 3};
+    return quarter[v >> 4] * 16 + (v & 15);
+}
+
+/* First value (within its chunk) of int32 lane l (4 consecutive values) of a chunk. */
+static inline int qg_lane_value(int l, int bits)
+{
+    if (bits != 4) return 4 * l;
+    static const int base[4] = {0, 32, 16, 48};
+    return base[l >> 2] + 4 * (l & 3);
+}
+
+/* Quantize one block of n (16 or 32) values: the scale d and n int8 codes (the last 16 in xq_hi). */
+static inline float qg_quantize_block(const float *x, int n, int8_t *xq_lo, int8_t *xq_hi)
+{
+#ifdef QG_AVX512
+    const __m512 a = _mm512_loadu_ps(x);
+    const __m512 b = n > 16 ? _mm512_loadu_ps(x + 16) : _mm512_setzero_ps();
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    _mm_storeu_si128((__m128i *)xq_lo, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inverse))));
+    if (n > 16) _mm_storeu_si128((__m128i *)xq_hi, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inverse))));
+#else
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < n; ++i) {
+        const float v = nearbyintf(x[i] * inverse);
+        (i < 16 ? xq_lo : xq_hi - 16)[i] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+    }
+#endif
+    return amax / 127.f;
+}
+
+/* Quantize rows [r_lo, r_hi) of x (row stride ldx) into prepared, which holds rows 0.. of the call. */
+static void quant_prepare_rows(const float *x, int64_t ldx, int64_t r_lo, int64_t r_hi, int64_t k, int bits,
+                               int64_t group_size, void *prepared)
+{
+    const int64_t kp = qg_round_up(k, QG_CHUNK), row_bytes = quant_prepared_row_bytes(k, group_size);
+    const int64_t blocks = (k + QG_BLOCK - 1) / QG_BLOCK;
+    for (int64_t r = r_lo; r < r_hi; ++r) {
+        const float *xr = x + r * ldx;
+        int8_t *xq = (int8_t *)((char *)prepared + r * row_bytes);
+        float *dl = (float *)(xq + kp);
+        float *d = dl + kp / 4;
+        float *xsum = d + qg_round_up(kp / QG_BLOCK, 16);
+        memset(xq, 0, (size_t)row_bytes);
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t base = b * QG_BLOCK, chunk = base / QG_CHUNK * QG_CHUNK;
+            const int offset = (int)(base - chunk), n = k - base < QG_BLOCK ? (int)(k - base) : QG_BLOCK;
+            /* the block's two 16-value halves each land contiguously (quarters are 16 bytes) */
+            d[b] = qg_quantize_block(xr + base, n, xq + chunk + qg_chunk_position(offset, bits),
+                                     xq + chunk + qg_chunk_position(offset + 16, bits));
+        }
+        for (int64_t c = 0; c < kp / QG_CHUNK; ++c) {
+            for (int l = 0; l < 16; ++l) {
+                const int64_t value = c * QG_CHUNK + qg_lane_value(l, bits);
+                dl[c * 16 + l] = value < k ? d[value / QG_BLOCK] : 0.f;
+            }
+        }
+        /* xhat summed per group: per 16-value segment (one block, one group) an exact integer sum times d */
+        for (int64_t s = 0; s < k; s += 16) {
+            const int64_t chunk = s / QG_CHUNK * QG_CHUNK;
+            const int8_t *seg = xq + chunk + qg_chunk_position((int)(s - chunk), bits);
+            int32_t sum = 0;
+            for (int v = 0; v < 16; ++v) sum += seg[v];
+            xsum[s / group_size] += d[s / QG_BLOCK] * (float)sum;
+        }
+    }
+}
+
+/* y[r, j] for one (r, j): store (add == 0) or accumulate (add != 0) value (+ bias[j] when bias). */
+static inline void qg_store(float *y, int64_t ldy, int64_t r, int64_t j, float value, const float *bias, int add)
+{
+    if (bias) value += bias[j];
+    if (add) y[r * ldy + j] += value;
+    else y[r * ldy + j] = value;
+}
+
+#ifdef QG_AVX512
+
+enum { QG_WIDE_GROUPS = 0, QG_SMALL_GROUPS = 1, QG_OTHER_GROUPS = 2 };
+
+/* The 64 codes of a full chunk of one weight row as unsigned bytes in prepared order. 4-bit: the 32 bytes
+ * of two nibble runs in both halves, the upper half shifted right by 4, then masked: quarters
+ * [run0 low | run1 low | run0 high | run1 high]. */
+static inline __attribute__((always_inline)) __m512i qg_codes(const uint8_t *chunk, const int bits)
+{
+    if (bits == 4) {
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)chunk));
+        return _mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xFFFF0000u, v, 4), _mm512_set1_epi8(0x0F));
+    }
+    return _mm512_loadu_si512((const void *)chunk);
+}
+
+/* The last, partial chunk (left = k % 64 values): 4-bit has one run (left == 32; quarters 1 and 3 repeat it
+ * and meet zero activations); 8-bit a masked load. Never reads beyond the row. */
+static inline __attribute__((always_inline)) __m512i qg_codes_tail(const uint8_t *chunk, int64_t left, const int bits)
+{
+    if (bits == 4) {
+        const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)chunk));
+        return _mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xFFFF0000u, v, 4), _mm512_set1_epi8(0x0F));
+    }
+    return _mm512_maskz_loadu_epi8((__mmask64)((1ULL << left) - 1), chunk);
+}
+
+/* Each lane's group minus g0 for chunk values starting at first (lane_value: each lane's first value). */
+static inline __m512i qg_lane_groups(__m512i lane_value, int64_t first, int64_t group_size, int64_t g0)
+{
+    const __m512 value = _mm512_cvtepi32_ps(_mm512_add_epi32(lane_value, _mm512_set1_epi32((int)first)));
+    const __m512 g = _mm512_floor_ps(_mm512_mul_ps(_mm512_add_ps(value, _mm512_set1_ps(0.5f)),
+                                                   _mm512_set1_ps(1.f / (float)group_size)));
+    return _mm512_sub_epi32(_mm512_cvtps_epi32(g), _mm512_set1_epi32((int)g0));
+}
+
+/* acc[i] += cvt(codes . xq[i]) * d_lane[i] * sw for rows i < R of a chunk. */
+#define QG_CHUNK_ROWS(w, sw, c)                                                                                  \
+    for (int i = 0; i < R; ++i) {                                                                                \
+        const int8_t *p = prepared + i * row_bytes;                                                              \
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (w),                                       \
+                                              _mm512_loadu_si512((const void *)(p + (c) * QG_CHUNK)));           \
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),                                                          \
+                                 _mm512_mul_ps(_mm512_loadu_ps((const float *)(p + kp) + (c) * 16), (sw)), acc[i]); \
+    }
+
+/* Rows [0, R) of a tile, one output feature: out[i] = sum of the scaled integer dots + biases . xsum. */
+static inline __attribute__((always_inline)) void qg_tile(
+    const int8_t *prepared, int64_t row_bytes, const int R, const int bits, const int mode, const uint8_t *wrow,
+    const float *srow, const float *brow, int64_t k, int64_t group_size, int64_t groups, __m512i lane_value,
+    __m512i small_idx, float *out)
+{
+    const int64_t kp = qg_round_up(k, QG_CHUNK), full = k / QG_CHUNK, wchunk = QG_CHUNK * bits / 8;
+    __m512 acc[QG_ROW_TILE];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    if (mode == QG_WIDE_GROUPS) {
+        /* k % 64 == 0; per group, sum cvt(dot) * d_lane, then scale once */
+        const int64_t per = group_size / QG_CHUNK;
+        int64_t c = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+            __m512 part[QG_ROW_TILE];
+            for (int i = 0; i < R; ++i) part[i] = _mm512_setzero_ps();
+            for (const int64_t end = c + per; c < end; ++c) {
+                const __m512i w = qg_codes(wrow + c * wchunk, bits);
+                for (int i = 0; i < R; ++i) {
+                    const int8_t *p = prepared + i * row_bytes;
+                    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                          _mm512_loadu_si512((const void *)(p + c * QG_CHUNK)));
+                    part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps((const float *)(p + kp) + c * 16),
+                                              part[i]);
+                }
+            }
+            const __m512 sw = _mm512_set1_ps(srow[g]);
+            for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(part[i], sw, acc[i]);
+        }
+    } else if (mode == QG_SMALL_GROUPS) {
+        /* group_size 16 or 32: a full chunk holds 64 / group_size whole groups */
+        const int64_t per = QG_CHUNK / group_size;
+        const __mmask16 m = (__mmask16)((1u << per) - 1);
+        for (int64_t c = 0; c < full; ++c) {
+            const __m512i w = qg_codes(wrow + c * wchunk, bits);
+            const __m512 sw = _mm512_permutexvar_ps(small_idx, _mm512_maskz_loadu_ps(m, srow + c * per));
+            QG_CHUNK_ROWS(w, sw, c)
+        }
+        if (full * QG_CHUNK < k) {
+            const int64_t c = full, left = groups - c * per;
+            const __m512i w = qg_codes_tail(wrow + c * wchunk, k - c * QG_CHUNK, bits);
+            const __m512 sw = _mm512_permutexvar_ps(small_idx, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1),
+                                                                                    srow + c * per));
+            QG_CHUNK_ROWS(w, sw, c)
+        }
+    } else {
+        /* group boundaries at any multiple of 16: each lane's group computed per chunk (at most 4 per chunk) */
+        int64_t g0 = 0;
+        for (int64_t c = 0; c * QG_CHUNK < k; ++c) {
+            while ((g0 + 1) * group_size <= c * QG_CHUNK) ++g0;
+            const int64_t left = groups - g0;
+            const __m512i w = c < full ? qg_codes(wrow + c * wchunk, bits)
+                                       : qg_codes_tail(wrow + c * wchunk, k - c * QG_CHUNK, bits);
+            const __m512i idx = qg_lane_groups(lane_value, c * QG_CHUNK, group_size, g0);
+            const __m512 sw = _mm512_permutexvar_ps(
+                idx, _mm512_maskz_loadu_ps((__mmask16)((1u << (left < 4 ? left : 4)) - 1), srow + g0));
+            QG_CHUNK_ROWS(w, sw, c)
+        }
+    }
+    /* biases meet the group sums of xhat */
+    for (int i = 0; i < R; ++i) {
+        const float *xsum = (const float *)(prepared + i * row_bytes + 2 * kp) + qg_round_up(kp / QG_BLOCK, 16);
+        __m512 b = acc[i];
+        int64_t g = 0;
+        for (; g + 16 <= groups; g += 16) b = _mm512_fmadd_ps(_mm512_loadu_ps(brow + g), _mm512_loadu_ps(xsum + g), b);
+        if (g < groups)
+            b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << (groups - g)) - 1), brow + g),
+                                _mm512_loadu_ps(xsum + g), b);
+        out[i] = _mm512_reduce_add_ps(b);
+    }
+}
+
+#undef QG_CHUNK_ROWS
+
+/* Every output feature in [lo, hi) for rows [0, rows), R rows at a time (R, bits, mode compile-time). */
+static inline __attribute__((always_inline)) void qg_features(
+    const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const uint8_t *qweight,
+    const float *scales, const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi,
+    int add, int64_t k, int64_t group_size)
+{
+    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    int lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = qg_lane_value(l, bits);
+    const __m512i lane_value = _mm512_loadu_si512((const void *)lanes);
+    const __m512i small_idx = qg_lane_groups(lane_value, 0, group_size, 0);
+    for (int64_t j = lo; j < hi; ++j) {
+        const uint8_t *wrow = qweight + j * wbytes;
+        const float *srow = scales + j * groups, *brow = biases + j * groups;
+        for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
+            const int64_t R = rows - r0 < QG_ROW_TILE ? rows - r0 : QG_ROW_TILE;
+            const int8_t *p = prepared + r0 * row_bytes;
+            float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
+            if (R == 4) qg_tile(p, row_bytes, 4, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            else if (R == 3) qg_tile(p, row_bytes, 3, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            else if (R == 2) qg_tile(p, row_bytes, 2, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            else qg_tile(p, row_bytes, 1, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+        }
+    }
+}
+
+#elif defined(QG_AVX2)
+
+enum { QG_WIDE_GROUPS = 0, QG_SMALL_GROUPS = 1, QG_OTHER_GROUPS = 2 };
+
+/* A 64-value chunk as two 256-bit halves: half 0 pairs with prepared bytes 0..31 (lanes 0..7), half 1 with
+ * bytes 32..63 (lanes 8..15). 4-bit: half 0 = low nibbles of both runs, half 1 = high nibbles. */
+typedef struct { __m256i h[2]; } qg_codes2;
+
+static inline __attribute__((always_inline)) qg_codes2 qg_codes_avx2(const uint8_t *chunk, int64_t left, const int bits)
+{
+    qg_codes2 w;
+    if (bits == 4) {
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        const __m256i v = left >= QG_CHUNK ? _mm256_loadu_si256((const __m256i *)chunk)
+                                           : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)chunk));
+        w.h[0] = _mm256_and_si256(v, mask);
+        w.h[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    } else if (left >= QG_CHUNK) {
+        w.h[0] = _mm256_loadu_si256((const __m256i *)chunk);
+        w.h[1] = _mm256_loadu_si256((const __m256i *)(chunk + 32));
+    } else { /* left is 16, 32 or 48: whole 4-byte words, masked */
+        const __m256i word = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        w.h[0] = _mm256_maskload_epi32((const int *)chunk, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), word));
+        w.h[1] = _mm256_maskload_epi32((const int *)(chunk + 32),
+                                       _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left - 32), word));
+    }
+    return w;
+}
+
+/* int32 lane l = sum of the 4 products of bytes 4l..4l+3: unsigned codes times signed activations. */
+static inline __attribute__((always_inline)) __m256i qg_dot_avx2(__m256i w, __m256i x, const int bits)
+{
+#if defined(__AVXVNNI__)
+    (void)bits;
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    (void)bits;
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits == 4) /* codes <= 15: pair sums <= 2 * 15 * 127, no int16 saturation */
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+    /* 8-bit codes: split into nibbles so maddubs never saturates; dot = 16 * high + low */
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i low = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, mask), x), ones);
+    const __m256i high = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask), x), ones);
+    return _mm256_add_epi32(_mm256_slli_epi32(high, 4), low);
+#endif
+}
+
+static inline float qg_hsum_avx2(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Up to 4 consecutive floats (count of them, the rest zero), never reading past them. */
+static inline __m256 qg_load4_avx2(const float *p, int64_t count)
+{
+    const __m128i lane = _mm_setr_epi32(0, 1, 2, 3);
+    return _mm256_castps128_ps256(_mm_maskload_ps(p, _mm_cmplt_epi32(lane, _mm_set1_epi32((int)count))));
+}
+
+/* Each lane's group minus g0 for chunk values from first (lane_value: each lane's first value). */
+static inline __m256i qg_lane_groups_avx2(__m256i lane_value, int64_t first, int64_t group_size, int64_t g0)
+{
+    const __m256 value = _mm256_cvtepi32_ps(_mm256_add_epi32(lane_value, _mm256_set1_epi32((int)first)));
+    const __m256 g = _mm256_floor_ps(_mm256_mul_ps(_mm256_add_ps(value, _mm256_set1_ps(0.5f)),
+                                                   _mm256_set1_ps(1.f / (float)group_size)));
+    return _mm256_sub_epi32(_mm256_cvtps_epi32(g), _mm256_set1_epi32((int)g0));
+}
+
+static inline __attribute__((always_inline)) void qg_tile(
+    const int8_t *prepared, int64_t row_bytes, const int R, const int bits, const int mode, const uint8_t *wrow,
+    const float *srow, const float *brow, int64_t k, int64_t group_size, int64_t groups, const __m256i *lane_value,
+    const __m256i *small_idx, float *out)
+{
+    const int64_t kp = qg_round_up(k, QG_CHUNK), wchunk = QG_CHUNK * bits / 8;
+    __m256 acc[QG_ROW_TILE][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    int64_t g0 = 0;
+    for (int64_t c = 0; c * QG_CHUNK < k; ++c) {
+        const int64_t left = k - c * QG_CHUNK;
+        const qg_codes2 w = qg_codes_avx2(wrow + c * wchunk, left, bits);
+        __m256 sw[2];
+        if (mode == QG_WIDE_GROUPS) {
+            while ((g0 + 1) * group_size <= c * QG_CHUNK) ++g0;
+            sw[0] = sw[1] = _mm256_set1_ps(srow[g0]);
+        } else {
+            __m256i idx[2] = {small_idx[0], small_idx[1]};
+            if (mode == QG_SMALL_GROUPS) {
+                g0 = c * (QG_CHUNK / group_size);
+            } else {
+                while ((g0 + 1) * group_size <= c * QG_CHUNK) ++g0;
+                idx[0] = qg_lane_groups_avx2(lane_value[0], c * QG_CHUNK, group_size, g0);
+                idx[1] = qg_lane_groups_avx2(lane_value[1], c * QG_CHUNK, group_size, g0);
+            }
+            const __m256 s4 = qg_load4_avx2(srow + g0, groups - g0 < 4 ? groups - g0 : 4);
+            sw[0] = _mm256_permutevar8x32_ps(s4, idx[0]);
+            sw[1] = _mm256_permutevar8x32_ps(s4, idx[1]);
+        }
+        for (int i = 0; i < R; ++i) {
+            const int8_t *p = prepared + i * row_bytes;
+            const float *dl = (const float *)(p + kp) + c * 16;
+            for (int h = 0; h < 2; ++h) {
+                const __m256i xq = _mm256_loadu_si256((const __m256i *)(p + c * QG_CHUNK + 32 * h));
+                const __m256 s = _mm256_cvtepi32_ps(qg_dot_avx2(w.h[h], xq, bits));
+                acc[i][h] = _mm256_fmadd_ps(s, _mm256_mul_ps(_mm256_loadu_ps(dl + 8 * h), sw[h]), acc[i][h]);
+            }
+        }
+    }
+    for (int i = 0; i < R; ++i) {
+        const float *xsum = (const float *)(prepared + i * row_bytes + 2 * kp) + qg_round_up(kp / QG_BLOCK, 16);
+        __m256 b = _mm256_add_ps(acc[i][0], acc[i][1]);
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8) b = _mm256_fmadd_ps(_mm256_loadu_ps(brow + g), _mm256_loadu_ps(xsum + g), b);
+        float tail = 0.f;
+        for (; g < groups; ++g) tail += brow[g] * xsum[g];
+        out[i] = qg_hsum_avx2(b) + tail;
+    }
+}
+
+static inline __attribute__((always_inline)) void qg_features(
+    const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const uint8_t *qweight,
+    const float *scales, const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi,
+    int add, int64_t k, int64_t group_size)
+{
+    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    int lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = qg_lane_value(l, bits);
+    __m256i lane_value[2], small_idx[2];
+    for (int h = 0; h < 2; ++h) {
+        lane_value[h] = _mm256_loadu_si256((const __m256i *)(lanes + 8 * h));
+        small_idx[h] = qg_lane_groups_avx2(lane_value[h], 0, group_size, 0);
+    }
+    for (int64_t j = lo; j < hi; ++j) {
+        const uint8_t *wrow = qweight + j * wbytes;
+        const float *srow = scales + j * groups, *brow = biases + j * groups;
+        for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
+            const int64_t R = rows - r0 < QG_ROW_TILE ? rows - r0 : QG_ROW_TILE;
+            const int8_t *p = prepared + r0 * row_bytes;
+            float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
+            if (R == 4) qg_tile(p, row_bytes, 4, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            else if (R == 3) qg_tile(p, row_bytes, 3, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            else if (R == 2) qg_tile(p, row_bytes, 2, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            else qg_tile(p, row_bytes, 1, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+            for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+        }
+    }
+}
+
+#else /* portable */
+
+/* Rows [0, R) of a tile, one output feature: per 16-value segment (one group, one block) an exact integer
+ * dot, scaled in float; then biases . xsum. */
+static void qg_tile_portable(const int8_t *prepared, int64_t row_bytes, int64_t R, int bits, const uint8_t *wrow,
+                             const float *srow, const float *brow, int64_t k, int64_t group_size, int64_t groups,
+                             float *out)
+{
+    const int64_t kp = qg_round_up(k, QG_CHUNK);
+    for (int64_t i = 0; i < R; ++i) {
+        const int8_t *xq = prepared + i * row_bytes;
+        const float *d = (const float *)(xq + kp) + kp / 4;
+        const float *xsum = d + qg_round_up(kp / QG_BLOCK, 16);
+        float acc = 0.f;
+        for (int64_t s = 0; s < k; s += 16) {
+            const int64_t chunk = s / QG_CHUNK * QG_CHUNK;
+            const int8_t *xs = xq + chunk + qg_chunk_position((int)(s - chunk), bits);
+            int32_t dot = 0;
+            if (bits == 4) {
+                const uint8_t *run = wrow + s / 32 * 16;
+                const int shift = s & 16 ? 4 : 0;
+                for (int v = 0; v < 16; ++v) dot += ((run[v] >> shift) & 15) * xs[v];
+            } else {
+                for (int v = 0; v < 16; ++v) dot += wrow[s + v] * xs[v];
+            }
+            acc += (float)dot * d[s / QG_BLOCK] * srow[s / group_size];
+        }
+        for (int64_t g = 0; g < groups; ++g) acc += brow[g] * xsum[g];
+        out[i] = acc;
+    }
+}
+
+#endif
+
+/* Output features [lo, hi) of every row r < rows: y[r * ldy + j] (+)= sum_i w[j, i] x[r, i] (+ bias[j]),
+ * x being the rows quant_prepare_rows prepared (same k, bits, group_size); add != 0 accumulates into y. */
+static void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int bits, int64_t group_size,
+                            const uint8_t *qweight, const float *scales, const float *biases, const float *bias,
+                            float *y, int64_t ldy, int64_t lo, int64_t hi, int add)
+{
+    const int64_t row_bytes = quant_prepared_row_bytes(k, group_size);
+    const int8_t *p = (const int8_t *)prepared;
+#if defined(QG_AVX512) || defined(QG_AVX2)
+    const int mode = group_size % QG_CHUNK == 0 ? QG_WIDE_GROUPS
+                   : group_size == 16 || group_size == 32 ? QG_SMALL_GROUPS : QG_OTHER_GROUPS;
+#define QG_CASE(b, md) qg_features(p, row_bytes, rows, b, md, qweight, scales, biases, bias, y, ldy, lo, hi, add, k, group_size)
+    if (bits == 4) {
+        if (mode == QG_WIDE_GROUPS) QG_CASE(4, QG_WIDE_GROUPS);
+        else if (mode == QG_SMALL_GROUPS) QG_CASE(4, QG_SMALL_GROUPS);
+        else QG_CASE(4, QG_OTHER_GROUPS);
+    } else {
+        if (mode == QG_WIDE_GROUPS) QG_CASE(8, QG_WIDE_GROUPS);
+        else if (mode == QG_SMALL_GROUPS) QG_CASE(8, QG_SMALL_GROUPS);
+        else QG_CASE(8, QG_OTHER_GROUPS);
+    }
+#undef QG_CASE
+#else
+    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    for (int64_t j = lo; j < hi; ++j) {
+        for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
+            const int64_t R = rows - r0 < QG_ROW_TILE ? rows - r0 : QG_ROW_TILE;
+            float out[QG_ROW_TILE];
+            qg_tile_portable(p + r0 * row_bytes, row_bytes, R, bits, qweight + j * wbytes, scales + j * groups,
+                             biases + j * groups, k, group_size, groups, out);
+            for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+        }
+    }
+#endif
+}
+
+/* ---- float-activation variant (for comparison): codes dequantized in registers, fp32 FMA ---- */
+
+static void quant_gemv_rows_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, int bits,
+                                int64_t group_size, const uint8_t *qweight, const float *scales,
+                                const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo,
+                                int64_t hi, int add)
+{
+    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    for (int64_t j = lo; j < hi; ++j) {
+        const uint8_t *wrow = qweight + j * wbytes;
+        const float *srow = scales + j * groups, *brow = biases + j * groups;
+        for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
+            const int R = rows - r0 < QG_ROW_TILE ? (int)(rows - r0) : QG_ROW_TILE;
+            float out[QG_ROW_TILE];
+#ifdef QG_AVX512
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            const float *x0 = x + r0 * ldx, *x1 = x0 + (R > 1) * ldx, *x2 = x0 + (R > 2) * 2 * ldx,
+                        *x3 = x0 + (R > 3) * 3 * ldx;
+            int64_t g = 0, left = group_size;
+            for (int64_t s = 0; s < k; s += 32) {
+                /* values s..s+15 (group ga) and s+16..s+31 (group gb) */
+                const int64_t ga = g;
+                if ((left -= 16) == 0) { ++g; left = group_size; }
+                const int64_t gb = g;
+                if ((left -= 16) == 0) { ++g; left = group_size; }
+                __m512 wa, wb = _mm512_setzero_ps();
+                if (bits == 4) {
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s / 2)));
+                    wa = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+                    wb = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                } else {
+                    wa = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s))));
+                    if (s + 16 < k)
+                        wb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s + 16))));
+                }
+                wa = _mm512_fmadd_ps(wa, _mm512_set1_ps(srow[ga]), _mm512_set1_ps(brow[ga]));
+                if (s + 16 < k) wb = _mm512_fmadd_ps(wb, _mm512_set1_ps(srow[gb]), _mm512_set1_ps(brow[gb]));
+                const int64_t sb = s + 16 < k ? s + 16 : s; /* wb is zero past k */
+                acc0 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x0 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x0 + s), acc0));
+                if (R > 1) acc1 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x1 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x1 + s), acc1));
+                if (R > 2) acc2 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x2 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x2 + s), acc2));
+                if (R > 3) acc3 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x3 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x3 + s), acc3));
+            }
+            out[0] = _mm512_reduce_add_ps(acc0);
+            out[1] = _mm512_reduce_add_ps(acc1);
+            out[2] = _mm512_reduce_add_ps(acc2);
+            out[3] = _mm512_reduce_add_ps(acc3);
+#else
+            for (int i = 0; i < R; ++i) {
+                const float *xr = x + (r0 + i) * ldx;
+                float acc = 0.f;
+                for (int64_t v = 0; v < k; ++v) {
+                    const int q = bits == 4 ? (v & 16 ? wrow[(v >> 5) * 16 + (v & 15)] >> 4
+                                                      : wrow[(v >> 5) * 16 + (v & 15)] & 15)
+                                            : wrow[v];
+                    acc += (srow[v / group_size] * (float)q + brow[v / group_size]) * xr[v];
+                }
+                out[i] = acc;
+            }
+#endif
+            for (int i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+        }
+    }
+}
+
+#endif /* ASYNCLLM_QUANT_GEMV_H */
