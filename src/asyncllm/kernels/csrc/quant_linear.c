@@ -2,9 +2,9 @@
  * OpenMP region: each thread quantizes its share of the activation rows into a shared scratch buffer, then,
  * after a barrier, computes one contiguous range of output features for every row.
  *
- * x [rows, k] float32 with row stride ldx; y [rows, n] float32 contiguous; bias [n] or NULL. Returns 0, or
- * -1 when the scratch buffer cannot be allocated (y untouched). The caller validates shapes: this code
- * trusts them. */
+ * x [rows, k] float32 with row stride ldx; y [rows, n] float32 contiguous, overwritten (add == 0) or
+ * accumulated into (add != 0); bias [n] or NULL. Returns 0, or -1 when the scratch buffer cannot be
+ * allocated (y untouched). The caller validates shapes: this code trusts them. */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,7 +22,7 @@ static void feature_range(int64_t n, int t, int count, int64_t *lo, int64_t *hi)
 
 int asyncllm_quant_linear(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint8_t *qweight,
                           const float *scales, const float *biases, int32_t bits, int64_t group_size, int64_t n,
-                          const float *bias, float *y, int32_t threads)
+                          const float *bias, float *y, int32_t add, int32_t threads)
 {
     const int64_t bytes = qg_round_up(quant_prepared_bytes(rows, k, group_size), 64);
     void *work = aligned_alloc(64, (size_t)bytes);
@@ -34,7 +34,7 @@ int asyncllm_quant_linear(const float *x, int64_t ldx, int64_t rows, int64_t k, 
 #pragma omp barrier
         int64_t lo, hi;
         feature_range(n, t, count, &lo, &hi);
-        quant_gemv_rows(work, rows, k, bits, group_size, qweight, scales, biases, bias, y, n, lo, hi, 0);
+        quant_gemv_rows(work, rows, k, bits, group_size, qweight, scales, biases, bias, y, n, lo, hi, add);
     }
     free(work);
     return 0;
