@@ -6,7 +6,8 @@
 Candidates (each skipped where it does not apply):
   dense     ``kernels.cpu.linear_cpu`` on the dequantized weight in the CPU bundle's layout (``k_major_layout``):
             the fp32 baseline every ratio is against
-  native    ``kernels.native_quant.quant_linear_native`` (int8 activations per block of 32, VNNI dots)
+  gemv      ``NativeQuantLinear.gemv``: the C kernel, int8 activations per block of 32, VNNI dots
+  tiled     ``NativeQuantLinear.dequantized``: weight slabs dequantized in C, then torch's GEMM
   f32act    the C library's float-activation variant, where the library still exports it
   int4pack  torch's ``_weight_int4pack_mm_for_cpu`` on a repacked copy (4-bit, group sizes 32..256)
   dequant   ``F.linear(x, weight.dequantize(), None)``: the torch fallback, dequantizing every call
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncllm.kernels.cpu import k_major_layout, linear_cpu
-from asyncllm.kernels.native_quant import load_quant_library, quant_linear_native
+from asyncllm.kernels.native_quant import load_quant_library, native_quant_linear
 from asyncllm.quant.packed import PackedWeight, QuantCodes, pack
 
 
@@ -116,7 +117,10 @@ def candidates(shape: Shape, copies: dict[str, int]) -> dict[str, list[Call]]:
     dense = [dense_w] + [k_major_layout(dense_w.t().contiguous().t().clone()) if dense_w.stride(0) == 1
                          else dense_w.clone() for _ in range(copies["dense"] - 1)]
     out["dense"] = [lambda x, w=w: linear_cpu(x, w, None) for w in dense]
-    out["native"] = [lambda x, w=w: quant_linear_native(x, w, None) for w in quant]
+    kernel = native_quant_linear()
+    if kernel is not None:
+        out["gemv"] = [lambda x, w=w: kernel.gemv(x, w, None) for w in quant]
+        out["tiled"] = [lambda x, w=w: kernel.dequantized(x, w, None) for w in quant]
     if f32 is not None:
         def f32_call(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
             y = torch.empty(x.shape[0], w.out_features)

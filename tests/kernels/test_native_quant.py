@@ -1,12 +1,15 @@
 """The native weight-only quantized linear (``kernels/csrc/quant_linear.c``) against float64 references: its
 own build and builds of the other instruction-set paths (AVX2, AVX-VNNI, portable C), compiled here.
 
-Two tolerances, from the scheme (see ``kernels.native_quant``): the kernel computes ``xhat @ w.T`` up to
-fp32 rounding, where ``xhat`` rounds each block of 32 activations to int8 times ``d = max|x| / 127``.
+Two tolerances, from the schemes (see ``kernels.native_quant``). The int8-activation kernel (``gemv``)
+computes ``xhat @ w.T`` up to fp32 rounding, where ``xhat`` rounds each block of 32 activations to int8
+times ``d = max|x| / 127``; the many-row path (``dequantized``) computes ``x @ w.T`` in fp32.
 
-* Exact activations (every block ``d * codes`` with ``d`` a power of two and one code at +-127, so
-  ``xhat == x``): ``|y - x @ w.T| <= FP32_SLACK * (|x| @ (|scales * q| + |biases|).T)``, fp32 rounding only.
-* Any activations: ``|y - x @ w.T| <= sum_b (d_b / 2) * sum_{k in b} |w[n, k]|`` plus that fp32 slack.
+* fp32 rounding only: ``|y - x @ w.T| <= FP32_SLACK * (|x| @ (|scales * q| + |biases|).T)``. ``gemv`` must
+  meet it on exactly representable activations (every block ``d * codes`` with ``d`` a power of two and
+  one code at +-127, so ``xhat == x``), ``dequantized`` on any.
+* ``gemv`` on any activations: ``|y - x @ w.T| <= sum_b (d_b / 2) * sum_{k in b} |w[n, k]|`` plus that
+  fp32 slack (each activation is off by at most half its block's scale).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from hypothesis import strategies as st
 
 from asyncllm.kernels import native_quant
 from asyncllm.kernels.native_quant import (
+    GEMV_MAX_ROWS,
     NativeQuantLinear,
     cpu_quant_linear,
     native_quant_linear,
@@ -132,8 +136,9 @@ def test_every_row_count_against_float64(
     noisy = torch.randn(max(ROW_COUNTS), k, generator=torch.Generator().manual_seed(k + 1)) * 3
     ref = Reference(weight, bias)
     for rows in ROW_COUNTS:
-        ref.assert_exact(kernel(exact[:rows], weight, bias), exact[:rows])
-        ref.assert_within_bound(kernel(noisy[:rows], weight, bias), noisy[:rows])
+        ref.assert_exact(kernel.gemv(exact[:rows], weight, bias), exact[:rows])
+        ref.assert_within_bound(kernel.gemv(noisy[:rows], weight, bias), noisy[:rows])
+        ref.assert_exact(kernel.dequantized(noisy[:rows], weight, bias), noisy[:rows])
 
 
 @settings(max_examples=40, deadline=None)
@@ -155,9 +160,34 @@ def test_random_shapes_within_bound(
     weight = random_weight(n, k, bits, group_size, seed)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 2
     bias = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
-    Reference(weight, bias).assert_within_bound(kernel(x, weight, bias), x)
+    ref = Reference(weight, bias)
+    ref.assert_within_bound(kernel.gemv(x, weight, bias), x)
+    ref.assert_exact(kernel.dequantized(x, weight, bias), x)
     exact = exact_activations(rows, k, seed)
-    Reference(weight, None).assert_exact(kernel(exact, weight, None), exact)
+    Reference(weight, None).assert_exact(kernel.gemv(exact, weight, None), exact)
+
+
+def test_rows_choose_the_path(kernel: NativeQuantLinear) -> None:
+    weight = random_weight(40, 128, 4, 32, seed=8)
+    x = torch.randn(GEMV_MAX_ROWS + 1, 128)
+    few, many = x[:GEMV_MAX_ROWS], x
+    assert torch.equal(kernel(few, weight), kernel.gemv(few, weight))
+    assert torch.equal(kernel(many, weight), kernel.dequantized(many, weight))
+    assert torch.equal(quant_linear_native(many, weight), kernel.dequantized(many, weight))
+
+
+def test_dequantized_slabs(kernel: NativeQuantLinear, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights larger than one slab run slab by slab (a short last one too), into a fresh output or add_to."""
+    weight = random_weight(100, 64, 8, 16, seed=9)
+    x = torch.randn(20, 64)
+    bias = torch.randn(100)
+    monkeypatch.setattr(native_quant, "TILE_BYTES", 32 * 64 * 4)  # 32 features per slab: 32, 32, 32, 4
+    ref = Reference(weight, bias)
+    ref.assert_exact(kernel.dequantized(x, weight, bias), x)
+    start = torch.randn(20, 100)
+    target = start.clone()
+    assert kernel.dequantized(x, weight, bias, add_to=target) is target
+    torch.testing.assert_close(target, start + kernel.dequantized(x, weight, bias), rtol=0, atol=1e-5)
 
 
 def test_add_to_accumulates_in_place(kernel: NativeQuantLinear) -> None:
@@ -166,9 +196,9 @@ def test_add_to_accumulates_in_place(kernel: NativeQuantLinear) -> None:
     bias = torch.randn(50)
     start = torch.randn(5, 50)
     target = start.clone()
-    result = kernel(x, weight, bias, add_to=target)
+    result = kernel.gemv(x, weight, bias, add_to=target)
     assert result is target
-    torch.testing.assert_close(target, start + kernel(x, weight, bias), rtol=0, atol=1e-6)
+    torch.testing.assert_close(target, start + kernel.gemv(x, weight, bias), rtol=0, atol=1e-6)
 
 
 def test_strided_rows_threads_and_empty(kernel: NativeQuantLinear) -> None:
@@ -176,15 +206,17 @@ def test_strided_rows_threads_and_empty(kernel: NativeQuantLinear) -> None:
     wide = exact_activations(6, 160, seed=5)
     x = wide[:, :128]  # rows 160 floats apart: read in place
     ref = Reference(weight, None)
-    ref.assert_exact(kernel(x, weight, None), x)
+    ref.assert_exact(kernel.gemv(x, weight, None), x)
     before = torch.get_num_threads()
     try:
         for threads in (1, 3):  # 3 threads over 5 features: some get none
             torch.set_num_threads(threads)
-            ref.assert_exact(kernel(x, weight, None), x)
+            ref.assert_exact(kernel.gemv(x, weight, None), x)
+            ref.assert_exact(kernel.dequantized(x, weight, None), x)
     finally:
         torch.set_num_threads(before)
-    assert kernel(torch.empty(0, 128), weight, None).shape == (0, 5)
+    for path in (kernel.gemv, kernel.dequantized):
+        assert path(torch.empty(0, 128), weight, None).shape == (0, 5)
 
 
 def test_rejects_what_it_cannot_take(kernel: NativeQuantLinear) -> None:
@@ -205,8 +237,9 @@ def test_rejects_what_it_cannot_take(kernel: NativeQuantLinear) -> None:
     ]
     for name, override in cases:
         args: dict[str, object] = {"x": x, "weight": weight, "bias": None, "add_to": None, **override}
-        with pytest.raises(ValueError, match=f"^{name}:"):
-            kernel(args["x"], args["weight"], args["bias"], add_to=args["add_to"])  # type: ignore[arg-type]
+        for path in (kernel.gemv, kernel.dequantized):
+            with pytest.raises(ValueError, match=f"^{name}:"):
+                path(args["x"], args["weight"], args["bias"], add_to=args["add_to"])  # type: ignore[arg-type]
 
 
 def test_cpu_quant_linear_native_and_fallbacks(kernel: NativeQuantLinear, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,8 +300,9 @@ def test_other_instruction_set_builds(
         weight = random_weight(21, k, bits, group_size, seed=k + bits)
         bias = torch.randn(21)
         ref = Reference(weight, bias)
-        for rows in (1, 3, 4, 6):
+        for rows in (1, 2, 3, 4, 6):
             exact = exact_activations(rows, k, seed=rows)
-            ref.assert_exact(variant(exact, weight, bias), exact)
+            ref.assert_exact(variant.gemv(exact, weight, bias), exact)
             noisy = torch.randn(rows, k)
-            ref.assert_within_bound(variant(noisy, weight, bias), noisy)
+            ref.assert_within_bound(variant.gemv(noisy, weight, bias), noisy)
+            ref.assert_exact(variant.dequantized(noisy, weight, bias), noisy)

@@ -23,6 +23,7 @@ and writes only its output (a fresh tensor, or ``add_to``).
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,17 @@ def _check(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, add
                          f"{tuple(add_to.shape)} with strides {add_to.stride()} on {add_to.device}")
 
 
+_DEQUANT_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int32] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int32]
+
+GEMV_MAX_ROWS = 16
+"""Rows up to which ``NativeQuantLinear`` runs the int8-activation kernel; more rows take the dequantized-tile
+path (see the module docstring for the measurements behind it)."""
+TILE_BYTES = 8 << 20
+"""Float32 bytes of one dequantized weight slab on the many-row path."""
+
+
 class NativeQuantLinear:
-    """A loaded ``quant_linear.c`` library's entry point, argument types declared; calling it runs
+    """A loaded ``quant_linear.c`` library's entry points, argument types declared; calling it runs
     ``quant_linear_native``'s contract on that library (tests load builds for other instruction sets)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -74,9 +84,29 @@ class NativeQuantLinear:
         function.restype = ctypes.c_int
         function.argtypes = _ARGTYPES
         self._function = function
+        dequantize = library.asyncllm_quant_dequantize
+        dequantize.restype = None
+        dequantize.argtypes = _DEQUANT_ARGTYPES
+        self._dequantize = dequantize
+        self._local = threading.local()  # each thread's slab buffer, reused across calls
+
+    def _slab_buffer(self, numel: int) -> torch.Tensor:
+        buffer: torch.Tensor | None = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32)
+            self._local.buffer = buffer
+        return buffer[:numel]
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
                  add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """The int8-activation kernel up to ``GEMV_MAX_ROWS`` rows, dequantized tiles beyond."""
+        if x.dim() == 2 and x.shape[0] > GEMV_MAX_ROWS:
+            return self.dequantized(x, weight, bias, add_to=add_to)
+        return self.gemv(x, weight, bias, add_to=add_to)
+
+    def gemv(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+             add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """The int8-activation kernel at any row count: ``xhat @ w.T (+ bias)`` up to fp32 rounding."""
         _check(x, weight, bias, add_to)
         n, k = weight.shape
         rows = int(x.shape[0])
@@ -96,6 +126,32 @@ class NativeQuantLinear:
         if status != 0:
             raise MemoryError(f"{_SOURCE}: could not allocate the activation scratch for {rows} x {k}")
         return out
+
+    def dequantized(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+                    add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ w.T (+ bias)`` in float32 at any row count: slabs of at most ``TILE_BYTES`` of the weight
+        dequantized in C (as ``PackedWeight.dequantize``, up to one rounding of its multiply-add) into a
+        buffer the calling thread reuses, each multiplied by torch's GEMM; no activation rounding."""
+        _check(x, weight, bias, add_to)
+        n, k = weight.shape
+        rows = int(x.shape[0])
+        if rows == 0 or n == 0:
+            return torch.empty(rows, n, dtype=torch.float32) if add_to is None else add_to
+        slab = min(n, max(16, TILE_BYTES // (4 * k) // 16 * 16))
+        buffer = self._slab_buffer(slab * k).view(slab, k)
+        threads = torch.get_num_threads()
+        out = torch.empty(rows, n, dtype=torch.float32) if slab < n else None
+        for lo in range(0, n, slab):
+            hi = min(n, lo + slab)
+            self._dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(), weight.biases.data_ptr(),
+                             weight.bits, k, weight.group_size, lo, hi, buffer.data_ptr(), threads)
+            part = F.linear(x, buffer[: hi - lo], None if bias is None else bias[lo:hi])
+            if out is None:
+                out = part
+            else:
+                out[:, lo:hi] = part
+        assert out is not None
+        return out if add_to is None else add_to.add_(out)
 
 
 _kernel: list[NativeQuantLinear | None] = []

@@ -55,6 +55,7 @@
 #define QG_BLOCK 32 /* activation values per int8 scale */
 #define QG_CHUNK 64 /* values per kernel step (one 512-bit register of codes) */
 #define QG_ROW_TILE 4
+#define QG_L2_BLOCK (512 * 1024) /* bytes of codes and scales per feature block when rows > 4 */
 
 static inline int64_t qg_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -197,60 +198,73 @@ static inline __m512i qg_lane_groups(__m512i lane_value, int64_t first, int64_t 
     return _mm512_sub_epi32(_mm512_cvtps_epi32(g), _mm512_set1_epi32((int)g0));
 }
 
-/* acc[i] += cvt(codes . xq[i]) * d_lane[i] * sw for rows i < R of a chunk. */
-#define QG_CHUNK_ROWS(w, sw, c)                                                                                  \
-    for (int i = 0; i < R; ++i) {                                                                                \
-        const int8_t *p = prepared + i * row_bytes;                                                              \
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (w),                                       \
-                                              _mm512_loadu_si512((const void *)(p + (c) * QG_CHUNK)));           \
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),                                                          \
-                                 _mm512_mul_ps(_mm512_loadu_ps((const float *)(p + kp) + (c) * 16), (sw)), acc[i]); \
-    }
+/* A tile is F output features x R rows (F * R <= 4), one accumulator each, named acc0..acc3 (index
+ * f * R + r) so they stay in registers; QG_EACH expands a statement for every accumulator in use. */
+#define QG_EACH(X) X(0) X(1) X(2) X(3)
 
-/* Rows [0, R) of a tile, one output feature: out[i] = sum of the scaled integer dots + biases . xsum. */
+/* Rows [0, R) of features f < F (rows wrow[f], srow[f], brow[f]): out[f * R + r] = the scaled integer dots
+ * plus biases . xsum. F, R, bits and mode are compile-time constants after inlining. */
 static inline __attribute__((always_inline)) void qg_tile(
-    const int8_t *prepared, int64_t row_bytes, const int R, const int bits, const int mode, const uint8_t *wrow,
-    const float *srow, const float *brow, int64_t k, int64_t group_size, int64_t groups, __m512i lane_value,
-    __m512i small_idx, float *out)
+    const int8_t *prepared, int64_t row_bytes, const int F, const int R, const int bits, const int mode,
+    const uint8_t *const *wrow, const float *const *srow, const float *const *brow, int64_t k, int64_t group_size,
+    int64_t groups, __m512i lane_value, __m512i small_idx, float *out)
 {
     const int64_t kp = qg_round_up(k, QG_CHUNK), full = k / QG_CHUNK, wchunk = QG_CHUNK * bits / 8;
-    __m512 acc[QG_ROW_TILE];
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    const float *dl = (const float *)(prepared + kp);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    __m512i w[4];
+    __m512 sw[4];
+/* accumulator i += cvt(codes of feature i / R . xq of row i % R) * (d_lane of the row * sw of the feature) */
+#define QG_DOT(i)                                                                                                \
+    if ((i) < F * R) {                                                                                           \
+        const int f_ = (i) / R, r_ = (i) % R;                                                                    \
+        const __m512i s_ = _mm512_dpbusd_epi32(                                                                  \
+            _mm512_setzero_si512(), w[f_], _mm512_loadu_si512((const void *)(prepared + r_ * row_bytes + c * QG_CHUNK))); \
+        const __m512 d_ = _mm512_loadu_ps((const float *)((const char *)dl + r_ * row_bytes) + c * 16);          \
+        acc##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_), _mm512_mul_ps(d_, sw[f_]), acc##i);                    \
+    }
     if (mode == QG_WIDE_GROUPS) {
-        /* k % 64 == 0; per group, sum cvt(dot) * d_lane, then scale once */
+        /* k % 64 == 0: per group, sum cvt(dot) * d_lane, then scale once by the group's scale */
         const int64_t per = group_size / QG_CHUNK;
         int64_t c = 0;
         for (int64_t g = 0; g < groups; ++g) {
-            __m512 part[QG_ROW_TILE];
-            for (int i = 0; i < R; ++i) part[i] = _mm512_setzero_ps();
+            __m512 part0 = _mm512_setzero_ps(), part1 = part0, part2 = part0, part3 = part0;
             for (const int64_t end = c + per; c < end; ++c) {
-                const __m512i w = qg_codes(wrow + c * wchunk, bits);
-                for (int i = 0; i < R; ++i) {
-                    const int8_t *p = prepared + i * row_bytes;
-                    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
-                                                          _mm512_loadu_si512((const void *)(p + c * QG_CHUNK)));
-                    part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps((const float *)(p + kp) + c * 16),
-                                              part[i]);
-                }
+                for (int f = 0; f < F; ++f) w[f] = qg_codes(wrow[f] + c * wchunk, bits);
+#define QG_PART(i)                                                                                               \
+    if ((i) < F * R) {                                                                                           \
+        const int f_ = (i) / R, r_ = (i) % R;                                                                    \
+        const __m512i s_ = _mm512_dpbusd_epi32(                                                                  \
+            _mm512_setzero_si512(), w[f_], _mm512_loadu_si512((const void *)(prepared + r_ * row_bytes + c * QG_CHUNK))); \
+        const __m512 d_ = _mm512_loadu_ps((const float *)((const char *)dl + r_ * row_bytes) + c * 16);          \
+        part##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_), d_, part##i);                                          \
+    }
+                QG_EACH(QG_PART)
+#undef QG_PART
             }
-            const __m512 sw = _mm512_set1_ps(srow[g]);
-            for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(part[i], sw, acc[i]);
+#define QG_SCALE(i) if ((i) < F * R) acc##i = _mm512_fmadd_ps(part##i, _mm512_set1_ps(srow[(i) / R][g]), acc##i);
+            QG_EACH(QG_SCALE)
+#undef QG_SCALE
         }
     } else if (mode == QG_SMALL_GROUPS) {
         /* group_size 16 or 32: a full chunk holds 64 / group_size whole groups */
         const int64_t per = QG_CHUNK / group_size;
         const __mmask16 m = (__mmask16)((1u << per) - 1);
         for (int64_t c = 0; c < full; ++c) {
-            const __m512i w = qg_codes(wrow + c * wchunk, bits);
-            const __m512 sw = _mm512_permutexvar_ps(small_idx, _mm512_maskz_loadu_ps(m, srow + c * per));
-            QG_CHUNK_ROWS(w, sw, c)
+            for (int f = 0; f < F; ++f) {
+                w[f] = qg_codes(wrow[f] + c * wchunk, bits);
+                sw[f] = _mm512_permutexvar_ps(small_idx, _mm512_maskz_loadu_ps(m, srow[f] + c * per));
+            }
+            QG_EACH(QG_DOT)
         }
         if (full * QG_CHUNK < k) {
             const int64_t c = full, left = groups - c * per;
-            const __m512i w = qg_codes_tail(wrow + c * wchunk, k - c * QG_CHUNK, bits);
-            const __m512 sw = _mm512_permutexvar_ps(small_idx, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1),
-                                                                                    srow + c * per));
-            QG_CHUNK_ROWS(w, sw, c)
+            for (int f = 0; f < F; ++f) {
+                w[f] = qg_codes_tail(wrow[f] + c * wchunk, k - c * QG_CHUNK, bits);
+                sw[f] = _mm512_permutexvar_ps(
+                    small_idx, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), srow[f] + c * per));
+            }
+            QG_EACH(QG_DOT)
         }
     } else {
         /* group boundaries at any multiple of 16: each lane's group computed per chunk (at most 4 per chunk) */
@@ -258,30 +272,37 @@ static inline __attribute__((always_inline)) void qg_tile(
         for (int64_t c = 0; c * QG_CHUNK < k; ++c) {
             while ((g0 + 1) * group_size <= c * QG_CHUNK) ++g0;
             const int64_t left = groups - g0;
-            const __m512i w = c < full ? qg_codes(wrow + c * wchunk, bits)
-                                       : qg_codes_tail(wrow + c * wchunk, k - c * QG_CHUNK, bits);
             const __m512i idx = qg_lane_groups(lane_value, c * QG_CHUNK, group_size, g0);
-            const __m512 sw = _mm512_permutexvar_ps(
-                idx, _mm512_maskz_loadu_ps((__mmask16)((1u << (left < 4 ? left : 4)) - 1), srow + g0));
-            QG_CHUNK_ROWS(w, sw, c)
+            const __mmask16 m = (__mmask16)((1u << (left < 4 ? left : 4)) - 1);
+            for (int f = 0; f < F; ++f) {
+                w[f] = c < full ? qg_codes(wrow[f] + c * wchunk, bits)
+                                : qg_codes_tail(wrow[f] + c * wchunk, k - c * QG_CHUNK, bits);
+                sw[f] = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(m, srow[f] + g0));
+            }
+            QG_EACH(QG_DOT)
         }
     }
+#undef QG_DOT
     /* biases meet the group sums of xhat */
-    for (int i = 0; i < R; ++i) {
-        const float *xsum = (const float *)(prepared + i * row_bytes + 2 * kp) + qg_round_up(kp / QG_BLOCK, 16);
-        __m512 b = acc[i];
-        int64_t g = 0;
-        for (; g + 16 <= groups; g += 16) b = _mm512_fmadd_ps(_mm512_loadu_ps(brow + g), _mm512_loadu_ps(xsum + g), b);
-        if (g < groups)
-            b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << (groups - g)) - 1), brow + g),
-                                _mm512_loadu_ps(xsum + g), b);
-        out[i] = _mm512_reduce_add_ps(b);
+    const int64_t xsum_at = 2 * kp + qg_round_up(kp / QG_BLOCK, 16) * 4;
+    const __mmask16 tail = (__mmask16)((1u << (groups % 16)) - 1);
+#define QG_FINISH(i)                                                                                             \
+    if ((i) < F * R) {                                                                                           \
+        const int f_ = (i) / R, r_ = (i) % R;                                                                    \
+        const float *xsum = (const float *)(prepared + r_ * row_bytes + xsum_at);                               \
+        __m512 b_ = acc##i;                                                                                      \
+        int64_t g = 0;                                                                                           \
+        for (; g + 16 <= groups; g += 16)                                                                        \
+            b_ = _mm512_fmadd_ps(_mm512_loadu_ps(brow[f_] + g), _mm512_loadu_ps(xsum + g), b_);                  \
+        if (g < groups) b_ = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, brow[f_] + g), _mm512_loadu_ps(xsum + g), b_); \
+        out[i] = _mm512_reduce_add_ps(b_);                                                                       \
     }
+    QG_EACH(QG_FINISH)
+#undef QG_FINISH
 }
 
-#undef QG_CHUNK_ROWS
-
-/* Every output feature in [lo, hi) for rows [0, rows), R rows at a time (R, bits, mode compile-time). */
+/* Every output feature in [lo, hi) for rows [0, rows): F features x R rows at a time (one row: 4 features,
+ * two rows: 2, else 1 feature by up to 4 rows), all compile-time in qg_tile. */
 static inline __attribute__((always_inline)) void qg_features(
     const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const uint8_t *qweight,
     const float *scales, const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi,
@@ -292,21 +313,45 @@ static inline __attribute__((always_inline)) void qg_features(
     for (int l = 0; l < 16; ++l) lanes[l] = qg_lane_value(l, bits);
     const __m512i lane_value = _mm512_loadu_si512((const void *)lanes);
     const __m512i small_idx = qg_lane_groups(lane_value, 0, group_size, 0);
-    for (int64_t j = lo; j < hi; ++j) {
-        const uint8_t *wrow = qweight + j * wbytes;
-        const float *srow = scales + j * groups, *brow = biases + j * groups;
+    const int wide = rows == 1 ? 4 : rows == 2 ? 2 : 1; /* features per tile while enough remain */
+    /* Blocks of features whose codes and scales fit comfortably in L2 (QG_L2_BLOCK bytes): every row tile
+     * sweeps a block, so the block stays cached across row tiles and a row tile's activations across the
+     * block's features. */
+    const int64_t feature_bytes = wbytes + 8 * groups;
+    int64_t block = QG_L2_BLOCK / feature_bytes;
+    block = block < 4 ? 4 : block / 4 * 4;
+    for (int64_t jb = lo; jb < hi; jb += block) {
+        const int64_t jend = jb + block < hi ? jb + block : hi;
         for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
             const int64_t R = rows - r0 < QG_ROW_TILE ? rows - r0 : QG_ROW_TILE;
             const int8_t *p = prepared + r0 * row_bytes;
-            float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
-            if (R == 4) qg_tile(p, row_bytes, 4, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            else if (R == 3) qg_tile(p, row_bytes, 3, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            else if (R == 2) qg_tile(p, row_bytes, 2, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            else qg_tile(p, row_bytes, 1, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+            for (int64_t j = jb; j < jend;) {
+                const int F = jend - j >= wide ? wide : 1;
+                const uint8_t *wrow[4];
+                const float *srow[4], *brow[4];
+                for (int f = 0; f < F; ++f) {
+                    wrow[f] = qweight + (j + f) * wbytes;
+                    srow[f] = scales + (j + f) * groups;
+                    brow[f] = biases + (j + f) * groups;
+                }
+                float out[4] = {0.f, 0.f, 0.f, 0.f};
+#define QG_TILE(f, r) qg_tile(p, row_bytes, f, r, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
+                if (F == 4) QG_TILE(4, 1);
+                else if (F == 2) QG_TILE(2, 2);
+                else if (R == 4) QG_TILE(1, 4);
+                else if (R == 3) QG_TILE(1, 3);
+                else if (R == 2) QG_TILE(1, 2);
+                else QG_TILE(1, 1);
+#undef QG_TILE
+                for (int f = 0; f < F; ++f)
+                    for (int64_t r = 0; r < R; ++r) qg_store(y, ldy, r0 + r, j + f, out[f * R + r], bias, add);
+                j += F;
+            }
         }
     }
 }
+
+#undef QG_EACH
 
 #elif defined(QG_AVX2)
 
@@ -446,18 +491,24 @@ static inline __attribute__((always_inline)) void qg_features(
         lane_value[h] = _mm256_loadu_si256((const __m256i *)(lanes + 8 * h));
         small_idx[h] = qg_lane_groups_avx2(lane_value[h], 0, group_size, 0);
     }
-    for (int64_t j = lo; j < hi; ++j) {
-        const uint8_t *wrow = qweight + j * wbytes;
-        const float *srow = scales + j * groups, *brow = biases + j * groups;
+    /* feature blocks that stay in L2 across row tiles, as in the AVX-512 path */
+    int64_t block = QG_L2_BLOCK / (wbytes + 8 * groups);
+    block = block < 4 ? 4 : block / 4 * 4;
+    for (int64_t jb = lo; jb < hi; jb += block) {
+        const int64_t jend = jb + block < hi ? jb + block : hi;
         for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
             const int64_t R = rows - r0 < QG_ROW_TILE ? rows - r0 : QG_ROW_TILE;
             const int8_t *p = prepared + r0 * row_bytes;
-            float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
-            if (R == 4) qg_tile(p, row_bytes, 4, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            else if (R == 3) qg_tile(p, row_bytes, 3, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            else if (R == 2) qg_tile(p, row_bytes, 2, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            else qg_tile(p, row_bytes, 1, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-            for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+            for (int64_t j = jb; j < jend; ++j) {
+                const uint8_t *wrow = qweight + j * wbytes;
+                const float *srow = scales + j * groups, *brow = biases + j * groups;
+                float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
+                if (R == 4) qg_tile(p, row_bytes, 4, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+                else if (R == 3) qg_tile(p, row_bytes, 3, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+                else if (R == 2) qg_tile(p, row_bytes, 2, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+                else qg_tile(p, row_bytes, 1, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+                for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
+            }
         }
     }
 }
@@ -530,6 +581,38 @@ static void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int b
         }
     }
 #endif
+}
+
+/* Rows [lo, hi) of the float32 weight, w[j, i] = scales[j, g] * q[j, i] + biases[j, g], into out (row
+ * j - lo at out + (j - lo) * ldo): as PackedWeight.dequantize computes it (one multiply, one add). */
+static void quant_dequantize_rows(const uint8_t *qweight, const float *scales, const float *biases, int bits,
+                                  int64_t k, int64_t group_size, int64_t lo, int64_t hi, float *out, int64_t ldo)
+{
+    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    for (int64_t j = lo; j < hi; ++j) {
+        const uint8_t *wrow = qweight + j * wbytes;
+        const float *srow = scales + j * groups, *brow = biases + j * groups;
+        float *o = out + (j - lo) * ldo;
+        for (int64_t s = 0; s < k; s += 16) { /* 16 values: one group, one half of a nibble run */
+            const float scale = srow[s / group_size], shift = brow[s / group_size];
+#ifdef QG_AVX512
+            __m512i q;
+            if (bits == 4) {
+                q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s / 32 * 16)));
+                q = s & 16 ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
+            } else {
+                q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s)));
+            }
+            _mm512_storeu_ps(o + s, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale)),
+                                                  _mm512_set1_ps(shift)));
+#else
+            for (int v = 0; v < 16; ++v) {
+                const int q = bits == 4 ? (wrow[s / 32 * 16 + v] >> (s & 16 ? 4 : 0)) & 15 : wrow[s + v];
+                o[s + v] = (float)q * scale + shift;
+            }
+#endif
+        }
+    }
 }
 
 /* ---- float-activation variant (for comparison): codes dequantized in registers, fp32 FMA ---- */

@@ -40,6 +40,19 @@ int asyncllm_quant_linear(const float *x, int64_t ldx, int64_t rows, int64_t k, 
     return 0;
 }
 
+/* Features [lo, hi) of the weight as float32 rows out[(j - lo) * k + i], features split across threads. */
+void asyncllm_quant_dequantize(const uint8_t *qweight, const float *scales, const float *biases, int32_t bits,
+                               int64_t k, int64_t group_size, int64_t lo, int64_t hi, float *out, int32_t threads)
+{
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        int64_t a, b;
+        feature_range(hi - lo, t, count, &a, &b);
+        quant_dequantize_rows(qweight, scales, biases, bits, k, group_size, lo + a, lo + b, out + a * k, k);
+    }
+}
+
 /* The float-activation variant (codes dequantized in registers, fp32 FMA), kept for comparison. */
 void asyncllm_quant_linear_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint8_t *qweight,
                                const float *scales, const float *biases, int32_t bits, int64_t group_size,
