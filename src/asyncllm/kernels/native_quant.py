@@ -46,6 +46,19 @@ def load_quant_library() -> ctypes.CDLL | None:
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, add_to: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first argument the C code cannot take as it is."""
+    if type(weight) is PackedWeight:  # the common case first, in few attribute reads (~1 us of a ~20 us call)
+        q, s, b = weight.qweight, weight.scales, weight.biases
+        if (add_to is None and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
+                and x.shape[1] == weight.in_features and q.is_cpu and s.is_cpu and b.is_cpu
+                and q.is_contiguous() and s.is_contiguous() and b.is_contiguous()
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.dim() == 1
+                                      and bias.shape[0] == q.shape[0]))):
+            return
+    _explain(x, weight, bias, add_to)
+
+
+def _explain(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, add_to: torch.Tensor | None) -> None:
     if not isinstance(weight, PackedWeight):
         raise ValueError(f"weight: expected a PackedWeight, got {type(weight).__name__}")
     n, k = weight.shape
@@ -182,7 +195,9 @@ def quant_linear_native(x: torch.Tensor, weight: PackedWeight, bias: torch.Tenso
 def cpu_quant_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight.dequantize(x.dtype), bias)`` for ``x`` ``[..., K]``: the native kernel for float32
     CPU inputs where it is built, else that torch reference (which the native kernel is tested against)."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 1 and native_quant_linear() is not None:
-        flat = x.reshape(-1, x.shape[-1])
-        return quant_linear_native(flat, weight, bias).reshape(*x.shape[:-1], weight.out_features)
-    return F.linear(x, weight.dequantize(x.dtype), bias)
+    kernel = _kernel[0] if _kernel else native_quant_linear()
+    if kernel is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() < 1:
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+    if x.dim() == 2:
+        return kernel(x, weight, bias)
+    return kernel(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.out_features)
