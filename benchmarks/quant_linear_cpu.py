@@ -8,7 +8,6 @@ Candidates (each skipped where it does not apply):
             the fp32 baseline every ratio is against
   gemv      ``NativeQuantLinear.gemv``: the C kernel, int8 activations per block of 32, VNNI dots
   tiled     ``NativeQuantLinear.dequantized``: weight slabs dequantized in C, then torch's GEMM
-  f32act    the C library's float-activation variant, where the library still exports it
   int4pack  torch's ``_weight_int4pack_mm_for_cpu`` on a repacked copy (4-bit, group sizes 32..256)
   dequant   ``F.linear(x, weight.dequantize(), None)``: the torch fallback, dequantizing every call
 
@@ -19,13 +18,13 @@ shared machine a call whose thread loses its core waits a scheduler timeslice (m
 OpenMP barrier, so medians of all calls track the machine's load; ``best`` tracks the kernels.
 ``--pool-mib N`` gives every candidate copies of its weights totalling at least N MiB, cycled call by call,
 so weights stream from memory as in a model larger than the caches; the default 0 reuses one copy
-(cache-resident: compute and call overhead).
+(cache-resident: compute and call overhead). On a loaded machine ``OMP_WAIT_POLICY=PASSIVE`` (threads
+sleep at barriers instead of spinning) keeps busy neighbours from stalling every call for a timeslice.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncllm.kernels.cpu import k_major_layout, linear_cpu
-from asyncllm.kernels.native_quant import load_quant_library, native_quant_linear
+from asyncllm.kernels.native_quant import native_quant_linear
 from asyncllm.quant.packed import PackedWeight, QuantCodes, pack
 
 
@@ -75,17 +74,6 @@ def random_weight(shape: Shape, seed: int) -> PackedWeight:
                            group_size=shape.group_size))
 
 
-def _f32_variant() -> Callable[..., None] | None:
-    library = load_quant_library()
-    function = getattr(library, "asyncllm_quant_linear_f32", None) if library is not None else None
-    if function is not None:
-        function.restype = None
-        function.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
-                             + [ctypes.c_int32, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
-                             + [ctypes.c_int32])
-    return function
-
-
 def _int4pack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(packed, scales_and_zeros)`` for torch's int4 kernel, whose weight is ``(q - 8) * scale + zero``."""
     if weight.bits != 4 or weight.group_size not in (32, 64, 128, 256):
@@ -104,8 +92,6 @@ Call = Callable[[torch.Tensor], torch.Tensor]
 def candidates(shape: Shape, copies: dict[str, int]) -> dict[str, list[Call]]:
     """Each candidate's calls, one per weight copy."""
     base = random_weight(shape, seed=0)
-    threads = torch.get_num_threads()
-    f32 = _f32_variant()
     out: dict[str, list[Call]] = {}
 
     def clone(w: PackedWeight) -> PackedWeight:
@@ -114,20 +100,12 @@ def candidates(shape: Shape, copies: dict[str, int]) -> dict[str, list[Call]]:
 
     quant = [base] + [clone(base) for _ in range(copies["quant"] - 1)]
     dense_w = k_major_layout(base.dequantize())
-    dense = [dense_w] + [k_major_layout(dense_w.t().contiguous().t().clone()) if dense_w.stride(0) == 1
-                         else dense_w.clone() for _ in range(copies["dense"] - 1)]
+    dense = [dense_w] + [dense_w.clone() for _ in range(copies["dense"] - 1)]  # clone keeps the layout
     out["dense"] = [lambda x, w=w: linear_cpu(x, w, None) for w in dense]
     kernel = native_quant_linear()
     if kernel is not None:
         out["gemv"] = [lambda x, w=w: kernel.gemv(x, w, None) for w in quant]
         out["tiled"] = [lambda x, w=w: kernel.dequantized(x, w, None) for w in quant]
-    if f32 is not None:
-        def f32_call(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-            y = torch.empty(x.shape[0], w.out_features)
-            f32(x.data_ptr(), x.stride(0), x.shape[0], w.in_features, w.qweight.data_ptr(), w.scales.data_ptr(),
-                w.biases.data_ptr(), w.bits, w.group_size, w.out_features, None, y.data_ptr(), threads)
-            return y
-        out["f32act"] = [lambda x, w=w: f32_call(x, w) for w in quant]
     packed = _int4pack(base)
     if packed is not None:
         tables = [packed] + [(packed[0].clone(), packed[1].clone()) for _ in range(copies["quant"] - 1)]

@@ -167,6 +167,18 @@ def test_random_shapes_within_bound(
     Reference(weight, None).assert_exact(kernel.gemv(exact, weight, None), exact)
 
 
+def test_zero_tiny_and_huge_blocks(kernel: NativeQuantLinear) -> None:
+    """A block of zeros, one of denormals (quantized to zero: 127 / max would overflow), one near 1e30."""
+    weight = random_weight(30, 128, 4, 32, seed=10)
+    x = torch.randn(3, 128)
+    x[:, :32] = 0.0
+    x[:, 32:64] = torch.randn(3, 32) * 1e-40
+    x[1, 64:96] = torch.randn(32) * 1e30
+    y = kernel.gemv(x, weight, None)
+    assert bool(torch.isfinite(y).all())
+    Reference(weight, None).assert_within_bound(y, x)
+
+
 def test_rows_choose_the_path(kernel: NativeQuantLinear) -> None:
     weight = random_weight(40, 128, 4, 32, seed=8)
     x = torch.randn(GEMV_MAX_ROWS + 1, 128)

@@ -21,16 +21,32 @@
  * into int32 lanes of 4 products each); each lane's sum is converted to float and scaled by its block's
  * d times its group's scale, so any group_size (a multiple of 16) works.
  *
- * Usage inside a parallel region, rows of x [rows, k] row stride ldx, y [rows, ldy]:
+ * Interface (plain pointers and sizes; every function is for ONE thread inside an existing OpenMP parallel
+ * region and never opens one itself):
  *
- *   prepared = work buffer of quant_prepared_bytes(rows, k, group_size) bytes (64-byte aligned is best)
- *   quant_prepare_rows(x, ldx, r_lo, r_hi, k, bits, group_size, prepared);   each thread its own rows
+ *   int64_t quant_prepared_bytes(int64_t rows, int64_t k, int64_t group_size);
+ *       bytes of the prepared-activation buffer for rows rows (64-byte alignment is best, not required)
+ *   void quant_prepare_rows(const float *x, int64_t ldx, int64_t r_lo, int64_t r_hi, int64_t k, int bits,
+ *                           int64_t group_size, void *prepared);
+ *       quantize rows [r_lo, r_hi) of x (row r at x + r * ldx) into prepared; threads take disjoint rows
+ *   void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int bits, int64_t group_size,
+ *                        const uint8_t *qweight, const float *scales, const float *biases, const float *bias,
+ *                        float *y, int64_t ldy, int64_t lo, int64_t hi, int add);
+ *       output features [lo, hi) of rows [0, rows): y[r * ldy + j] = (add ? y[r * ldy + j] : 0)
+ *       + sum_i w[j, i] xhat[r, i] + (bias ? bias[j] : 0); threads take disjoint feature ranges
+ *   void quant_dequantize_rows(const uint8_t *qweight, const float *scales, const float *biases, int bits,
+ *                              int64_t k, int64_t group_size, int64_t lo, int64_t hi, float *out, int64_t ldo);
+ *       features [lo, hi) of the float32 weight into out (feature j at out + (j - lo) * ldo)
+ *
+ * A typical use, rows of x [rows, k] into y [rows, ldy]:
+ *
+ *   quant_prepare_rows(x, ldx, rows * t / count, rows * (t + 1) / count, k, bits, group_size, prepared);
  *   #pragma omp barrier
  *   quant_gemv_rows(prepared, rows, k, bits, group_size, qweight, scales, biases, bias, y, ldy, lo, hi, add);
  *
- * quant_gemv_rows computes output features [lo, hi) of every row; threads take disjoint ranges. The
- * prepared rows depend on (k, bits, group_size) only, so one preparation serves every weight of that
- * format that reads the same activations.
+ * The prepared rows depend on (x, k, bits, group_size) only, so one preparation serves every weight of that
+ * format reading the same activations (fused QKV and gate/up weights of one layer, say). One row runs four
+ * features per step, two rows two; more rows run four at a time over L2-sized blocks of features.
  *
  * Builds: AVX-512 (F, BW, VL, VNNI) when the compiler targets it, else AVX2 + FMA (with AVX-VNNI when
  * present), else portable C; all three compute the same sums (integer products are exact, only the float
@@ -56,6 +72,7 @@
 #define QG_CHUNK 64 /* values per kernel step (one 512-bit register of codes) */
 #define QG_ROW_TILE 4
 #define QG_L2_BLOCK (512 * 1024) /* bytes of codes and scales per feature block when rows > 4 */
+#define QG_TINY 1e-36f /* blocks whose largest magnitude is below this quantize to zero (127 / it is finite) */
 
 static inline int64_t qg_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -95,31 +112,33 @@ static inline int qg_lane_value(int l, int bits)
     return base[l >> 2] + 4 * (l & 3);
 }
 
-/* Quantize one block of n (16 or 32) values: the scale d and n int8 codes (the last 16 in xq_hi). */
+/* Quantize one block of n (16 or 32) values: the scale d and n int8 codes (the last 16 in xq_hi). Every
+ * build rounds x * (127 / max|x|) to nearest, ties to even, so all builds produce the same codes. */
 static inline float qg_quantize_block(const float *x, int n, int8_t *xq_lo, int8_t *xq_hi)
 {
 #ifdef QG_AVX512
     const __m512 a = _mm512_loadu_ps(x);
     const __m512 b = n > 16 ? _mm512_loadu_ps(x + 16) : _mm512_setzero_ps();
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512 inverse = _mm512_set1_ps(amax >= QG_TINY ? 127.f / amax : 0.f);
     _mm_storeu_si128((__m128i *)xq_lo, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inverse))));
-    if (n > 16) _mm_storeu_si128((__m128i *)xq_hi, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inverse))));
+    if (n > 16)
+        _mm_storeu_si128((__m128i *)xq_hi, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inverse))));
 #else
     float amax = 0.f;
     for (int i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(x[i]));
-    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    const float inverse = amax >= QG_TINY ? 127.f / amax : 0.f;
     for (int i = 0; i < n; ++i) {
         const float v = nearbyintf(x[i] * inverse);
         (i < 16 ? xq_lo : xq_hi - 16)[i] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
     }
 #endif
-    return amax / 127.f;
+    return amax >= QG_TINY ? amax / 127.f : 0.f;
 }
 
 /* Quantize rows [r_lo, r_hi) of x (row stride ldx) into prepared, which holds rows 0.. of the call. */
-static void quant_prepare_rows(const float *x, int64_t ldx, int64_t r_lo, int64_t r_hi, int64_t k, int bits,
-                               int64_t group_size, void *prepared)
+static inline void quant_prepare_rows(const float *x, int64_t ldx, int64_t r_lo, int64_t r_hi, int64_t k,
+                                      int bits, int64_t group_size, void *prepared)
 {
     const int64_t kp = qg_round_up(k, QG_CHUNK), row_bytes = quant_prepared_row_bytes(k, group_size);
     const int64_t blocks = (k + QG_BLOCK - 1) / QG_BLOCK;
@@ -219,7 +238,8 @@ static inline __attribute__((always_inline)) void qg_tile(
     if ((i) < F * R) {                                                                                           \
         const int f_ = (i) / R, r_ = (i) % R;                                                                    \
         const __m512i s_ = _mm512_dpbusd_epi32(                                                                  \
-            _mm512_setzero_si512(), w[f_], _mm512_loadu_si512((const void *)(prepared + r_ * row_bytes + c * QG_CHUNK))); \
+            _mm512_setzero_si512(), w[f_],                                                                       \
+            _mm512_loadu_si512((const void *)(prepared + r_ * row_bytes + c * QG_CHUNK)));                       \
         const __m512 d_ = _mm512_loadu_ps((const float *)((const char *)dl + r_ * row_bytes) + c * 16);          \
         acc##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_), _mm512_mul_ps(d_, sw[f_]), acc##i);                    \
     }
@@ -235,7 +255,8 @@ static inline __attribute__((always_inline)) void qg_tile(
     if ((i) < F * R) {                                                                                           \
         const int f_ = (i) / R, r_ = (i) % R;                                                                    \
         const __m512i s_ = _mm512_dpbusd_epi32(                                                                  \
-            _mm512_setzero_si512(), w[f_], _mm512_loadu_si512((const void *)(prepared + r_ * row_bytes + c * QG_CHUNK))); \
+            _mm512_setzero_si512(), w[f_],                                                                       \
+            _mm512_loadu_si512((const void *)(prepared + r_ * row_bytes + c * QG_CHUNK)));                       \
         const __m512 d_ = _mm512_loadu_ps((const float *)((const char *)dl + r_ * row_bytes) + c * 16);          \
         part##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_), d_, part##i);                                          \
     }
@@ -294,7 +315,8 @@ static inline __attribute__((always_inline)) void qg_tile(
         int64_t g = 0;                                                                                           \
         for (; g + 16 <= groups; g += 16)                                                                        \
             b_ = _mm512_fmadd_ps(_mm512_loadu_ps(brow[f_] + g), _mm512_loadu_ps(xsum + g), b_);                  \
-        if (g < groups) b_ = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, brow[f_] + g), _mm512_loadu_ps(xsum + g), b_); \
+        if (g < groups)                                                                                          \
+            b_ = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, brow[f_] + g), _mm512_loadu_ps(xsum + g), b_);      \
         out[i] = _mm512_reduce_add_ps(b_);                                                                       \
     }
     QG_EACH(QG_FINISH)
@@ -335,7 +357,8 @@ static inline __attribute__((always_inline)) void qg_features(
                     brow[f] = biases + (j + f) * groups;
                 }
                 float out[4] = {0.f, 0.f, 0.f, 0.f};
-#define QG_TILE(f, r) qg_tile(p, row_bytes, f, r, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
+#define QG_TILE(f, r) \
+    qg_tile(p, row_bytes, f, r, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
                 if (F == 4) QG_TILE(4, 1);
                 else if (F == 2) QG_TILE(2, 2);
                 else if (R == 4) QG_TILE(1, 4);
@@ -503,10 +526,13 @@ static inline __attribute__((always_inline)) void qg_features(
                 const uint8_t *wrow = qweight + j * wbytes;
                 const float *srow = scales + j * groups, *brow = biases + j * groups;
                 float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
-                if (R == 4) qg_tile(p, row_bytes, 4, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-                else if (R == 3) qg_tile(p, row_bytes, 3, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-                else if (R == 2) qg_tile(p, row_bytes, 2, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
-                else qg_tile(p, row_bytes, 1, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out);
+#define QG_TILE(r) \
+    qg_tile(p, row_bytes, r, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
+                if (R == 4) QG_TILE(4);
+                else if (R == 3) QG_TILE(3);
+                else if (R == 2) QG_TILE(2);
+                else QG_TILE(1);
+#undef QG_TILE
                 for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
             }
         }
@@ -549,16 +575,17 @@ static void qg_tile_portable(const int8_t *prepared, int64_t row_bytes, int64_t 
 
 /* Output features [lo, hi) of every row r < rows: y[r * ldy + j] (+)= sum_i w[j, i] x[r, i] (+ bias[j]),
  * x being the rows quant_prepare_rows prepared (same k, bits, group_size); add != 0 accumulates into y. */
-static void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int bits, int64_t group_size,
-                            const uint8_t *qweight, const float *scales, const float *biases, const float *bias,
-                            float *y, int64_t ldy, int64_t lo, int64_t hi, int add)
+static inline void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int bits, int64_t group_size,
+                                   const uint8_t *qweight, const float *scales, const float *biases,
+                                   const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi, int add)
 {
     const int64_t row_bytes = quant_prepared_row_bytes(k, group_size);
     const int8_t *p = (const int8_t *)prepared;
 #if defined(QG_AVX512) || defined(QG_AVX2)
     const int mode = group_size % QG_CHUNK == 0 ? QG_WIDE_GROUPS
                    : group_size == 16 || group_size == 32 ? QG_SMALL_GROUPS : QG_OTHER_GROUPS;
-#define QG_CASE(b, md) qg_features(p, row_bytes, rows, b, md, qweight, scales, biases, bias, y, ldy, lo, hi, add, k, group_size)
+#define QG_CASE(b, md) \
+    qg_features(p, row_bytes, rows, b, md, qweight, scales, biases, bias, y, ldy, lo, hi, add, k, group_size)
     if (bits == 4) {
         if (mode == QG_WIDE_GROUPS) QG_CASE(4, QG_WIDE_GROUPS);
         else if (mode == QG_SMALL_GROUPS) QG_CASE(4, QG_SMALL_GROUPS);
@@ -585,8 +612,9 @@ static void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int b
 
 /* Rows [lo, hi) of the float32 weight, w[j, i] = scales[j, g] * q[j, i] + biases[j, g], into out (row
  * j - lo at out + (j - lo) * ldo): as PackedWeight.dequantize computes it (one multiply, one add). */
-static void quant_dequantize_rows(const uint8_t *qweight, const float *scales, const float *biases, int bits,
-                                  int64_t k, int64_t group_size, int64_t lo, int64_t hi, float *out, int64_t ldo)
+static inline void quant_dequantize_rows(const uint8_t *qweight, const float *scales, const float *biases,
+                                         int bits, int64_t k, int64_t group_size, int64_t lo, int64_t hi,
+                                         float *out, int64_t ldo)
 {
     const int64_t groups = k / group_size, wbytes = k * bits / 8;
     for (int64_t j = lo; j < hi; ++j) {
@@ -611,71 +639,6 @@ static void quant_dequantize_rows(const uint8_t *qweight, const float *scales, c
                 o[s + v] = (float)q * scale + shift;
             }
 #endif
-        }
-    }
-}
-
-/* ---- float-activation variant (for comparison): codes dequantized in registers, fp32 FMA ---- */
-
-static void quant_gemv_rows_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, int bits,
-                                int64_t group_size, const uint8_t *qweight, const float *scales,
-                                const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo,
-                                int64_t hi, int add)
-{
-    const int64_t groups = k / group_size, wbytes = k * bits / 8;
-    for (int64_t j = lo; j < hi; ++j) {
-        const uint8_t *wrow = qweight + j * wbytes;
-        const float *srow = scales + j * groups, *brow = biases + j * groups;
-        for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
-            const int R = rows - r0 < QG_ROW_TILE ? (int)(rows - r0) : QG_ROW_TILE;
-            float out[QG_ROW_TILE];
-#ifdef QG_AVX512
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-            const float *x0 = x + r0 * ldx, *x1 = x0 + (R > 1) * ldx, *x2 = x0 + (R > 2) * 2 * ldx,
-                        *x3 = x0 + (R > 3) * 3 * ldx;
-            int64_t g = 0, left = group_size;
-            for (int64_t s = 0; s < k; s += 32) {
-                /* values s..s+15 (group ga) and s+16..s+31 (group gb) */
-                const int64_t ga = g;
-                if ((left -= 16) == 0) { ++g; left = group_size; }
-                const int64_t gb = g;
-                if ((left -= 16) == 0) { ++g; left = group_size; }
-                __m512 wa, wb = _mm512_setzero_ps();
-                if (bits == 4) {
-                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s / 2)));
-                    wa = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-                    wb = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-                } else {
-                    wa = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s))));
-                    if (s + 16 < k)
-                        wb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wrow + s + 16))));
-                }
-                wa = _mm512_fmadd_ps(wa, _mm512_set1_ps(srow[ga]), _mm512_set1_ps(brow[ga]));
-                if (s + 16 < k) wb = _mm512_fmadd_ps(wb, _mm512_set1_ps(srow[gb]), _mm512_set1_ps(brow[gb]));
-                const int64_t sb = s + 16 < k ? s + 16 : s; /* wb is zero past k */
-                acc0 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x0 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x0 + s), acc0));
-                if (R > 1) acc1 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x1 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x1 + s), acc1));
-                if (R > 2) acc2 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x2 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x2 + s), acc2));
-                if (R > 3) acc3 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x3 + sb), _mm512_fmadd_ps(wa, _mm512_loadu_ps(x3 + s), acc3));
-            }
-            out[0] = _mm512_reduce_add_ps(acc0);
-            out[1] = _mm512_reduce_add_ps(acc1);
-            out[2] = _mm512_reduce_add_ps(acc2);
-            out[3] = _mm512_reduce_add_ps(acc3);
-#else
-            for (int i = 0; i < R; ++i) {
-                const float *xr = x + (r0 + i) * ldx;
-                float acc = 0.f;
-                for (int64_t v = 0; v < k; ++v) {
-                    const int q = bits == 4 ? (v & 16 ? wrow[(v >> 5) * 16 + (v & 15)] >> 4
-                                                      : wrow[(v >> 5) * 16 + (v & 15)] & 15)
-                                            : wrow[v];
-                    acc += (srow[v / group_size] * (float)q + brow[v / group_size]) * xr[v];
-                }
-                out[i] = acc;
-            }
-#endif
-            for (int i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
         }
     }
 }

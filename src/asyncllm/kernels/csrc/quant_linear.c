@@ -52,17 +52,3 @@ void asyncllm_quant_dequantize(const uint8_t *qweight, const float *scales, cons
         quant_dequantize_rows(qweight, scales, biases, bits, k, group_size, lo + a, lo + b, out + a * k, k);
     }
 }
-
-/* The float-activation variant (codes dequantized in registers, fp32 FMA), kept for comparison. */
-void asyncllm_quant_linear_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint8_t *qweight,
-                               const float *scales, const float *biases, int32_t bits, int64_t group_size,
-                               int64_t n, const float *bias, float *y, int32_t threads)
-{
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), count = omp_get_num_threads();
-        int64_t lo, hi;
-        feature_range(n, t, count, &lo, &hi);
-        quant_gemv_rows_f32(x, ldx, rows, k, bits, group_size, qweight, scales, biases, bias, y, n, lo, hi, 0);
-    }
-}
