@@ -6,10 +6,11 @@ model writes finite values), so masked padding can be multiplied by zero instead
 
 ``cpu_ops(native=..., native_layer_max_rows=...)`` makes the bundle: float32 dense weights with at least as
 many outputs as inputs are stored K-major (``prepare_weight``), which the small-batch split GEMV of
-``linear_cpu`` wants; with ``native`` on, decode attention reads the paged cache in C through a per-step
-plan (``plan_attention``); and decode steps run their fusable layers as one flat pass each
-(``fused_decode``, ``kernels.cpu_fused``): one C call per layer for steps of a few rows, a short
-sequence of torch calls otherwise.
+``linear_cpu`` wants; with ``native`` on, packed (weight-only quantized) linears run in C
+(``native_quant``, else through the reference: dequantize, then ``F.linear``) and decode attention reads
+the paged cache in C through a per-step plan (``plan_attention``); and decode steps run their fusable
+layers as one flat pass each (``fused_decode``, ``kernels.cpu_fused``): one C call per layer for steps of
+a few rows, a short sequence of torch calls otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
+from asyncllm.kernels.native_quant import cpu_quant_linear
 from asyncllm.kernels.quant_linear import quant_linear_reference
 from asyncllm.kernels.rotary import rotate_half_tables
 
@@ -186,7 +188,8 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers
     fusable layers (see the module docstring). With both off, every step runs as modules."""
     write_kv, paged_attention = on_cache("cpu", write_kv_cpu, paged_attention_cpu)
     kernels = NativeKernels(native_layer_max_rows) if native else None
-    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cpu, quant_linear_reference) if fused_layers else None
+    quantized = cpu_quant_linear if native else quant_linear_reference
+    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cpu, quantized) if fused_layers else None
     return KernelOps(
         name="cpu+native" if native else "cpu",
         rms_norm=rms_norm_cpu,
@@ -196,6 +199,7 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers
         write_kv=write_kv,
         paged_attention=paged_attention,
         linear=linear_cpu,
+        quantized_linear=quantized,
         prepare_weight=k_major_layout,
         plan_attention=kernels.plan_attention if kernels is not None else no_attention_plan,
         fused_decode=fused,
