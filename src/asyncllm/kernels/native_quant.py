@@ -82,6 +82,7 @@ and writes only its output (a fresh tensor, or ``add_to``) and its own scratch.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 import torch
@@ -212,29 +213,27 @@ class NativeQuantLinear:
         slab = min(n, max(16, TILE_BYTES // (4 * k) // 16 * 16))
         buffer = self._slab_buffer(slab * k).view(slab, k)
         threads = torch.get_num_threads()
-        out = torch.empty(rows, n, dtype=torch.float32) if slab < n else None
-        for lo in range(0, n, slab):
-            hi = min(n, lo + slab)
+
+        def product(lo: int, hi: int) -> torch.Tensor:
             self._dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(), weight.biases.data_ptr(),
                              weight.bits, k, weight.group_size, lo, hi, buffer.data_ptr(), threads)
-            part = F.linear(x, buffer[: hi - lo], None if bias is None else bias[lo:hi])
-            if out is None:
-                out = part
-            else:
-                out[:, lo:hi] = part
-        assert out is not None
+            return F.linear(x, buffer[: hi - lo], None if bias is None else bias[lo:hi])
+
+        if slab >= n:
+            out = product(0, n)
+        else:
+            out = torch.empty(rows, n, dtype=torch.float32)
+            for lo in range(0, n, slab):
+                out[:, lo:min(n, lo + slab)] = product(lo, min(n, lo + slab))
         return out if add_to is None else add_to.add_(out)
 
 
-_kernel: list[NativeQuantLinear | None] = []
-
-
+@functools.cache
 def native_quant_linear() -> NativeQuantLinear | None:
-    """The native kernel, loaded once per process; ``None`` where it cannot be built."""
-    if not _kernel:
-        library = load_quant_library()
-        _kernel.append(None if library is None else NativeQuantLinear(library))
-    return _kernel[0]
+    """The native kernel, loaded once per process (the library is immutable once built); ``None`` where it
+    cannot be built."""
+    library = load_quant_library()
+    return None if library is None else NativeQuantLinear(library)
 
 
 def quant_linear_native(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
@@ -254,7 +253,7 @@ def quant_linear_native(x: torch.Tensor, weight: PackedWeight, bias: torch.Tenso
 def cpu_quant_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight.dequantize(x.dtype), bias)`` for ``x`` ``[..., K]``: the native kernel for float32
     CPU inputs where it is built, else that torch reference (which the native kernel is tested against)."""
-    kernel = _kernel[0] if _kernel else native_quant_linear()
+    kernel = native_quant_linear()
     if kernel is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() < 1:
         return F.linear(x, weight.dequantize(x.dtype), bias)
     if x.dim() == 2:
