@@ -1,6 +1,8 @@
 """End to end: tiny Llama / Qwen2 checkpoints written in each weight-only format load packed and match Hugging
-Face transformers running the exactly dequantized weights (logits within 1e-4, the same greedy tokens), on
-the torch reference ops and on the CPU fast paths; ``dequantize_weights`` loads the same model dense."""
+Face transformers running the exactly dequantized weights: on the torch reference ops, logits within 1e-4
+and the same greedy tokens; on the CPU fast paths, prefill logits within 1e-4 (their exact many-row path)
+and decode logits within the int8-activation tolerance. ``dequantize_weights`` loads the same model dense,
+with exactly the reference weights."""
 
 from __future__ import annotations
 
@@ -31,26 +33,45 @@ CASES: list[tuple[str, Callable[..., dict[str, torch.Tensor]], dict[str, Any]]] 
                                                            "symmetric": False}),
     ("ct-llama-asym4-group64", write_compressed_tensors, {"symmetric": False, "group_size": 64}),
 ]
-PROMPT = [3, 17, 101, 250, 9, 44, 5, 199, 61]
+PROMPT = [(7 * i * i + 3 * i + 1) % 256 for i in range(40)]
+"""40 tokens: a prefill above the CPU kernels' 32-row int8 limit takes their exact (dequantized-slab) path."""
 NEW_TOKENS = 6
+DECODE_TOLERANCE = 5e-2
+"""The CPU fast path decodes through kernels that round activations to int8 per block of 32 (llama.cpp's
+scheme, ``kernels.native_quant``, whose tests hold each product to its bound): decode-step logits must be
+within this fraction of the largest |logit| of HF's exact ones (measured 2.4-3.5% on these random tiny
+models, whose weights are large; a wrong layout is off by the logits' whole scale)."""
 
 
 @torch.no_grad()
-def _greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
-    """Prefill logits of ``prompt`` and ``steps`` greedy tokens, through the paged model step by step."""
+def _logits(model: torch.nn.Module, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """Logits predicting each token after the prompt: the prefill's last row, then one decode step per token
+    of ``continuation`` (teacher forcing), through the paged model: ``[1 + len(continuation), V]``."""
     config = model.config
     pool = BlockPool(16, 16, seed=1)
     caches = make_kv_caches(config.num_hidden_layers, 16, 16, config.num_key_value_heads, config.head_dim)
     seq = PagedSequence()
-    feed, tokens, first = prompt, [], None
+    rows = []
+    for feed in [prompt, *([token] for token in continuation)]:
+        positions, meta = build_step(pool, [(seq, len(feed))])
+        rows.append(model.compute_logits(model.forward(torch.tensor(feed), positions, meta, caches))[-1])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    """``steps`` greedy tokens after ``prompt``, through the paged model step by step."""
+    config = model.config
+    pool = BlockPool(16, 16, seed=1)
+    caches = make_kv_caches(config.num_hidden_layers, 16, 16, config.num_key_value_heads, config.head_dim)
+    seq = PagedSequence()
+    feed, tokens = prompt, []
     for _ in range(steps):
         positions, meta = build_step(pool, [(seq, len(feed))])
         logits = model.compute_logits(model.forward(torch.tensor(feed), positions, meta, caches))
-        first = logits if first is None else first
         tokens.append(int(logits[-1].argmax()))
         feed = tokens[-1:]
-    assert first is not None
-    return first, tokens
+    return tokens
 
 
 @pytest.mark.parametrize(("writer", "kwargs"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -67,9 +88,10 @@ def test_quantized_checkpoint_matches_transformers(tmp_path: Path, writer: Calla
     hf = model_class(kwargs.get("family", "llama"))(_hf_config(checkpoint.hf_config)).eval()
     hf.load_state_dict(reference, strict=True)
     with torch.no_grad():
-        hf_prefill = hf(input_ids=torch.tensor([PROMPT])).logits[0].float()
         hf_tokens = hf.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                 pad_token_id=0)[0, len(PROMPT):].tolist()
+        hf_logits = hf(input_ids=torch.tensor([PROMPT + hf_tokens])).logits[0, len(PROMPT) - 1:-1].float()
+    scale = float(hf_logits.abs().max())
 
     for backend in ("torch", "auto"):
         ops = get_kernel_ops(backend, torch.device("cpu"))
@@ -77,9 +99,12 @@ def test_quantized_checkpoint_matches_transformers(tmp_path: Path, writer: Calla
                             quantization=checkpoint.quantization)
         model.load_weights(checkpoint.tensors(torch.float32))
         assert model.model.layers[0].mlp.down_proj.packed.bits == (4 if kwargs.get("bits", 4) == 4 else 8)
-        prefill, tokens = _greedy(model, PROMPT, NEW_TOKENS)
-        torch.testing.assert_close(prefill, hf_prefill, rtol=1e-4, atol=1e-4 * float(hf_prefill.abs().max()))
-        assert tokens == hf_tokens, backend
+        ours = _logits(model, PROMPT, hf_tokens[:-1])
+        torch.testing.assert_close(ours[0], hf_logits[0], rtol=1e-4, atol=1e-4 * scale)  # exact on both
+        decode_tolerance = 1e-4 if backend == "torch" else DECODE_TOLERANCE
+        torch.testing.assert_close(ours[1:], hf_logits[1:], rtol=decode_tolerance, atol=decode_tolerance * scale)
+        if backend == "torch":
+            assert _greedy(model, PROMPT, NEW_TOKENS) == hf_tokens
 
     dense_ckpt = load_checkpoint(tmp_path, dequantize_weights=True)
     dense = build_model(config, get_kernel_ops("torch", torch.device("cpu")), dtype=torch.float32,
@@ -89,7 +114,7 @@ def test_quantized_checkpoint_matches_transformers(tmp_path: Path, writer: Calla
         if name.endswith("proj.weight"):
             layer = name.split(".")[2]
             assert torch.equal(_dense_weight(dense, name, int(layer)), tensor), name
-    assert _greedy(dense, PROMPT, NEW_TOKENS)[1] == hf_tokens
+    assert _greedy(dense, PROMPT, NEW_TOKENS) == hf_tokens
 
 
 def _dense_weight(model: torch.nn.Module, name: str, layer: int) -> torch.Tensor:
