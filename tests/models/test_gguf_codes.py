@@ -97,7 +97,7 @@ def test_packed_gguf_model_matches_dequantized(tmp_path: pathlib.Path, mix: str)
     assert any(name.endswith(".codes") for name in packed_ckpt.tensor_names())
     assert not any(name.endswith(".codes") for name in dense_ckpt.tensor_names())
     config = ModelConfig.from_hf_config(packed_ckpt.hf_config)
-    ids = torch.from_numpy(rng.integers(0, SHAPE["vocab"], size=9)).long()
+    ids = torch.from_numpy(rng.integers(0, SHAPE["vocab"], size=40)).long()  # prefill > 32 rows: exact paths
     for backend in ("torch", "auto"):
         ops = get_kernel_ops(backend, torch.device("cpu"))
         dense = build_model(config, ops, dtype=torch.float32, device=torch.device("cpu"))
@@ -108,12 +108,15 @@ def test_packed_gguf_model_matches_dequantized(tmp_path: pathlib.Path, mix: str)
         names = {name for name, _ in packed.named_parameters()}
         assert "model.layers.0.self_attn.qkv_proj.qweight" in names and "model.embed_tokens.qweight" in names
         assert not any(name.endswith(".weight") and "proj" in name for name in names)
-        # the torch ops multiply the exact weights; the CPU fast paths' decode kernels round activations to
-        # int8 blocks (llama.cpp's scheme), an error of up to half a block scale per input (see native_quant)
-        tolerance = 1e-4 if backend == "torch" else 3e-2
-        for want, got in zip(_logits_per_step(dense, ids), _logits_per_step(packed, ids), strict=True):
+        # the torch ops multiply the exact weights, and so does the CPU fast path's many-row (prefill) path; its
+        # decode kernels round activations to int8 blocks (llama.cpp's scheme): an error of up to half a block
+        # scale per input (see kernels.native_quant), a few percent of the logits' scale here
+        steps = zip(_logits_per_step(dense, ids), _logits_per_step(packed, ids), strict=True)
+        for index, (want, got) in enumerate(steps):
+            tolerance = 1e-4 if backend == "torch" or index == 0 else 5e-2
             torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * float(want.abs().max()))
-            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            if tolerance < 1e-3:
+                assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 @torch.no_grad()
