@@ -5,6 +5,7 @@
     python benchmarks/gpu.py --json gpu.json
     python benchmarks/gpu.py --dry-run                         # a tiny model on CPU: checks the plumbing
     python benchmarks/gpu.py --quant-only                      # only the W4A16 linear rows (below)
+    python benchmarks/gpu.py --w4a16-only --models llama-3-8b  # only the W4A16 model rows (below)
 
 Each named shape is built twice from one random initialisation, directly on the device: the HF
 ``LlamaForCausalLM`` and asyncllm's model loaded from its state dict, so both serve the same weights.
@@ -25,6 +26,14 @@ Measurements (greedy, EOS ignored, random prompt ids, prefix caching off):
   down) with random 4-bit codes in groups of 128, ``quant_linear_triton`` against bf16 ``F.linear`` (cuBLAS)
   on the same dequantized values, at batch 1 and 64: median time per layer over CUDA-graph replays (CUDA
   events), the speed-up (target at batch 1: >= 2.5x) and the weight bytes read per second.
+- ``--w4a16`` / ``--w4a16-only``: per shape, asyncllm's model built twice from one random initialisation
+  (HF's, as above), dense in ``--dtype`` and with every decoder linear (q, k, v, o, gate, up, down) quantized
+  on the device by ``quant.rtn.quantize_rtn`` (asymmetric 4-bit min-max round-to-nearest, groups of 128)
+  and loaded as packed codes through ``load_weights``; embeddings, norms and the LM head stay dense. Each
+  model gets its own engine (CUDA graphs as above; the Triton W4A16 kernels on CUDA, the CPU bundle's
+  quantized linear on CPU) and decodes at ``--w4a16-batches`` (1 and 64) with the decode tok/s above: W4A16
+  against dense (target at batch 1: >= 2.5x), the weight bytes stored and read per step of each, and the
+  W4A16 step's bandwidth against the copy roofline. ``--dry-run`` includes these rows (the tiny shape).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +58,10 @@ from asyncllm.bench.results import REPORT_ONLY, Row, Target
 from asyncllm.bench.roofline import kv_bytes_per_token, measure_copy_bandwidth, parameter_bytes
 from asyncllm.kernels import get_kernel_ops
 from asyncllm.models import CausalLM, build_model
+from asyncllm.quant.config import WeightOnlyQuantization
+from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import PackedWeight
+from asyncllm.quant.rtn import quantize_rtn
 from asyncllm.tokenizer import Tokenizer
 
 Result = dict[str, Any]
@@ -95,10 +107,10 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_word_embeddings=False,
     ),
-    "tiny": dict(
+    "tiny": dict(  # every linear's input a multiple of QUANT_GROUP, so the dry run quantizes it too
         vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -121,7 +133,7 @@ QUANT_LAYER: tuple[tuple[str, int, int], ...] = (
 QUANT_BITS = 4
 QUANT_GROUP = 128
 QUANT_BATCHES = (1, 64)
-QUANT_TARGET = 2.5  # batch-1 speed-up of the W4A16 layer over bf16
+QUANT_TARGET = 2.5  # batch-1 speed-up of W4A16 over bf16: the layer's linears and the whole model's decode
 # Layer copies cycled through in the timed graphs: two layers of 4-bit weights (~250 MB) exceed any L2.
 QUANT_COPIES = 2
 
@@ -141,6 +153,9 @@ class GpuBenchSettings:
     skip_hf: bool = False
     quant: bool = False
     quant_only: bool = False
+    w4a16: bool = False
+    w4a16_only: bool = False
+    w4a16_batches: tuple[int, ...] = (1, 64)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,6 +175,15 @@ class GpuBenchSettings:
             raise ValueError(f"dtype: must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.quant_only and not self.quant:
             raise ValueError("quant_only: needs quant")
+        if self.w4a16_only and not self.w4a16:
+            raise ValueError("w4a16_only: needs w4a16")
+        if not self.w4a16_batches or any(b <= 0 for b in self.w4a16_batches):
+            raise ValueError(f"w4a16_batches: must be positive, got {self.w4a16_batches}")
+
+    @property
+    def run_shapes(self) -> bool:
+        """Whether the per-shape rows against HF run (not with ``--quant-only`` / ``--w4a16-only``)."""
+        return not (self.quant_only or self.w4a16_only)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -177,6 +201,8 @@ DRY_RUN = GpuBenchSettings(
     device="cpu",
     bandwidth_mb=16,
     concurrent=4,
+    w4a16=True,
+    w4a16_batches=(1, 4),
 )
 
 
@@ -275,16 +301,21 @@ def decode_window(stamps: Sequence[Sequence[tuple[float, int]]]) -> tuple[float,
     return end - begin, tokens
 
 
-def engine_config(settings: GpuBenchSettings, shape: dict[str, Any]) -> EngineConfig:
+def engine_config(
+    settings: GpuBenchSettings, shape: dict[str, Any], batches: Sequence[int] | None = None
+) -> EngineConfig:
+    """The engine for ``shape``, sized for decode at ``batches`` (default ``settings.batches``) and the
+    prefill workload."""
+    batches = tuple(batches or settings.batches)
     block = 16
-    decode_blocks = max(settings.batches) * -(-(settings.prompt_len + settings.decode_tokens + 2) // block)
+    decode_blocks = max(batches) * -(-(settings.prompt_len + settings.decode_tokens + 2) // block)
     prefill_blocks = settings.prefill_requests * -(-(settings.prefill_len + 2) // block)
     return EngineConfig(
         device=settings.device,
         dtype=settings.dtype,
         block_size=block,
         num_kv_blocks=max(decode_blocks, prefill_blocks) + 16,
-        max_num_seqs=max(*settings.batches, settings.prefill_requests),
+        max_num_seqs=max(*batches, settings.prefill_requests),
         max_num_batched_tokens=max(2048, settings.prefill_len),
         enable_prefix_caching=False,
         seed=settings.seed,
@@ -295,32 +326,48 @@ def engine_config(settings: GpuBenchSettings, shape: dict[str, Any]) -> EngineCo
     )
 
 
+async def warm_up(
+    engine: AsyncEngine, settings: GpuBenchSettings, batches: Sequence[int], vocab: int, generator: torch.Generator
+) -> None:
+    """Every batch size once, a few tokens each: compilation and first-use costs stay out of the timings."""
+    for batch in sorted(set(batches)):
+        await stamped_batch(engine, random_prompts(batch, settings.prompt_len, vocab, generator), 3)
+
+
+async def decode_rates(
+    engine: AsyncEngine, settings: GpuBenchSettings, batches: Sequence[int], vocab: int, generator: torch.Generator
+) -> dict[int, Result]:
+    """Per batch size: decode tok/s over the window in which every request was decoding (``decode_window``),
+    and end to end."""
+    out: dict[int, Result] = {}
+    for batch in batches:
+        run = await stamped_batch(
+            engine, random_prompts(batch, settings.prompt_len, vocab, generator), settings.decode_tokens + 1
+        )
+        seconds, tokens = decode_window(run["stamps"])
+        out[batch] = {
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "window_s": seconds,
+            "window_tokens": tokens,
+            "end_to_end_tokens_per_s": run["tokens"] / run["elapsed_s"],
+        }
+    return out
+
+
 def run_ours(
     engine: AsyncEngine, settings: GpuBenchSettings, vocab: int, agreement_prompt: list[int]
 ) -> Result:
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    new_tokens = settings.decode_tokens + 1
 
     async def main() -> Result:
-        out: Result = {"decode": {}}
+        out: Result = {}
         async with engine:
-            for batch in sorted(set(settings.batches)):  # warm-up: every batch size once, short
-                await stamped_batch(engine, random_prompts(batch, settings.prompt_len, vocab, generator), 3)
+            await warm_up(engine, settings, settings.batches, vocab, generator)
             # and the prefill shape, so that kernel compilation for long chunks stays out of the timings
             await stamped_batch(
                 engine, random_prompts(settings.prefill_requests, settings.prefill_len, vocab, generator), 1
             )
-            for batch in settings.batches:
-                run = await stamped_batch(
-                    engine, random_prompts(batch, settings.prompt_len, vocab, generator), new_tokens
-                )
-                seconds, tokens = decode_window(run["stamps"])
-                out["decode"][batch] = {
-                    "tokens_per_s": tokens / seconds if seconds > 0 else None,
-                    "window_s": seconds,
-                    "window_tokens": tokens,
-                    "end_to_end_tokens_per_s": run["tokens"] / run["elapsed_s"],
-                }
+            out["decode"] = await decode_rates(engine, settings, settings.batches, vocab, generator)
             prompts = random_prompts(settings.prefill_requests, settings.prefill_len, vocab, generator)
             run = await stamped_batch(engine, prompts, 1)
             out["prefill_tokens_per_s"] = sum(map(len, prompts)) / run["elapsed_s"]
@@ -601,6 +648,114 @@ def bench_quant_layer(device: torch.device, seed: int) -> tuple[list[Row], Resul
     return rows, raw
 
 
+# -- the whole model with W4A16 weights ---------------------------------------------------------------
+def rtn_checkpoint(
+    state: Mapping[str, torch.Tensor], bits: int, group_size: int
+) -> tuple[WeightOnlyQuantization, Iterator[tuple[str, torch.Tensor]]]:
+    """A Llama state dict as a weight-only quantized checkpoint: every decoder linear
+    (``model.layers.*_proj.weight``) as asymmetric min-max round-to-nearest codes (``quantize_rtn``) under
+    the loaders' canonical names (``<prefix>.codes``, ``.code_scales``, ``.code_zeros``, ``.code_mins``), every
+    other tensor (embeddings, norms, the LM head) as it is. The tensors are computed lazily, one linear at a
+    time on its own device, as ``load_weights`` consumes them."""
+    prefixes = [
+        name.removesuffix(".weight")
+        for name in state
+        if name.startswith("model.layers.") and name.endswith("_proj.weight")
+    ]
+    quantization = WeightOnlyQuantization(
+        f"rtn-w{bits}g{group_size}", {prefix: LayerQuant(bits=bits, group_size=group_size) for prefix in prefixes}
+    )
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in state.items():
+            prefix = name.removesuffix(".weight")
+            if prefix not in quantization.layers:
+                yield name, tensor
+                continue
+            codes = quantize_rtn(tensor, bits, group_size)
+            yield f"{prefix}.codes", codes.codes
+            yield f"{prefix}.code_scales", codes.scales
+            yield f"{prefix}.code_zeros", codes.zeros
+            yield f"{prefix}.code_mins", codes.mins
+
+    return quantization, tensors()
+
+
+def run_decode(engine: AsyncEngine, settings: GpuBenchSettings, batches: Sequence[int], vocab: int) -> Result:
+    """Decode rates at ``batches`` after a warm-up (the prompts depend on the seed only, so two engines
+    measured this way see the same prompts)."""
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+
+    async def main() -> Result:
+        async with engine:
+            await warm_up(engine, settings, batches, vocab, generator)
+            return {"decode": await decode_rates(engine, settings, batches, vocab, generator)}
+
+    return asyncio.run(main())
+
+
+def bench_w4a16(name: str, settings: GpuBenchSettings, bandwidth: float) -> tuple[list[Row], Result]:
+    """asyncllm's model of shape ``name`` twice from one random initialisation, dense in ``settings.dtype``
+    and with every decoder linear W4A16 (RTN, ``QUANT_BITS`` bits, groups of ``QUANT_GROUP``), each served by
+    its own engine: decode tok/s at ``settings.w4a16_batches`` and the weight bytes of each."""
+    device, dtype = torch.device(settings.device), settings.torch_dtype
+    shape, batches = SHAPES[name], settings.w4a16_batches
+    start = time.perf_counter()
+    hf, dense = build_pair(shape, device, dtype, settings.seed)
+    config = dense.config
+    quantization, tensors = rtn_checkpoint(hf.state_dict(), QUANT_BITS, QUANT_GROUP)
+    packed = build_model(config, get_kernel_ops("auto", device), dtype=dtype, device=device,
+                         quantization=quantization)
+    packed.load_weights(tensors)
+    del hf, tensors
+    sync(device)
+    build_s = time.perf_counter() - start
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    models = {"dense": dense, "w4a16": packed}
+    measured: dict[str, Result] = {}
+    for kind, model in models.items():
+        engine = AsyncEngine.from_model(model, tokenizer, config=engine_config(settings, shape, batches))
+        measured[kind] = run_decode(engine, settings, batches, config.vocab_size)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    stored = {kind: parameter_bytes(model) for kind, model in models.items()}
+    read = {kind: weight_bytes_read(model, config, dtype, batches[0]) for kind, model in models.items()}
+    label = f"{name}, W{QUANT_BITS}A16 g{QUANT_GROUP} (RTN)"
+    peer_label = f"asyncllm {settings.dtype}, the same weights unquantized"
+    rows: list[Row] = []
+    for batch in batches:
+        target = Target("ratio_at_least", QUANT_TARGET) if batch == 1 else REPORT_ONLY
+        ours, peer = (measured[kind]["decode"][batch]["tokens_per_s"] for kind in ("w4a16", "dense"))
+        rows.append(Row(label, f"decode tok/s, batch {batch}", "tok/s", ours, peer, True, target, peer_label))
+    rows.append(Row(label, "weight bytes", "GB", stored["w4a16"] / 1e9, stored["dense"] / 1e9, False, REPORT_ONLY,
+                    peer_label))
+    bound = f"{peer_label} (ratio: the speed-up if steps only streamed weights)"
+    rows.append(Row(label, f"weight bytes read per step, batch {batches[0]}", "GB", read["w4a16"] / 1e9,
+                    read["dense"] / 1e9, False, REPORT_ONLY, bound))
+    rate = measured["w4a16"]["decode"][batches[0]]["tokens_per_s"]
+    if rate is not None:
+        context = settings.prompt_len + settings.decode_tokens / 2
+        step_bytes = read["w4a16"] + batches[0] * kv_bytes_per_token(config, dtype) * context
+        rows.append(Row(label, f"decode bandwidth, batch {batches[0]}", "GB/s", step_bytes * rate / batches[0] / 1e9,
+                        bandwidth / 1e9, True, REPORT_ONLY, "device copy bandwidth (ratio = roofline fraction)"))
+    raw: Result = {
+        "model": f"{name}, W{QUANT_BITS}A16",
+        "build_s": build_s,
+        "bits": QUANT_BITS,
+        "group_size": QUANT_GROUP,
+        "quantized_linears": len(quantization.layers),
+        "dense": measured["dense"],
+        "w4a16": measured["w4a16"],
+        "weight_bytes": stored,
+        "weight_bytes_read": read,
+    }
+    del dense, packed, models
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, raw
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | None, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -625,6 +780,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | Non
     parser.add_argument("--quant", action="store_true",
                         help="also time one Llama-3-8B layer's linears, W4A16 against bf16 (CUDA only)")
     parser.add_argument("--quant-only", action="store_true", help="only the --quant rows, no model shapes")
+    parser.add_argument("--w4a16", action="store_true",
+                        help="also decode each --models shape with every decoder linear W4A16 (RTN) against the "
+                             "same model unquantized, at --w4a16-batches")
+    parser.add_argument("--w4a16-only", action="store_true",
+                        help="only the --w4a16 rows (and --quant's if given), no HF comparison")
+    parser.add_argument("--w4a16-batches", default=",".join(map(str, defaults.w4a16_batches)))
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -632,8 +793,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | Non
     )
     args = parser.parse_args(argv)
     quant = args.quant or args.quant_only
+    w4a16 = args.w4a16 or args.w4a16_only
     if args.dry_run:
-        return replace(DRY_RUN, skip_hf=args.skip_hf, quant=quant, quant_only=args.quant_only), args.json, True
+        # every section that runs on CPU, the W4A16 model rows included, unless only the --quant rows are asked
+        w4a16 = w4a16 or not args.quant_only
+        dry = replace(DRY_RUN, skip_hf=args.skip_hf, quant=quant, quant_only=args.quant_only, w4a16=w4a16,
+                      w4a16_only=args.w4a16_only)
+        return dry, args.json, True
     settings = GpuBenchSettings(
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
@@ -646,6 +812,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[GpuBenchSettings, Path | Non
         concurrent=args.concurrent,
         quant=quant,
         quant_only=args.quant_only,
+        w4a16=w4a16,
+        w4a16_only=args.w4a16_only,
+        w4a16_batches=tuple(int(b) for b in args.w4a16_batches.split(",") if b.strip()),
     )
     return settings, args.json, False
 
@@ -696,14 +865,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             json_path.write_text(json.dumps(text, indent=2, default=str))
 
-    for name in () if settings.quant_only else settings.models:
-        shape_rows_, shape_raw = bench_shape(name, settings, bandwidth)
-        rows += shape_rows_
-        raw.append(shape_raw)
-        # Each shape's table as soon as it is measured, so a run cut short still reports what it finished.
-        print(f"\n{name} (built in {shape_raw['build_s']:.1f} s):", flush=True)
-        print(render_table(shape_rows_), flush=True)
-        record()
+    # Each table as soon as it is measured, so a run cut short still reports what it finished.
+    for name in settings.models:
+        if settings.run_shapes:
+            shape_rows_, shape_raw = bench_shape(name, settings, bandwidth)
+            rows += shape_rows_
+            raw.append(shape_raw)
+            print(f"\n{name} (built in {shape_raw['build_s']:.1f} s):", flush=True)
+            print(render_table(shape_rows_), flush=True)
+            record()
+        if settings.w4a16:
+            w4a16_rows, w4a16_raw = bench_w4a16(name, settings, bandwidth)
+            rows += w4a16_rows
+            raw.append(w4a16_raw)
+            print(f"\n{name}, every decoder linear W{QUANT_BITS}A16 against {settings.dtype} (both built in "
+                  f"{w4a16_raw['build_s']:.1f} s, {w4a16_raw['quantized_linears']} linears quantized):", flush=True)
+            print(render_table(w4a16_rows), flush=True)
+            record()
     if settings.quant and device.type != "cuda":
         print("\nquantized linears (--quant): skipped, the Triton kernels need a CUDA device", flush=True)
     elif settings.quant:

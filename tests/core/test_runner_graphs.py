@@ -409,10 +409,61 @@ def test_gpu_benchmark_dry_run_reports_every_row(bench: ModuleType, tmp_path: Pa
         "greedy tokens equal to HF",
     ):
         assert metric in text
-    rows = {row["metric"]: row for row in json.loads(record.read_text())["rows"]}
+    written = json.loads(record.read_text())
+    rows = {(row["measurement"], row["metric"]): row for row in written["rows"]}
     # fp32 on CPU: asyncllm and HF run the same weights, so greedy ids agree token for token
-    assert rows["greedy tokens equal to HF (of 16)"]["asyncllm"] == 16
-    assert all(rows[f"decode tok/s, batch {b}"]["asyncllm"] > 0 for b in (1, 4))
+    assert rows["tiny", "greedy tokens equal to HF (of 16)"]["asyncllm"] == 16
+    assert all(rows["tiny", f"decode tok/s, batch {b}"]["asyncllm"] > 0 for b in (1, 4))
+    # the W4A16 model rows: both models decoded, the packed one holds fewer bytes
+    quant = f"tiny, W{bench.QUANT_BITS}A16 g{bench.QUANT_GROUP} (RTN)"
+    assert "every decoder linear W4A16 against float32" in text
+    for batch in (1, 4):
+        row = rows[quant, f"decode tok/s, batch {batch}"]
+        assert row["asyncllm"] > 0 and row["peer"] > 0
+        assert row["target"]["threshold"] == (bench.QUANT_TARGET if batch == 1 else 0.0)
+    assert rows[quant, "weight bytes"]["asyncllm"] < rows[quant, "weight bytes"]["peer"]
+    assert rows[quant, "weight bytes read per step, batch 1"]["ratio"] > 1
+    assert rows[quant, "decode bandwidth, batch 1"]["asyncllm"] > 0
+    raw = next(r for r in written["raw"] if r["model"] == "tiny, W4A16")
+    assert raw["quantized_linears"] == 7 * bench.SHAPES["tiny"]["num_hidden_layers"]
+
+
+def test_gpu_benchmark_w4a16_only_skips_the_hf_rows(bench: ModuleType) -> None:
+    with _captured_output() as (out, _):
+        assert bench.main(["--dry-run", "--w4a16-only"]) == 0
+    text = out.getvalue()
+    assert "W4A16 g128 (RTN) | decode tok/s, batch 4" in text and "HF generate" not in text
+    assert "quantized linears (--quant)" not in text
+
+
+def test_gpu_benchmark_w4a16_settings_are_checked(bench: ModuleType) -> None:
+    settings, _, dry = bench.parse_args(["--w4a16-only", "--w4a16-batches", "1,32", "--models", "llama-3-8b"])
+    assert not dry and settings.w4a16 and not settings.run_shapes and settings.w4a16_batches == (1, 32)
+    assert not bench.parse_args(["--dry-run", "--quant-only"])[0].w4a16
+    with pytest.raises(ValueError, match=r"^w4a16_only"):
+        bench.GpuBenchSettings(w4a16_only=True)
+    with pytest.raises(ValueError, match=r"^w4a16_batches"):
+        bench.GpuBenchSettings(w4a16_batches=(0,))
+
+
+def test_rtn_checkpoint_quantizes_exactly_the_decoder_linears(
+    bench: ModuleType, tiny_state: tuple[dict[str, Any], dict]
+) -> None:
+    from asyncllm.quant.packed_linear import packed_weight
+    from asyncllm.quant.rtn import quantize_rtn
+
+    hf_config, weights = tiny_state
+    quantization, tensors = bench.rtn_checkpoint(weights, 4, 32)
+    linears = {name.removesuffix(".weight") for name in weights if name.endswith("_proj.weight")}
+    assert set(quantization.layers) == linears and len(linears) == 14
+    model = build_model(ModelConfig.from_hf_config(hf_config), CPU_OPS, dtype=torch.float32,
+                        device=torch.device("cpu"), quantization=quantization)
+    model.load_weights(tensors)
+    down = model.model.layers[1].mlp.down_proj
+    packed = packed_weight(down)
+    assert packed is not None and packed.bits == 4 and packed.group_size == 32
+    expected = quantize_rtn(weights["model.layers.1.mlp.down_proj.weight"], 4, 32).dequantize()
+    torch.testing.assert_close(packed.dequantize(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
