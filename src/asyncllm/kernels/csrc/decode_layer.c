@@ -190,14 +190,16 @@ void asyncllm_decode_layer(float *residual, float *work, const float *input_norm
     }
 }
 
-/* One weight-only quantized projection (a PackedWeight) and its optional float bias. */
+/* One weight-only quantized projection (a PackedWeight) and its optional float bias; scales and biases are
+ * float16 when half_scales != 0, else float32. */
 typedef struct {
     const uint8_t *qweight;
-    const float *scales;
-    const float *biases;
+    const void *scales;
+    const void *biases;
     const float *bias;
     int64_t bits;
     int64_t group_size;
+    int64_t half_scales;
 } packed_linear;
 
 int64_t asyncllm_quant_prepared_bytes(int64_t rows, int64_t k, int64_t group_size)
@@ -214,8 +216,8 @@ static void packed_projection(const float *x, int64_t rows, int64_t k, const pac
 #pragma omp barrier
     int64_t lo, hi;
     column_range(n, t, count, &lo, &hi);
-    quant_gemv_rows(prepared, rows, k, (int)p->bits, p->group_size, p->qweight, p->scales, p->biases, p->bias, y,
-                    n, lo, hi, add);
+    quant_gemv_rows(prepared, rows, k, (int)p->bits, p->group_size, p->qweight, p->scales, p->biases,
+                    (int)p->half_scales, p->bias, y, n, lo, hi, add);
 }
 
 /* The layer of asyncllm_decode_layer with packed projections w[0..3] = qkv, o, gate_up, down (each
