@@ -73,7 +73,7 @@ def test_parameter_dtypes_are_validated() -> None:
         PackedWeight(q, s, b.float(), 4, 32, 64)
     with pytest.raises(ValueError, match="scales: expected float32 or float16"):
         PackedWeight(q, s.bfloat16(), b.bfloat16(), 4, 32, 64)
-    with pytest.raises(ValueError, match="scales: expected torch.float16"):
+    with pytest.raises(ValueError, match=r"scales: expected torch\.float16"):
         PackedWeight(q, s[:, :1].contiguous(), b, 4, 32, 64)
     single = PackedWeight(q, s.float(), b.float(), 4, 32, 64)
     assert torch.equal(single.dequantize(), packed.dequantize())

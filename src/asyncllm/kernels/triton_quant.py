@@ -1,9 +1,10 @@
 """Weight-only quantized linears in Triton (W4A16 / W8A16): ``y = x @ W.T + bias`` with ``W`` a ``PackedWeight``.
 
 ``W[n, k] = scales[n, g] * q[n, k] + biases[n, g]`` with ``g = k // group_size`` (see
-``asyncllm.quant.packed``; scales and biases float32 or float16, read into fp32); ``q`` are 4-bit codes in GGUF nibble runs (each run of 32 values is 16 bytes,
-byte ``i`` holding value ``i`` in its low nibble and value ``i + 16`` in its high nibble) or 8-bit codes one
-per byte. Three paths, picked from the number of rows ``M`` of ``x`` (``plan_quant_linear``):
+``asyncllm.quant.packed``; scales and biases float32 or float16, read into fp32); ``q`` are 4-bit codes in
+GGUF nibble runs (each run of 32 values is 16 bytes, byte ``i`` holding value ``i`` in its low nibble and
+value ``i + 16`` in its high nibble) or 8-bit codes one per byte. Three paths, picked from the number of
+rows ``M`` of ``x`` (``plan_quant_linear``):
 
 - ``M <= GEMV_MAX_M`` (decode at small batch): ``gemv``, a split-K GEMV on CUDA cores. A program owns
   ``BLOCK_N`` output columns and one K split for up to ``GEMV_MAX_M`` rows of ``x``: it reads every packed

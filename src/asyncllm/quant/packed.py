@@ -12,9 +12,9 @@ per byte, wider codes one per byte, and the affine parameters folded to ``w = sc
 when both convert to it exactly (every GGUF ``Q4_0`` / ``Q4_1`` / ``Q8_0`` block: ``d`` and ``m`` are float16
 and ``-8 * d``, ``-128 * d`` scale by powers of two), else float32: for 4-bit codes in groups of 32 that is
 1 bit of parameters per weight instead of 2 (5 bits per weight against 6), and CPU decode streams every
-byte. Kernels read either and compute in float32, so the values are the same either way. The nibble order follows GGUF's 4-bit blocks so a SIMD unpack is
-two instructions: along each row, every run of 32 values is 16 bytes whose byte ``i`` holds value ``i`` in
-its low nibble and value ``i + 16`` in its high nibble.
+byte. Kernels read either and compute in float32, so the values are the same either way. The nibble order
+follows GGUF's 4-bit blocks so a SIMD unpack is two instructions: along each row, every run of 32 values is
+16 bytes whose byte ``i`` holds value ``i`` in its low nibble and value ``i + 16`` in its high nibble.
 
 Invariants (checked by the constructors): 2-D ``[N, K]`` codes, ``group_size`` divides ``K`` and is a
 multiple of 16; 4-bit storage needs ``K % 32 == 0``; scales/zeros/mins are float32 ``[N, K // G]`` on the

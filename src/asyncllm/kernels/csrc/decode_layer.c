@@ -22,7 +22,8 @@
  * The caller validates shapes and indices: this code trusts them.
  *
  * asyncllm_decode_layer_quant is the same layer over weight-only quantized projections (PackedWeight
- * storage, see quant_gemv.h: output-major codes with per-group scales and biases). Before each projection
+ * storage, see quant_gemv.h: output-major codes with per-group scales and biases, float32 or float16 per
+ * projection as its half_scales says). Before each projection
  * the threads quantize its input rows to int8 blocks into the shared `prepared` buffer (at least
  * asyncllm_quant_prepared_bytes(rows, k, group_size) bytes for every projection's k and group size); after
  * a barrier each thread computes one contiguous range of the projection's output features.
