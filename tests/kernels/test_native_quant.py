@@ -15,6 +15,7 @@ times ``d = max|x| / 127``; the many-row path (``dequantized``) computes ``x @ w
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import platform
 import shutil
@@ -52,8 +53,9 @@ def kernel() -> NativeQuantLinear:
     return loaded
 
 
-def random_weight(n: int, k: int, bits: int, group_size: int, seed: int) -> PackedWeight:
-    """Codes over the full storage range, positive scales, zero points and mins of both signs."""
+def random_weight(n: int, k: int, bits: int, group_size: int, seed: int, half: bool = False) -> PackedWeight:
+    """Codes over the full storage range, positive scales, zero points and mins of both signs; scales and
+    biases rounded to float16 and stored so when ``half``, else float32."""
     gen = torch.Generator().manual_seed(seed)
     groups = k // group_size
     top = 2 ** bits
@@ -61,7 +63,12 @@ def random_weight(n: int, k: int, bits: int, group_size: int, seed: int) -> Pack
     scales = torch.rand(n, groups, generator=gen) * 0.05 + 1e-3
     zeros = torch.randint(0, top, (n, groups), generator=gen).float()
     mins = torch.randn(n, groups, generator=gen) * 0.05
-    return pack(QuantCodes(codes, scales, zeros, mins, bits=bits, group_size=group_size))
+    weight = pack(QuantCodes(codes, scales, zeros, mins, bits=bits, group_size=group_size))
+    assert weight.scales.dtype == torch.float32  # random parameters are not float16 values
+    if half:
+        weight = PackedWeight(weight.qweight, weight.scales.half(), weight.biases.half(), weight.bits,
+                              weight.group_size, weight.in_features)
+    return weight
 
 
 def exact_activations(rows: int, k: int, seed: int) -> torch.Tensor:
@@ -122,20 +129,22 @@ CASES = [
     (8, 16, 272), (8, 32, 160), (8, 64, 192), (8, 128, 384), (8, 208, 208), (8, 48, 240), (8, 16, 48),
 ]
 ROW_COUNTS = [*range(1, 65), 300]
+HALF_ROW_COUNTS = [*range(1, 10), 16, 31, 32, 33, 64, 300]  # every row-tile shape, both paths, fewer calls
 
 
 @pytest.mark.parametrize(("bits", "group_size", "k"), CASES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("half", [False, True], ids=["fp32-scales", "fp16-scales"])
 def test_every_row_count_against_float64(
-    kernel: NativeQuantLinear, bits: int, group_size: int, k: int, with_bias: bool
+    kernel: NativeQuantLinear, bits: int, group_size: int, k: int, with_bias: bool, half: bool
 ) -> None:
     n = 37  # not a multiple of 16: uneven feature ranges across threads
-    weight = random_weight(n, k, bits, group_size, seed=bits * 1000 + group_size + k)
+    weight = random_weight(n, k, bits, group_size, seed=bits * 1000 + group_size + k, half=half)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(k)) if with_bias else None
     exact = exact_activations(max(ROW_COUNTS), k, seed=k)
     noisy = torch.randn(max(ROW_COUNTS), k, generator=torch.Generator().manual_seed(k + 1)) * 3
     ref = Reference(weight, bias)
-    for rows in ROW_COUNTS:
+    for rows in HALF_ROW_COUNTS if half else ROW_COUNTS:
         ref.assert_exact(kernel.gemv(exact[:rows], weight, bias), exact[:rows])
         ref.assert_within_bound(kernel.gemv(noisy[:rows], weight, bias), noisy[:rows])
         ref.assert_exact(kernel.dequantized(noisy[:rows], weight, bias), noisy[:rows])
@@ -149,15 +158,16 @@ def test_every_row_count_against_float64(
     n=st.integers(1, 70),
     rows=st.integers(1, 9),
     seed=st.integers(0, 2**16),
+    half=st.booleans(),
 )
 def test_random_shapes_within_bound(
-    kernel: NativeQuantLinear, bits: int, group_units: int, groups: int, n: int, rows: int, seed: int
+    kernel: NativeQuantLinear, bits: int, group_units: int, groups: int, n: int, rows: int, seed: int, half: bool
 ) -> None:
     group_size = 16 * group_units
     k = group_size * groups
     if bits == 4 and k % 32:
         k *= 2  # 4-bit storage needs whole nibble runs
-    weight = random_weight(n, k, bits, group_size, seed)
+    weight = random_weight(n, k, bits, group_size, seed, half)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 2
     bias = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
     ref = Reference(weight, bias)
@@ -165,6 +175,19 @@ def test_random_shapes_within_bound(
     ref.assert_exact(kernel.dequantized(x, weight, bias), x)
     exact = exact_activations(rows, k, seed)
     Reference(weight, None).assert_exact(kernel.gemv(exact, weight, None), exact)
+
+
+def test_half_scales_match_their_float32_copy(kernel: NativeQuantLinear) -> None:
+    """The same parameter values stored as float16 or float32 give the same outputs (the kernel converts
+    float16 exactly), on every group-size path and both row paths."""
+    for bits, group_size, k in CASES:
+        half = random_weight(19, k, bits, group_size, seed=k, half=True)
+        single = PackedWeight(half.qweight, half.scales.float(), half.biases.float(), half.bits, half.group_size,
+                              half.in_features)
+        assert torch.equal(half.dequantize(), single.dequantize())
+        for rows in (1, 2, 5, 40):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            torch.testing.assert_close(kernel(x, half), kernel(x, single), rtol=1e-6, atol=1e-6)
 
 
 def test_zero_tiny_and_huge_blocks(kernel: NativeQuantLinear) -> None:
@@ -308,8 +331,8 @@ def test_other_instruction_set_builds(
     subprocess.run([compiler, "-O2", "-ffast-math", "-fopenmp", "-fPIC", "-shared", *flags,
                     str(tmp_path / "quant_linear.c"), "-o", str(library)], check=True, capture_output=True)
     variant = NativeQuantLinear(ctypes.CDLL(str(library)))
-    for bits, group_size, k in CASES:
-        weight = random_weight(21, k, bits, group_size, seed=k + bits)
+    for (bits, group_size, k), half in itertools.product(CASES, (False, True)):
+        weight = random_weight(21, k, bits, group_size, seed=k + bits, half=half)
         bias = torch.randn(21)
         ref = Reference(weight, bias)
         for rows in (1, 2, 3, 4, 6):

@@ -71,10 +71,17 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.d
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=tol * scale, rtol=tol)
 
 
+def half_params(weight: PackedWeight) -> PackedWeight:
+    return PackedWeight(weight.qweight, weight.scales.half(), weight.biases.half(), weight.bits, weight.group_size,
+                        weight.in_features)
+
+
 def run_case(device: torch.device, path: str, bits: int, group: int | None, k: int, n: int, m: int,
              dtype: torch.dtype, split_k: int | None, with_bias: bool, seed: int,
-             strided: bool = False) -> None:
+             strided: bool = False, half: bool = False) -> None:
     weight = pack(random_codes(n, k, bits, group or k, seed, device))
+    if half:  # the same codes with their parameters rounded to and stored as float16
+        weight = half_params(weight)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k + 8 if strided else k, generator=gen).to(dtype).to(device)
     if strided:  # a column slice: row stride larger than K
@@ -110,6 +117,16 @@ def test_paths_match_float64(device: torch.device, path: str, bits: int, group: 
              with_bias=m != 16, seed=bits * 1000 + (group or 0) + m)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 16)])
+def test_float16_parameters(device: torch.device, path: str, bits: int, group: int) -> None:
+    """Scales and biases stored as float16 (what ``pack`` picks for GGUF-style weights) on every path."""
+    run_case(device, path, bits, group, k=96, n=24, m=3, dtype=torch.float32, split_k=2, with_bias=True,
+             seed=bits + group, half=True)
+    weight = half_params(pack(random_codes(24, 96, bits, group, 5, device)))
+    torch.testing.assert_close(dequantize_triton(weight).cpu(), weight.dequantize().cpu(), atol=0, rtol=0)
+
+
 def test_gemv_many_rows(device: torch.device) -> None:
     """40 rows through the GEMV: ten row blocks of ``GEMV_MAX_M``, split K, a strided ``x``."""
     run_case(device, "gemv", 4, 32, k=96, n=24, m=40, dtype=torch.bfloat16, split_k=3, with_bias=True,
@@ -120,14 +137,14 @@ def test_gemv_many_rows(device: torch.device) -> None:
 @given(path=st.sampled_from(PATHS), bits=st.sampled_from([4, 8]), group=st.sampled_from([16, 32, 48, 64, None]),
        runs=st.integers(2, 4), n=st.integers(1, 70), m=st.sampled_from([1, 2, 3, 5, 16]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), split_k=st.sampled_from([None, 1, 2, 5]),
-       with_bias=st.booleans(), strided=st.booleans(), seed=SEEDS)
+       with_bias=st.booleans(), strided=st.booleans(), seed=SEEDS, half=st.booleans())
 def test_random_shapes_match_float64(device: torch.device, path: str, bits: int, group: int | None, runs: int,
                                      n: int, m: int, dtype: torch.dtype, split_k: int | None, with_bias: bool,
-                                     strided: bool, seed: int) -> None:
+                                     strided: bool, seed: int, half: bool) -> None:
     # K a multiple of both G and 32: odd group counts and non-power-of-two K.
     k = runs * {48: 96, 64: 64}.get(group or 32, 32)
     run_case(device, path, bits, group, k=k, n=n, m=m, dtype=dtype, split_k=split_k, with_bias=with_bias,
-             seed=seed, strided=strided)
+             seed=seed, strided=strided, half=half)
 
 
 @pytest.mark.parametrize(("bits", "group"), [(4, 16), (4, 48), (4, 64), (8, 16), (8, 96)])

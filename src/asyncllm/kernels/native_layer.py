@@ -43,10 +43,12 @@ _ARGTYPES = (
 
 
 class PackedLinearArg(ctypes.Structure):
-    """``packed_linear`` of ``csrc/decode_layer.c``: one projection's packed tensors and optional bias."""
+    """``packed_linear`` of ``csrc/decode_layer.c``: one projection's packed tensors and optional bias;
+    ``half_scales`` is 1 when its scales and biases are float16, 0 when float32."""
 
     _fields_ = [("qweight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("bits", ctypes.c_int64), ("group_size", ctypes.c_int64)]
+                ("bias", ctypes.c_void_p), ("bits", ctypes.c_int64), ("group_size", ctypes.c_int64),
+                ("half_scales", ctypes.c_int64)]
 
 
 _QUANT_ARGTYPES = (
@@ -64,6 +66,10 @@ def _shared_fits(weights: FusedLayerWeights) -> bool:
     return head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM and weights.num_heads % weights.num_kv_heads == 0
 
 
+_PARAM_DTYPES = (torch.float32, torch.float16)
+"""Scales / biases dtypes the packed C layer reads."""
+
+
 def _fits_packed(weights: FusedLayerWeights) -> bool:
     """Whether the packed C layer can read this layer: four CPU ``PackedWeight``s of the layer's shapes."""
     projections = weights.projections
@@ -71,6 +77,8 @@ def _fits_packed(weights: FusedLayerWeights) -> bool:
         return False
     packed = [p for p in projections if isinstance(p, PackedWeight)]
     if any(t.device.type != "cpu" or not t.is_contiguous() for p in packed for t in (p.qweight, p.scales, p.biases)):
+        return False
+    if any(p.scales.dtype not in _PARAM_DTYPES or p.biases.dtype != p.scales.dtype for p in packed):
         return False
     biases = [b for b in (weights.qkv_bias, weights.o_bias, weights.gate_up_bias, weights.down_bias) if b is not None]
     if any(b.dtype != torch.float32 or not b.is_contiguous() for b in biases):
@@ -138,7 +146,7 @@ def _bind(w: FusedLayerWeights, functions: LayerFunctions) -> _BoundLayer | None
         return None
     structs = (PackedLinearArg * 4)(*(
         PackedLinearArg(p.qweight.data_ptr(), p.scales.data_ptr(), p.biases.data_ptr(), _pointer(b), p.bits,
-                        p.group_size)
+                        p.group_size, int(p.scales.dtype == torch.float16))
         for p, b in zip(_packed(w), (w.qkv_bias, w.o_bias, w.gate_up_bias, w.down_bias), strict=True)
     ))
     args = (w.input_norm.data_ptr(), w.post_norm.data_ptr(), w.eps, structs)

@@ -1,9 +1,10 @@
 """Weight-only quantized linears in Triton (W4A16 / W8A16): ``y = x @ W.T + bias`` with ``W`` a ``PackedWeight``.
 
 ``W[n, k] = scales[n, g] * q[n, k] + biases[n, g]`` with ``g = k // group_size`` (see
-``asyncllm.quant.packed``); ``q`` are 4-bit codes in GGUF nibble runs (each run of 32 values is 16 bytes,
-byte ``i`` holding value ``i`` in its low nibble and value ``i + 16`` in its high nibble) or 8-bit codes one
-per byte. Three paths, picked from the number of rows ``M`` of ``x`` (``plan_quant_linear``):
+``asyncllm.quant.packed``; scales and biases float32 or float16, read into fp32); ``q`` are 4-bit codes in
+GGUF nibble runs (each run of 32 values is 16 bytes, byte ``i`` holding value ``i`` in its low nibble and
+value ``i + 16`` in its high nibble) or 8-bit codes one per byte. Three paths, picked from the number of
+rows ``M`` of ``x`` (``plan_quant_linear``):
 
 - ``M <= GEMV_MAX_M`` (decode at small batch): ``gemv``, a split-K GEMV on CUDA cores. A program owns
   ``BLOCK_N`` output columns and one K split for up to ``GEMV_MAX_M`` rows of ``x``: it reads every packed
@@ -190,8 +191,8 @@ def _value_offsets(offs_j, BITS: tl.constexpr):
 def _group_params(s_rows, b_rows, mask_n, k0, GROUP: tl.constexpr):
     """Scale and bias ``[BLOCK_N]`` of the group holding K offset ``k0``, one per output row."""
     g = k0 // GROUP
-    scale = tl.load(s_rows + g, mask=mask_n, other=0.0)
-    bias = tl.load(b_rows + g, mask=mask_n, other=0.0)
+    scale = tl.load(s_rows + g, mask=mask_n, other=0.0).to(tl.float32)  # stored as float32 or float16
+    bias = tl.load(b_rows + g, mask=mask_n, other=0.0).to(tl.float32)
     return scale, bias
 
 

@@ -8,13 +8,18 @@ on unsigned codes), ``Q4_1`` / ``Q4_K`` / ``Q5_K`` (``zeros`` 0, ``mins`` the bl
 
 ``PackedWeight`` is the form kernels read, made once after loading (``pack``): codes of up to 4 bits two
 per byte, wider codes one per byte, and the affine parameters folded to ``w = scales * q + biases``
-(``biases = mins - scales * zeros``). The nibble order follows GGUF's 4-bit blocks so a SIMD unpack is
-two instructions: along each row, every run of 32 values is 16 bytes whose byte ``i`` holds value ``i`` in
-its low nibble and value ``i + 16`` in its high nibble.
+(``biases = mins - scales * zeros``, computed in float32). ``scales`` and ``biases`` are stored as float16
+when both convert to it exactly (every GGUF ``Q4_0`` / ``Q4_1`` / ``Q8_0`` block: ``d`` and ``m`` are float16
+and ``-8 * d``, ``-128 * d`` scale by powers of two), else float32: for 4-bit codes in groups of 32 that is
+1 bit of parameters per weight instead of 2 (5 bits per weight against 6), and CPU decode streams every
+byte. Kernels read either and compute in float32, so the values are the same either way. The nibble order
+follows GGUF's 4-bit blocks so a SIMD unpack is two instructions: along each row, every run of 32 values is
+16 bytes whose byte ``i`` holds value ``i`` in its low nibble and value ``i + 16`` in its high nibble.
 
 Invariants (checked by the constructors): 2-D ``[N, K]`` codes, ``group_size`` divides ``K`` and is a
-multiple of 16; 4-bit storage needs ``K % 32 == 0``; scales/zeros/mins/biases are float32 ``[N, K // G]``
-on the codes' device.
+multiple of 16; 4-bit storage needs ``K % 32 == 0``; scales/zeros/mins are float32 ``[N, K // G]`` on the
+codes' device, a ``PackedWeight``'s scales/biases ``[N, K // G]`` on its codes' device, both float32 or both
+float16.
 """
 
 from __future__ import annotations
@@ -29,9 +34,14 @@ NIBBLE_RUN = 32
 """Values per nibble run in 4-bit storage (see the module docstring)."""
 
 
-def _check_groups(name: str, tensor: torch.Tensor, rows: int, groups: int, device: torch.device) -> None:
-    if tensor.dtype != torch.float32 or tuple(tensor.shape) != (rows, groups) or tensor.device != device:
-        raise ValueError(f"{name}: expected float32 [{rows}, {groups}] on {device}, got {tensor.dtype} "
+PARAM_DTYPES = (torch.float32, torch.float16)
+"""The dtypes of a ``PackedWeight``'s scales and biases (both the same)."""
+
+
+def _check_groups(name: str, tensor: torch.Tensor, rows: int, groups: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> None:
+    if tensor.dtype != dtype or tuple(tensor.shape) != (rows, groups) or tensor.device != device:
+        raise ValueError(f"{name}: expected {dtype} [{rows}, {groups}] on {device}, got {tensor.dtype} "
                          f"{tuple(tensor.shape)} on {tensor.device}")
 
 
@@ -92,8 +102,9 @@ def storage_bits(bits: int) -> int:
 class PackedWeight:
     """A quantized ``[N, K]`` weight as kernels read it (see the module docstring).
 
-    ``qweight`` is uint8 ``[N, K * bits // 8]`` for storage ``bits`` 4 or 8; ``scales`` / ``biases`` float32
-    ``[N, K // group_size]``; ``w[n, k] = scales[n, g] * q[n, k] + biases[n, g]``."""
+    ``qweight`` is uint8 ``[N, K * bits // 8]`` for storage ``bits`` 4 or 8; ``scales`` / ``biases``
+    ``[N, K // group_size]``, both float32 or both float16; ``w[n, k] = scales[n, g] * q[n, k] + biases[n, g]``
+    in float32."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -114,8 +125,13 @@ class PackedWeight:
         if self.group_size <= 0 or self.group_size % 16 or k % self.group_size:
             raise ValueError(f"group_size: {self.group_size} must be a positive multiple of 16 dividing K={k}")
         rows = int(self.qweight.shape[0])
+        dtype = self.scales.dtype
+        if dtype not in PARAM_DTYPES:
+            raise ValueError(f"scales: expected float32 or float16, got {dtype}")
+        if self.biases.dtype != dtype:
+            raise ValueError(f"biases: expected the scales' dtype {dtype}, got {self.biases.dtype}")
         for name in ("scales", "biases"):
-            _check_groups(name, getattr(self, name), rows, k // self.group_size, self.qweight.device)
+            _check_groups(name, getattr(self, name), rows, k // self.group_size, self.qweight.device, dtype)
 
     @property
     def out_features(self) -> int:
@@ -139,7 +155,7 @@ class PackedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``[N, K]`` weight (computed in float32, then cast): the reference every kernel is tested on."""
         codes = self.codes().float().unflatten(1, (-1, self.group_size))
-        values = codes * self.scales.unsqueeze(-1) + self.biases.unsqueeze(-1)
+        values = codes * self.scales.float().unsqueeze(-1) + self.biases.float().unsqueeze(-1)
         return values.flatten(1).to(dtype)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,12 +166,20 @@ class PackedWeight:
         return picked.dequantize(dtype).reshape(*index.shape, self.in_features)
 
 
+def _exact_in_half(tensor: torch.Tensor) -> bool:
+    """Whether every element of a float32 tensor is finite and a float16 value."""
+    return bool(torch.isfinite(tensor).all()) and bool((tensor.half().float() == tensor).all())
+
+
 def pack(codes: QuantCodes) -> PackedWeight:
-    """``codes`` in kernel storage: 4-bit nibble runs when ``codes.bits <= 4``, else one byte per code."""
+    """``codes`` in kernel storage: 4-bit nibble runs when ``codes.bits <= 4``, else one byte per code; scales
+    and biases as float16 when both convert to it exactly, else float32 (``dequantize`` is the same)."""
     bits = storage_bits(codes.bits)
     cols = codes.shape[1]
     scales = codes.scales.contiguous()
     biases = (codes.mins - codes.scales * codes.zeros).contiguous()
+    if _exact_in_half(scales) and _exact_in_half(biases):
+        scales, biases = scales.half(), biases.half()
     if bits == 8:
         return PackedWeight(codes.codes.contiguous(), scales, biases, 8, codes.group_size, cols)
     if cols % NIBBLE_RUN:

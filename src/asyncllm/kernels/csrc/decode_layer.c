@@ -22,7 +22,8 @@
  * The caller validates shapes and indices: this code trusts them.
  *
  * asyncllm_decode_layer_quant is the same layer over weight-only quantized projections (PackedWeight
- * storage, see quant_gemv.h: output-major codes with per-group scales and biases). Before each projection
+ * storage, see quant_gemv.h: output-major codes with per-group scales and biases, float32 or float16 per
+ * projection as its half_scales says). Before each projection
  * the threads quantize its input rows to int8 blocks into the shared `prepared` buffer (at least
  * asyncllm_quant_prepared_bytes(rows, k, group_size) bytes for every projection's k and group size); after
  * a barrier each thread computes one contiguous range of the projection's output features.
@@ -190,14 +191,16 @@ void asyncllm_decode_layer(float *residual, float *work, const float *input_norm
     }
 }
 
-/* One weight-only quantized projection (a PackedWeight) and its optional float bias. */
+/* One weight-only quantized projection (a PackedWeight) and its optional float bias; scales and biases are
+ * float16 when half_scales != 0, else float32. */
 typedef struct {
     const uint8_t *qweight;
-    const float *scales;
-    const float *biases;
+    const void *scales;
+    const void *biases;
     const float *bias;
     int64_t bits;
     int64_t group_size;
+    int64_t half_scales;
 } packed_linear;
 
 int64_t asyncllm_quant_prepared_bytes(int64_t rows, int64_t k, int64_t group_size)
@@ -214,8 +217,8 @@ static void packed_projection(const float *x, int64_t rows, int64_t k, const pac
 #pragma omp barrier
     int64_t lo, hi;
     column_range(n, t, count, &lo, &hi);
-    quant_gemv_rows(prepared, rows, k, (int)p->bits, p->group_size, p->qweight, p->scales, p->biases, p->bias, y,
-                    n, lo, hi, add);
+    quant_gemv_rows(prepared, rows, k, (int)p->bits, p->group_size, p->qweight, p->scales, p->biases,
+                    (int)p->half_scales, p->bias, y, n, lo, hi, add);
 }
 
 /* The layer of asyncllm_decode_layer with packed projections w[0..3] = qkv, o, gate_up, down (each

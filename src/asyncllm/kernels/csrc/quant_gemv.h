@@ -2,7 +2,8 @@
  *
  * Weights are a PackedWeight (asyncllm.quant.packed): qweight uint8 [n, k * bits / 8] with bits 4 (every
  * run of 32 values along a row is 16 bytes, byte i holding value i in its low nibble and value i + 16 in
- * its high nibble) or 8 (one code per byte); scales and biases float32 [n, k / group_size]; the weight is
+ * its high nibble) or 8 (one code per byte); scales and biases [n, k / group_size], both float32 (half == 0)
+ * or both IEEE float16 (half != 0, converted exactly to float32 as they are read); the weight is
  * w[j, i] = scales[j, g] * q[j, i] + biases[j, g] with g = i / group_size. group_size is a multiple of 16
  * dividing k; 4-bit storage needs k % 32 == 0.
  *
@@ -30,25 +31,27 @@
  *                           int64_t group_size, void *prepared);
  *       quantize rows [r_lo, r_hi) of x (row r at x + r * ldx) into prepared; threads take disjoint rows
  *   void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int bits, int64_t group_size,
- *                        const uint8_t *qweight, const float *scales, const float *biases, const float *bias,
- *                        float *y, int64_t ldy, int64_t lo, int64_t hi, int add);
+ *                        const uint8_t *qweight, const void *scales, const void *biases, int half,
+ *                        const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi, int add);
  *       output features [lo, hi) of rows [0, rows): y[r * ldy + j] = (add ? y[r * ldy + j] : 0)
  *       + sum_i w[j, i] xhat[r, i] + (bias ? bias[j] : 0); threads take disjoint feature ranges
- *   void quant_dequantize_rows(const uint8_t *qweight, const float *scales, const float *biases, int bits,
- *                              int64_t k, int64_t group_size, int64_t lo, int64_t hi, float *out, int64_t ldo);
+ *   void quant_dequantize_rows(const uint8_t *qweight, const void *scales, const void *biases, int half,
+ *                              int bits, int64_t k, int64_t group_size, int64_t lo, int64_t hi, float *out,
+ *                              int64_t ldo);
  *       features [lo, hi) of the float32 weight into out (feature j at out + (j - lo) * ldo)
  *
  * A typical use, rows of x [rows, k] into y [rows, ldy]:
  *
  *   quant_prepare_rows(x, ldx, rows * t / count, rows * (t + 1) / count, k, bits, group_size, prepared);
  *   #pragma omp barrier
- *   quant_gemv_rows(prepared, rows, k, bits, group_size, qweight, scales, biases, bias, y, ldy, lo, hi, add);
+ *   quant_gemv_rows(prepared, rows, k, bits, group_size, qweight, scales, biases, half, bias, y, ldy, lo, hi,
+ *                   add);
  *
  * The prepared rows depend on (x, k, bits, group_size) only, so one preparation serves every weight of that
  * format reading the same activations (fused QKV and gate/up weights of one layer, say). One row runs four
  * features per step, two rows two; more rows run four at a time over L2-sized blocks of features.
  *
- * Builds: AVX-512 (F, BW, VL, VNNI) when the compiler targets it, else AVX2 + FMA (with AVX-VNNI when
+ * Builds: AVX-512 (F, BW, VL, VNNI) when the compiler targets it, else AVX2 + FMA + F16C (with AVX-VNNI when
  * present), else portable C; all three compute the same sums (integer products are exact, only the float
  * accumulation order differs). The caller validates shapes and pointers: this code trusts them.
  */
@@ -63,7 +66,7 @@
     && !defined(QG_FORCE_PORTABLE)
 #define QG_AVX512 1
 #include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__) && !defined(QG_FORCE_PORTABLE)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(QG_FORCE_PORTABLE)
 #define QG_AVX2 1
 #include <immintrin.h>
 #endif
@@ -75,6 +78,41 @@
 #define QG_TINY 1e-36f /* blocks whose largest magnitude is below this quantize to zero (127 / it is finite) */
 
 static inline int64_t qg_round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/* An IEEE float16 as float32, exactly (every half is a float). */
+static inline float qg_half_to_float(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    uint32_t u;
+    if (exponent == 0x1F) {
+        u = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent) {
+        u = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else { /* zero or subnormal: mantissa * 2^-24, exact in float */
+        const float f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Element i of a scales or biases array: float16 when half, else float32. */
+static inline __attribute__((always_inline)) float qg_param(const void *p, int64_t i, const int half)
+{
+    if (half) {
+#if defined(__F16C__) && (defined(QG_AVX512) || defined(QG_AVX2))
+        return _cvtsh_ss(((const uint16_t *)p)[i]);
+#else
+        return qg_half_to_float(((const uint16_t *)p)[i]);
+#endif
+    }
+    return ((const float *)p)[i];
+}
+
+/* Bytes of one scales or biases element. */
+static inline int64_t qg_param_bytes(int half) { return half ? 2 : 4; }
 
 /* Prepared row layout (every part a multiple of 64 bytes):
  *   xq   int8  [kp]        kp = k rounded up to 64; chunk-permuted for 4-bit (see qg_chunk_position),
@@ -208,6 +246,21 @@ static inline __attribute__((always_inline)) __m512i qg_codes_tail(const uint8_t
     return _mm512_maskz_loadu_epi8((__mmask64)((1ULL << left) - 1), chunk);
 }
 
+/* 16 parameters from element i (float16 when half, else float32) as floats; the masked form loads only
+ * elements m selects (the rest zero) and never touches the others. */
+static inline __attribute__((always_inline)) __m512 qg_load16(const void *p, int64_t i, const int half)
+{
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) __m512 qg_maskz_load16(__mmask16 m, const void *p, int64_t i,
+                                                                    const int half)
+{
+    if (half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
 /* Each lane's group minus g0 for chunk values starting at first (lane_value: each lane's first value). */
 static inline __m512i qg_lane_groups(__m512i lane_value, int64_t first, int64_t group_size, int64_t g0)
 {
@@ -225,7 +278,8 @@ static inline __m512i qg_lane_groups(__m512i lane_value, int64_t first, int64_t 
  * plus biases . xsum. F, R, bits and mode are compile-time constants after inlining. */
 static inline __attribute__((always_inline)) void qg_tile(
     const int8_t *prepared, int64_t row_bytes, const int F, const int R, const int bits, const int mode,
-    const uint8_t *const *wrow, const float *const *srow, const float *const *brow, int64_t k, int64_t group_size,
+    const int half, const uint8_t *const *wrow, const void *const *srow, const void *const *brow, int64_t k,
+    int64_t group_size,
     int64_t groups, __m512i lane_value, __m512i small_idx, float *out)
 {
     const int64_t kp = qg_round_up(k, QG_CHUNK), full = k / QG_CHUNK, wchunk = QG_CHUNK * bits / 8;
@@ -263,7 +317,8 @@ static inline __attribute__((always_inline)) void qg_tile(
                 QG_EACH(QG_PART)
 #undef QG_PART
             }
-#define QG_SCALE(i) if ((i) < F * R) acc##i = _mm512_fmadd_ps(part##i, _mm512_set1_ps(srow[(i) / R][g]), acc##i);
+#define QG_SCALE(i) \
+    if ((i) < F * R) acc##i = _mm512_fmadd_ps(part##i, _mm512_set1_ps(qg_param(srow[(i) / R], g, half)), acc##i);
             QG_EACH(QG_SCALE)
 #undef QG_SCALE
         }
@@ -274,7 +329,7 @@ static inline __attribute__((always_inline)) void qg_tile(
         for (int64_t c = 0; c < full; ++c) {
             for (int f = 0; f < F; ++f) {
                 w[f] = qg_codes(wrow[f] + c * wchunk, bits);
-                sw[f] = _mm512_permutexvar_ps(small_idx, _mm512_maskz_loadu_ps(m, srow[f] + c * per));
+                sw[f] = _mm512_permutexvar_ps(small_idx, qg_maskz_load16(m, srow[f], c * per, half));
             }
             QG_EACH(QG_DOT)
         }
@@ -283,7 +338,7 @@ static inline __attribute__((always_inline)) void qg_tile(
             for (int f = 0; f < F; ++f) {
                 w[f] = qg_codes_tail(wrow[f] + c * wchunk, k - c * QG_CHUNK, bits);
                 sw[f] = _mm512_permutexvar_ps(
-                    small_idx, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), srow[f] + c * per));
+                    small_idx, qg_maskz_load16((__mmask16)((1u << left) - 1), srow[f], c * per, half));
             }
             QG_EACH(QG_DOT)
         }
@@ -298,7 +353,7 @@ static inline __attribute__((always_inline)) void qg_tile(
             for (int f = 0; f < F; ++f) {
                 w[f] = c < full ? qg_codes(wrow[f] + c * wchunk, bits)
                                 : qg_codes_tail(wrow[f] + c * wchunk, k - c * QG_CHUNK, bits);
-                sw[f] = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(m, srow[f] + g0));
+                sw[f] = _mm512_permutexvar_ps(idx, qg_maskz_load16(m, srow[f], g0, half));
             }
             QG_EACH(QG_DOT)
         }
@@ -314,9 +369,9 @@ static inline __attribute__((always_inline)) void qg_tile(
         __m512 b_ = acc##i;                                                                                      \
         int64_t g = 0;                                                                                           \
         for (; g + 16 <= groups; g += 16)                                                                        \
-            b_ = _mm512_fmadd_ps(_mm512_loadu_ps(brow[f_] + g), _mm512_loadu_ps(xsum + g), b_);                  \
+            b_ = _mm512_fmadd_ps(qg_load16(brow[f_], g, half), _mm512_loadu_ps(xsum + g), b_);                   \
         if (g < groups)                                                                                          \
-            b_ = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, brow[f_] + g), _mm512_loadu_ps(xsum + g), b_);      \
+            b_ = _mm512_fmadd_ps(qg_maskz_load16(tail, brow[f_], g, half), _mm512_loadu_ps(xsum + g), b_);       \
         out[i] = _mm512_reduce_add_ps(b_);                                                                       \
     }
     QG_EACH(QG_FINISH)
@@ -326,11 +381,11 @@ static inline __attribute__((always_inline)) void qg_tile(
 /* Every output feature in [lo, hi) for rows [0, rows): F features x R rows at a time (one row: 4 features,
  * two rows: 2, else 1 feature by up to 4 rows), all compile-time in qg_tile. */
 static inline __attribute__((always_inline)) void qg_features(
-    const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const uint8_t *qweight,
-    const float *scales, const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi,
-    int add, int64_t k, int64_t group_size)
+    const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const int half,
+    const uint8_t *qweight, const void *scales, const void *biases, const float *bias, float *y, int64_t ldy,
+    int64_t lo, int64_t hi, int add, int64_t k, int64_t group_size)
 {
-    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    const int64_t groups = k / group_size, wbytes = k * bits / 8, pbytes = qg_param_bytes(half);
     int lanes[16];
     for (int l = 0; l < 16; ++l) lanes[l] = qg_lane_value(l, bits);
     const __m512i lane_value = _mm512_loadu_si512((const void *)lanes);
@@ -339,7 +394,7 @@ static inline __attribute__((always_inline)) void qg_features(
     /* Blocks of features whose codes and scales fit comfortably in L2 (QG_L2_BLOCK bytes): every row tile
      * sweeps a block, so the block stays cached across row tiles and a row tile's activations across the
      * block's features. */
-    const int64_t feature_bytes = wbytes + 8 * groups;
+    const int64_t feature_bytes = wbytes + 2 * pbytes * groups;
     int64_t block = QG_L2_BLOCK / feature_bytes;
     block = block < 4 ? 4 : block / 4 * 4;
     for (int64_t jb = lo; jb < hi; jb += block) {
@@ -350,15 +405,16 @@ static inline __attribute__((always_inline)) void qg_features(
             for (int64_t j = jb; j < jend;) {
                 const int F = jend - j >= wide ? wide : 1;
                 const uint8_t *wrow[4];
-                const float *srow[4], *brow[4];
+                const void *srow[4], *brow[4];
                 for (int f = 0; f < F; ++f) {
                     wrow[f] = qweight + (j + f) * wbytes;
-                    srow[f] = scales + (j + f) * groups;
-                    brow[f] = biases + (j + f) * groups;
+                    srow[f] = (const char *)scales + (j + f) * groups * pbytes;
+                    brow[f] = (const char *)biases + (j + f) * groups * pbytes;
                 }
                 float out[4] = {0.f, 0.f, 0.f, 0.f};
 #define QG_TILE(f, r) \
-    qg_tile(p, row_bytes, f, r, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
+    qg_tile(p, row_bytes, f, r, bits, mode, half, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, \
+            out)
                 if (F == 4) QG_TILE(4, 1);
                 else if (F == 2) QG_TILE(2, 2);
                 else if (R == 4) QG_TILE(1, 4);
@@ -435,11 +491,26 @@ static inline float qg_hsum_avx2(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* Up to 4 consecutive floats (count of them, the rest zero), never reading past them. */
-static inline __m256 qg_load4_avx2(const float *p, int64_t count)
+/* Up to 4 consecutive parameters from element i (count of them, the rest zero) as floats in the low half,
+ * never reading past them. */
+static inline __attribute__((always_inline)) __m256 qg_load4_avx2(const void *p, int64_t i, int64_t count,
+                                                                  const int half)
 {
+    if (half) {
+        uint16_t four[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(four, (const uint16_t *)p + i, (size_t)count * 2);
+        return _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadu_si128((const __m128i *)four)));
+    }
     const __m128i lane = _mm_setr_epi32(0, 1, 2, 3);
-    return _mm256_castps128_ps256(_mm_maskload_ps(p, _mm_cmplt_epi32(lane, _mm_set1_epi32((int)count))));
+    return _mm256_castps128_ps256(
+        _mm_maskload_ps((const float *)p + i, _mm_cmplt_epi32(lane, _mm_set1_epi32((int)count))));
+}
+
+/* 8 parameters from element i as floats. */
+static inline __attribute__((always_inline)) __m256 qg_load8_avx2(const void *p, int64_t i, const int half)
+{
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
 }
 
 /* Each lane's group minus g0 for chunk values from first (lane_value: each lane's first value). */
@@ -452,9 +523,9 @@ static inline __m256i qg_lane_groups_avx2(__m256i lane_value, int64_t first, int
 }
 
 static inline __attribute__((always_inline)) void qg_tile(
-    const int8_t *prepared, int64_t row_bytes, const int R, const int bits, const int mode, const uint8_t *wrow,
-    const float *srow, const float *brow, int64_t k, int64_t group_size, int64_t groups, const __m256i *lane_value,
-    const __m256i *small_idx, float *out)
+    const int8_t *prepared, int64_t row_bytes, const int R, const int bits, const int mode, const int half,
+    const uint8_t *wrow, const void *srow, const void *brow, int64_t k, int64_t group_size, int64_t groups,
+    const __m256i *lane_value, const __m256i *small_idx, float *out)
 {
     const int64_t kp = qg_round_up(k, QG_CHUNK), wchunk = QG_CHUNK * bits / 8;
     __m256 acc[QG_ROW_TILE][2];
@@ -466,7 +537,7 @@ static inline __attribute__((always_inline)) void qg_tile(
         __m256 sw[2];
         if (mode == QG_WIDE_GROUPS) {
             while ((g0 + 1) * group_size <= c * QG_CHUNK) ++g0;
-            sw[0] = sw[1] = _mm256_set1_ps(srow[g0]);
+            sw[0] = sw[1] = _mm256_set1_ps(qg_param(srow, g0, half));
         } else {
             __m256i idx[2] = {small_idx[0], small_idx[1]};
             if (mode == QG_SMALL_GROUPS) {
@@ -476,7 +547,7 @@ static inline __attribute__((always_inline)) void qg_tile(
                 idx[0] = qg_lane_groups_avx2(lane_value[0], c * QG_CHUNK, group_size, g0);
                 idx[1] = qg_lane_groups_avx2(lane_value[1], c * QG_CHUNK, group_size, g0);
             }
-            const __m256 s4 = qg_load4_avx2(srow + g0, groups - g0 < 4 ? groups - g0 : 4);
+            const __m256 s4 = qg_load4_avx2(srow, g0, groups - g0 < 4 ? groups - g0 : 4, half);
             sw[0] = _mm256_permutevar8x32_ps(s4, idx[0]);
             sw[1] = _mm256_permutevar8x32_ps(s4, idx[1]);
         }
@@ -494,19 +565,19 @@ static inline __attribute__((always_inline)) void qg_tile(
         const float *xsum = (const float *)(prepared + i * row_bytes + 2 * kp) + qg_round_up(kp / QG_BLOCK, 16);
         __m256 b = _mm256_add_ps(acc[i][0], acc[i][1]);
         int64_t g = 0;
-        for (; g + 8 <= groups; g += 8) b = _mm256_fmadd_ps(_mm256_loadu_ps(brow + g), _mm256_loadu_ps(xsum + g), b);
+        for (; g + 8 <= groups; g += 8) b = _mm256_fmadd_ps(qg_load8_avx2(brow, g, half), _mm256_loadu_ps(xsum + g), b);
         float tail = 0.f;
-        for (; g < groups; ++g) tail += brow[g] * xsum[g];
+        for (; g < groups; ++g) tail += qg_param(brow, g, half) * xsum[g];
         out[i] = qg_hsum_avx2(b) + tail;
     }
 }
 
 static inline __attribute__((always_inline)) void qg_features(
-    const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const uint8_t *qweight,
-    const float *scales, const float *biases, const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi,
-    int add, int64_t k, int64_t group_size)
+    const int8_t *prepared, int64_t row_bytes, int64_t rows, const int bits, const int mode, const int half,
+    const uint8_t *qweight, const void *scales, const void *biases, const float *bias, float *y, int64_t ldy,
+    int64_t lo, int64_t hi, int add, int64_t k, int64_t group_size)
 {
-    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    const int64_t groups = k / group_size, wbytes = k * bits / 8, pbytes = qg_param_bytes(half);
     int lanes[16];
     for (int l = 0; l < 16; ++l) lanes[l] = qg_lane_value(l, bits);
     __m256i lane_value[2], small_idx[2];
@@ -515,7 +586,7 @@ static inline __attribute__((always_inline)) void qg_features(
         small_idx[h] = qg_lane_groups_avx2(lane_value[h], 0, group_size, 0);
     }
     /* feature blocks that stay in L2 across row tiles, as in the AVX-512 path */
-    int64_t block = QG_L2_BLOCK / (wbytes + 8 * groups);
+    int64_t block = QG_L2_BLOCK / (wbytes + 2 * pbytes * groups);
     block = block < 4 ? 4 : block / 4 * 4;
     for (int64_t jb = lo; jb < hi; jb += block) {
         const int64_t jend = jb + block < hi ? jb + block : hi;
@@ -524,10 +595,11 @@ static inline __attribute__((always_inline)) void qg_features(
             const int8_t *p = prepared + r0 * row_bytes;
             for (int64_t j = jb; j < jend; ++j) {
                 const uint8_t *wrow = qweight + j * wbytes;
-                const float *srow = scales + j * groups, *brow = biases + j * groups;
+                const void *srow = (const char *)scales + j * groups * pbytes;
+                const void *brow = (const char *)biases + j * groups * pbytes;
                 float out[QG_ROW_TILE] = {0.f, 0.f, 0.f, 0.f};
 #define QG_TILE(r) \
-    qg_tile(p, row_bytes, r, bits, mode, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
+    qg_tile(p, row_bytes, r, bits, mode, half, wrow, srow, brow, k, group_size, groups, lane_value, small_idx, out)
                 if (R == 4) QG_TILE(4);
                 else if (R == 3) QG_TILE(3);
                 else if (R == 2) QG_TILE(2);
@@ -543,9 +615,9 @@ static inline __attribute__((always_inline)) void qg_features(
 
 /* Rows [0, R) of a tile, one output feature: per 16-value segment (one group, one block) an exact integer
  * dot, scaled in float; then biases . xsum. */
-static void qg_tile_portable(const int8_t *prepared, int64_t row_bytes, int64_t R, int bits, const uint8_t *wrow,
-                             const float *srow, const float *brow, int64_t k, int64_t group_size, int64_t groups,
-                             float *out)
+static void qg_tile_portable(const int8_t *prepared, int64_t row_bytes, int64_t R, int bits, int half,
+                             const uint8_t *wrow, const void *srow, const void *brow, int64_t k, int64_t group_size,
+                             int64_t groups, float *out)
 {
     const int64_t kp = qg_round_up(k, QG_CHUNK);
     for (int64_t i = 0; i < R; ++i) {
@@ -564,9 +636,9 @@ static void qg_tile_portable(const int8_t *prepared, int64_t row_bytes, int64_t 
             } else {
                 for (int v = 0; v < 16; ++v) dot += wrow[s + v] * xs[v];
             }
-            acc += (float)dot * d[s / QG_BLOCK] * srow[s / group_size];
+            acc += (float)dot * d[s / QG_BLOCK] * qg_param(srow, s / group_size, half);
         }
-        for (int64_t g = 0; g < groups; ++g) acc += brow[g] * xsum[g];
+        for (int64_t g = 0; g < groups; ++g) acc += qg_param(brow, g, half) * xsum[g];
         out[i] = acc;
     }
 }
@@ -576,7 +648,7 @@ static void qg_tile_portable(const int8_t *prepared, int64_t row_bytes, int64_t 
 /* Output features [lo, hi) of every row r < rows: y[r * ldy + j] (+)= sum_i w[j, i] x[r, i] (+ bias[j]),
  * x being the rows quant_prepare_rows prepared (same k, bits, group_size); add != 0 accumulates into y. */
 static inline void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k, int bits, int64_t group_size,
-                                   const uint8_t *qweight, const float *scales, const float *biases,
+                                   const uint8_t *qweight, const void *scales, const void *biases, int half,
                                    const float *bias, float *y, int64_t ldy, int64_t lo, int64_t hi, int add)
 {
     const int64_t row_bytes = quant_prepared_row_bytes(k, group_size);
@@ -584,26 +656,32 @@ static inline void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k
 #if defined(QG_AVX512) || defined(QG_AVX2)
     const int mode = group_size % QG_CHUNK == 0 ? QG_WIDE_GROUPS
                    : group_size == 16 || group_size == 32 ? QG_SMALL_GROUPS : QG_OTHER_GROUPS;
-#define QG_CASE(b, md) \
-    qg_features(p, row_bytes, rows, b, md, qweight, scales, biases, bias, y, ldy, lo, hi, add, k, group_size)
-    if (bits == 4) {
-        if (mode == QG_WIDE_GROUPS) QG_CASE(4, QG_WIDE_GROUPS);
-        else if (mode == QG_SMALL_GROUPS) QG_CASE(4, QG_SMALL_GROUPS);
-        else QG_CASE(4, QG_OTHER_GROUPS);
-    } else {
-        if (mode == QG_WIDE_GROUPS) QG_CASE(8, QG_WIDE_GROUPS);
-        else if (mode == QG_SMALL_GROUPS) QG_CASE(8, QG_SMALL_GROUPS);
-        else QG_CASE(8, QG_OTHER_GROUPS);
+#define QG_CASE(b, md, h) \
+    qg_features(p, row_bytes, rows, b, md, h, qweight, scales, biases, bias, y, ldy, lo, hi, add, k, group_size)
+#define QG_MODES(b, h)                                                \
+    {                                                                 \
+        if (mode == QG_WIDE_GROUPS) QG_CASE(b, QG_WIDE_GROUPS, h);    \
+        else if (mode == QG_SMALL_GROUPS) QG_CASE(b, QG_SMALL_GROUPS, h); \
+        else QG_CASE(b, QG_OTHER_GROUPS, h);                          \
     }
+    if (bits == 4) {
+        if (half) QG_MODES(4, 1)
+        else QG_MODES(4, 0)
+    } else {
+        if (half) QG_MODES(8, 1)
+        else QG_MODES(8, 0)
+    }
+#undef QG_MODES
 #undef QG_CASE
 #else
-    const int64_t groups = k / group_size, wbytes = k * bits / 8;
+    const int64_t groups = k / group_size, wbytes = k * bits / 8, pbytes = qg_param_bytes(half);
     for (int64_t j = lo; j < hi; ++j) {
         for (int64_t r0 = 0; r0 < rows; r0 += QG_ROW_TILE) {
             const int64_t R = rows - r0 < QG_ROW_TILE ? rows - r0 : QG_ROW_TILE;
             float out[QG_ROW_TILE];
-            qg_tile_portable(p + r0 * row_bytes, row_bytes, R, bits, qweight + j * wbytes, scales + j * groups,
-                             biases + j * groups, k, group_size, groups, out);
+            qg_tile_portable(p + r0 * row_bytes, row_bytes, R, bits, half, qweight + j * wbytes,
+                             (const char *)scales + j * groups * pbytes, (const char *)biases + j * groups * pbytes,
+                             k, group_size, groups, out);
             for (int64_t i = 0; i < R; ++i) qg_store(y, ldy, r0 + i, j, out[i], bias, add);
         }
     }
@@ -612,17 +690,17 @@ static inline void quant_gemv_rows(const void *prepared, int64_t rows, int64_t k
 
 /* Rows [lo, hi) of the float32 weight, w[j, i] = scales[j, g] * q[j, i] + biases[j, g], into out (row
  * j - lo at out + (j - lo) * ldo): as PackedWeight.dequantize computes it (one multiply, one add). */
-static inline void quant_dequantize_rows(const uint8_t *qweight, const float *scales, const float *biases,
+static inline void quant_dequantize_rows(const uint8_t *qweight, const void *scales, const void *biases, int half,
                                          int bits, int64_t k, int64_t group_size, int64_t lo, int64_t hi,
                                          float *out, int64_t ldo)
 {
     const int64_t groups = k / group_size, wbytes = k * bits / 8;
     for (int64_t j = lo; j < hi; ++j) {
         const uint8_t *wrow = qweight + j * wbytes;
-        const float *srow = scales + j * groups, *brow = biases + j * groups;
         float *o = out + (j - lo) * ldo;
         for (int64_t s = 0; s < k; s += 16) { /* 16 values: one group, one half of a nibble run */
-            const float scale = srow[s / group_size], shift = brow[s / group_size];
+            const int64_t g = j * groups + s / group_size;
+            const float scale = qg_param(scales, g, half), shift = qg_param(biases, g, half);
 #ifdef QG_AVX512
             __m512i q;
             if (bits == 4) {
