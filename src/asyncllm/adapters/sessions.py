@@ -4,8 +4,9 @@ Invariants: at most ``max_sessions`` sessions are open in all, and at most ``max
 principal (one API key); a session is only ever closed while no turn is in progress; making room for a new
 session evicts an idle session of the same principal first, and another principal's idle session only when
 the global cap forces it; the id of a session that ended without the client asking (idle timeout or eviction to make
-room) is remembered (up to ``max_tombstones`` ids) so that a later turn on it is told the context is
-gone instead of silently starting over. An id the client deleted may be reused for a new session.
+room) is remembered (up to ``max_tombstones`` ids, one pool for every principal: a principal that ends
+thousands of sessions can push out another's oldest remembered ids) so that a later turn on it is told
+the context is gone instead of silently starting over. An id the client deleted may be reused for a new session.
 """
 
 from __future__ import annotations
