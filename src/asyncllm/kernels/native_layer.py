@@ -173,6 +173,7 @@ class NativeDecodeLayers:
                  max_rows: int) -> None:
         self._functions = functions
         self.max_rows = max_rows
+        self._prepared_sizes: dict[int, int] = {}
         # each layer's pointers, fixed for the binding's life (the weights never move), so a step does not
         # re-read ~300 data pointers
         self.layers: tuple[_BoundLayer | None, ...] = tuple(
@@ -180,7 +181,11 @@ class NativeDecodeLayers:
         )
 
     def prepared_bytes(self, rows: int) -> int:
-        """Scratch bytes the packed layers' activation quantization needs for ``rows`` rows."""
+        """Scratch bytes the packed layers' activation quantization needs for ``rows`` rows (computed once
+        per row count: every decode step asks)."""
+        known = self._prepared_sizes.get(rows)
+        if known is not None:
+            return known
         sizes = [0]
         size_of = self._functions.prepared_bytes
         for bound in self.layers:
@@ -188,7 +193,8 @@ class NativeDecodeLayers:
                 continue
             for p in _packed(bound.weights):
                 sizes.append(int(size_of(rows, p.in_features, p.group_size)))
-        return max(sizes)
+        self._prepared_sizes[rows] = max(sizes)
+        return self._prepared_sizes[rows]
 
     @property
     def num_bound(self) -> int:
