@@ -26,14 +26,20 @@ import torch
 from asyncllm.quant.packed import QuantCodes
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> QuantCodes:
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False, *,
+                 scale_dtype: torch.dtype | None = None) -> QuantCodes:
     """``weight`` (a floating ``[N, K]`` tensor on any device) as ``bits``-bit min-max round-to-nearest codes
     in groups of ``group_size`` input features (``None``: one group per row, channel-wise), asymmetric unless
     ``symmetric`` (see the module docstring for the exact formulas).
 
     ``bits`` must be in 1..8 and ``group_size`` a positive multiple of 16 dividing ``K`` (with ``None``, ``K``
     itself must be one, as ``QuantCodes`` requires); anything else, a tensor that is not 2-D floating, or a
-    non-finite weight raises ``ValueError``."""
+    non-finite weight raises ``ValueError``.
+
+    ``scale_dtype`` (e.g. ``torch.float16``, the dtype a checkpoint stores scales in): each scale is rounded to
+    it (and kept at least its smallest normal value) before the zero points and codes are computed, so the
+    codes are the nearest ones for the scales that will be stored and the result converts to that dtype
+    without rounding."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits: must be an integer in [1, 8], got {bits!r}")
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -54,12 +60,11 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmet
     empty = (low == 0) & (high == 0)
     low = torch.where(empty, -1.0, low)
     high = torch.where(empty, 1.0, high)
-    if symmetric:
-        scales = 2.0 * torch.maximum(-low, high) / maxq
-        zeros = torch.full_like(scales, float(1 << (bits - 1)))
-    else:
-        scales = (high - low) / maxq
-        zeros = torch.round(-low / scales)
+    scales = 2.0 * torch.maximum(-low, high) / maxq if symmetric else (high - low) / maxq
+    if scale_dtype is not None:
+        scales = scales.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).float()
+    offset = float(1 << (bits - 1))
+    zeros = torch.full_like(scales, offset) if symmetric else torch.round(-low / scales).clamp(0.0, maxq)
     codes = torch.clamp(torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0.0, maxq)
     return QuantCodes(
         codes.to(torch.uint8).reshape(rows, cols),
