@@ -32,6 +32,7 @@ CASES: list[tuple[str, Callable[..., dict[str, torch.Tensor]], dict[str, Any]]] 
     ("ct-qwen2-asym8-channel", write_compressed_tensors, {"family": "qwen2", "bits": 8, "group_size": None,
                                                            "symmetric": False}),
     ("ct-llama-asym4-group64", write_compressed_tensors, {"symmetric": False, "group_size": 64}),
+    ("ct-llama-asym4-naive", write_compressed_tensors, {"symmetric": False, "fmt": "naive-quantized"}),
     # One config group per setting; q (4-bit, groups of 32) merges with k / v (8-bit, groups of 64).
     ("ct-llama-mixed-groups", write_compressed_tensors, {"groups": [
         (r".*q_proj$", 4, 32, True), (r".*(k|v)_proj$", 8, 64, False), (r".*o_proj$", 4, None, False),

@@ -49,7 +49,7 @@ class RawTensorSource(TensorSource, Protocol):
 
 def quantized_prefixes(spec: WeightQuantSpec, names: Sequence[str]) -> list[str]:
     """Checkpoint module prefixes of the quantized linears, in order of their first stored part."""
-    markers = module_parts(spec).all
+    markers = module_parts(spec).all - {"weight"}  # dense modules store a ``weight`` too (naive-quantized codes)
     prefixes: dict[str, None] = {}
     for name in names:
         prefix, _, suffix = name.rpartition(".")
