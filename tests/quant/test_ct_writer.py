@@ -319,6 +319,22 @@ def test_tokenizer_files_load_in_both(sym4: tuple[Path, dict[str, QuantCodes]], 
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.parametrize(("add_bos", "add_eos"), [(True, False), (False, False), (True, True)])
+def test_explicit_bos_eos_flags_become_the_post_processor(tmp_path: Path, add_bos: bool, add_eos: bool) -> None:
+    """A GGUF tokenizer says with flags whether BOS / EOS are added (here over a backend whose own
+    post-processor always prepends BOS): the written tokenizer.json does exactly what the flags say."""
+    from asyncllm.loaders.hf_dir_writer import write_tokenizer_files
+
+    from ..core._tokenizers import CHATML_TEMPLATE, build_sentencepiece_backend
+
+    source = Tokenizer(build_sentencepiece_backend("metaspace"), bos_token="<s>", eos_token="</s>",
+                       unk_token="<unk>", add_bos_token=add_bos, add_eos_token=add_eos,
+                       chat_template=CHATML_TEMPLATE.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>"))
+    assert source.encode("hi")[:1] == ([1] if add_bos else [source.encode("hi", add_special_tokens=False)[0]])
+    write_tokenizer_files(tmp_path, source)
+    _check_tokenizer(tmp_path, source)
+
+
 def test_engine_serves_it(sym4: tuple[Path, dict[str, QuantCodes]]) -> None:
     from asyncllm import AsyncEngine
 

@@ -22,8 +22,8 @@ dtype, plus the ``quantization_config``), safetensors shards and the tokenizer f
 ``channel`` group of their own). Each group's targets are one ``re:`` regex naming the projections in it by
 their last name component (``re:(.*\\.)?(k_proj|q_proj)$``) when no projection name is in two groups, else
 the exact module names; ``ignore`` lists ``lm_head`` and every dense module a target would match. Every
-quantized linear thus matches exactly its group's targets, in compressed-tensors, transformers, vLLM and
-asyncllm alike.
+quantized linear thus matches exactly its group's targets, as compressed-tensors (and so transformers)
+and asyncllm match them.
 """
 
 from __future__ import annotations
