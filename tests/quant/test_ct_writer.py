@@ -410,6 +410,18 @@ def test_overlapping_projection_names_get_exact_targets_and_dense_ones_are_ignor
                        state["model.layers.1.self_attn.o_proj.weight"])
 
 
+def test_tied_tensors_are_written_once_each(tmp_path: Path, tiny_model_parts: tuple[Any, dict[str, Any], dict]
+                                           ) -> None:
+    """Dense tensors sharing memory (a tied LM head given under both names) are each written."""
+    _, hf_config, state = tiny_model_parts
+    dense, quantized = _split(state, 4, True, torch.float32)
+    dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+    write_quantized_checkpoint(tmp_path / "out", hf_config=hf_config, dense=dense, quantized=quantized, bits=4,
+                               symmetric=True, scale_dtype=torch.float32, dtype=torch.float32, tokenizer_from=None)
+    stored = dict(load_checkpoint(tmp_path / "out", dequantize_weights=True).tensors(torch.float32))
+    assert torch.equal(stored["lm_head.weight"], state["model.embed_tokens.weight"])
+
+
 # ---------------------------------------------------------------------- atomicity and refusals
 
 

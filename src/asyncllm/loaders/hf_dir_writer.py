@@ -166,11 +166,19 @@ def write_safetensors(directory: Path, units: Sequence[TensorUnit], max_shard_by
     weight_map: dict[str, str] = {}
     for file, shard in zip(files, shards or [[]], strict=True):
         tensors: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
         for unit in shard:
             produced = dict(unit.produce())
             if {n: tensor_nbytes(t.shape, t.dtype) for n, t in produced.items()} != dict(unit.sizes):
                 raise ValueError(f"tensors {sorted(unit.sizes)}: produced other names or sizes than planned")
-            tensors.update({name: t.detach().contiguous().cpu() for name, t in produced.items()})
+            for name, tensor in produced.items():
+                stored = tensor.detach().contiguous().cpu()
+                storage = stored.untyped_storage().data_ptr()
+                if storage in storages and stored.numel():  # safetensors refuses tensors sharing memory (tied)
+                    stored = stored.clone()
+                    storage = stored.untyped_storage().data_ptr()
+                storages.add(storage)
+                tensors[name] = stored
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
