@@ -248,6 +248,17 @@ class Tokenizer:
     def backend(self) -> tokenizers.Tokenizer:
         return self._backend
 
+    @property
+    def add_bos_token(self) -> bool | None:
+        """Whether ``encode(..., add_special_tokens=True)`` prepends BOS by an explicit flag (GGUF metadata);
+        ``None`` when the backend's ``tokenizer.json`` post-processor decides."""
+        return self._add_bos if self._add_special_explicit else None
+
+    @property
+    def add_eos_token(self) -> bool | None:
+        """As ``add_bos_token``, for appending EOS."""
+        return self._add_eos if self._add_special_explicit else None
+
     def _token_id(self, name: str) -> int | None:
         token = self._special_tokens[name]
         return None if token is None else self._backend.token_to_id(token)

@@ -14,6 +14,8 @@ with ``model.load_state_dict`` into the same transformers class for a reference 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +165,23 @@ def write_gptq(directory: Path, family: str = "llama", bits: int = 4, group_size
 
 def write_compressed_tensors(directory: Path, family: str = "llama", bits: int = 4, group_size: int | None = 32,
                              *, symmetric: bool = True, fmt: str = "pack-quantized", seed: int = 0,
-                             shards: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+                             shards: int = 1, dtype: torch.dtype = torch.bfloat16,
+                             groups: Sequence[tuple[str, int, int | None, bool]] = ()) -> dict[str, torch.Tensor]:
     """A compressed-tensors checkpoint written by the package's own compressor (``fmt``
     ``"pack-quantized"`` or ``"naive-quantized"``; ``group_size`` ``None`` = the channel strategy),
-    with ``lm_head`` ignored, as llm-compressor's W4A16 / W8A16 recipes do."""
+    with ``lm_head`` ignored, as llm-compressor's W4A16 / W8A16 recipes do. ``groups``: one config group
+    per ``(regex, bits, group_size, symmetric)``, each quantizing the decoder linears whose name the regex
+    matches (from the start, as the package does) with its own settings, instead of one ``Linear`` group."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationConfig
 
     from ._ct import compress, decompress, scheme
 
-    ct_scheme = scheme(bits, group_size, symmetric)
+    schemes = [(f"re:{regex}", scheme(b, g, sym)) for regex, b, g, sym in groups]
+    for target, ct_scheme in schemes:
+        ct_scheme.targets = [target]
+    if not schemes:
+        schemes = [("Linear", scheme(bits, group_size, symmetric))]
     hf_config, state = tiny_model(family, seed=seed)
     tensors: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
@@ -182,11 +191,15 @@ def write_compressed_tensors(directory: Path, family: str = "llama", bits: int =
             tensors[name] = weight.to(dtype)
             reference[name] = tensors[name].float()
             continue
-        parts = compress(weight.to(dtype), ct_scheme, fmt)
+        matching = [s for target, s in schemes if target == "Linear" or re.match(target[3:], prefix)]
+        if len(matching) != 1:
+            raise ValueError(f"{prefix}: matched by {len(matching)} of the groups")
+        parts = compress(weight.to(dtype), matching[0], fmt)
         tensors.update({f"{prefix}.{part}": t for part, t in parts.items()})
         # The package's dequantization with float32 scales: (q - zp) * s, exact.
-        reference[name] = decompress({**parts, "weight_scale": parts["weight_scale"].float()}, ct_scheme, fmt)
-    dump = QuantizationConfig(config_groups={"group_0": ct_scheme}, format=fmt, quantization_status="compressed",
+        reference[name] = decompress({**parts, "weight_scale": parts["weight_scale"].float()}, matching[0], fmt)
+    config_groups = {f"group_{i}": s for i, (_, s) in enumerate(schemes)}
+    dump = QuantizationConfig(config_groups=config_groups, format=fmt, quantization_status="compressed",
                               ignore=["lm_head"]).model_dump(exclude={"quant_method"})
     config = {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {},
               "transform_config": {}, **dump}

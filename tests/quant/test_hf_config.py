@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from asyncllm.quant.hf_config import WeightQuantSpec, parse_quantization_config, quant_spec_from_hf_config
+from asyncllm.quant.hf_config import (
+    WeightQuantSpec,
+    WeightScheme,
+    parse_quantization_config,
+    quant_spec_from_hf_config,
+)
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
        "modules_to_not_convert": ["visual"], "backend": "autoawq"}
@@ -170,9 +175,52 @@ def test_rejections_name_the_field(config: dict[str, Any], field: str) -> None:
         parse_quantization_config(config)
 
 
-def test_mixed_schemes_rejected() -> None:
+def test_one_target_in_groups_with_different_settings_is_rejected() -> None:
     two = _with(CT, "config_groups.group_1", copy.deepcopy(CT["config_groups"]["group_0"]))
     assert parse_quantization_config(two).targets == ("Linear", "Linear")
+    assert parse_quantization_config(two).groups == ()  # same settings: one scheme
     two = _with(two, "config_groups.group_1.weights.num_bits", 8)
-    with pytest.raises(ValueError, match="config_groups"):
+    with pytest.raises(ValueError, match=r"config_groups\.group_1\.targets.*group_0"):
         parse_quantization_config(two)
+
+
+def _mixed() -> dict[str, Any]:
+    """Three groups: attention 4-bit groups of 64, ``down_proj`` 8-bit groups of 128 asymmetric, and every
+    other linear channel-wise 4-bit."""
+    config = _with(CT, "config_groups.group_0.targets", ["re:.*self_attn\\.(q|k|v|o)_proj$"])
+    config = _with(config, "config_groups.group_0.weights.group_size", 64)
+    down = copy.deepcopy(CT["config_groups"]["group_0"])
+    down["targets"] = ["re:.*down_proj$"]
+    down["weights"].update(num_bits=8, symmetric=False)
+    rest = copy.deepcopy(CT["config_groups"]["group_0"])
+    rest["targets"] = ["Linear"]
+    rest["weights"].update(strategy="channel", group_size=None)
+    config = _with(config, "config_groups.group_1", down)
+    return _with(config, "config_groups.group_2", rest)
+
+
+def test_groups_with_different_settings() -> None:
+    spec = parse_quantization_config(_mixed())
+    assert [g.name for g in spec.groups] == ["group_0", "group_1", "group_2"]
+    attention = WeightScheme(4, 64, symmetric=True, desc_act=False, storage="pack-quantized")
+    down = WeightScheme(8, 128, symmetric=False, desc_act=False, storage="pack-quantized")
+    rest = WeightScheme(4, None, symmetric=True, desc_act=False, storage="pack-quantized")
+    assert spec.schemes == (attention, down, rest)
+    assert spec.scheme_for("model.layers.0.self_attn.k_proj") == attention
+    assert spec.scheme_for("model.layers.7.mlp.down_proj") == down
+    assert spec.scheme_for("model.layers.7.mlp.up_proj") == rest  # the class target, after the name ones
+    assert spec.scheme_for("lm_head") is None and spec.scheme_for("model.layers.0.mlp.gate") is None
+    assert spec.group_size_for(576, "model.layers.0.self_attn.q_proj") == 64
+    assert spec.group_size_for(576, "model.layers.0.mlp.gate_proj") == 576
+    with pytest.raises(ValueError, match="prefix"):
+        spec.group_size_for(576)
+    single = parse_quantization_config(CT)
+    assert single.scheme_for("model.layers.0.mlp.up_proj") == single.scheme and single.group_size_for(256) == 128
+
+
+def test_name_targets_of_groups_with_different_settings_are_ambiguous() -> None:
+    config = _with(_mixed(), "config_groups.group_1.targets", ["re:.*down_proj$", "re:.*layers\\.0\\..*"])
+    spec = parse_quantization_config(config)
+    assert spec.scheme_for("model.layers.1.self_attn.q_proj") == spec.groups[0].scheme
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*group_0.*group_1"):
+        spec.scheme_for("model.layers.0.self_attn.q_proj")

@@ -32,6 +32,11 @@ CASES: list[tuple[str, Callable[..., dict[str, torch.Tensor]], dict[str, Any]]] 
     ("ct-qwen2-asym8-channel", write_compressed_tensors, {"family": "qwen2", "bits": 8, "group_size": None,
                                                            "symmetric": False}),
     ("ct-llama-asym4-group64", write_compressed_tensors, {"symmetric": False, "group_size": 64}),
+    ("ct-llama-asym4-naive", write_compressed_tensors, {"symmetric": False, "fmt": "naive-quantized"}),
+    # One config group per setting; q (4-bit, groups of 32) merges with k / v (8-bit, groups of 64).
+    ("ct-llama-mixed-groups", write_compressed_tensors, {"groups": [
+        (r".*q_proj$", 4, 32, True), (r".*(k|v)_proj$", 8, 64, False), (r".*o_proj$", 4, None, False),
+        (r".*(gate|up)_proj$", 4, 64, True), (r".*down_proj$", 8, 128, True)]}),
 ]
 PROMPT = [(7 * i * i + 3 * i + 1) % 256 for i in range(40)]
 """40 tokens: a prefill above the CPU kernels' 32-row int8 limit takes their exact (dequantized-slab) path."""
@@ -98,7 +103,12 @@ def test_quantized_checkpoint_matches_transformers(tmp_path: Path, writer: Calla
         model = build_model(config, ops, dtype=torch.float32, device=torch.device("cpu"),
                             quantization=checkpoint.quantization)
         model.load_weights(checkpoint.tensors(torch.float32))
-        assert model.model.layers[0].mlp.down_proj.packed.bits == (4 if kwargs.get("bits", 4) == 4 else 8)
+        if kwargs.get("groups"):  # (bits, group size) of each merged layer: the widest, a common divisor
+            block = model.model.layers[0]
+            layers = (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)
+            assert [(m.packed.bits, m.packed.group_size) for m in layers] == [(8, 32), (4, 64), (4, 64), (8, 128)]
+        else:
+            assert model.model.layers[0].mlp.down_proj.packed.bits == (4 if kwargs.get("bits", 4) == 4 else 8)
         ours = _logits(model, PROMPT, hf_tokens[:-1])
         torch.testing.assert_close(ours[0], hf_logits[0], rtol=1e-4, atol=1e-4 * scale)  # exact on both
         decode_tolerance = 1e-4 if backend == "torch" else DECODE_TOLERANCE

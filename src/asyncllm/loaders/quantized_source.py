@@ -9,6 +9,9 @@ parameter up front.
 
 ``dequantize_weights``: each quantized linear is instead yielded as a dense ``P.weight`` in the requested
 dtype (its exact dequantized values, input channels back in checkpoint order), and the model is dense.
+
+Each quantized linear's parts, code width, groups and act-order are those of its own scheme
+(``WeightQuantSpec.scheme_for``: compressed-tensors config groups may differ).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from asyncllm.quant.codes_stream import (
     module_parts,
 )
 from asyncllm.quant.config import WeightOnlyQuantization
-from asyncllm.quant.hf_config import WeightQuantSpec
+from asyncllm.quant.hf_config import WeightQuantSpec, WeightScheme
 from asyncllm.quant.layer_quant import LayerQuant
 from asyncllm.quant.packed import QuantCodes
 
@@ -46,19 +49,25 @@ class RawTensorSource(TensorSource, Protocol):
 
 def quantized_prefixes(spec: WeightQuantSpec, names: Sequence[str]) -> list[str]:
     """Checkpoint module prefixes of the quantized linears, in order of their first stored part."""
-    required = module_parts(spec).required
+    markers = module_parts(spec).all - {"weight"}  # dense modules store a ``weight`` too (naive-quantized codes)
     prefixes: dict[str, None] = {}
     for name in names:
         prefix, _, suffix = name.rpartition(".")
-        if prefix and suffix in required and spec.is_quantized(prefix):
+        if (prefix and prefix not in prefixes and suffix in markers and spec.is_quantized(prefix)
+                and suffix in module_parts(spec, prefix).required):
             prefixes.setdefault(prefix)
     return list(prefixes)
 
 
 def weight_only_quantization(spec: WeightQuantSpec, prefixes: Sequence[str]) -> WeightOnlyQuantization:
-    """The model-side config: every listed linear stored with ``spec``'s code width and groups."""
-    quant = LayerQuant(bits=spec.bits, group_size=spec.group_size, permuted=spec.desc_act)
-    return WeightOnlyQuantization(spec.method, dict.fromkeys(prefixes, quant))
+    """The model-side config: every listed linear stored with its scheme's code width and groups."""
+    layers: dict[str, LayerQuant] = {}
+    for prefix in prefixes:
+        scheme = spec.scheme_for(prefix)
+        if scheme is None:
+            raise ValueError(f"{prefix}: not a quantized linear of this checkpoint")
+        layers[prefix] = LayerQuant(bits=scheme.bits, group_size=scheme.group_size, permuted=scheme.desc_act)
+    return WeightOnlyQuantization(spec.method, layers)
 
 
 @dataclass(frozen=True)
@@ -70,14 +79,20 @@ class QuantizedHFSource:
     prefixes: tuple[str, ...]
     dequantize_weights: bool = False
 
+    def _scheme(self, prefix: str) -> WeightScheme:
+        scheme = self.spec.scheme_for(prefix)
+        if scheme is None:
+            raise ValueError(f"{prefix}: not a quantized linear of this checkpoint")
+        return scheme
+
     def tensor_names(self) -> tuple[str, ...]:
-        parts = module_parts(self.spec)
         quantized = set(self.prefixes)
         names: list[str] = []
         seen: dict[str, set[str]] = {}
         for name in self.base.tensor_names():
             prefix, _, suffix = name.rpartition(".")
-            if prefix not in quantized or suffix not in parts.all:
+            parts = module_parts(self.spec, prefix) if prefix in quantized else None
+            if parts is None or suffix not in parts.all:
                 names.append(name)
                 continue
             stored = seen.setdefault(prefix, set())
@@ -90,7 +105,7 @@ class QuantizedHFSource:
     def _canonical_names(self, prefix: str) -> list[str]:
         if self.dequantize_weights:
             return [f"{prefix}.weight"]
-        suffixes = (*_CODE_SUFFIXES, INPUT_PERM) if self.spec.desc_act else _CODE_SUFFIXES
+        suffixes = (*_CODE_SUFFIXES, INPUT_PERM) if self._scheme(prefix).desc_act else _CODE_SUFFIXES
         return [f"{prefix}.{suffix}" for suffix in suffixes]
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -117,8 +132,8 @@ class QuantizedHFSource:
         codes = parts[CODES]
         perm = parts.get(INPUT_PERM)
         if self.dequantize_weights:
-            exact = QuantCodes(codes, parts[CODE_SCALES], parts[CODE_ZEROS], parts[CODE_MINS], bits=self.spec.bits,
-                               group_size=codes.shape[1] // parts[CODE_SCALES].shape[1])
+            exact = QuantCodes(codes, parts[CODE_SCALES], parts[CODE_ZEROS], parts[CODE_MINS],
+                               bits=self._scheme(prefix).bits, group_size=codes.shape[1] // parts[CODE_SCALES].shape[1])
             weight = exact.dequantize()
             if perm is not None:  # the codes hold W[:, perm]; put the input channels back in place
                 restored = torch.empty_like(weight)
@@ -128,5 +143,5 @@ class QuantizedHFSource:
             return
         for suffix in _CODE_SUFFIXES:
             yield f"{prefix}.{suffix}", parts[suffix]
-        if self.spec.desc_act:
+        if self._scheme(prefix).desc_act:
             yield f"{prefix}.{INPUT_PERM}", perm if perm is not None else torch.arange(codes.shape[1])

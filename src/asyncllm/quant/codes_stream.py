@@ -16,6 +16,8 @@ Everything else (``P.bias``, norms, embeddings, dense linears) passes through un
 module's parts may arrive in any order, interleaved with others and across shard files; its canonical
 tensors are yielded as soon as its last required part arrives, so only the incomplete modules' parts are
 held (and the names of completed ones, to catch duplicates).
+A compressed-tensors checkpoint whose config groups differ stores each linear with its own group's scheme
+(``WeightQuantSpec.scheme_for``): its parts, code width and group size are that scheme's.
 Exactness needs the parts as stored: scales converted to a narrower float type (e.g. float16 to bfloat16)
 before they reach this stream are no longer the checkpoint's.
 """
@@ -31,7 +33,7 @@ from asyncllm.quant.act_order import PermutedCodes, group_permutation
 from asyncllm.quant.awq import unpack_awq
 from asyncllm.quant.compressed_tensors import unpack_naive_quantized, unpack_pack_quantized
 from asyncllm.quant.gptq import unpack_gptq
-from asyncllm.quant.hf_config import WeightQuantSpec
+from asyncllm.quant.hf_config import WeightQuantSpec, WeightScheme
 
 CODES = "codes"
 CODE_SCALES = "code_scales"
@@ -54,35 +56,53 @@ class ModuleParts:
         return self.required | self.optional
 
 
-def module_parts(spec: WeightQuantSpec) -> ModuleParts:
-    """The parts of each quantized linear of a checkpoint described by ``spec``."""
+def module_parts(spec: WeightQuantSpec, prefix: str | None = None) -> ModuleParts:
+    """The parts of the quantized linear at ``prefix`` of a checkpoint described by ``spec`` (without
+    ``prefix``: the parts every quantized linear shares one scheme of, else all parts any scheme stores)."""
+    if prefix is not None:
+        scheme = spec.scheme_for(prefix)
+        if scheme is None:
+            raise ValueError(f"{prefix}: not a quantized linear of this checkpoint")
+        return _scheme_parts(spec, scheme)
+    every = [_scheme_parts(spec, scheme) for scheme in spec.schemes]
+    if len(every) == 1:
+        return every[0]
+    return ModuleParts(frozenset().union(*(p.all for p in every)))
+
+
+def _scheme_parts(spec: WeightQuantSpec, scheme: WeightScheme) -> ModuleParts:
     if spec.method == "awq":
         return ModuleParts(frozenset({"qweight", "qzeros", "scales"}))
     if spec.method == "gptq":
         base = frozenset({"qweight", "qzeros", "scales"})
-        return ModuleParts(base | {"g_idx"}) if spec.desc_act else ModuleParts(base, frozenset({"g_idx"}))
-    names = {"weight_packed", "weight_shape"} if spec.storage == "pack-quantized" else {"weight"}
+        return ModuleParts(base | {"g_idx"}) if scheme.desc_act else ModuleParts(base, frozenset({"g_idx"}))
+    names = {"weight_packed", "weight_shape"} if scheme.storage == "pack-quantized" else {"weight"}
     names.add("weight_scale")
-    if not spec.symmetric:
+    if not scheme.symmetric:
         names.add("weight_zero_point")
-    if spec.desc_act:
+    if scheme.desc_act:
         names.add("weight_g_idx")
     return ModuleParts(frozenset(names))
 
 
-def unpack_module(spec: WeightQuantSpec, parts: Mapping[str, torch.Tensor]) -> PermutedCodes:
-    """One quantized linear's exact codes from its stored ``parts`` (suffix -> tensor)."""
+def unpack_module(spec: WeightQuantSpec, parts: Mapping[str, torch.Tensor], prefix: str | None = None
+                  ) -> PermutedCodes:
+    """One quantized linear's exact codes from its stored ``parts`` (suffix -> tensor); ``prefix`` picks
+    its scheme when the checkpoint has several (see ``module_parts``)."""
+    scheme = spec.scheme if prefix is None else spec.scheme_for(prefix)
+    if scheme is None:
+        raise ValueError(f"{prefix}: not a quantized linear of this checkpoint")
     if spec.method == "awq":
         return PermutedCodes(unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"]))
     if spec.method == "gptq":
-        return unpack_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), bits=spec.bits,
-                           storage=spec.storage, act_order=spec.desc_act)
+        return unpack_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), bits=scheme.bits,
+                           storage=scheme.storage, act_order=scheme.desc_act)
     zero_point, g_idx = parts.get("weight_zero_point"), parts.get("weight_g_idx")
-    if spec.storage == "pack-quantized":
+    if scheme.storage == "pack-quantized":
         return unpack_pack_quantized(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"],
-                                     zero_point, g_idx, bits=spec.bits, act_order=spec.desc_act)
-    return unpack_naive_quantized(parts["weight"], parts["weight_scale"], zero_point, g_idx, bits=spec.bits,
-                                  act_order=spec.desc_act)
+                                     zero_point, g_idx, bits=scheme.bits, act_order=scheme.desc_act)
+    return unpack_naive_quantized(parts["weight"], parts["weight_scale"], zero_point, g_idx, bits=scheme.bits,
+                                  act_order=scheme.desc_act)
 
 
 def canonical_tensors(prefix: str, unpacked: PermutedCodes) -> list[tuple[str, torch.Tensor]]:
@@ -95,16 +115,16 @@ def canonical_tensors(prefix: str, unpacked: PermutedCodes) -> list[tuple[str, t
     return named
 
 
-def _is_part(spec: WeightQuantSpec, parts: ModuleParts, suffix: str, tensor: torch.Tensor) -> bool:
+def _is_part(parts: ModuleParts, suffix: str, tensor: torch.Tensor) -> bool:
     if suffix not in parts.all:
         return False
     # naive-quantized stores the codes under ``weight``: only an integer ``weight`` is one.
     return suffix != "weight" or not (tensor.is_floating_point() or tensor.dtype == torch.bool)
 
 
-def _check_group_size(spec: WeightQuantSpec, unpacked: PermutedCodes) -> None:
+def _check_group_size(spec: WeightQuantSpec, prefix: str, unpacked: PermutedCodes) -> None:
     k = unpacked.codes.shape[1]
-    expected = spec.group_size_for(k)
+    expected = spec.group_size_for(k, prefix)
     if unpacked.codes.group_size != expected:
         raise ValueError(f"stored with groups of {unpacked.codes.group_size} inputs, but the "
                          f"quantization_config declares {expected} (K={k})")
@@ -123,17 +143,23 @@ def codes_stream(spec: WeightQuantSpec,
     module docstring). Raises ``ValueError`` for a part given twice, parts of a linear the config leaves
     dense, a group size other than the declared one, and, after the last tensor, naming every linear with
     missing parts."""
-    parts = module_parts(spec)
+    every = module_parts(spec)
+    own: dict[str, ModuleParts] = {}  # prefix -> its scheme's parts
     pending: dict[str, dict[str, torch.Tensor]] = {}
     done: set[str] = set()
     awaiting: dict[str, tuple[int, int]] = {}  # done, an optional part still to come: prefix -> (K, G)
     for name, tensor in tensors:
         prefix, _, suffix = name.rpartition(".")
-        if not prefix or not _is_part(spec, parts, suffix, tensor):
+        if not prefix or not _is_part(every, suffix, tensor):
             yield name, tensor
             continue
         if not spec.is_quantized(prefix):
             raise ValueError(f"{name}: a quantized part of a module the quantization_config leaves dense")
+        if prefix not in own:
+            own[prefix] = module_parts(spec, prefix)
+        parts = own[prefix]
+        if suffix not in parts.all:
+            raise ValueError(f"{name}: not a part of the module's scheme (it stores {sorted(parts.all)})")
         if prefix in done:
             if prefix not in awaiting or suffix not in parts.optional:
                 raise ValueError(f"{name}: given twice")
@@ -147,8 +173,8 @@ def codes_stream(spec: WeightQuantSpec,
             continue
         del pending[prefix]
         try:
-            unpacked = unpack_module(spec, stored)
-            _check_group_size(spec, unpacked)
+            unpacked = unpack_module(spec, stored, prefix)
+            _check_group_size(spec, prefix, unpacked)
         except ValueError as exc:
             raise ValueError(f"{prefix}: {exc}") from exc
         done.add(prefix)
@@ -156,5 +182,5 @@ def codes_stream(spec: WeightQuantSpec,
             awaiting[prefix] = (unpacked.codes.shape[1], unpacked.codes.group_size)
         yield from canonical_tensors(prefix, unpacked)
     if pending:
-        missing = {prefix: sorted(parts.required - stored.keys()) for prefix, stored in sorted(pending.items())}
+        missing = {prefix: sorted(own[prefix].required - stored.keys()) for prefix, stored in sorted(pending.items())}
         raise ValueError(f"quantized modules with missing parts: {missing}")

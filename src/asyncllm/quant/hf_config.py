@@ -11,6 +11,12 @@
 
 Invariants of ``WeightQuantSpec``: ``bits`` is 4 or 8 (AWQ: 4); ``group_size`` is a positive multiple of 16
 or ``None`` (one group per output row: ``G = K``); ``storage`` names the tensor layout inside the method.
+
+A compressed-tensors config may give its ``config_groups`` different weight settings (code width, group
+size, symmetry, act-order, storage): each quantized linear then takes the settings of the group whose
+targets match its name (``WeightQuantSpec.scheme_for``), matched as compressed-tensors does (a name target,
+exact or ``re:``, before the ``Linear`` class). Refused: one target string in groups with different
+settings, and (at load) a module whose name matches targets of groups with different settings.
 """
 
 from __future__ import annotations
@@ -31,6 +37,32 @@ _LINEAR_TARGET = "Linear"
 
 
 @dataclass(frozen=True)
+class WeightScheme:
+    """The storage of one quantized linear: code width, groups (``None``: one per output row), whether a
+    zero point is stored (``symmetric`` false), act-order (``desc_act``: a ``g_idx`` that may permute the
+    inputs) and the format's tensor layout (``storage``)."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    desc_act: bool
+    storage: str
+
+    def group_size_for(self, in_features: int) -> int:
+        """The group size ``G`` of a linear with ``in_features`` inputs (``K`` when channel-wise)."""
+        return in_features if self.group_size is None else self.group_size
+
+
+@dataclass(frozen=True)
+class TargetedScheme:
+    """A compressed-tensors config group: the ``WeightScheme`` of the linears its ``targets`` name."""
+
+    name: str
+    targets: tuple[str, ...]
+    scheme: WeightScheme
+
+
+@dataclass(frozen=True)
 class WeightQuantSpec:
     """How a checkpoint stores its weight-only quantized linears.
 
@@ -42,6 +74,10 @@ class WeightQuantSpec:
     are quantized. ``quantize_lm_head``: whether ``lm_head`` is quantized (AWQ never; GPTQ ``lm_head``;
     compressed-tensors by its targets and ignore list). ``desc_act``: GPTQ act-order / compressed-tensors
     ``actorder: "group"``: each linear carries a ``g_idx`` that may permute its input channels.
+
+    ``groups`` (compressed-tensors): the config groups when their weight settings differ, else empty. With
+    several groups the top-level ``bits`` / ``group_size`` / ``symmetric`` / ``desc_act`` / ``storage`` are
+    the first group's; per module, ask ``scheme_for(prefix)`` (what every loader does).
     """
 
     method: QuantMethod
@@ -54,10 +90,50 @@ class WeightQuantSpec:
     targets: tuple[str, ...] = ()
     block_modules: tuple[str, ...] | None = None
     quantize_lm_head: bool = False
+    groups: tuple[TargetedScheme, ...] = ()
 
-    def group_size_for(self, in_features: int) -> int:
-        """The group size ``G`` of a linear with ``in_features`` inputs (``K`` when channel-wise)."""
-        return in_features if self.group_size is None else self.group_size
+    @property
+    def scheme(self) -> WeightScheme:
+        """The top-level settings as a ``WeightScheme`` (with several ``groups``: the first group's)."""
+        return WeightScheme(self.bits, self.group_size, self.symmetric, self.desc_act, self.storage)
+
+    @property
+    def schemes(self) -> tuple[WeightScheme, ...]:
+        """Every distinct ``WeightScheme`` a quantized linear of this checkpoint may have."""
+        if not self.groups:
+            return (self.scheme,)
+        return tuple(dict.fromkeys(group.scheme for group in self.groups))
+
+    def group_size_for(self, in_features: int, prefix: str | None = None) -> int:
+        """The group size ``G`` of the linear at ``prefix`` with ``in_features`` inputs (``K`` when
+        channel-wise). ``prefix`` may be left out when every quantized linear shares one scheme."""
+        if prefix is None:
+            if self.groups:
+                raise ValueError("group_size_for: the config groups differ in their settings; pass the module prefix")
+            return self.scheme.group_size_for(in_features)
+        scheme = self.scheme_for(prefix)
+        if scheme is None:
+            raise ValueError(f"{prefix}: not a quantized linear of this checkpoint")
+        return scheme.group_size_for(in_features)
+
+    def scheme_for(self, prefix: str) -> WeightScheme | None:
+        """The storage of the linear at checkpoint module name ``prefix``, ``None`` when it is dense. With
+        several config groups: the group a name target (exact or ``re:``) of which matches, else the group
+        targeting the ``Linear`` class; ``ValueError`` when name targets of groups with different settings
+        both match."""
+        if not self.is_quantized(prefix):
+            return None
+        if not self.groups:
+            return self.scheme
+        named = {group.name: group.scheme for group in self.groups
+                 if any(t != _LINEAR_TARGET and _ct_match(prefix, t) for t in group.targets)}
+        if len(set(named.values())) > 1:
+            raise ValueError(f"{prefix}: matched by the targets of config_groups {sorted(named)}, whose weight "
+                             "settings differ")
+        if named:
+            return next(iter(named.values()))
+        classed = [group.scheme for group in self.groups if _LINEAR_TARGET in group.targets]
+        return classed[0]
 
     def is_quantized(self, prefix: str) -> bool:
         """Whether the linear at checkpoint module name ``prefix`` (``model.layers.0.self_attn.q_proj``,
@@ -274,8 +350,9 @@ def _parse_compressed_tensors(config: Mapping[str, Any]) -> WeightQuantSpec:
     groups = config.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
         raise _fail("config_groups", groups, "a non-empty object of quantization schemes")
-    settings: set[tuple[int, int | None, bool, bool, str]] = set()
+    settings: dict[str, WeightScheme] = {}
     targets: list[str] = []
+    by_target: dict[str, str] = {}
     for name, scheme in groups.items():
         if not isinstance(scheme, Mapping):
             raise _fail(f"config_groups.{name}", scheme, "a scheme object (preset names are not supported)")
@@ -284,18 +361,26 @@ def _parse_compressed_tensors(config: Mapping[str, Any]) -> WeightQuantSpec:
             fmt = _ct_format(f"config_groups.{name}.format", scheme_format)
         else:
             fmt = _ct_format("format", top_format)
-        settings.add((*_ct_weights(name, scheme), fmt))
+        bits, group_size, symmetric, act_order = _ct_weights(name, scheme)
+        settings[name] = WeightScheme(bits, group_size, symmetric, act_order, fmt)
         scheme_targets = _names(f"config_groups.{name}.targets", scheme.get("targets"))
         if not scheme_targets:
             raise _fail(f"config_groups.{name}.targets", scheme.get("targets"), "a non-empty list")
+        for target in scheme_targets:
+            other = by_target.setdefault(target, name)
+            if settings[other] != settings[name]:
+                raise _fail(f"config_groups.{name}.targets", list(scheme_targets),
+                            f"targets not shared with config_groups.{other}, whose weight settings differ")
         targets.extend(scheme_targets)
-    if len(settings) > 1:
-        raise _fail("config_groups", dict(groups), "schemes that all share one weight format")
     if top_format is not None and top_format != "mixed-precision":
         _ct_format("format", top_format)
-    (bits, group_size, symmetric, act_order, storage), = settings
+    first = next(iter(settings.values()))
+    mixed = len(set(settings.values())) > 1
+    ct_groups = tuple(TargetedScheme(name, _names(f"config_groups.{name}.targets", groups[name].get("targets")),
+                                     scheme) for name, scheme in settings.items()) if mixed else ()
     ignore = _names("ignore", config.get("ignore"))
-    return WeightQuantSpec("compressed-tensors", bits, group_size, symmetric=symmetric, desc_act=act_order,
-                           storage=storage, dense_modules=ignore, targets=tuple(targets),
+    return WeightQuantSpec("compressed-tensors", first.bits, first.group_size, symmetric=first.symmetric,
+                           desc_act=first.desc_act, storage=first.storage, dense_modules=ignore,
+                           targets=tuple(targets), groups=ct_groups,
                            quantize_lm_head=not any(_ct_match("lm_head", pattern) for pattern in ignore)
                            and any(t == _LINEAR_TARGET or _ct_match("lm_head", t) for t in targets))
