@@ -160,13 +160,16 @@ def paged_attention_cpu(
         blocks = tables[i, :num_blocks].long()
         keys = k_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
         values = v_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
-        queries = q[begin : begin + n].transpose(0, 1)
+        # 4-D [1, H, L, D]: torch's CPU flash kernel takes it (3-D inputs fall back to the math path, measured
+        # 13x slower on a 256-token GQA prefill)
+        queries = q[begin : begin + n].transpose(0, 1).unsqueeze(0)
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
         if n == length:
             res = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
             mask = torch.ones(n, length, dtype=torch.bool).tril_(length - n)
             res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[begin : begin + n] = res.transpose(0, 1)
+        out[begin : begin + n] = res[0].transpose(0, 1)
         begin += n
     return out
 
