@@ -165,6 +165,8 @@ def test_config_has_one_group_per_group_size(sym4: tuple[Path, dict[str, QuantCo
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
     assert not list(out.parent.glob(".sym4*"))
+    for path in out.iterdir():  # every file readable as the directory is (safetensors alone makes them 0600)
+        assert path.stat().st_mode & 0o444 == out.stat().st_mode & 0o444, path.name
     config = _config(out)
     assert config["torch_dtype"] == config["dtype"] == "float32"
     qc = config["quantization_config"]

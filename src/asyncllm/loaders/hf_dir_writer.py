@@ -180,6 +180,8 @@ def write_safetensors(directory: Path, units: Sequence[TensorUnit], max_shard_by
                 storages.add(storage)
                 tensors[name] = stored
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        # safetensors creates its files owner-only; give them the directory's (umask-derived) read bits
+        os.chmod(directory / file, directory.stat().st_mode & 0o666)
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
     if len(files) > 1:
