@@ -63,7 +63,7 @@ def test_scales_fold_without_changing_the_layer(kv_heads: int, monkeypatch: pyte
     with torch.inference_mode():
         block, residual = layer(batch.positions, hidden.clone(), None, batch.meta, cache)
         before = block + residual
-        calibration = LayerCalibration(QuantScheme(4, False), lambda k: 32, batch.positions, batch.meta, cache)
+        calibration = LayerCalibration(QuantScheme(4, False), lambda k: 32, batch, cache)
         output, report = calibration.run(layer, 0, hidden)
         block, residual = layer(batch.positions, hidden.clone(), None, batch.meta, cache)
         after = block + residual
@@ -84,7 +84,20 @@ def test_clipping_bounds_every_clipped_weight() -> None:
     q_rows = layer.self_attn.qkv_proj.output_sizes[0] + layer.self_attn.qkv_proj.output_sizes[1]
     qk_before = layer.self_attn.qkv_proj.weight[:q_rows].clone()
     with torch.inference_mode():
-        LayerCalibration(QuantScheme(4, False), lambda k: 32, batch.positions, batch.meta, cache).run(layer, 0, hidden)
+        LayerCalibration(QuantScheme(4, False), lambda k: 32, batch, cache).run(layer, 0, hidden)
     # the query and key rows are scaled (columns) but never clipped: their column-wise ratios are uniform
     ratio = layer.self_attn.qkv_proj.weight[:q_rows] / qk_before
     torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_candidates_are_scored_on_evenly_spaced_whole_sequences() -> None:
+    batch = OfflineBatch.of([300] * 9 + [50], block_size=16)
+    sub, rows = awq_layers._search_subset(batch, 1000, torch.device("cpu"))
+    assert sub.lengths == (300, 300, 300)
+    starts = batch.starts
+    picked = [0, 3, 7]  # round(i * 10 / 3)
+    assert torch.equal(rows, torch.cat([torch.arange(starts[i], starts[i] + 300) for i in picked]))
+    whole, all_rows = awq_layers._search_subset(batch, 10_000, torch.device("cpu"))
+    assert whole.lengths == batch.lengths and torch.equal(all_rows, torch.arange(batch.num_tokens))
+    one, _ = awq_layers._search_subset(batch, 10, torch.device("cpu"))
+    assert one.lengths == (300,)

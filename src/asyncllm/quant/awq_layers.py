@@ -26,10 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from asyncllm.kernels import AttentionMetadata, KVCache
+from asyncllm.kernels import KVCache
 from asyncllm.layers.linear import Linear, QKVLinear, dense_weight
 from asyncllm.layers.norm import RMSNorm
+from asyncllm.offline_batch import OfflineBatch
 from asyncllm.quant.awq_search import QuantScheme, ScaleSearch, apply_clip, search_clip, search_scales
+
+DEFAULT_SEARCH_TOKENS = 2048
+"""Calibration tokens (whole sequences) each scale candidate is scored on."""
 
 
 @dataclass(frozen=True)
@@ -70,37 +74,42 @@ def _parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, RMSNorm, RMSNorm]:
 
 
 class LayerCalibration:
-    """Runs AWQ on the layers of one model over one calibration batch (see the module docstring)."""
+    """Runs AWQ on the layers of one model over one calibration batch (see the module docstring).
 
-    def __init__(self, scheme: QuantScheme, group_size_for: Callable[[int], int], positions: torch.Tensor,
-                 meta: AttentionMetadata, kv_cache: KVCache) -> None:
+    The activation statistics and the clip search read every calibration token; the scale searches score
+    their candidates on at most ``search_tokens`` of them: whole sequences, evenly spaced over the batch
+    (attention needs whole sequences), each candidate costing one pass of its block over them."""
+
+    def __init__(self, scheme: QuantScheme, group_size_for: Callable[[int], int], batch: OfflineBatch,
+                 kv_cache: KVCache, *, search_tokens: int = DEFAULT_SEARCH_TOKENS) -> None:
         self.scheme = scheme
         self.group_size_for = group_size_for
-        self.positions = positions
-        self.meta = meta
+        self.batch = batch
         self.kv_cache = kv_cache
+        self.search_batch, self.search_rows = _search_subset(batch, search_tokens, kv_cache.key.device)
 
     def run(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, LayerReport]:
         """AWQ-scale and clip ``layer`` in place; returns its full-precision output for ``hidden`` (the next
         layer's input) and the report."""
         attn, mlp, input_norm, post_norm = _parts(layer)
         recorded, output = self._record(layer, attn, mlp, hidden)
-        reference_attn = attn(self.positions, recorded.attn_in.clone(), self.meta, self.kv_cache)
-        reference_mlp = mlp(recorded.mlp_in.clone())
+        rows, sub = self.search_rows, self.search_batch
+        attn_in, o_in, mlp_in, down_in = (t.index_select(0, rows) for t in (
+            recorded.attn_in, recorded.o_in, recorded.mlp_in, recorded.down_in))
+
+        def attention() -> torch.Tensor:
+            return attn(sub.positions, attn_in.clone(), sub.meta, self.kv_cache)
+
         qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
         inter = gate_up.output_sizes[1]
-
         searches: dict[str, ScaleSearch] = {}
-        searches["qkv"] = self._search(recorded.attn_in, [qkv],
-                                       lambda: attn(self.positions, recorded.attn_in.clone(), self.meta,
-                                                    self.kv_cache), reference_attn)
+        searches["qkv"] = self._search(recorded.attn_in, [qkv], attention, attention())
         v_to_o = qkv.num_heads == qkv.num_kv_heads
         if v_to_o:
-            searches["v_o"] = self._search(recorded.o_in, [o], lambda: o(recorded.o_in), o(recorded.o_in))
-        searches["gate_up"] = self._search(recorded.mlp_in, [gate_up], lambda: mlp(recorded.mlp_in.clone()),
-                                           reference_mlp)
-        searches["down"] = self._search(recorded.down_in, [down], lambda: down(recorded.down_in),
-                                        down(recorded.down_in))
+            searches["v_o"] = self._search(recorded.o_in, [o], lambda: o(o_in), o(o_in))
+        searches["gate_up"] = self._search(recorded.mlp_in, [gate_up], lambda: mlp(mlp_in.clone()),
+                                           mlp(mlp_in.clone()))
+        searches["down"] = self._search(recorded.down_in, [down], lambda: down(down_in), down(down_in))
 
         _fold_into_norm(input_norm, qkv, searches["qkv"].scales)
         recorded.attn_in.div_(searches["qkv"].scales)
@@ -133,7 +142,7 @@ class LayerCalibration:
                    mlp.register_forward_pre_hook(keep("mlp_in", 0)),
                    mlp.down_proj.register_forward_pre_hook(keep("down_in", 0))]
         try:
-            block_out, residual = layer(self.positions, hidden.clone(), None, self.meta, self.kv_cache)
+            block_out, residual = layer(self.batch.positions, hidden.clone(), None, self.batch.meta, self.kv_cache)
             output = block_out + residual
         finally:
             for handle in handles:
@@ -148,6 +157,21 @@ class LayerCalibration:
     def _clip(self, weight: torch.Tensor, x: torch.Tensor) -> None:
         group = self.group_size_for(int(weight.shape[1]))
         apply_clip(weight, search_clip(weight, x, group, self.scheme))
+
+
+def _search_subset(batch: OfflineBatch, search_tokens: int,
+                   device: torch.device) -> tuple[OfflineBatch, torch.Tensor]:
+    """Whole sequences of ``batch``, evenly spaced, holding at most ``search_tokens`` tokens (at least one
+    sequence): their batch and their rows in ``batch``."""
+    count = len(batch.lengths)
+    taken = count
+    while taken > 1 and sum(batch.lengths[round(i * count / taken)] for i in range(taken)) > search_tokens:
+        taken -= 1
+    picks = sorted({round(i * count / taken) for i in range(taken)})
+    starts = batch.starts
+    rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in picks]).to(device)
+    sub = OfflineBatch.of([batch.lengths[i] for i in picks], block_size=batch.block_size, device=device)
+    return sub, rows
 
 
 def _fold_into_norm(norm: RMSNorm, linear: Linear, scales: torch.Tensor) -> None:

@@ -202,7 +202,7 @@ def _calibrate(model: torch.nn.Module, windows: list[list[int]], scheme: QuantSc
         raise ValueError(f"model: AWQ needs a decoder with embed_tokens and layers, not {type(model).__name__}")
     batch = OfflineBatch.of([len(w) for w in windows], device=device)
     (cache,) = batch.scratch_caches(model.config, 1, dtype=torch.float32, device=device)
-    calibration = LayerCalibration(scheme, group_for, batch.positions, batch.meta, cache)
+    calibration = LayerCalibration(scheme, group_for, batch, cache)
     ids = torch.tensor([t for w in windows for t in w], dtype=torch.int64, device=device)
     errors: list[dict[str, tuple[float, float]]] = []
     bar = _progress_bar(len(layers), progress, log)
