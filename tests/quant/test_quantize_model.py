@@ -180,3 +180,44 @@ def test_an_interrupt_leaves_no_directory_behind(source: Path, calib: Path, tmp_
     assert code == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_symmetric_rtn_runs_in_transformers_token_for_token(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """The real model quantized (groups of 64 for its 576 inputs, 128 for the MLP's 1536): transformers and
+    asyncllm's exact (dequantized) load give the same greedy tokens, and asyncllm keeps it packed."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from asyncllm import AsyncEngine
+
+    out = tmp_path / "smollm2-w4"
+    result = quantize(smollm2_gguf, out, method="rtn", symmetric=True, progress=False, device="cpu")
+    assert {size for name, size in result.group_sizes.items() if name.endswith("down_proj")} == {128}
+    assert {size for name, size in result.group_sizes.items() if not name.endswith("down_proj")} == {64}
+    assert len(result.group_sizes) == 30 * 7
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    engine = AsyncEngine.from_pretrained(out, device="cpu", kv_cache_tokens=4096, dequantize_weights=True)
+    chats = [[{"role": "user", "content": "Name three rivers in Europe."}],
+             [{"role": "user", "content": "Write a haiku about the sea."}]]
+
+    async def ours() -> list[Any]:
+        try:
+            return [await engine.generate(chat, temperature=0.0, max_tokens=24) for chat in chats]
+        finally:
+            await engine.aclose()
+
+    results = asyncio.run(ours())
+    eos = list(engine.tokenizer.eos_token_ids)
+    for chat, got in zip(chats, results, strict=True):
+        prompt = engine.tokenizer.apply_chat_template(chat)
+        with torch.inference_mode():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=eos,
+                               pad_token_id=eos[0])[0, len(prompt):].tolist()
+        assert got.token_ids == want, chat
+    packed = AsyncEngine.from_pretrained(out, device="cpu", kv_cache_tokens=1024)
+    assert packed.stats().weight_quantization == "compressed-tensors"
+    # the float32 token table (113 MB) stays dense; the 4-bit linears are ~7x smaller than in float32
+    assert packed.stats().weight_bytes < 0.35 * engine.stats().weight_bytes
