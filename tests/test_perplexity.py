@@ -1,4 +1,4 @@
-"""``asyncllm.perplexity`` against Hugging Face transformers' documented
+"""``asyncllm.perplexity`` and ``asyncllm eval perplexity`` against Hugging Face transformers' documented
 sliding-window loop ("Perplexity of fixed-length models"), computed here on the same token ids: a tiny
 random Llama saved with ``save_pretrained`` (overlapping windows, a partial last one) and the real SmolLM2
 GGUF (``slow``), packed and dequantized.
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from asyncllm.corpus import stdlib_text
+from asyncllm.eval_cli import format_result
 from asyncllm.perplexity import Window, perplexity, perplexity_of_model, plan_windows
 
 SEQLEN, STRIDE = 64, 24
@@ -213,6 +214,76 @@ def test_bad_arguments_raise_value_error_naming_the_field(tiny_dir: Path, chat_t
 def test_window_arguments_are_checked_before_loading(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^stride:"):
         perplexity(tmp_path / "missing", "text", seqlen=8, stride=9)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from asyncllm.cli import main
+
+    code = main(["eval", "perplexity", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json_matches_the_api(tiny_dir: Path, text: str, hf_reference: tuple[float, int], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "text.txt"
+    file.write_text(text, encoding="utf-8")
+    code, out, err = _eval(capsys, str(tiny_dir), "--text", str(file), "--seqlen", str(SEQLEN),
+                           "--stride", str(STRIDE), "--batch-size", "4", "--device", "cpu", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["perplexity"] == pytest.approx(hf_reference[0], rel=1e-3)
+    assert record["tokens"] == hf_reference[1] and record["text"] == str(file)
+    assert {"nll", "windows", "seconds", "seqlen", "stride", "model"} <= set(record)
+    assert (record["seqlen"], record["stride"], record["batch_size"]) == (SEQLEN, STRIDE, 4)
+
+    jsonl = tmp_path / "text.jsonl"
+    jsonl.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    code, out, err = _eval(capsys, str(tiny_dir), "--text", str(jsonl), "--seqlen", str(SEQLEN),
+                           "--stride", str(STRIDE), "--device", "cpu")
+    assert code == 0, err
+    assert out.startswith(f"perplexity {record['perplexity']:.4f} ") and f"{record['tokens']} scored tokens" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seqlen", "1"], "seqlen:"),
+    (["--seqlen", "8", "--stride", "9"], "stride:"),
+    (["--batch-size", "0"], "batch_size:"),
+    (["--seqlen", "4096"], "seqlen: 4096 exceeds the model's 256 positions"),
+    (["--text", "{missing}"], "--text: text file not found"),
+    (["--text", "{empty}", "--seqlen", "16"], "text: needs at least 2 tokens"),
+])
+def test_cli_errors_exit_2_without_a_traceback(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               argv: list[str], message: str) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    argv = [a.format(missing=tmp_path / "missing.txt", empty=tmp_path / "empty.txt") for a in argv]
+    code, out, err = _eval(capsys, str(tiny_dir), "--device", "cpu", *argv)
+    assert code == 2 and out == ""
+    assert f"asyncllm eval: error: {message}" in err and "Traceback" not in err
+
+
+def test_cli_missing_model_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _eval(capsys, str(tmp_path / "missing.gguf"), "--device", "cpu")
+    assert code == 2 and "asyncllm eval: error:" in err and "missing.gguf" in err and "Traceback" not in err
+
+
+def test_cli_parses_default_model_and_engine_options() -> None:
+    from asyncllm.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "perplexity", "default", "--kernel-backend", "torch",
+                                      "--dequantize-weights", "--dtype", "float32"])
+    assert (args.command, args.eval_command, args.model) == ("eval", "perplexity", "default")
+    assert (args.seqlen, args.stride, args.kernel_backend, args.dequantize_weights) == (512, None, "torch", True)
+
+
+def test_human_line_names_the_numbers(tiny_dir: Path, text: str) -> None:
+    result = perplexity(tiny_dir, text, seqlen=SEQLEN, stride=STRIDE, device="cpu", text_name="a slice")
+    line = format_result(result)
+    assert f"perplexity {result.perplexity:.4f}" in line and f"{result.tokens} scored tokens" in line
+    assert f"{result.windows} windows" in line and "a slice" in line and "\n" not in line
 
 
 # ---------------------------------------------------------------- the real SmolLM2 GGUF
