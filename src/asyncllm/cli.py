@@ -1,4 +1,4 @@
-"""Command line: ``asyncllm chat | generate | serve | quantize | bench | fetch-default``."""
+"""Command line: ``asyncllm chat | generate | serve | quantize | eval perplexity | bench | fetch-default``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from asyncllm.adapters.serve_cli import add_serve_command, run_serve
 from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
 from asyncllm.bench import add_bench_command, run_bench
+from asyncllm.eval_cli import add_eval_command, run_eval
 from asyncllm.quantize_cli import add_quantize_command, run_quantize
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_quantize_command(sub)
     add_bench_command(sub)
+    add_eval_command(sub)
     sub.add_parser("fetch-default", help="download the default model GGUF into ~/.cache/asyncllm")
     return parser
 
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "quantize":
         return run_quantize(args)
+    if args.command == "eval":
+        return run_eval(args)
     if args.command == "fetch-default":
         print(fetch_default_model())
         return 0
