@@ -8,6 +8,7 @@
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.engine import AsyncEngine, EngineClosedError, EngineStats, StepFailedError
 from asyncllm.outputs import Completion, StepOutput, Usage
+from asyncllm.pipeline import Pipeline, pipeline
 from asyncllm.sampling import SamplingParams, TokenLogprobs
 from asyncllm.session import Session, SessionBusyError, SessionClosedError
 from asyncllm.streams import RequestStream, TextStream
@@ -19,6 +20,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "ModelConfig",
+    "Pipeline",
     "RequestStream",
     "SamplingParams",
     "Session",
@@ -29,5 +31,6 @@ __all__ = [
     "TextStream",
     "TokenLogprobs",
     "Usage",
+    "pipeline",
 ]
 __version__ = "0.1.0"
