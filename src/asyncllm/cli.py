@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from asyncllm.adapters.gradio_cli import add_gradio_command, run_gradio
 from asyncllm.adapters.serve_cli import add_serve_command, run_serve
 from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
 from asyncllm.bench import add_bench_command, run_bench
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen)
 
     add_serve_command(sub)
+    add_gradio_command(sub)
     add_quantize_command(sub)
     add_bench_command(sub)
     add_eval_command(sub)
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "gradio":
+        return run_gradio(args)
     if args.command == "quantize":
         return run_quantize(args)
     if args.command == "eval":
