@@ -23,7 +23,16 @@ from asyncllm.adapters.gradio import EngineBackend, EngineConversation, chat_ui 
 
 from ._support import running_server, wait_until  # noqa: E402
 
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+SCREENSHOTS_ENV = "ASYNCLLM_UPDATE_SCREENSHOTS"
+"""Set to 1 to refresh docs/images from this run; otherwise screenshots go to the test's temporary folder."""
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where this run's screenshots go: docs/images when asked for (``ASYNCLLM_UPDATE_SCREENSHOTS=1``), else
+    a temporary folder, so a test run never rewrites tracked files."""
+    return DOCS_IMAGES if os.environ.get(SCREENSHOTS_ENV) == "1" else tmp_path
 
 
 def _chromium() -> str | None:
@@ -110,7 +119,7 @@ def set_slider(page: Any, elem_id: str, value: int) -> None:
     page.locator(f"#{elem_id} input[type=number]").press("Enter")
 
 
-def test_two_turns_keep_the_first_in_context(make_tiny_engine: Any, page: Any) -> None:
+def test_two_turns_keep_the_first_in_context(make_tiny_engine: Any, page: Any, screenshots: Path) -> None:
     engine = make_tiny_engine()
     backend = RecordingBackend(engine, ignore_eos=True, seed=0)
     with launched(backend, default_max_tokens=12, system_prompt="Be brief.") as url:
@@ -119,8 +128,8 @@ def test_two_turns_keep_the_first_in_context(make_tiny_engine: Any, page: Any) -
         wait_for_replies(page, 1)
         send(page, "And a mountain?")
         wait_for_replies(page, 2)
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(IMAGES / "gradio-chat.png"))
+        screenshots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshots / "gradio-chat.png"))
         text = page.locator("#chatbot").inner_text()
 
     assert len(backend.conversations) == 1
@@ -136,7 +145,7 @@ def test_two_turns_keep_the_first_in_context(make_tiny_engine: Any, page: Any) -
     assert text.count("completion tokens") == 2
 
 
-def test_stop_aborts_the_request_and_frees_its_kv(make_tiny_engine: Any, page: Any) -> None:
+def test_stop_aborts_the_request_and_frees_its_kv(make_tiny_engine: Any, page: Any, screenshots: Path) -> None:
     engine = make_tiny_engine()
     backend = RecordingBackend(engine, ignore_eos=True, temperature=0.0)
     with launched(backend, default_max_tokens=1900) as url:
@@ -148,7 +157,7 @@ def test_stop_aborts_the_request_and_frees_its_kv(make_tiny_engine: Any, page: A
         page.locator("#stop").click()
         wait_until(lambda: engine.stats().running == 0 and engine.stats().kv_blocks_used == 0, timeout=10)
         freed_after = time.monotonic() - started
-        page.screenshot(path=str(IMAGES / "gradio-stop.png"))
+        page.screenshot(path=str(screenshots / "gradio-stop.png"))
         session = backend.conversations[0].session
         assert not session.busy and session.messages == []  # the stopped reply is not part of the context
         assert engine.stats().sessions_pinned == 0
