@@ -178,13 +178,23 @@ def test_progress_bar_on_off_and_auto(pipe: asyncllm.Pipeline, capsys: pytest.Ca
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
 def test_ctrl_c_during_a_batch_aborts_its_requests(pipe: asyncllm.Pipeline) -> None:
-    timer = threading.Timer(0.3, _thread.interrupt_main)
-    timer.start()
+    stop = threading.Event()
+
+    def interrupt_once_decoding() -> None:  # Ctrl-C while the batch is running, however loaded the machine
+        while not stop.is_set():
+            if pipe.stats().running > 0:
+                _thread.interrupt_main()
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=interrupt_once_decoding, daemon=True)
+    watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             pipe(PROMPTS, max_tokens=1500, ignore_eos=True)
     finally:
-        timer.cancel()
+        stop.set()
+        watcher.join()
     stats = _wait_idle(pipe)
     assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
     assert pipe(PROMPTS[0], max_tokens=2, ignore_eos=True).usage.completion_tokens == 2

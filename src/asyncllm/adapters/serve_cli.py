@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -126,6 +127,15 @@ def _draining_server(config: Any, grace: float, end_streams: Any) -> Any:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        interrupted = False
+        """Whether a SIGINT (Ctrl-C) asked it to stop: uvicorn re-raises the signal after shutting down, but
+        asyncio's runner may turn that into a normal return when the serving task is already finishing."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig == signal.SIGINT:
+                self.interrupted = True
+            super().handle_exit(sig, frame)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             async def end_after_grace() -> None:
                 await asyncio.sleep(grace)
@@ -191,13 +201,14 @@ def run_serve(args: argparse.Namespace) -> int:
           f"{' (API key required)' if settings.api_keys else ''}", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=args.shutdown_grace + FLUSH_AFTER_GRACE)
+    server = _draining_server(config, args.shutdown_grace, engine.aclose)
     try:
-        _draining_server(config, args.shutdown_grace, engine.aclose).run(sockets=[sock])
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         return 130
     finally:
         sock.close()
-    return 0
+    return 130 if server.interrupted else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
