@@ -179,3 +179,30 @@ def test_run_ending_without_aclose_closes_the_engine(backend: str, make_tiny_eng
     run(backend, main)  # returns: the loop task is cancelled with the run, it does not keep it alive
     assert engine.is_closed
     engine._executor.shutdown(wait=True)
+
+
+def test_the_asgi_app_refuses_trio_at_once(make_tiny_engine: Any) -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    from asyncllm.adapters.asgi import create_app
+
+    engine = make_tiny_engine()
+    app = create_app(engine, model_name="tiny")
+    message = "asyncllm: the OpenAI-compatible ASGI app needs asyncio; running under trio"
+
+    async def request() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.get("/health")
+
+    async def lifespan() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    try:
+        for main in (request, lifespan):
+            with pytest.raises(RuntimeError, match=message):
+                run("trio", main)
+        assert not engine.is_running and not engine.is_closed
+    finally:
+        engine._executor.shutdown(wait=True)
