@@ -161,7 +161,11 @@ class AsyncEngine:
         await self.aclose()
 
     async def start(self) -> None:
-        """Start the loop task in the running event loop (idempotent; also done on first use)."""
+        """Start the loop task in the running event loop (idempotent; also done on first use).
+
+        Under asyncio the loop is a task; under trio it is a system task (no nursery needed), cancelled
+        when the run's main task returns, which closes the engine. The engine stays bound to this loop.
+        """
         self._ensure_started()
 
     @contextlib.asynccontextmanager
