@@ -72,8 +72,7 @@ class Signal:
 
     async def wait(self) -> None:
         if self._flag:
-            await anyio.lowlevel.checkpoint()
-            return
+            return  # as asyncio.Event: a set signal does not yield
         if self._event is None:
             self._event = anyio.Event()
         await self._event.wait()
