@@ -7,7 +7,6 @@ task mutates scheduler state; callers interact through thread-safe wake-ups and 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -17,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 from torch import nn
 
 from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
+from asyncllm.event_loop import LoopHandle, LoopTask, Signal
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
 from asyncllm.layers.weights import parameter_bytes
@@ -66,7 +67,7 @@ class EngineStats:
 
 
 class AsyncEngine:
-    """Continuous-batching inference inside the caller's asyncio loop.
+    """Continuous-batching inference inside the caller's event loop (asyncio, or trio: see ``start``).
 
     Invariants: every submitted request ends with exactly one final output (``finish_reason`` set) or
     an exception on its stream; a request's KV blocks are released (or pinned for its session) in the
@@ -103,9 +104,9 @@ class AsyncEngine:
         self._pending_aborts: set[str] = set()
         self._flushes = SessionFlushes(self._scheduler)
         self._ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Event | None = None
+        self._loop: LoopHandle | None = None
+        self._task: LoopTask | None = None
+        self._wakeup: Signal | None = None
         # One thread runs every model step (and, via from_pretrained/from_model, the loading): a second
         # thread doing torch work gets its own OpenMP team, and two teams on few cores slow each other down.
         self._executor = worker or _model_thread()
@@ -160,7 +161,11 @@ class AsyncEngine:
         await self.aclose()
 
     async def start(self) -> None:
-        """Start the loop task in the running event loop (idempotent; also done on first use)."""
+        """Start the loop task in the running event loop (idempotent; also done on first use).
+
+        Under asyncio the loop is a task; under trio it is a system task (no nursery needed), cancelled
+        when the run's main task returns, which closes the engine. The engine stays bound to this loop.
+        """
         self._ensure_started()
 
     @contextlib.asynccontextmanager
@@ -177,14 +182,14 @@ class AsyncEngine:
             raise EngineClosedError("engine is closed")
         if self._failure is not None:
             raise EngineClosedError(f"engine failed: {self._failure!r}") from self._failure
-        loop = asyncio.get_running_loop()
         if self._task is not None:
-            if loop is not self._loop:
+            assert self._loop is not None
+            if not self._loop.is_current():
                 raise RuntimeError("AsyncEngine is bound to another event loop; create one engine per loop")
             return
-        self._loop = loop
-        self._wakeup = asyncio.Event()
-        self._task = loop.create_task(self._run(), name="asyncllm-engine")
+        self._loop = LoopHandle()
+        self._wakeup = Signal()
+        self._task = self._loop.spawn(self._run, name="asyncllm-engine")
 
     async def aclose(self) -> None:
         """Stop the loop; in-flight requests end with ``EngineClosedError``. Idempotent."""
@@ -194,8 +199,7 @@ class AsyncEngine:
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None:
-            with contextlib.suppress(BaseException):
-                await self._task
+            await self._task.wait()
         self._fail_all(EngineClosedError("engine closed while the request was in flight"))
         self._flushes.end_all()
         for owner in self._pins.owners():
@@ -227,7 +231,8 @@ class AsyncEngine:
         OpenMP thread team, and two teams on a small CPU slow the engine's steps down (about 15% per step
         measured on a 2-core machine, even when the other team had finished its work before).
         """
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = self._loop if self._loop is not None and self._loop.is_current() else LoopHandle()
+        return await loop.wait_future(self._executor.submit(fn, *args))
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -327,11 +332,11 @@ class AsyncEngine:
                 step = self._scheduler.schedule()
                 if not step:
                     self._reject_stuck_head()
-                    await asyncio.sleep(0)
+                    await anyio.sleep(0)
                     continue
                 # A failing step is rerun without the chunks that fail it (step_isolation): only those fail.
-                result = await self._loop.run_in_executor(
-                    self._executor, run_step, self._runner.step, step.chunks, self._sampling_rows(step))
+                result = await self._loop.wait_future(self._executor.submit(
+                    run_step, self._runner.step, step.chunks, self._sampling_rows(step)))
                 for chunk, error in result.failed:
                     logger.error("model step failed for %s", chunk.seq.request_id, exc_info=error)
                     if chunk.seq.flush_only:
@@ -340,9 +345,10 @@ class AsyncEngine:
                 self._scheduler.on_step_done(result.chunks)
                 self._process(result.chunks, result.output)
                 self._flushes.complete(result.chunks)
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            # the event loop is shutting down (e.g. asyncio.run ending without aclose): a close, not a failure
+                await anyio.sleep(0)
+        except anyio.get_cancelled_exc_class():
+            # the event loop is shutting down (e.g. asyncio.run ending without aclose, or a trio run's main
+            # task returning without it): a close, not a failure
             self._closing = True
             self._fail_all(EngineClosedError("engine loop was cancelled"))
             raise

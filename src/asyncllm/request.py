@@ -7,7 +7,6 @@ caller that mutates a request or a sequence.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from asyncllm.detokenizer import IncrementalDetokenizer
+from asyncllm.event_loop import Signal
 from asyncllm.outputs import Usage
 from asyncllm.sampling import RequestSampling, SamplingParams, check_bans, check_token_ids
 from asyncllm.scheduler import ScheduledChunk, Scheduler
@@ -144,13 +144,13 @@ class SessionFlushes:
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self._flushing: dict[str, SequenceState] = {}
-        self._settled: dict[Hashable, asyncio.Event] = {}
+        self._settled: dict[Hashable, Signal] = {}
 
     def begin(self, seq: SequenceState, reason: FinishReason) -> None:
         seq.flush_only = True
         seq.finish_reason = reason
         self._flushing[seq.request_id] = seq
-        self._settled.setdefault(seq.session_id, asyncio.Event()).clear()
+        self._settled.setdefault(seq.session_id, Signal()).clear()
 
     def complete(self, chunks: Iterable[ScheduledChunk]) -> None:
         """End the flushes whose KV a step just computed (their blocks are pinned for the session)."""

@@ -7,26 +7,18 @@ aborts its request.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
+from asyncllm.event_loop import LoopHandle, Signal
 from asyncllm.outputs import Completion, StepOutput, Usage
 from asyncllm.sampling import TokenLogprobs
 from asyncllm.sequence import FinishReason
 
 
-def call_in_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., object], *args: object) -> None:
+def call_in_loop(loop: LoopHandle | None, fn: Callable[..., object], *args: object) -> None:
     """Call ``fn(*args)`` at once when running in ``loop``, else schedule it there (thread-safe); do nothing
     when ``loop`` is ``None`` or closed."""
-    if loop is None or loop.is_closed():
-        return
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        fn(*args)
-    else:
+    if loop is not None:
         loop.call_soon_threadsafe(fn, *args)
 
 
@@ -36,7 +28,7 @@ class OutputChannel:
     def __init__(self, request_id: str, *, keep_logprobs: bool) -> None:
         self.request_id = request_id
         self._keep_logprobs = keep_logprobs
-        self._event = asyncio.Event()
+        self._event = Signal()
         self._token_ids: list[int] = []
         self._text: list[str] = []
         self._logprobs: list[TokenLogprobs] = []

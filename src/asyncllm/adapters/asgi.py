@@ -54,6 +54,7 @@ from asyncllm.adapters.server_metrics import ServerMetrics
 from asyncllm.adapters.sessions import SessionGoneError, SessionKey, SessionLimitError, SessionRegistry
 from asyncllm.adapters.settings import ServerSettings
 from asyncllm.engine import AsyncEngine, EngineClosedError
+from asyncllm.event_loop import require_asyncio
 from asyncllm.sampling import SamplingParams
 from asyncllm.session import SessionBusyError, SessionClosedError
 from asyncllm.streams import RequestStream
@@ -130,6 +131,7 @@ class OpenAIServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: object) -> AsyncIterator[None]:
+        require_asyncio("the OpenAI-compatible ASGI app")
         await self.engine.start()
         try:
             yield
@@ -141,6 +143,7 @@ class OpenAIServer:
     def _route(self, path: str, name: str, handler: Callable[[Request, float], Awaitable[Response]],
                methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:
+            require_asyncio("the OpenAI-compatible ASGI app")
             arrival = self.metrics.clock()
             try:
                 response = await handler(request, arrival)

@@ -103,7 +103,7 @@ def _default_max_tokens(args: argparse.Namespace) -> int | None:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket bound to ``host:port``.
+    """A listening TCP socket bound to ``host:port``.
 
     Created with ``IPPROTO_TCP`` explicitly: asyncio sets ``TCP_NODELAY`` only on sockets whose ``proto``
     says TCP, and accepted sockets inherit it. With ``proto`` 0, Nagle's algorithm stays on, and a response
@@ -115,6 +115,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # listen now, before the address is printed: a client connecting while the app still starts up
+        # waits in the backlog instead of being refused (the server listens again with its own backlog)
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise
