@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from asyncllm.streams import RequestStream
 
 
+def package_version() -> str:
+    """The installed distribution's version, else ``asyncllm.__version__`` (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asyncllm")
+    except PackageNotFoundError:
+        import asyncllm
+
+        return str(getattr(asyncllm, "__version__", "unknown"))
+
+
 def _resolve_model(model: str | None) -> str:
     if model:
         return model
@@ -111,6 +123,7 @@ async def _chat(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncllm", description="asyncio-native LLM inference")
+    parser.add_argument("--version", action="version", version=f"asyncllm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="streaming terminal chat (default model: SmolLM2-135M-Instruct)")
