@@ -190,6 +190,23 @@ async def test_seeded_sampling_is_reproducible_across_batches(make_tiny_engine: 
         assert crowd[0].token_ids == solo.token_ids
 
 
+async def test_unseeded_sampling_differs_between_engines_and_a_seed_pins_it(make_tiny_engine: Any) -> None:
+    """Without a seed every engine draws differently (no fixed default seed); ``seed`` reproduces, and an
+    explicit engine seed reproduces its unseeded requests."""
+    params = {"temperature": 1.5, "max_tokens": 8, "ignore_eos": True}
+    replies, seeded, engine_seeded = [], [], []
+    for _ in range(8):
+        async with make_tiny_engine() as engine:
+            replies.append(tuple((await engine.generate(PROMPTS[0], **params)).token_ids))
+            seeded.append(tuple((await engine.generate(PROMPTS[0], **params, seed=7)).token_ids))
+    for _ in range(2):
+        async with make_tiny_engine(seed=11) as engine:
+            engine_seeded.append(tuple((await engine.generate(PROMPTS[0], **params)).token_ids))
+    assert len(set(replies)) > 1
+    assert len(set(seeded)) == 1
+    assert engine_seeded[0] == engine_seeded[1]
+
+
 async def test_logprobs_on_detailed_stream(make_tiny_engine: Any) -> None:
     async with make_tiny_engine() as engine:
         c = await engine.generate(PROMPTS[0], temperature=0.0, max_tokens=5, logprobs=3)
