@@ -319,3 +319,14 @@ async def test_run_on_model_thread_runs_between_steps_on_the_model_thread(make_t
             engine.generate("hello", max_tokens=4, temperature=0),
         )
         assert names[0].startswith("asyncllm-model") and names[0] != threading.current_thread().name
+
+
+def test_an_unknown_engine_keyword_is_a_type_error_listing_the_fields(make_tiny_engine: Any,
+                                                                      tmp_path: Any) -> None:
+    from asyncllm import AsyncEngine
+
+    with pytest.raises(TypeError, match="max_batch_size") as info:
+        AsyncEngine.from_pretrained(tmp_path / "never-loaded.gguf", max_batch_size=8)
+    assert "max_num_seqs" in str(info.value) and "kv_cache_tokens" in str(info.value)
+    with pytest.raises(TypeError, match="valid EngineConfig fields: .*max_num_seqs"):
+        make_tiny_engine(max_num_seq=8)
