@@ -85,7 +85,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
     engine = AsyncEngine.from_pretrained(_resolve_model(args.model), **_engine_overrides(args))
     async with engine:
-        prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        templated = not args.raw and engine.tokenizer.has_chat_template
+        prompt: Any = [{"role": "user", "content": args.prompt}] if templated else args.prompt
         usage = await _print_stream(engine.stream_detailed(prompt, **_sampling(args)))
         if args.verbose and usage is not None:
             print(f"[prompt {usage.prompt_tokens} tokens, completion {usage.completion_tokens}]", file=sys.stderr)
@@ -136,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one prompt and stream it to stdout")
     gen.add_argument("model", help="HF directory, hub id or .gguf file ('default' for SmolLM2)")
     gen.add_argument("prompt")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
+    template = gen.add_mutually_exclusive_group()
+    template.add_argument("--raw", action="store_true",
+                          help="complete the prompt text as is (default: send it as a user message through "
+                               "the model's chat template, when the model has one)")
+    template.add_argument("--chat", action="store_true",
+                          help="accepted for compatibility: the chat template is already the default")
     gen.add_argument("-v", "--verbose", action="store_true")
     _engine_args(gen)
     _sampling_args(gen)
@@ -152,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("chat", "generate", "serve", "gradio") and args.model == "default":
+        args.model = None  # the default model (SmolLM2 GGUF in the cache)
     if args.command == "bench":
         return run_bench(args)
     if args.command == "serve":
@@ -165,8 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "fetch-default":
         print(fetch_default_model())
         return 0
-    if args.command == "generate" and args.model == "default":
-        args.model = None
     runner = {"chat": _chat, "generate": _generate}[args.command]
     try:
         return asyncio.run(runner(args))

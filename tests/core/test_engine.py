@@ -328,5 +328,5 @@ def test_an_unknown_engine_keyword_is_a_type_error_listing_the_fields(make_tiny_
     with pytest.raises(TypeError, match="max_batch_size") as info:
         AsyncEngine.from_pretrained(tmp_path / "never-loaded.gguf", max_batch_size=8)
     assert "max_num_seqs" in str(info.value) and "kv_cache_tokens" in str(info.value)
-    with pytest.raises(TypeError, match="valid EngineConfig fields: .*max_num_seqs"):
+    with pytest.raises(TypeError, match=r"valid EngineConfig fields: .*max_num_seqs"):
         make_tiny_engine(max_num_seq=8)
