@@ -76,3 +76,37 @@ def test_default_names_the_default_model(command: list[str], tiny_cli: dict[str,
     monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))
     assert main([*command, "--max-tokens", "2"]) == 0
     assert tiny_cli["loads"][0][0] == str(tmp_path / "default.gguf")
+
+
+@pytest.mark.parametrize("command", [
+    ["chat"], ["generate", "m", "hi"], ["serve", "m"], ["gradio", "m"], ["eval", "perplexity", "m"],
+    ["quantize", "m", "--out", "never-written"],
+])
+def test_an_unusable_cuda_device_is_a_one_line_error(command: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                      tiny_cli: dict[str, list[Any]],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*command, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"asyncllm {command[0]}: error: device: 'cuda' requested")
+    assert "\n" not in err and not tiny_cli["loads"]
+
+
+def test_a_malformed_device_is_refused_before_loading(tiny_cli: dict[str, list[Any]],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "m", "--device", "tpu"]) == 2
+    assert "asyncllm serve: error: device: must be" in capsys.readouterr().err
+    assert not tiny_cli["loads"]
+
+
+@pytest.mark.parametrize(("option", "field"), [
+    (["--temperature", "-1"], "temperature"), (["--top-p", "2"], "top_p"), (["--max-tokens", "0"], "max_tokens"),
+])
+@pytest.mark.parametrize("command", [["chat", "/no/such/model"], ["generate", "/no/such/model", "hi"],
+                                     ["gradio", "/no/such/model"]])
+def test_sampling_options_are_checked_before_the_model_loads(command: list[str], option: list[str], field: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"asyncllm {command[0]}: error: {field}: ")
+    assert "no/such/model" not in err and "loading" not in err

@@ -32,6 +32,32 @@ def package_version() -> str:
         return str(getattr(asyncllm, "__version__", "unknown"))
 
 
+def check_device(device: str | None) -> None:
+    """Refuse, with ``ValueError`` naming ``device``, a device this process cannot use: a malformed name,
+    CUDA on a torch without a usable GPU, or a GPU index past the last. ``None`` and ``auto`` pass."""
+    if device is None or device in ("auto", "cpu"):
+        return
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise ValueError(f"device: must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"device: {device!r} requested, but no CUDA GPU is usable (torch {torch.__version__}, "
+                         f"{build}); use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} requested, but only {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"are visible")
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Validate the sampling options (``ValueError`` naming the field) before any model is loaded."""
+    from asyncllm.sampling_params import SamplingParams
+
+    SamplingParams(**_sampling(args))
+
+
 def _resolve_model(model: str | None) -> str:
     if model:
         return model
@@ -68,7 +94,8 @@ def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": getattr(args, "seed", None)}
 
 
 async def _print_stream(stream: RequestStream) -> Usage | None:
@@ -160,6 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("chat", "generate", "serve", "gradio") and args.model == "default":
         args.model = None  # the default model (SmolLM2 GGUF in the cache)
+    try:  # options that need no model are checked before one is loaded
+        check_device(getattr(args, "device", None))
+        if args.command in ("chat", "generate", "gradio"):
+            check_sampling(args)
+    except ValueError as error:
+        print(f"asyncllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
     if args.command == "bench":
         return run_bench(args)
     if args.command == "serve":
