@@ -110,3 +110,58 @@ def test_sampling_options_are_checked_before_the_model_loads(command: list[str],
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"asyncllm {command[0]}: error: {field}: ")
     assert "no/such/model" not in err and "loading" not in err
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "m", "hi"], ["serve"], ["gradio"]])
+def test_deployment_knobs_parse_into_engine_overrides(command: list[str]) -> None:
+    from asyncllm.cli import _engine_overrides, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([*command, "--max-batch-size", "8", "--gpu-memory-fraction", "0.5",
+                              "--kv-cache-tokens", "2048", "--max-model-len", "512", "--device", "cpu",
+                              "--dtype", "bfloat16", "--dequantize-weights"])
+    assert _engine_overrides(args) == {
+        "device": "cpu", "dtype": "bfloat16", "max_model_len": 512, "kv_cache_tokens": 2048,
+        "gpu_memory_fraction": 0.5, "max_num_seqs": 8, "dequantize_weights": True,
+    }
+    assert parser.parse_args([*command, "--max-num-seqs", "3"]).max_num_seqs == 3  # the alias
+    defaults = parser.parse_args(command)
+    assert _engine_overrides(defaults) == {"device": "auto", "dtype": None, "max_model_len": None}
+    assert (defaults.kv_cache_dtype, defaults.quant_policy) == ("auto", 0)
+
+
+def test_engine_option_help_states_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--device", "--dtype", "--kv-cache-tokens", "--gpu-memory-fraction", "--max-model-len",
+                   "--max-num-seqs", "--kv-cache-dtype", "--quant-policy", "--dequantize-weights"):
+        help_text = text.split(option, 2)[-1].split(" --")[0]  # the option's entry in the options list
+        assert "default" in help_text, option
+
+
+def test_engine_option_defaults_reach_the_engine(tiny_cli: dict[str, list[Any]]) -> None:
+    assert main(["generate", "m", "hi", "--max-tokens", "1", "--max-batch-size", "4",
+                 "--gpu-memory-fraction", "0.6"]) == 0
+    assert tiny_cli["loads"][0][1]["max_num_seqs"] == 4
+    assert tiny_cli["loads"][0][1]["gpu_memory_fraction"] == 0.6
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype 'fp8': KV-cache quantization is not available yet"),
+    (["--quant-policy", "8"], "--quant-policy 8: KV-cache quantization is not available yet"),
+    (["--max-batch-size", "0"], "max_num_seqs: must be positive"),
+    (["--gpu-memory-fraction", "1.5"], "gpu_memory_fraction: must be in (0, 1]"),
+])
+@pytest.mark.parametrize("command", [["chat", "m"], ["generate", "m", "hi"], ["serve", "m"], ["gradio", "m"]])
+def test_unavailable_or_invalid_engine_options_exit_2(command: list[str], option: list[str], message: str,
+                                                      tiny_cli: dict[str, list[Any]],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, *option]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"asyncllm {command[0]}: error: {message}")
+    assert not tiny_cli["loads"]
+
+
+def test_unquantized_kv_cache_values_are_accepted(tiny_cli: dict[str, list[Any]]) -> None:
+    assert main(["generate", "m", "hi", "--max-tokens", "1", "--kv-cache-dtype", "auto",
+                 "--quant-policy", "0"]) == 0

@@ -67,30 +67,74 @@ def _resolve_model(model: str | None) -> str:
     return str(path)
 
 
+UNQUANTIZED_KV_CACHE_DTYPE = "auto"
+UNQUANTIZED_QUANT_POLICY = 0
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (CPU)")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    """The engine options shared by ``chat``, ``generate``, ``serve`` and ``gradio`` (``_engine_overrides``
+    maps them to ``EngineConfig`` fields)."""
+    from asyncllm.config import EngineConfig
+
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto: CUDA when a GPU is usable, else CPU (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weight and activation dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help=f"KV pool size in tokens on CPU (default: {EngineConfig.kv_cache_tokens})")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=None,
+                        help=f"share of the GPU's memory the weights and KV pool may use on CUDA, in (0, 1] "
+                             f"(default: {EngineConfig.gpu_memory_fraction})")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context bound in tokens (default: the model's positions, capped by the KV pool)")
+    parser.add_argument("--max-batch-size", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
+                        help=f"most sequences decoded together in one step; more requests wait "
+                             f"(default: {EngineConfig.max_num_seqs})")
+    parser.add_argument("--kv-cache-dtype", default=UNQUANTIZED_KV_CACHE_DTYPE,
+                        help="KV-cache element type; only 'auto' (the model's dtype) is available: KV-cache "
+                             "quantization is not implemented yet (default: %(default)s)")
+    parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY,
+                        help="KV-cache quantization policy (0: none, 4 or 8: bits per element); only 0 is "
+                             "available yet (default: %(default)s)")
     parser.add_argument("--dequantize-weights", action="store_true",
                         help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
-                             "weights at load instead of keeping it packed")
+                             "weights at load instead of keeping it packed (default: keep it packed)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=256, help="completion limit (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="makes sampling reproducible (default: none, a different reply each run)")
 
 
 def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` keyword overrides that the ``_engine_args`` options ask for."""
     overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
-    if args.kv_cache_tokens is not None:
-        overrides["kv_cache_tokens"] = args.kv_cache_tokens
+    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.dequantize_weights:
         overrides["dequantize_weights"] = True
     return overrides
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Refuse, with ``ValueError``, ``_engine_args`` options that cannot work, before any model loads:
+    an unusable device, KV-cache quantization (not implemented yet) and out-of-range ``EngineConfig``
+    values."""
+    from asyncllm.config import EngineConfig
+
+    check_device(args.device)
+    if args.kv_cache_dtype != UNQUANTIZED_KV_CACHE_DTYPE:
+        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: KV-cache quantization is not available "
+                         f"yet; only '{UNQUANTIZED_KV_CACHE_DTYPE}' (the model's dtype) is supported")
+    if args.quant_policy != UNQUANTIZED_QUANT_POLICY:
+        raise ValueError(f"--quant-policy {args.quant_policy}: KV-cache quantization is not available yet; "
+                         f"only {UNQUANTIZED_QUANT_POLICY} (unquantized) is supported")
+    EngineConfig(**_engine_overrides(args))
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,7 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("chat", "generate", "serve", "gradio") and args.model == "default":
         args.model = None  # the default model (SmolLM2 GGUF in the cache)
     try:  # options that need no model are checked before one is loaded
-        check_device(getattr(args, "device", None))
+        if args.command in ("chat", "generate", "serve", "gradio"):
+            check_engine_options(args)
+        else:
+            check_device(getattr(args, "device", None))
         if args.command in ("chat", "generate", "gradio"):
             check_sampling(args)
     except ValueError as error:
