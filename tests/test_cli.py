@@ -165,3 +165,14 @@ def test_unavailable_or_invalid_engine_options_exit_2(command: list[str], option
 def test_unquantized_kv_cache_values_are_accepted(tiny_cli: dict[str, list[Any]]) -> None:
     assert main(["generate", "m", "hi", "--max-tokens", "1", "--kv-cache-dtype", "auto",
                  "--quant-policy", "0"]) == 0
+
+
+def test_chat_reads_commands_and_messages_from_stdin(tiny_cli: dict[str, list[Any]],
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("/help\n/nope\nHello\n/stats\n"))  # then end of input
+    assert main(["chat", "m", "--max-tokens", "3", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "/system TEXT" in captured.err and "unknown command /nope" in captured.err
+    assert "last reply: 3 tokens" in captured.err
+    assert captured.out.strip()  # the reply

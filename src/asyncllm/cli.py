@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from asyncllm.adapters.gradio_cli import add_gradio_command, run_gradio
@@ -164,32 +167,106 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enable_line_editing() -> None:
+    """Line editing and history for ``input()`` where the platform has ``readline``."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (importing it is what makes input() use it)
+
+
+@contextlib.contextmanager
+def _terminal_restored() -> Iterator[None]:
+    """Put the terminal's settings back on the way out: quitting with Ctrl-C at the prompt leaves a
+    ``readline`` read pending on its thread, with the terminal still in its editing mode."""
+    try:
+        import termios
+
+        saved = termios.tcgetattr(sys.stdin.fileno())
+    except Exception:  # not a terminal, or no termios on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+
+
+async def _read_line(prompt: str) -> str:
+    """``input(prompt)`` on a daemon thread, so that quitting never waits for a pending read.
+    Raises ``EOFError`` at the end of input."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        try:
+            line: str | BaseException = input(prompt)
+        except BaseException as error:  # EOFError, or an error of the terminal
+            line = error
+        loop.call_soon_threadsafe(_settle, future, line)
+
+    threading.Thread(target=read, name="asyncllm-chat-input", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[str], value: str | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
 async def _chat(args: argparse.Namespace) -> int:
     from asyncllm.engine import AsyncEngine
 
     model = _resolve_model(args.model)
     print(f"loading {model} ...", file=sys.stderr)
     engine = AsyncEngine.from_pretrained(model, **_engine_overrides(args))
-    async with engine, engine.session(system=args.system) as chat:
-        print("chat ready: /reset clears the conversation, /exit quits.", file=sys.stderr)
-        while True:
-            try:
-                line = await asyncio.to_thread(input, "> ")
-            except EOFError:
-                break
-            text = line.strip()
-            if not text:
-                continue
-            if text == "/exit":
-                break
-            if text == "/reset":
-                chat.reset()
-                print("(conversation cleared)", file=sys.stderr)
-                continue
-            usage = await _print_stream(chat.stream_detailed(text, **_sampling(args)))
-            if args.verbose and usage is not None:
-                print(f"[prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} reused from the session; "
-                      f"completion {usage.completion_tokens}]", file=sys.stderr)
+    _enable_line_editing()
+    loop = asyncio.get_running_loop()
+    with _terminal_restored():
+        return await _chat_loop(engine, args, loop)
+
+
+async def _chat_loop(engine: Any, args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> int:
+    from asyncllm.chat_console import ChatConsole
+
+    async with engine:
+        console = ChatConsole(engine, system=args.system, sampling=_sampling(args), out=sys.stdout,
+                              err=sys.stderr, verbose=args.verbose)
+        reading: asyncio.Future[str] | None = None
+
+        def on_interrupt() -> None:  # Ctrl-C: stop the reply in progress, else quit
+            if not console.interrupt() and reading is not None:
+                reading.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            handled = True
+        except (NotImplementedError, RuntimeError, ValueError):  # no signal handlers here: Ctrl-C quits
+            handled = False
+        print("chat ready: /help lists the commands, Ctrl-C stops a reply, /exit quits.", file=sys.stderr)
+        try:
+            while True:
+                reading = asyncio.ensure_future(_read_line("> "))
+                try:
+                    line = await reading
+                except EOFError:
+                    break
+                except asyncio.CancelledError:
+                    if reading.cancelled():  # Ctrl-C at the prompt
+                        print(file=sys.stderr)
+                        return 130
+                    raise
+                finally:
+                    reading = None
+                if not await console.handle(line):
+                    break
+        finally:
+            if handled:
+                loop.remove_signal_handler(signal.SIGINT)
+            await console.close()
     return 0
 
 
