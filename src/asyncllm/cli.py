@@ -83,20 +83,21 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N or auto: CUDA when a GPU is usable, else CPU (default: %(default)s)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weight and activation dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+    parser.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
                         help=f"KV pool size in tokens on CPU (default: {EngineConfig.kv_cache_tokens})")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=None,
+    parser.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
                         help=f"share of the GPU's memory the weights and KV pool may use on CUDA, in (0, 1] "
                              f"(default: {EngineConfig.gpu_memory_fraction})")
-    parser.add_argument("--max-model-len", type=int, default=None,
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="N",
                         help="context bound in tokens (default: the model's positions, capped by the KV pool)")
     parser.add_argument("--max-batch-size", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
+                        metavar="N",
                         help=f"most sequences decoded together in one step; more requests wait "
                              f"(default: {EngineConfig.max_num_seqs})")
-    parser.add_argument("--kv-cache-dtype", default=UNQUANTIZED_KV_CACHE_DTYPE,
+    parser.add_argument("--kv-cache-dtype", default=UNQUANTIZED_KV_CACHE_DTYPE, metavar="DTYPE",
                         help="KV-cache element type; only 'auto' (the model's dtype) is available: KV-cache "
                              "quantization is not implemented yet (default: %(default)s)")
-    parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY,
+    parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY, metavar="BITS",
                         help="KV-cache quantization policy (0: none, 4 or 8: bits per element); only 0 is "
                              "available yet (default: %(default)s)")
     parser.add_argument("--dequantize-weights", action="store_true",
@@ -276,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="streaming terminal chat (default model: SmolLM2-135M-Instruct)")
-    chat.add_argument("model", nargs="?", default=None, help="HF directory, hub id or .gguf file")
-    chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("-v", "--verbose", action="store_true", help="print token usage after each reply")
+    chat.add_argument("model", nargs="?", default=None,
+                      help="HF directory, hub id or .gguf file (default: the SmolLM2 GGUF in the cache)")
+    chat.add_argument("--system", default=None, help="system message (default: none)")
+    chat.add_argument("-v", "--verbose", action="store_true",
+                      help="print token usage after each reply (default: off; /stats shows the last one)")
     _engine_args(chat)
     _sampling_args(chat)
 
@@ -291,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "the model's chat template, when the model has one)")
     template.add_argument("--chat", action="store_true",
                           help="accepted for compatibility: the chat template is already the default")
-    gen.add_argument("-v", "--verbose", action="store_true")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print token usage after the reply (default: off)")
     _engine_args(gen)
     _sampling_args(gen)
 
