@@ -9,6 +9,7 @@ The context bound ``max_model_len`` is decided once, by ``max_model_len_for``, a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,15 @@ __all__ = [
 
 
 def engine_config(config: EngineConfig | None, overrides: dict[str, Any]) -> EngineConfig:
-    """``config`` (the defaults when ``None``) with ``EngineConfig`` field ``overrides`` applied."""
+    """``config`` (the defaults when ``None``) with ``EngineConfig`` field ``overrides`` applied.
+
+    A keyword that is no ``EngineConfig`` field raises ``TypeError`` naming it and listing the valid ones.
+    """
+    fields = [f.name for f in dataclasses.fields(EngineConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown engine option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                        f"valid EngineConfig fields: {', '.join(fields)}")
     base = config or EngineConfig()
     return base.replace(**overrides) if overrides else base
 

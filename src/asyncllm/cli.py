@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from asyncllm.adapters.gradio_cli import add_gradio_command, run_gradio
@@ -20,6 +23,44 @@ if TYPE_CHECKING:
     from asyncllm.streams import RequestStream
 
 
+def package_version() -> str:
+    """The installed distribution's version, else ``asyncllm.__version__`` (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asyncllm")
+    except PackageNotFoundError:
+        import asyncllm
+
+        return str(getattr(asyncllm, "__version__", "unknown"))
+
+
+def check_device(device: str | None) -> None:
+    """Refuse, with ``ValueError`` naming ``device``, a device this process cannot use: a malformed name,
+    CUDA on a torch without a usable GPU, or a GPU index past the last. ``None`` and ``auto`` pass."""
+    if device is None or device in ("auto", "cpu"):
+        return
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise ValueError(f"device: must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"device: {device!r} requested, but no CUDA GPU is usable (torch {torch.__version__}, "
+                         f"{build}); use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} requested, but only {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"are visible")
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Validate the sampling options (``ValueError`` naming the field) before any model is loaded."""
+    from asyncllm.sampling_params import SamplingParams
+
+    SamplingParams(**_sampling(args))
+
+
 def _resolve_model(model: str | None) -> str:
     if model:
         return model
@@ -29,34 +70,80 @@ def _resolve_model(model: str | None) -> str:
     return str(path)
 
 
+UNQUANTIZED_KV_CACHE_DTYPE = "auto"
+UNQUANTIZED_QUANT_POLICY = 0
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (CPU)")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    """The engine options shared by ``chat``, ``generate``, ``serve`` and ``gradio`` (``_engine_overrides``
+    maps them to ``EngineConfig`` fields)."""
+    from asyncllm.config import EngineConfig
+
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto: CUDA when a GPU is usable, else CPU (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weight and activation dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                        help=f"KV pool size in tokens on CPU (default: {EngineConfig.kv_cache_tokens})")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
+                        help=f"share of the GPU's memory the weights and KV pool may use on CUDA, in (0, 1] "
+                             f"(default: {EngineConfig.gpu_memory_fraction})")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                        help="context bound in tokens (default: the model's positions, capped by the KV pool)")
+    parser.add_argument("--max-batch-size", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
+                        metavar="N",
+                        help=f"most sequences decoded together in one step; more requests wait "
+                             f"(default: {EngineConfig.max_num_seqs})")
+    parser.add_argument("--kv-cache-dtype", default=UNQUANTIZED_KV_CACHE_DTYPE, metavar="DTYPE",
+                        help="KV-cache element type; only 'auto' (the model's dtype) is available: KV-cache "
+                             "quantization is not implemented yet (default: %(default)s)")
+    parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY, metavar="BITS",
+                        help="KV-cache quantization policy (0: none, 4 or 8: bits per element); only 0 is "
+                             "available yet (default: %(default)s)")
     parser.add_argument("--dequantize-weights", action="store_true",
                         help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
-                             "weights at load instead of keeping it packed")
+                             "weights at load instead of keeping it packed (default: keep it packed)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=256, help="completion limit (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="makes sampling reproducible (default: none, a different reply each run)")
 
 
 def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` keyword overrides that the ``_engine_args`` options ask for."""
     overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
-    if args.kv_cache_tokens is not None:
-        overrides["kv_cache_tokens"] = args.kv_cache_tokens
+    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.dequantize_weights:
         overrides["dequantize_weights"] = True
     return overrides
 
 
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Refuse, with ``ValueError``, ``_engine_args`` options that cannot work, before any model loads:
+    an unusable device, KV-cache quantization (not implemented yet) and out-of-range ``EngineConfig``
+    values."""
+    from asyncllm.config import EngineConfig
+
+    check_device(args.device)
+    if args.kv_cache_dtype != UNQUANTIZED_KV_CACHE_DTYPE:
+        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: KV-cache quantization is not available "
+                         f"yet; only '{UNQUANTIZED_KV_CACHE_DTYPE}' (the model's dtype) is supported")
+    if args.quant_policy != UNQUANTIZED_QUANT_POLICY:
+        raise ValueError(f"--quant-policy {args.quant_policy}: KV-cache quantization is not available yet; "
+                         f"only {UNQUANTIZED_QUANT_POLICY} (unquantized) is supported")
+    EngineConfig(**_engine_overrides(args))
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": getattr(args, "seed", None)}
 
 
 async def _print_stream(stream: RequestStream) -> Usage | None:
@@ -73,11 +160,62 @@ async def _generate(args: argparse.Namespace) -> int:
 
     engine = AsyncEngine.from_pretrained(_resolve_model(args.model), **_engine_overrides(args))
     async with engine:
-        prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        templated = not args.raw and engine.tokenizer.has_chat_template
+        prompt: Any = [{"role": "user", "content": args.prompt}] if templated else args.prompt
         usage = await _print_stream(engine.stream_detailed(prompt, **_sampling(args)))
         if args.verbose and usage is not None:
             print(f"[prompt {usage.prompt_tokens} tokens, completion {usage.completion_tokens}]", file=sys.stderr)
     return 0
+
+
+def _enable_line_editing() -> None:
+    """Line editing and history for ``input()`` where the platform has ``readline``."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (importing it is what makes input() use it)
+
+
+@contextlib.contextmanager
+def _terminal_restored() -> Iterator[None]:
+    """Put the terminal's settings back on the way out: quitting with Ctrl-C at the prompt leaves a
+    ``readline`` read pending on its thread, with the terminal still in its editing mode."""
+    try:
+        import termios
+
+        saved = termios.tcgetattr(sys.stdin.fileno())
+    except Exception:  # not a terminal, or no termios on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+
+
+async def _read_line(prompt: str) -> str:
+    """``input(prompt)`` on a daemon thread, so that quitting never waits for a pending read.
+    Raises ``EOFError`` at the end of input."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        try:
+            line: str | BaseException = input(prompt)
+        except BaseException as error:  # EOFError, or an error of the terminal
+            line = error
+        loop.call_soon_threadsafe(_settle, future, line)
+
+    threading.Thread(target=read, name="asyncllm-chat-input", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[str], value: str | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
 async def _chat(args: argparse.Namespace) -> int:
@@ -86,45 +224,77 @@ async def _chat(args: argparse.Namespace) -> int:
     model = _resolve_model(args.model)
     print(f"loading {model} ...", file=sys.stderr)
     engine = AsyncEngine.from_pretrained(model, **_engine_overrides(args))
-    async with engine, engine.session(system=args.system) as chat:
-        print("chat ready: /reset clears the conversation, /exit quits.", file=sys.stderr)
-        while True:
-            try:
-                line = await asyncio.to_thread(input, "> ")
-            except EOFError:
-                break
-            text = line.strip()
-            if not text:
-                continue
-            if text == "/exit":
-                break
-            if text == "/reset":
-                chat.reset()
-                print("(conversation cleared)", file=sys.stderr)
-                continue
-            usage = await _print_stream(chat.stream_detailed(text, **_sampling(args)))
-            if args.verbose and usage is not None:
-                print(f"[prompt {usage.prompt_tokens} tokens, {usage.cached_tokens} reused from the session; "
-                      f"completion {usage.completion_tokens}]", file=sys.stderr)
+    _enable_line_editing()
+    loop = asyncio.get_running_loop()
+    with _terminal_restored():
+        return await _chat_loop(engine, args, loop)
+
+
+async def _chat_loop(engine: Any, args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> int:
+    from asyncllm.chat_console import ChatConsole
+
+    async with engine:
+        console = ChatConsole(engine, system=args.system, sampling=_sampling(args), out=sys.stdout,
+                              err=sys.stderr, verbose=args.verbose)
+        reading: asyncio.Future[str] | None = None
+
+        def on_interrupt() -> None:  # Ctrl-C: stop the reply in progress, else quit
+            if not console.interrupt() and reading is not None:
+                reading.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            handled = True
+        except (NotImplementedError, RuntimeError, ValueError):  # no signal handlers here: Ctrl-C quits
+            handled = False
+        print("chat ready: /help lists the commands, Ctrl-C stops a reply, /exit quits.", file=sys.stderr)
+        try:
+            while True:
+                reading = asyncio.ensure_future(_read_line("> "))
+                try:
+                    line = await reading
+                except EOFError:
+                    break
+                except asyncio.CancelledError:
+                    if reading.cancelled():  # Ctrl-C at the prompt
+                        print(file=sys.stderr)
+                        return 130
+                    raise
+                finally:
+                    reading = None
+                if not await console.handle(line):
+                    break
+        finally:
+            if handled:
+                loop.remove_signal_handler(signal.SIGINT)
+            await console.close()
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncllm", description="asyncio-native LLM inference")
+    parser.add_argument("--version", action="version", version=f"asyncllm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="streaming terminal chat (default model: SmolLM2-135M-Instruct)")
-    chat.add_argument("model", nargs="?", default=None, help="HF directory, hub id or .gguf file")
-    chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("-v", "--verbose", action="store_true", help="print token usage after each reply")
+    chat.add_argument("model", nargs="?", default=None,
+                      help="HF directory, hub id or .gguf file (default: the SmolLM2 GGUF in the cache)")
+    chat.add_argument("--system", default=None, help="system message (default: none)")
+    chat.add_argument("-v", "--verbose", action="store_true",
+                      help="print token usage after each reply (default: off; /stats shows the last one)")
     _engine_args(chat)
     _sampling_args(chat)
 
     gen = sub.add_parser("generate", help="complete one prompt and stream it to stdout")
     gen.add_argument("model", help="HF directory, hub id or .gguf file ('default' for SmolLM2)")
     gen.add_argument("prompt")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
-    gen.add_argument("-v", "--verbose", action="store_true")
+    template = gen.add_mutually_exclusive_group()
+    template.add_argument("--raw", action="store_true",
+                          help="complete the prompt text as is (default: send it as a user message through "
+                               "the model's chat template, when the model has one)")
+    template.add_argument("--chat", action="store_true",
+                          help="accepted for compatibility: the chat template is already the default")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print token usage after the reply (default: off)")
     _engine_args(gen)
     _sampling_args(gen)
 
@@ -139,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("chat", "generate", "serve", "gradio") and args.model == "default":
+        args.model = None  # the default model (SmolLM2 GGUF in the cache)
+    try:  # options that need no model are checked before one is loaded
+        if args.command in ("chat", "generate", "serve", "gradio"):
+            check_engine_options(args)
+        else:
+            check_device(getattr(args, "device", None))
+        if args.command in ("chat", "generate", "gradio"):
+            check_sampling(args)
+    except ValueError as error:
+        print(f"asyncllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
     if args.command == "bench":
         return run_bench(args)
     if args.command == "serve":
@@ -152,8 +334,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "fetch-default":
         print(fetch_default_model())
         return 0
-    if args.command == "generate" and args.model == "default":
-        args.model = None
     runner = {"chat": _chat, "generate": _generate}[args.command]
     try:
         return asyncio.run(runner(args))

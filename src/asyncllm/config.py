@@ -139,6 +139,12 @@ class EngineConfig:
     ``$ASYNCLLM_NATIVE_KERNELS``); ``native_layer_max_rows``: decode steps of up to this many rows run each
     fusable decoder layer as one C call (0: never), a machine-tuned threshold (see ``kernels.cpu_native``).
 
+    ``seed``: seeds the engine's shared generator, which every request without its own
+    ``SamplingParams.seed`` draws from. ``None`` (the default) takes a fresh random seed per engine, so
+    unseeded sampling differs from one run to the next; an int makes the unseeded requests of a run
+    reproducible as long as the same requests are submitted in the same order. A request's own ``seed`` is
+    reproducible whatever the engine seed.
+
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
     """
@@ -154,7 +160,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     kernel_backend: KernelBackendName = "auto"
-    seed: int = 0
+    seed: int | None = None
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     enforce_eager: bool = False
     native_kernels: bool = field(default_factory=native_kernels_default)
@@ -187,6 +193,8 @@ class EngineConfig:
                  f"must be a bool, got {self.native_kernels!r}")
         _require(isinstance(self.native_layer_max_rows, int) and self.native_layer_max_rows >= 0,
                  "native_layer_max_rows", f"must be an int >= 0, got {self.native_layer_max_rows!r}")
+        _require(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+                 "seed", f"must be an int or None, got {self.seed!r}")
         _require(isinstance(self.dequantize_weights, bool), "dequantize_weights",
                  f"must be a bool, got {self.dequantize_weights!r}")
         if self.dtype is not None:

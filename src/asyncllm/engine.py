@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ class AsyncEngine:
         self._executor = worker or _model_thread()
         self._closing = False
         self._failure: BaseException | None = None
-        runner.seed(self.config.seed)
+        # Without an engine seed, unseeded requests must differ from one run to the next.
+        runner.seed(self.config.seed if self.config.seed is not None else secrets.randbits(63))
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

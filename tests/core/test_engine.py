@@ -190,6 +190,23 @@ async def test_seeded_sampling_is_reproducible_across_batches(make_tiny_engine: 
         assert crowd[0].token_ids == solo.token_ids
 
 
+async def test_unseeded_sampling_differs_between_engines_and_a_seed_pins_it(make_tiny_engine: Any) -> None:
+    """Without a seed every engine draws differently (no fixed default seed); ``seed`` reproduces, and an
+    explicit engine seed reproduces its unseeded requests."""
+    params = {"temperature": 1.5, "max_tokens": 8, "ignore_eos": True}
+    replies, seeded, engine_seeded = [], [], []
+    for _ in range(8):
+        async with make_tiny_engine() as engine:
+            replies.append(tuple((await engine.generate(PROMPTS[0], **params)).token_ids))
+            seeded.append(tuple((await engine.generate(PROMPTS[0], **params, seed=7)).token_ids))
+    for _ in range(2):
+        async with make_tiny_engine(seed=11) as engine:
+            engine_seeded.append(tuple((await engine.generate(PROMPTS[0], **params)).token_ids))
+    assert len(set(replies)) > 1
+    assert len(set(seeded)) == 1
+    assert engine_seeded[0] == engine_seeded[1]
+
+
 async def test_logprobs_on_detailed_stream(make_tiny_engine: Any) -> None:
     async with make_tiny_engine() as engine:
         c = await engine.generate(PROMPTS[0], temperature=0.0, max_tokens=5, logprobs=3)
@@ -302,3 +319,14 @@ async def test_run_on_model_thread_runs_between_steps_on_the_model_thread(make_t
             engine.generate("hello", max_tokens=4, temperature=0),
         )
         assert names[0].startswith("asyncllm-model") and names[0] != threading.current_thread().name
+
+
+def test_an_unknown_engine_keyword_is_a_type_error_listing_the_fields(make_tiny_engine: Any,
+                                                                      tmp_path: Any) -> None:
+    from asyncllm import AsyncEngine
+
+    with pytest.raises(TypeError, match="max_batch_size") as info:
+        AsyncEngine.from_pretrained(tmp_path / "never-loaded.gguf", max_batch_size=8)
+    assert "max_num_seqs" in str(info.value) and "kv_cache_tokens" in str(info.value)
+    with pytest.raises(TypeError, match=r"valid EngineConfig fields: .*max_num_seqs"):
+        make_tiny_engine(max_num_seq=8)

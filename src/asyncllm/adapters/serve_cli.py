@@ -33,6 +33,8 @@ FLUSH_AFTER_GRACE = 5.0
 
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    from asyncllm.cli import _engine_args  # imported here: asyncllm.cli imports this module
+
     serve = subparsers.add_parser("serve",
                                   help="serve an OpenAI-compatible HTTP API (needs the 'asgi' extra)")
     serve.add_argument("model", nargs="?", default=None,
@@ -61,13 +63,7 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
                             f"streams end with an error event (default {DEFAULT_SHUTDOWN_GRACE:g})")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    serve.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (CPU)")
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=None)
-    serve.add_argument("--dequantize-weights", action="store_true",
-                       help="decode a quantized checkpoint to dense weights at load instead of keeping it packed")
+    _engine_args(serve)
     return serve
 
 
@@ -165,6 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"asyncllm serve needs the 'asgi' extra (pip install 'asyncllm[asgi]'): {error}",
               file=sys.stderr)
         return 2
+    from asyncllm.cli import _engine_overrides, check_engine_options
     from asyncllm.engine import AsyncEngine
 
     model = _model_path(args)
@@ -176,19 +173,13 @@ def run_serve(args: argparse.Namespace) -> int:
             session_idle_timeout=args.session_idle_timeout, default_max_tokens=_default_max_tokens(args),
             max_tokens_limit=args.max_tokens_limit,
         )
+        check_engine_options(args)
         if not (args.shutdown_grace >= 0 and args.shutdown_grace < float("inf")):
             raise ValueError(f"--shutdown-grace: must be a number of seconds >= 0, got {args.shutdown_grace}")
     except ValueError as error:
         print(f"asyncllm serve: {error}", file=sys.stderr)
         return 2
-    overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype,
-                                 "max_model_len": args.max_model_len}
-    if args.kv_cache_tokens is not None:
-        overrides["kv_cache_tokens"] = args.kv_cache_tokens
-    if args.max_num_seqs is not None:
-        overrides["max_num_seqs"] = args.max_num_seqs
-    if args.dequantize_weights:
-        overrides["dequantize_weights"] = True
+    overrides = _engine_overrides(args)
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     engine = AsyncEngine.from_pretrained(model, **overrides)
     app = create_app(engine, settings=settings)
