@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from asyncllm import assets
 from asyncllm.cli import main, package_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,6 @@ def test_python_dash_m_version() -> None:
 def tiny_cli(make_tiny_engine: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[Any]]:
     """``AsyncEngine.from_pretrained`` answers with the tiny engine; records the loads and the prompts sent.
     The default model path points at a file that is never read."""
-    from asyncllm import cli
     from asyncllm.engine import AsyncEngine
 
     seen: dict[str, list[Any]] = {"loads": [], "prompts": []}
@@ -52,7 +52,7 @@ def tiny_cli(make_tiny_engine: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
     monkeypatch.setattr(AsyncEngine, "from_pretrained", staticmethod(from_pretrained))
     monkeypatch.setattr(AsyncEngine, "stream_detailed", stream_detailed)
-    monkeypatch.setattr(cli, "default_model_path", lambda: tmp_path / "default.gguf")
+    monkeypatch.setattr(assets, "default_model_path", lambda: tmp_path / "default.gguf")
     return seen
 
 

@@ -13,8 +13,18 @@ from typing import TYPE_CHECKING, Any
 
 from asyncllm.adapters.gradio_cli import add_gradio_command, run_gradio
 from asyncllm.adapters.serve_cli import add_serve_command, run_serve
-from asyncllm.assets import MISSING_DEFAULT_MODEL, default_model_path, fetch_default_model
+from asyncllm.assets import fetch_default_model
 from asyncllm.bench import add_bench_command, run_bench
+from asyncllm.cli_options import (
+    check_device,
+    check_engine_options,
+    check_sampling,
+)
+from asyncllm.cli_options import engine_args as _engine_args
+from asyncllm.cli_options import engine_overrides as _engine_overrides
+from asyncllm.cli_options import resolve_model as _resolve_model
+from asyncllm.cli_options import sampling_args as _sampling_args
+from asyncllm.cli_options import sampling_options as _sampling
 from asyncllm.eval_cli import add_eval_command, run_eval
 from asyncllm.quantize_cli import add_quantize_command, run_quantize
 
@@ -33,117 +43,6 @@ def package_version() -> str:
         import asyncllm
 
         return str(getattr(asyncllm, "__version__", "unknown"))
-
-
-def check_device(device: str | None) -> None:
-    """Refuse, with ``ValueError`` naming ``device``, a device this process cannot use: a malformed name,
-    CUDA on a torch without a usable GPU, or a GPU index past the last. ``None`` and ``auto`` pass."""
-    if device is None or device in ("auto", "cpu"):
-        return
-    kind, colon, index = device.partition(":")
-    if kind != "cuda" or (colon and not index.isdigit()):
-        raise ValueError(f"device: must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    import torch
-
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise ValueError(f"device: {device!r} requested, but no CUDA GPU is usable (torch {torch.__version__}, "
-                         f"{build}); use --device cpu or auto")
-    if index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"device: {device!r} requested, but only {torch.cuda.device_count()} CUDA GPU(s) "
-                         f"are visible")
-
-
-def check_sampling(args: argparse.Namespace) -> None:
-    """Validate the sampling options (``ValueError`` naming the field) before any model is loaded."""
-    from asyncllm.sampling_params import SamplingParams
-
-    SamplingParams(**_sampling(args))
-
-
-def _resolve_model(model: str | None) -> str:
-    if model:
-        return model
-    path = default_model_path()
-    if path is None:
-        raise SystemExit(MISSING_DEFAULT_MODEL)
-    return str(path)
-
-
-UNQUANTIZED_KV_CACHE_DTYPE = "auto"
-UNQUANTIZED_QUANT_POLICY = 0
-
-
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    """The engine options shared by ``chat``, ``generate``, ``serve`` and ``gradio`` (``_engine_overrides``
-    maps them to ``EngineConfig`` fields)."""
-    from asyncllm.config import EngineConfig
-
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N or auto: CUDA when a GPU is usable, else CPU (default: %(default)s)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="weight and activation dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
-                        help=f"KV pool size in tokens on CPU (default: {EngineConfig.kv_cache_tokens})")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
-                        help=f"share of the GPU's memory the weights and KV pool may use on CUDA, in (0, 1] "
-                             f"(default: {EngineConfig.gpu_memory_fraction})")
-    parser.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                        help="context bound in tokens (default: the model's positions, capped by the KV pool)")
-    parser.add_argument("--max-batch-size", "--max-num-seqs", dest="max_num_seqs", type=int, default=None,
-                        metavar="N",
-                        help=f"most sequences decoded together in one step; more requests wait "
-                             f"(default: {EngineConfig.max_num_seqs})")
-    parser.add_argument("--kv-cache-dtype", default=UNQUANTIZED_KV_CACHE_DTYPE, metavar="DTYPE",
-                        help="KV-cache element type; only 'auto' (the model's dtype) is available: KV-cache "
-                             "quantization is not implemented yet (default: %(default)s)")
-    parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY, metavar="BITS",
-                        help="KV-cache quantization policy (0: none, 4 or 8: bits per element); only 0 is "
-                             "available yet (default: %(default)s)")
-    parser.add_argument("--dequantize-weights", action="store_true",
-                        help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
-                             "weights at load instead of keeping it packed (default: keep it packed)")
-
-
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256, help="completion limit (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.7,
-                        help="0 is greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="makes sampling reproducible (default: none, a different reply each run)")
-
-
-def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``EngineConfig`` keyword overrides that the ``_engine_args`` options ask for."""
-    overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
-    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.dequantize_weights:
-        overrides["dequantize_weights"] = True
-    return overrides
-
-
-def check_engine_options(args: argparse.Namespace) -> None:
-    """Refuse, with ``ValueError``, ``_engine_args`` options that cannot work, before any model loads:
-    an unusable device, KV-cache quantization (not implemented yet) and out-of-range ``EngineConfig``
-    values."""
-    from asyncllm.config import EngineConfig
-
-    check_device(args.device)
-    if args.kv_cache_dtype != UNQUANTIZED_KV_CACHE_DTYPE:
-        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: KV-cache quantization is not available "
-                         f"yet; only '{UNQUANTIZED_KV_CACHE_DTYPE}' (the model's dtype) is supported")
-    if args.quant_policy != UNQUANTIZED_QUANT_POLICY:
-        raise ValueError(f"--quant-policy {args.quant_policy}: KV-cache quantization is not available yet; "
-                         f"only {UNQUANTIZED_QUANT_POLICY} (unquantized) is supported")
-    EngineConfig(**_engine_overrides(args))
-
-
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "seed": getattr(args, "seed", None)}
 
 
 async def _print_stream(stream: RequestStream) -> Usage | None:

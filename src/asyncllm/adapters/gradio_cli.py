@@ -9,7 +9,7 @@ from typing import Any
 
 def add_gradio_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``gradio`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
-    from asyncllm.cli import _engine_args  # imported here: asyncllm.cli imports this module
+    from asyncllm.cli_options import engine_args as _engine_args
 
     parser = subparsers.add_parser("gradio", help="a browser chat UI on Gradio (needs the 'gradio' extra)")
     parser.add_argument("model", nargs="?", default=None,
@@ -36,7 +36,8 @@ def run_gradio(args: argparse.Namespace) -> int:
     except ImportError:
         print(f"asyncllm gradio: {MISSING_GRADIO}", file=sys.stderr)
         return 2
-    from asyncllm.cli import _engine_overrides, _resolve_model
+    from asyncllm.cli_options import engine_overrides as _engine_overrides
+    from asyncllm.cli_options import resolve_model as _resolve_model
     from asyncllm.engine import AsyncEngine
 
     model = _resolve_model(args.model)

@@ -33,7 +33,7 @@ FLUSH_AFTER_GRACE = 5.0
 
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
-    from asyncllm.cli import _engine_args  # imported here: asyncllm.cli imports this module
+    from asyncllm.cli_options import engine_args as _engine_args
 
     serve = subparsers.add_parser("serve",
                                   help="serve an OpenAI-compatible HTTP API (needs the 'asgi' extra)")
@@ -161,7 +161,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"asyncllm serve needs the 'asgi' extra (pip install 'asyncllm[asgi]'): {error}",
               file=sys.stderr)
         return 2
-    from asyncllm.cli import _engine_overrides, check_engine_options
+    from asyncllm.cli_options import check_engine_options
+    from asyncllm.cli_options import engine_overrides as _engine_overrides
     from asyncllm.engine import AsyncEngine
 
     model = _model_path(args)
