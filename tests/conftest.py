@@ -76,6 +76,25 @@ def tiny_model_parts(chat_tokenizer: Any) -> tuple[Any, dict[str, Any], dict]:
     return chat_tokenizer, hf_config, state
 
 
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_parts: tuple[Any, dict[str, Any], dict]) -> Path:
+    """The tiny random Llama of ``tiny_model_parts`` as a Hugging Face directory with its tokenizer files
+    (float32 safetensors), for tests that load a model from a path."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from asyncllm.loaders.hf_dir_writer import write_tokenizer_files
+
+    tokenizer, hf_config, state = tiny_model_parts
+    directory = tmp_path_factory.mktemp("tiny-hf") / "tiny"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": "float32"}))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    write_tokenizer_files(directory, tokenizer)
+    return directory
+
+
 @pytest.fixture
 def make_tiny_engine(tiny_model_parts: tuple[Any, dict[str, Any], dict]) -> Callable[..., Any]:
     """Factory: ``make_tiny_engine(**engine_config_overrides)`` -> an unstarted AsyncEngine on CPU."""

@@ -12,12 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
-from safetensors.torch import save_file
-
-from asyncllm.loaders.hf_dir_writer import write_tokenizer_files
 
 pytest.importorskip("starlette")
 
@@ -40,14 +36,8 @@ def _load(name: str) -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_parts: tuple[Any, dict[str, Any], dict]) -> Path:
-    tokenizer, hf_config, state = tiny_model_parts
-    directory = tmp_path_factory.mktemp("examples") / "tiny"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": "float32"}))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-    write_tokenizer_files(directory, tokenizer)
-    return directory
+def model_dir(tiny_hf_dir: Path) -> Path:
+    return tiny_hf_dir
 
 
 def test_every_example_has_a_header_saying_how_to_run_it() -> None:

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from asyncllm.cli import main
 from asyncllm.loaders import load_checkpoint
-from asyncllm.loaders.hf_dir_writer import write_tokenizer_files
 from asyncllm.offline_batch import OfflineBatch
 from asyncllm.quant import QuantizeResult, quantize
 from asyncllm.quant.packed_linear import packed_weight
@@ -26,15 +25,9 @@ PROMPT = [1, 5, 9, 14, 3, 22, 7]
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory, tiny_model_parts: tuple[Any, dict[str, Any], dict]) -> Path:
+def source(tiny_hf_dir: Path) -> Path:
     """A tiny random Llama as a Hugging Face directory with its tokenizer."""
-    tokenizer, hf_config, state = tiny_model_parts
-    directory = tmp_path_factory.mktemp("source") / "tiny"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": "float32"}))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-    write_tokenizer_files(directory, tokenizer)
-    return directory
+    return tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
