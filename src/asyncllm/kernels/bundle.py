@@ -136,15 +136,24 @@ def on_cache(
     backend: str,
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor],
+    *,
+    write_quantized: WriteKV | None = None,
+    attend_quantized: PagedAttention | None = None,
 ) -> tuple[WriteKV, PagedAttention]:
-    """``write_kv`` / ``paged_attention`` members over ``KVCache`` from tensor-level kernels that read plain
-    caches (a quantized cache is refused by name)."""
+    """``write_kv`` / ``paged_attention`` members over ``KVCache``: plain caches go to the tensor-level
+    kernels ``write`` / ``attend``, quantized ones to ``write_quantized`` / ``attend_quantized``; a backend
+    without those refuses a quantized cache by name."""
 
     def write_kv(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
+        if cache.is_quantized and write_quantized is not None:
+            write_quantized(k, v, cache, slot_mapping)
+            return
         cache.require_plain(backend)
         write(k, v, cache.key, cache.value, slot_mapping)
 
     def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if cache.is_quantized and attend_quantized is not None:
+            return attend_quantized(q, cache, meta, scale)
         cache.require_plain(backend)
         return attend(q, cache.key, cache.value, meta, scale)
 
