@@ -15,6 +15,10 @@ import torch
 from asyncllm.architectures import spec_for_hf_config, spec_named
 
 KernelBackendName = Literal["auto", "torch", "triton"]
+KV_CACHE_DTYPES: dict[str, int | None] = {"auto": None, "int8": 8, "int4": 4}
+"""``EngineConfig.kv_cache_dtype`` values and the bits each stores (``None``: the compute dtype)."""
+QUANT_POLICIES: dict[int, str] = {0: "auto", 8: "int8", 4: "int4"}
+"""``EngineConfig.quant_policy`` values (bits; 0 = off) and the ``kv_cache_dtype`` each means."""
 NATIVE_KERNELS_ENV = "ASYNCLLM_NATIVE_KERNELS"
 
 
@@ -147,6 +151,14 @@ class EngineConfig:
 
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
+
+    ``kv_cache_dtype``: ``"auto"`` stores keys and values in the compute dtype; ``"int8"`` / ``"int4"``
+    quantize them as they are written (per token and KV head, scale and zero point beside each block in the
+    compute dtype: ``kernels.kv_quant``), so the same memory holds about 2x / 3.5-4x the tokens of a 16-bit
+    cache. ``quant_policy`` is the same choice in bits (``8`` / ``4``, ``0`` = off), for those used to that
+    name; giving both, they must agree. ``kv_cache_bytes``: the KV pool's memory budget in bytes (all
+    layers, keys, values and scales); when set it sizes the pool instead of ``kv_cache_tokens`` /
+    ``gpu_memory_fraction`` (``num_kv_blocks`` still wins).
     """
 
     device: str = "auto"
@@ -166,6 +178,9 @@ class EngineConfig:
     native_kernels: bool = field(default_factory=native_kernels_default)
     native_layer_max_rows: int = 4
     dequantize_weights: bool = False
+    kv_cache_dtype: str = "auto"
+    quant_policy: int = 0
+    kv_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -199,6 +214,21 @@ class EngineConfig:
                  f"must be a bool, got {self.dequantize_weights!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        _require(not isinstance(self.quant_policy, bool) and self.quant_policy in QUANT_POLICIES, "quant_policy",
+                 f"must be 0 (off), 8 (int8) or 4 (int4), got {self.quant_policy!r}")
+        _require(self.quant_policy == 0 or self.kv_cache_dtype in ("auto", QUANT_POLICIES[self.quant_policy]),
+                 "quant_policy", f"{self.quant_policy} means kv_cache_dtype={QUANT_POLICIES[self.quant_policy]!r}, "
+                 f"which contradicts kv_cache_dtype={self.kv_cache_dtype!r}")
+        _require(self.kv_cache_bytes is None or (isinstance(self.kv_cache_bytes, int) and self.kv_cache_bytes > 0),
+                 "kv_cache_bytes", f"must be a positive int or None, got {self.kv_cache_bytes!r}")
+
+    def kv_cache_bits(self) -> int | None:
+        """Bits per cached value (8 or 4), or ``None`` for a cache in the compute dtype."""
+        if self.quant_policy:
+            return self.quant_policy
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
