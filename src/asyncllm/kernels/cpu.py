@@ -23,6 +23,7 @@ from asyncllm.kernels.bundle import KernelOps, no_attention_plan, on_cache
 from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.moe import moe_cpu
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_quant import cpu_quant_linear
 from asyncllm.kernels.quant_linear import quant_linear_reference
@@ -205,6 +206,7 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers
         quantized_linear=quantized,
         prepare_weight=k_major_layout,
         plan_attention=kernels.plan_attention if kernels is not None else no_attention_plan,
+        moe=moe_cpu,
         fused_decode=fused,
     )
 
