@@ -87,3 +87,39 @@ def test_select_experts_is_softmax_then_topk(tokens: int, experts: int, k: int, 
     assert weights.dtype == torch.float32 and ids.dtype == torch.int64
     assert bool((probs.gather(1, ids).min(-1).values[:, None] >= probs.scatter(1, ids, -1.0)).all())
     assert all(len(set(row)) == k for row in ids.tolist())
+
+
+@settings(max_examples=8, deadline=None)
+@given(tokens=st.integers(1, 24), hidden=st.sampled_from([16, 40]), inter=st.sampled_from([16, 24]),
+       experts=st.integers(1, 6), k=st.integers(1, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=SEEDS)
+def test_triton_moe_matches_float64(device: torch.device, tokens: int, hidden: int, inter: int, experts: int,
+                                    k: int, dtype: torch.dtype, seed: int) -> None:
+    pytest.importorskip("triton")
+    from asyncllm.kernels.triton_moe import moe_triton
+
+    case = moe_case(tokens, hidden, inter, experts, min(k, experts), seed, dtype)
+    check(moe_triton, tuple(t.to(device) for t in case), 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_triton_alignment_groups_pairs_by_expert() -> None:
+    pytest.importorskip("triton")
+    from asyncllm.kernels.triton_moe import align_by_expert
+
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 0]])
+    pairs, block_expert = align_by_expert(ids, num_experts=4, block_m=2)
+    blocks = pairs.view(-1, 2).tolist()
+    assert block_expert.tolist()[:5] == [0, 0, 1, 2, 2] and all(e == 4 for e in block_expert.tolist()[5:])
+    assert blocks[:5] == [[1, 4], [7, 8], [3, 8], [0, 2], [5, 6]]
+    assert all(p == 8 for row in blocks[5:] for p in row)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "experts", "k"), [(1, 8, 2), (300, 8, 2), (2048, 64, 6)])
+def test_triton_moe_at_model_shapes_on_cuda(tokens: int, experts: int, k: int, dtype: torch.dtype) -> None:
+    from asyncllm.kernels.triton_moe import moe_triton
+
+    case = tuple(t.cuda() for t in moe_case(tokens, 1024, 768, experts, k, seed=tokens, dtype=dtype))
+    check(moe_triton, case, 1e-4 if dtype == torch.float32 else 3e-2)
