@@ -152,3 +152,17 @@ def test_greedy_generation_matches_hf_generate(family: str, chat_tokenizer: Any)
 
     for completion, want in zip(asyncio.run(run()), expected, strict=True):
         assert completion.token_ids == want
+
+
+def test_saved_directory_loads_through_the_checkpoint_loader(tmp_path: Path) -> None:
+    from asyncllm.builder import model_from_checkpoint
+    from asyncllm.config import EngineConfig
+    from asyncllm.loaders import load_checkpoint
+
+    hf = hf_qwen2_moe(seed=8)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = model_from_checkpoint(load_checkpoint(tmp_path), EngineConfig(device="cpu", dtype="float32"))
+    assert isinstance(model, MoeForCausalLM) and model.config.architecture == "qwen2_moe"
+    ids = random_ids(8, seed=8)
+    (logits,) = PagedRun(model).step([(PagedSequence(), ids)])
+    assert_close(logits, hf_logits(hf, ids))
