@@ -34,12 +34,54 @@ def _require(condition: bool, field_name: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The mixture-of-experts part of a decoder: ``num_experts`` experts of ``intermediate_size`` each, ``top_k``
+    of them per token (softmax, top-k, renormalized when ``renormalize``), an optional shared expert (a dense
+    gated MLP of ``shared_expert_intermediate_size``, 0: none, scaled by ``sigmoid(shared_expert_gate(x))``),
+    in the layers ``sparse_layers`` (the others run the dense MLP of ``ModelConfig.intermediate_size``).
+
+    Invariants: ``0 < top_k <= num_experts``; sizes positive (the shared one may be 0).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    sparse_layers: tuple[int, ...]
+    shared_expert_intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts > 0, "num_experts", f"must be positive, got {self.num_experts}")
+        _require(0 < self.top_k <= self.num_experts, "num_experts_per_tok",
+                 f"must be in [1, {self.num_experts}], got {self.top_k}")
+        _require(self.intermediate_size > 0, "moe_intermediate_size", "must be positive")
+        _require(self.shared_expert_intermediate_size >= 0, "shared_expert_intermediate_size", "must be >= 0")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], renormalize: bool | None) -> MoeConfig:
+        """Mixtral (``num_local_experts``, every layer sparse) and Qwen2-MoE (``num_experts``,
+        ``moe_intermediate_size``, a shared expert; layer ``i`` is sparse unless listed in ``mlp_only_layers``
+        and when ``(i + 1) % decoder_sparse_step == 0``) spellings."""
+        layers = int(hf["num_hidden_layers"])
+        dense = set(hf.get("mlp_only_layers") or ())
+        step = int(hf.get("decoder_sparse_step") or 1)
+        return cls(
+            num_experts=int(hf.get("num_local_experts") or hf.get("num_experts") or 0),
+            top_k=int(hf.get("num_experts_per_tok") or 0),
+            intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+            renormalize=renormalize if renormalize is not None else bool(hf.get("norm_topk_prob", False)),
+            sparse_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+            shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder, in Hugging Face ``config.json`` terms, and its family's flags.
 
     ``architecture`` names a family of the registry (``asyncllm.architectures``); ``qkv_bias``,
     ``o_proj_bias``, ``qk_norm``, ``hidden_act`` and ``norm`` are its flags resolved against the
-    checkpoint's config (see ``ArchitectureSpec``).
+    checkpoint's config (see ``ArchitectureSpec``). ``moe`` is set for mixture-of-experts families only.
 
     Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
     ``architecture`` is registered.
@@ -66,6 +108,7 @@ class ModelConfig:
     norm: str = "rms"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -124,6 +167,7 @@ class ModelConfig:
             norm=spec.norm,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            moe=MoeConfig.from_hf_config(hf, spec.moe_renormalize) if spec.model == "moe" else None,
         )
 
 

@@ -11,6 +11,8 @@ bundle's identity or name. Members with a default are capabilities a backend may
 - ``graph_safe``: no op ever synchronises with the host, so the bundle's steps can be recorded as CUDA graphs.
 - ``quantized_linear``: ``x @ W.T + bias`` for a weight-only quantized ``PackedWeight`` (the reference
   dequantizes, then multiplies; backends run kernels that read the packed codes).
+- ``moe``: the experts of a mixture-of-experts layer over stacked expert weights (``kernels.moe``: the
+  reference loops over experts; backends group the tokens by expert).
 - ``fused_decode``: whole decoder layers in one call for decode steps of a few rows (``FusedDecode``),
   used only for layers that declare themselves fusable (``FusedLayerWeights``).
 """
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.moe import moe_reference
 from asyncllm.kernels.quant_linear import quant_linear_reference
 from asyncllm.quant.packed import PackedWeight
 
@@ -43,6 +46,9 @@ PlanAttention = Callable[[AttentionMetadata, KVCache, int], AttentionMetadata]
 WeightLayout = Callable[[torch.Tensor], torch.Tensor]
 QuantLinearOp = Callable[[torch.Tensor, PackedWeight, torch.Tensor | None], torch.Tensor]
 """``(x [T, K], packed weight [N, K], bias [N] or None) -> [T, N]`` in ``x.dtype``."""
+MoeOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x [T, H], topk_weights [T, K], topk_ids [T, K], w_gate_up [E, 2I, H], w_down [E, H, I]) -> [T, H]``:
+each token through its ``K`` experts' SiLU-gated MLPs, weighted and summed (invariants in ``kernels.moe``)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class KernelOps:
     quantized_linear: QuantLinearOp = quant_linear_reference
     prepare_weight: WeightLayout = keep_layout
     plan_attention: PlanAttention = no_attention_plan
+    moe: MoeOp = moe_reference
     graph_safe: bool = False
     fused_decode: FusedDecode | None = None
 

@@ -25,6 +25,7 @@ from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.moe import moe_cpu
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_quant import cpu_quant_linear
 from asyncllm.kernels.quant_linear import quant_linear_reference
@@ -213,6 +214,7 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers
         quantized_linear=quantized,
         prepare_weight=k_major_layout,
         plan_attention=kernels.plan_attention if kernels is not None else no_attention_plan,
+        moe=moe_cpu,
         fused_decode=fused,
     )
 

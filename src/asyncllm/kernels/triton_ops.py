@@ -11,6 +11,7 @@ from asyncllm.kernels.bundle import KernelOps, on_cache
 from asyncllm.kernels.triton_activation import silu_and_mul_triton
 from asyncllm.kernels.triton_attention import paged_attention_cache_triton, paged_attention_triton
 from asyncllm.kernels.triton_kv_write import write_kv_cache_triton, write_kv_triton
+from asyncllm.kernels.triton_moe import moe_triton
 from asyncllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from asyncllm.kernels.triton_quant import quant_linear_triton
 from asyncllm.kernels.triton_rotary import rotary_triton
@@ -27,5 +28,6 @@ TRITON_OPS = KernelOps(
     write_kv=_write_kv,
     paged_attention=_paged_attention,
     quantized_linear=quant_linear_triton,
+    moe=moe_triton,
     graph_safe=True,
 )
