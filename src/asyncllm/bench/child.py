@@ -95,6 +95,10 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         from asyncllm.bench.ours import run_misc
 
         return run_misc(workload)
+    if task == "ours_kvcache":
+        from asyncllm.bench.ours_kvcache import run_kvcache
+
+        return run_kvcache(workload)
     if task == "ours_single":
         from asyncllm.bench.ours import run_single
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm.bench import peers_llamacpp
-from asyncllm.bench.settings import MEASUREMENTS, BenchSettings, parse_only
+from asyncllm.bench.settings import KV_CACHE_DTYPES, KV_NEW_TOKENS, MEASUREMENTS, BenchSettings, parse_only
 from asyncllm.bench.subproc import ChildOutcome, run_child
 from asyncllm.bench.workload import (
     SESSION_SYSTEM,
@@ -62,6 +62,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--bandwidth-mb", type=int, default=512, help="MiB copied per bandwidth sample (default 512)")
     add("--timeout", type=int, default=3600, help="seconds allowed per measuring process (default 3600)")
     add("--check", action="store_true", help="exit with status 3 when a target is missed")
+    add("--kv-budget-mb", type=int, default=96,
+        help="KV memory budget (MB, all layers) of the kvcache measurement (default 96)")
+    add("--kv-sequences", type=int, default=16,
+        help="concurrent sequences submitted in the kvcache measurement (default 16)")
+    add("--kv-sequence-tokens", type=int, default=1024,
+        help="length each kvcache sequence reaches, prompt plus 32 new tokens (default 1024)")
 
 
 def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -111,6 +117,10 @@ def build_workload(settings: BenchSettings, model: str, threads: int) -> Workloa
                                                reply_tokens=settings.session_reply_tokens),
         session_reply_tokens=settings.session_reply_tokens,
         bandwidth_mb=settings.bandwidth_mb,
+        kv_budget_bytes=settings.kv_budget_mb * 10**6,
+        kv_sequences=settings.kv_sequences,
+        kv_sequence_tokens=settings.kv_sequence_tokens,
+        kv_new_tokens=KV_NEW_TOKENS,
     )
 
 
@@ -144,6 +154,9 @@ def plan(settings: BenchSettings, *, llamacpp: bool) -> list[tuple[str, str, lis
                 tasks.append((hf_key, "hf", ["single"]))
             if llamacpp:
                 tasks.append((llamacpp_round_key(round_index), peers_llamacpp.TASK, []))
+    if settings.wants("kvcache"):
+        for dtype in KV_CACHE_DTYPES:  # back to back, so the three see the same state of a shared machine
+            tasks.append((f"kvcache_{dtype}", "ours_kvcache", [dtype]))
     if settings.wants("cold"):
         tasks.append(("cold_asyncllm", "cold_asyncllm", []))
         if not settings.skip_peer:

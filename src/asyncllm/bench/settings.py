@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-MEASUREMENTS: tuple[str, ...] = ("throughput", "issue", "single", "session", "cold", "memory")
+MEASUREMENTS: tuple[str, ...] = ("throughput", "issue", "single", "session", "cold", "memory", "kvcache")
 """Measurement names accepted by ``--only``, in the order the report prints them.
 
 ``throughput``: N concurrent requests x M tokens vs HF ``generate_batch`` (and, with
@@ -14,8 +14,16 @@ MEASUREMENTS: tuple[str, ...] = ("throughput", "issue", "single", "session", "co
 vs llama.cpp on the same ``.gguf``, plus the memory-bandwidth roofline; ``session``: TTFT of the last turn
 of a long chat inside a ``Session`` vs the same transcript sent stateless with prefix caching off;
 ``cold``: import + load + first token in fresh processes vs HF; ``memory``: peak RSS of the throughput
-process vs its budget, and the weight bytes of the default (packed) load vs the dequantized one.
+process vs its budget, and the weight bytes of the default (packed) load vs the dequantized one;
+``kvcache``: at one KV memory budget (``kv_budget_mb``), the concurrent ``kv_sequence_tokens``-token
+sequences admitted, aggregate tok/s and single-stream decode with an int8 and an int4 cache against the
+unquantized one (``bench.ours_kvcache``).
 """
+
+KV_CACHE_DTYPES = ("auto", "int8", "int4")
+"""The cache dtypes the ``kvcache`` measurement runs, one process each, unquantized first."""
+KV_NEW_TOKENS = 32
+"""Tokens each ``kvcache`` sequence generates (its prompt fills the rest of ``kv_sequence_tokens``)."""
 
 MEMORY_HEADROOM_BYTES = 600 * 10**6
 """Allowance on top of weights + KV pool in the memory budget (interpreter, torch, tokenizer, activations)."""
@@ -54,15 +62,21 @@ class BenchSettings:
     bandwidth_mb: int = 512
     timeout_s: int = 3600
     check: bool = False
+    kv_budget_mb: int = 96
+    kv_sequences: int = 16
+    kv_sequence_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("requests", "tokens", "issue_requests", "session_tokens", "session_turns",
-                     "session_reply_tokens", "bandwidth_mb", "timeout_s"):
+                     "session_reply_tokens", "bandwidth_mb", "timeout_s", "kv_budget_mb", "kv_sequences"):
             _positive(name, getattr(self, name))
         if self.threads is not None:
             _positive("threads", self.threads)
         if self.kv_cache_tokens is not None:
             _positive("kv_cache_tokens", self.kv_cache_tokens)
+        if self.kv_sequence_tokens <= KV_NEW_TOKENS:
+            raise ValueError(f"kv_sequence_tokens: must exceed the {KV_NEW_TOKENS} tokens each sequence "
+                             f"generates, got {self.kv_sequence_tokens}")
         if self.session_turns < 2:
             raise ValueError(
                 f"session_turns: needs at least 2 turns to reuse a session, got {self.session_turns}")
@@ -99,6 +113,9 @@ class BenchSettings:
             bandwidth_mb=args.bandwidth_mb,
             timeout_s=args.timeout,
             check=args.check,
+            kv_budget_mb=args.kv_budget_mb,
+            kv_sequences=args.kv_sequences,
+            kv_sequence_tokens=args.kv_sequence_tokens,
         )
 
 

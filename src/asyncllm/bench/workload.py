@@ -198,6 +198,10 @@ class WorkloadSpec:
     session_reply_tokens: int
     bandwidth_mb: int
     jobs: list[str] = field(default_factory=list)
+    kv_budget_bytes: int = 96 * 10**6
+    kv_sequences: int = 16
+    kv_sequence_tokens: int = 1024
+    kv_new_tokens: int = 32
 
     def with_jobs(self, jobs: Sequence[str]) -> WorkloadSpec:
         return WorkloadSpec(**{**asdict(self), "jobs": list(jobs)})
