@@ -76,6 +76,9 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY, metavar="BITS",
                         help="KV-cache quantization policy (0: none, 4 or 8: bits per element); only 0 is "
                              "available yet (default: %(default)s)")
+    parser.add_argument("--rope-scaling-factor", type=float, default=None, metavar="F",
+                        help="extend the model's context F times with dynamic NTK rotary scaling, replacing "
+                             "the checkpoint's own rope scaling (default: the checkpoint's)")
     parser.add_argument("--dequantize-weights", action="store_true",
                         help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
                              "weights at load instead of keeping it packed (default: keep it packed)")
@@ -98,6 +101,8 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
             overrides[name] = getattr(args, name)
     if args.dequantize_weights:
         overrides["dequantize_weights"] = True
+    if getattr(args, "rope_scaling_factor", None) is not None:
+        overrides["rope_scaling_factor"] = args.rope_scaling_factor
     return overrides
 
 
