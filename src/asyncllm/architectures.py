@@ -64,19 +64,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         name="qwen2", model="llama", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",),
-        qkv_bias=True, o_proj_bias=False,
+        gguf_architectures=("qwen2",), qkv_bias=True, o_proj_bias=False,
     ),
     ArchitectureSpec(
         name="qwen3", model="llama", hf_architectures=("Qwen3ForCausalLM",), hf_model_types=("qwen3",),
-        qk_norm=True,
+        gguf_architectures=("qwen3",), qk_norm=True,
     ),
     ArchitectureSpec(
         name="phi3", model="llama", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",),
-        qkv_bias=False, o_proj_bias=False, checkpoint_layout="phi3",
+        gguf_architectures=("phi3",), qkv_bias=False, o_proj_bias=False, checkpoint_layout="phi3",
     ),
     ArchitectureSpec(
         name="internlm2", model="llama", hf_architectures=("InternLM2ForCausalLM",),
-        hf_model_types=("internlm2",), checkpoint_layout="internlm2",
+        hf_model_types=("internlm2",), gguf_architectures=("internlm2",), checkpoint_layout="internlm2",
     ),
 )
 

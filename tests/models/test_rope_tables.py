@@ -120,3 +120,22 @@ def test_cli_option_maps_to_engine_config() -> None:
     assert "rope_scaling_factor" not in engine_overrides(parser.parse_args([]))
     overrides = engine_overrides(parser.parse_args(["--rope-scaling-factor", "2.5"]))
     assert EngineConfig(**overrides).rope_scaling_factor == 2.5
+
+
+async def test_from_pretrained_rope_scaling_factor_grows_max_model_len(tiny_hf_dir: Any) -> None:
+    from asyncllm import AsyncEngine
+
+    plain = AsyncEngine.from_pretrained(tiny_hf_dir, device="cpu", kernel_backend="torch")
+    extended = AsyncEngine.from_pretrained(tiny_hf_dir, device="cpu", kernel_backend="torch",
+                                           rope_scaling_factor=2.0)
+    try:
+        assert extended.model_config.rope_scaling == {"rope_type": "dynamic", "factor": 2.0}
+        assert plain.model_config.rope_scaling is None
+        assert extended.max_model_len == 2 * plain.max_model_len == 2 * plain.model_config.max_position_embeddings
+        prompt = list(range(3, 12))
+        short = await plain.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+        same = await extended.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert same.token_ids == short.token_ids  # within the original context nothing changes
+    finally:
+        await plain.aclose()
+        await extended.aclose()
