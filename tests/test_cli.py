@@ -12,6 +12,7 @@ import pytest
 
 from asyncllm import assets
 from asyncllm.cli import main, package_version
+from asyncllm.cli_options import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,10 +120,12 @@ def test_deployment_knobs_parse_into_engine_overrides(command: list[str]) -> Non
     parser = build_parser()
     args = parser.parse_args([*command, "--max-batch-size", "8", "--gpu-memory-fraction", "0.5",
                               "--kv-cache-tokens", "2048", "--max-model-len", "512", "--device", "cpu",
-                              "--dtype", "bfloat16", "--dequantize-weights"])
+                              "--dtype", "bfloat16", "--dequantize-weights", "--kv-cache-dtype", "int4",
+                              "--quant-policy", "4", "--kv-cache-memory", "1.5GiB"])
     assert _engine_overrides(args) == {
         "device": "cpu", "dtype": "bfloat16", "max_model_len": 512, "kv_cache_tokens": 2048,
-        "gpu_memory_fraction": 0.5, "max_num_seqs": 8, "dequantize_weights": True,
+        "gpu_memory_fraction": 0.5, "max_num_seqs": 8, "dequantize_weights": True, "kv_cache_dtype": "int4",
+        "quant_policy": 4, "kv_cache_bytes": 3 * 2**29,
     }
     assert parser.parse_args([*command, "--max-num-seqs", "3"]).max_num_seqs == 3  # the alias
     defaults = parser.parse_args(command)
@@ -135,7 +138,8 @@ def test_engine_option_help_states_every_default(capsys: pytest.CaptureFixture[s
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--device", "--dtype", "--kv-cache-tokens", "--gpu-memory-fraction", "--max-model-len",
-                   "--max-num-seqs", "--kv-cache-dtype", "--quant-policy", "--dequantize-weights"):
+                   "--max-num-seqs", "--kv-cache-dtype", "--quant-policy", "--kv-cache-memory",
+                   "--dequantize-weights"):
         help_text = text.split(option, 2)[-1].split(" --")[0]  # the option's entry in the options list
         assert "default" in help_text, option
 
@@ -148,8 +152,9 @@ def test_engine_option_defaults_reach_the_engine(tiny_cli: dict[str, list[Any]])
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype 'fp8': KV-cache quantization is not available yet"),
-    (["--quant-policy", "8"], "--quant-policy 8: KV-cache quantization is not available yet"),
+    (["--kv-cache-dtype", "int3"], "kv_cache_dtype: must be one of ['auto', 'int8', 'int4'], got 'int3'"),
+    (["--quant-policy", "5"], "quant_policy: must be 0 (off), 8 (int8) or 4 (int4), got 5"),
+    (["--quant-policy", "8", "--kv-cache-dtype", "int4"], "quant_policy: 8 means kv_cache_dtype='int8'"),
     (["--max-batch-size", "0"], "max_num_seqs: must be positive"),
     (["--gpu-memory-fraction", "1.5"], "gpu_memory_fraction: must be in (0, 1]"),
 ])
@@ -162,9 +167,21 @@ def test_unavailable_or_invalid_engine_options_exit_2(command: list[str], option
     assert not tiny_cli["loads"]
 
 
-def test_unquantized_kv_cache_values_are_accepted(tiny_cli: dict[str, list[Any]]) -> None:
+def test_kv_cache_quantization_reaches_the_engine(tiny_cli: dict[str, list[Any]]) -> None:
     assert main(["generate", "m", "hi", "--max-tokens", "1", "--kv-cache-dtype", "auto",
                  "--quant-policy", "0"]) == 0
+    assert main(["generate", "m", "hi", "--max-tokens", "1", "--quant-policy", "8",
+                 "--kv-cache-memory", "64MB"]) == 0
+    assert tiny_cli["loads"][1][1]["quant_policy"] == 8
+    assert tiny_cli["loads"][1][1]["kv_cache_bytes"] == 64 * 10**6
+
+
+def test_kv_cache_memory_sizes_parse() -> None:
+    assert [parse_bytes(text) for text in ("512MiB", "2GB", "1.5 GiB", "4096", "10kb")] == [
+        512 * 2**20, 2 * 10**9, 3 * 2**29, 4096, 10_000]
+    for bad in ("12 parsecs", "-1GB", "0", "GiB"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
 
 
 def test_chat_reads_commands_and_messages_from_stdin(tiny_cli: dict[str, list[Any]],

@@ -36,7 +36,9 @@ class ArchitectureSpec:
       ``asyncllm.models.checkpoint_layouts``);
     - ``tie_word_embeddings``: the LM head shares the embedding (``None``: ``tie_word_embeddings``);
     - ``norm`` / ``activation``: the normalisation and the gated MLP's activation;
-    - ``rope``: how rotary pairs dimensions (``"neox"``: rotate-half, the HF layout).
+    - ``rope``: how rotary pairs dimensions (``"neox"``: rotate-half, the HF layout);
+    - ``moe_renormalize``: for mixture-of-experts families (``model="moe"``), whether the top-k routing
+      weights are renormalized to sum to one (``None``: ``norm_topk_prob``).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ArchitectureSpec:
     norm: NormKind = "rms"
     activation: ActivationKind = "silu"
     rope: RopeKind = "neox"
+    moe_renormalize: bool | None = None
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -77,6 +80,15 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(
         name="internlm2", model="llama", hf_architectures=("InternLM2ForCausalLM",),
         hf_model_types=("internlm2",), gguf_architectures=("internlm2",), checkpoint_layout="internlm2",
+    ),
+    # mixture of experts (models/moe.py)
+    ArchitectureSpec(
+        name="mixtral", model="moe", hf_architectures=("MixtralForCausalLM",), hf_model_types=("mixtral",),
+        moe_renormalize=True,
+    ),
+    ArchitectureSpec(
+        name="qwen2_moe", model="moe", hf_architectures=("Qwen2MoeForCausalLM",), hf_model_types=("qwen2_moe",),
+        qkv_bias=True, o_proj_bias=False,
     ),
 )
 

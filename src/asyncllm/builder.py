@@ -82,12 +82,20 @@ def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
 
 
 def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """The KV pool's size in blocks: ``config.num_kv_blocks`` when set, else ``gpu_memory_fraction`` of the
-    free memory on a CUDA device, else ``kv_cache_tokens`` worth of blocks."""
+    """The KV pool's size in blocks: ``config.num_kv_blocks`` when set, else ``kv_cache_bytes`` worth of
+    blocks, else ``gpu_memory_fraction`` of the free memory on a CUDA device, else ``kv_cache_tokens`` worth
+    of blocks. Memory budgets count the cache's own bytes per block (a quantized cache fits more)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
+    per_block = KVCacheSpec.for_model(model_config, num_blocks=1, block_size=config.block_size, dtype=dtype,
+                                      bits=config.kv_cache_bits())
+    if config.kv_cache_bytes is not None:
+        blocks = config.kv_cache_bytes // per_block.bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"kv_cache_bytes: {config.kv_cache_bytes} bytes hold no block of {config.block_size} "
+                             f"tokens ({per_block.bytes_per_block} bytes each)")
+        return blocks
     if device.type == "cuda":
-        per_block = KVCacheSpec.for_model(model_config, num_blocks=1, block_size=config.block_size, dtype=dtype)
         free, _total = torch.cuda.mem_get_info(device)
         return max(1, int(free * config.gpu_memory_fraction) // per_block.bytes_per_block)
     return max(1, config.kv_cache_tokens // config.block_size)
@@ -97,7 +105,8 @@ def kv_cache_spec(config: EngineConfig, model_config: ModelConfig, device: torch
     """The KV pool an engine with ``config`` allocates for ``model_config`` on ``device``."""
     dtype = config.resolved_dtype()
     blocks = num_kv_blocks(config, model_config, device, dtype)
-    return KVCacheSpec.for_model(model_config, num_blocks=blocks, block_size=config.block_size, dtype=dtype)
+    return KVCacheSpec.for_model(model_config, num_blocks=blocks, block_size=config.block_size, dtype=dtype,
+                                 bits=config.kv_cache_bits())
 
 
 def max_model_len_for(model: CausalLM, spec: KVCacheSpec, limit: int | None = None) -> int:

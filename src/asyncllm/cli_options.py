@@ -36,6 +36,23 @@ def check_sampling(args: argparse.Namespace) -> None:
     SamplingParams(**sampling_options(args))
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"``, ``"2GB"``, ``"1.5 GiB"`` or a plain byte count -> bytes (argparse reports the
+    ``ValueError`` of a malformed size as an invalid value of the option)."""
+    number = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(number):].strip().lower()
+    if unit not in _BYTE_UNITS:
+        raise ValueError(f"unknown size unit {unit!r} in {text!r} (use B, KB, MB, GB, KiB, MiB or GiB)")
+    value = float(number) * _BYTE_UNITS[unit]
+    if not value > 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return int(value)
+
+
 def resolve_model(model: str | None) -> str:
     """``model``, or the default model's path (``SystemExit`` with how to fetch it when it is missing)."""
     if model:
@@ -44,10 +61,6 @@ def resolve_model(model: str | None) -> str:
     if path is None:
         raise SystemExit(assets.MISSING_DEFAULT_MODEL)
     return str(path)
-
-
-UNQUANTIZED_KV_CACHE_DTYPE = "auto"
-UNQUANTIZED_QUANT_POLICY = 0
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +83,16 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
                         metavar="N",
                         help=f"most sequences decoded together in one step; more requests wait "
                              f"(default: {EngineConfig.max_num_seqs})")
-    parser.add_argument("--kv-cache-dtype", default=UNQUANTIZED_KV_CACHE_DTYPE, metavar="DTYPE",
-                        help="KV-cache element type; only 'auto' (the model's dtype) is available: KV-cache "
-                             "quantization is not implemented yet (default: %(default)s)")
-    parser.add_argument("--quant-policy", type=int, default=UNQUANTIZED_QUANT_POLICY, metavar="BITS",
-                        help="KV-cache quantization policy (0: none, 4 or 8: bits per element); only 0 is "
-                             "available yet (default: %(default)s)")
+    parser.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                        help="how keys and values are cached: auto (the model's dtype), int8 or int4 (quantized "
+                             "per token and head as they are written: about 2x / 3.5-4x the tokens of a 16-bit "
+                             "cache in the same memory) (default: %(default)s)")
+    parser.add_argument("--quant-policy", type=int, default=0, metavar="BITS",
+                        help="the same choice in bits: 8 (int8), 4 (int4) or 0 (off) (default: %(default)s)")
+    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
+                        help="the KV pool's memory budget (all layers, with any scales), e.g. 512MiB or 2GB; "
+                             "when given it sizes the pool instead of the token count or GPU memory fraction "
+                             "(default: not set)")
     parser.add_argument("--rope-scaling-factor", type=float, default=None, metavar="F",
                         help="extend the model's context F times with dynamic NTK rotary scaling, replacing "
                              "the checkpoint's own rope scaling (default: the checkpoint's)")
@@ -99,6 +116,12 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.kv_cache_dtype != "auto":
+        overrides["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quant_policy:
+        overrides["quant_policy"] = args.quant_policy
+    if args.kv_cache_memory is not None:
+        overrides["kv_cache_bytes"] = args.kv_cache_memory
     if args.dequantize_weights:
         overrides["dequantize_weights"] = True
     if getattr(args, "rope_scaling_factor", None) is not None:
@@ -108,17 +131,10 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_engine_options(args: argparse.Namespace) -> None:
     """Refuse, with ``ValueError``, ``engine_args`` options that cannot work, before any model loads:
-    an unusable device, KV-cache quantization (not implemented yet) and out-of-range ``EngineConfig``
-    values."""
+    an unusable device and out-of-range ``EngineConfig`` values (``kv_cache_dtype``, ``quant_policy``, ...)."""
     from asyncllm.config import EngineConfig
 
     check_device(args.device)
-    if args.kv_cache_dtype != UNQUANTIZED_KV_CACHE_DTYPE:
-        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: KV-cache quantization is not available "
-                         f"yet; only '{UNQUANTIZED_KV_CACHE_DTYPE}' (the model's dtype) is supported")
-    if args.quant_policy != UNQUANTIZED_QUANT_POLICY:
-        raise ValueError(f"--quant-policy {args.quant_policy}: KV-cache quantization is not available yet; "
-                         f"only {UNQUANTIZED_QUANT_POLICY} (unquantized) is supported")
     EngineConfig(**engine_overrides(args))
 
 

@@ -16,6 +16,10 @@ import torch
 from asyncllm.architectures import spec_for_hf_config, spec_named
 
 KernelBackendName = Literal["auto", "torch", "triton"]
+KV_CACHE_DTYPES: dict[str, int | None] = {"auto": None, "int8": 8, "int4": 4}
+"""``EngineConfig.kv_cache_dtype`` values and the bits each stores (``None``: the compute dtype)."""
+QUANT_POLICIES: dict[int, str] = {0: "auto", 8: "int8", 4: "int4"}
+"""``EngineConfig.quant_policy`` values (bits; 0 = off) and the ``kv_cache_dtype`` each means."""
 NATIVE_KERNELS_ENV = "ASYNCLLM_NATIVE_KERNELS"
 
 
@@ -37,12 +41,55 @@ def _check_rope_scaling_factor(factor: object) -> None:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The mixture-of-experts part of a decoder: ``num_experts`` experts of ``intermediate_size`` each, ``top_k``
+    of them per token (softmax, top-k, renormalized when ``renormalize``), an optional shared expert (a dense
+    gated MLP of ``shared_expert_intermediate_size``, 0: none, scaled by ``sigmoid(shared_expert_gate(x))``),
+    in the layers ``sparse_layers`` (the others run the dense MLP of ``ModelConfig.intermediate_size``).
+
+    Invariants: ``0 < top_k <= num_experts``; sizes positive (the shared one may be 0).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    sparse_layers: tuple[int, ...]
+    shared_expert_intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts > 0, "num_experts", f"must be positive, got {self.num_experts}")
+        _require(0 < self.top_k <= self.num_experts, "num_experts_per_tok",
+                 f"must be in [1, {self.num_experts}], got {self.top_k}")
+        _require(self.intermediate_size > 0, "moe_intermediate_size", "must be positive")
+        _require(self.shared_expert_intermediate_size >= 0, "shared_expert_intermediate_size", "must be >= 0")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], renormalize: bool | None) -> MoeConfig:
+        """Mixtral (``num_local_experts``, every layer sparse) and Qwen2-MoE (``num_experts``,
+        ``moe_intermediate_size``, a shared expert; layer ``i`` is sparse unless listed in ``mlp_only_layers``
+        and when ``(i + 1) % decoder_sparse_step == 0``) spellings."""
+        layers = int(hf["num_hidden_layers"])
+        dense = set(hf.get("mlp_only_layers") or ())
+        step = int(hf.get("decoder_sparse_step") or 1)
+        return cls(
+            num_experts=int(hf.get("num_local_experts") or hf.get("num_experts") or 0),
+            top_k=int(hf.get("num_experts_per_tok") or 0),
+            intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+            renormalize=renormalize if renormalize is not None else bool(hf.get("norm_topk_prob", False)),
+            sparse_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+            shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder, in Hugging Face ``config.json`` terms, and its family's flags.
 
     ``architecture`` names a family of the registry (``asyncllm.architectures``); ``qkv_bias``,
     ``o_proj_bias``, ``qk_norm``, ``checkpoint_layout``, ``hidden_act`` and ``norm`` are its flags resolved
-    against the checkpoint's config (see ``ArchitectureSpec``).
+    against the checkpoint's config (see ``ArchitectureSpec``). ``moe`` is set for mixture-of-experts
+    families only.
 
     Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
     ``architecture`` is registered.
@@ -70,6 +117,7 @@ class ModelConfig:
     norm: str = "rms"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -148,6 +196,7 @@ class ModelConfig:
             norm=spec.norm,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            moe=MoeConfig.from_hf_config(hf, spec.moe_renormalize) if spec.model == "moe" else None,
         )
 
 
@@ -179,6 +228,14 @@ class EngineConfig:
 
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
+
+    ``kv_cache_dtype``: ``"auto"`` stores keys and values in the compute dtype; ``"int8"`` / ``"int4"``
+    quantize them as they are written (per token and KV head, scale and zero point beside each block in the
+    compute dtype: ``kernels.kv_quant``), so the same memory holds about 2x / 3.5-4x the tokens of a 16-bit
+    cache. ``quant_policy`` is the same choice in bits (``8`` / ``4``, ``0`` = off), for those used to that
+    name; giving both, they must agree. ``kv_cache_bytes``: the KV pool's memory budget in bytes (all
+    layers, keys, values and scales); when set it sizes the pool instead of ``kv_cache_tokens`` /
+    ``gpu_memory_fraction`` (``num_kv_blocks`` still wins).
     """
 
     device: str = "auto"
@@ -198,6 +255,9 @@ class EngineConfig:
     native_kernels: bool = field(default_factory=native_kernels_default)
     native_layer_max_rows: int = 4
     dequantize_weights: bool = False
+    kv_cache_dtype: str = "auto"
+    quant_policy: int = 0
+    kv_cache_bytes: int | None = None
     rope_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
@@ -234,6 +294,21 @@ class EngineConfig:
             _check_rope_scaling_factor(self.rope_scaling_factor)
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        _require(not isinstance(self.quant_policy, bool) and self.quant_policy in QUANT_POLICIES, "quant_policy",
+                 f"must be 0 (off), 8 (int8) or 4 (int4), got {self.quant_policy!r}")
+        _require(self.quant_policy == 0 or self.kv_cache_dtype in ("auto", QUANT_POLICIES[self.quant_policy]),
+                 "quant_policy", f"{self.quant_policy} means kv_cache_dtype={QUANT_POLICIES[self.quant_policy]!r}, "
+                 f"which contradicts kv_cache_dtype={self.kv_cache_dtype!r}")
+        _require(self.kv_cache_bytes is None or (isinstance(self.kv_cache_bytes, int) and self.kv_cache_bytes > 0),
+                 "kv_cache_bytes", f"must be a positive int or None, got {self.kv_cache_bytes!r}")
+
+    def kv_cache_bits(self) -> int | None:
+        """Bits per cached value (8 or 4), or ``None`` for a cache in the compute dtype."""
+        if self.quant_policy:
+            return self.quant_policy
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

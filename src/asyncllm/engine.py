@@ -54,7 +54,9 @@ class EngineClosedError(RuntimeError):
 class EngineStats:
     """A snapshot of the engine: KV blocks, requests, sessions, and the model's resident weight bytes
     (packed quantized weights counted as stored) with its quantization (``"unquantized"``, ``"gguf"``,
-    ``"awq"``, ...)."""
+    ``"awq"``, ...). The KV pool: ``kv_cache_dtype`` (``"int8"``, ``"int4"`` or the compute dtype's
+    name), ``kv_bytes_per_token`` (all layers, keys, values and scales) and ``kv_capacity_tokens`` (blocks
+    times block size)."""
 
     kv_blocks_total: int
     kv_blocks_used: int
@@ -65,6 +67,9 @@ class EngineStats:
     num_preemptions: int
     weight_bytes: int = 0
     weight_quantization: str = "unquantized"
+    kv_cache_dtype: str = "auto"
+    kv_bytes_per_token: int = 0
+    kv_capacity_tokens: int = 0
 
 
 class AsyncEngine:
@@ -247,6 +252,9 @@ class AsyncEngine:
             num_preemptions=self._scheduler.num_preemptions,
             weight_bytes=self._weight_bytes,
             weight_quantization=self._weight_quantization,
+            kv_cache_dtype=self._runner.spec.dtype_name,
+            kv_bytes_per_token=self._runner.spec.bytes_per_token,
+            kv_capacity_tokens=self._blocks.num_blocks * self._blocks.block_size,
         )
 
     # -- public request API --------------------------------------------------------------------

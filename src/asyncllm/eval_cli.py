@@ -44,6 +44,8 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     ppl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ppl.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
+    ppl.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4"],
+                     help="cache the windows' keys and values quantized, as the engine would (default: %(default)s)")
     ppl.add_argument("--dequantize-weights", action="store_true",
                      help="decode a quantized checkpoint to dense weights at load instead of keeping it packed")
     return parser
@@ -82,7 +84,8 @@ def format_result(result: PerplexityResult) -> str:
     """The human line ``asyncllm eval perplexity`` prints."""
     return (f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f} nats/token) over {result.tokens} "
             f"scored tokens in {result.windows} windows (seqlen {result.seqlen}, stride {result.stride}); "
-            f"{result.seconds:.1f} s (load {result.load_seconds:.1f} s); {result.model} on {result.text}")
+            f"{result.seconds:.1f} s (load {result.load_seconds:.1f} s); {result.model} on {result.text}"
+            + ("" if result.kv_cache_dtype == "auto" else f"; KV cache {result.kv_cache_dtype}"))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -107,7 +110,8 @@ def run_eval(args: argparse.Namespace) -> int:
         result = perplexity(
             model, text, seqlen=args.seqlen, stride=args.stride, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, kernel_backend=args.kernel_backend,
-            dequantize_weights=args.dequantize_weights, text_name=text_name, progress=progress,
+            dequantize_weights=args.dequantize_weights, kv_cache_dtype=args.kv_cache_dtype, text_name=text_name,
+            progress=progress,
         )
     except (FileNotFoundError, ValueError) as error:  # a bad option, model path or text: no traceback
         return _error(error)

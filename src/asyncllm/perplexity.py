@@ -129,7 +129,8 @@ def plan_windows(num_tokens: int, seqlen: int, stride: int | None) -> list[Windo
 class PerplexityResult:
     """``perplexity = exp(nll)``; ``nll``: mean negative log-likelihood in nats per scored token; ``tokens``:
     scored tokens; ``text_tokens``: the text's tokens; ``windows``: windows run; ``seconds``: the evaluation
-    (tokenizing and forward passes); ``load_seconds``: loading the model (0 for a model in memory)."""
+    (tokenizing and forward passes); ``load_seconds``: loading the model (0 for a model in memory);
+    ``kv_cache_dtype``: how the windows' keys and values were cached (``"auto"``: the compute dtype)."""
 
     perplexity: float
     nll: float
@@ -143,6 +144,7 @@ class PerplexityResult:
     text: str
     text_tokens: int
     load_seconds: float = 0.0
+    kv_cache_dtype: str = "auto"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +174,7 @@ def perplexity(
     dtype: str | None = None,
     kernel_backend: KernelBackendName = "auto",
     dequantize_weights: bool = False,
+    kv_cache_dtype: str = "auto",
     config: EngineConfig | None = None,
     text_name: str | None = None,
     progress: ProgressCallback | None = None,
@@ -180,7 +183,8 @@ def perplexity(
     file, a hub id) on ``text`` (default: ``corpus.stdlib_text("heldout")``).
 
     The model and tokenizer are built by ``builder.load_model`` with ``config`` (default ``EngineConfig()``)
-    and the given ``device``, ``dtype``, ``kernel_backend`` and ``dequantize_weights``. ``stride``
+    and the given ``device``, ``dtype``, ``kernel_backend``, ``dequantize_weights`` and ``kv_cache_dtype``
+    (``"int8"`` / ``"int4"``: the windows attend over a quantized KV cache, as the engine would). ``stride``
     ``None`` is ``seqlen // 2``; ``batch_size``: windows per forward pass. ``text_name``
     describes ``text`` in the result (default: its length). Window arguments are checked before the
     model is loaded; errors are ``ValueError`` naming the field."""
@@ -198,6 +202,8 @@ def perplexity(
         overrides["dtype"] = dtype
     if dequantize_weights:
         overrides["dequantize_weights"] = True
+    if kv_cache_dtype != "auto":
+        overrides["kv_cache_dtype"] = kv_cache_dtype
     engine = engine_config(config, overrides)
     start = time.perf_counter()
     built, tokenizer = load_model(model, engine)
@@ -205,7 +211,7 @@ def perplexity(
     result = perplexity_of_model(
         built, tokenizer, text, seqlen=seqlen, stride=stride, batch_size=batch_size,
         dtype=engine.resolved_dtype(), device=engine.resolved_device(), model_name=os.fspath(model),
-        text_name=text_name, progress=progress,
+        text_name=text_name, progress=progress, kv_cache_bits=engine.kv_cache_bits(),
     )
     return PerplexityResult(**{**result.as_dict(), "load_seconds": load_seconds})
 
@@ -223,12 +229,14 @@ def perplexity_of_model(
     model_name: str | None = None,
     text_name: str | None = None,
     progress: ProgressCallback | None = None,
+    kv_cache_bits: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of a built model (weights loaded) on a text, which ``tokenizer`` encodes with its default
     special tokens, or on token ids (then ``tokenizer`` may be ``None``).
 
     ``dtype`` and ``device`` are those of the model's activations and scratch KV caches (default: read off
-    the model's norm weights). ``seqlen`` may not exceed the model's positions."""
+    the model's norm weights). ``kv_cache_bits`` 8 / 4 quantizes those caches (``kernels.kv_quant``).
+    ``seqlen`` may not exceed the model's positions."""
     stride = _check_window_shape(seqlen, stride)
     _check_int("batch_size", batch_size, 1)
     positions = int(getattr(model, "max_positions", None) or model.config.max_position_embeddings)
@@ -252,13 +260,14 @@ def perplexity_of_model(
     dtype = dtype or model_dtype
     device = torch.device(device) if device is not None else model_device
     nll = _total_nll(model, torch.tensor(ids, dtype=torch.int64), windows, batch_size, dtype, device,
-                     progress, start)
+                     progress, start, kv_cache_bits)
     scored = sum(w.targets for w in windows)
     mean = nll / scored
     return PerplexityResult(
         perplexity=math.exp(mean), nll=mean, tokens=scored, windows=len(windows),
         seconds=time.perf_counter() - start, seqlen=seqlen, stride=stride, batch_size=batch_size,
         model=model_name or model.config.architecture, text=text_name, text_tokens=len(ids),
+        kv_cache_dtype="auto" if kv_cache_bits is None else f"int{kv_cache_bits}",
     )
 
 
@@ -277,7 +286,8 @@ def _activation_dtype_device(model: CausalLM) -> tuple[torch.dtype, torch.device
 
 
 def _total_nll(model: CausalLM, ids: torch.Tensor, windows: list[Window], batch_size: int, dtype: torch.dtype,
-               device: torch.device, progress: ProgressCallback | None, start: float) -> float:
+               device: torch.device, progress: ProgressCallback | None, start: float,
+               kv_cache_bits: int | None) -> float:
     """The summed negative log-likelihood of every window's targets, in nats."""
     num_layers = model.config.num_hidden_layers
     vocab = model.config.vocab_size
@@ -291,7 +301,8 @@ def _total_nll(model: CausalLM, ids: torch.Tensor, windows: list[Window], batch_
             group = windows[first:first + batch_size]
             batch = OfflineBatch.of([w.length for w in group], device=device)
             if batch.num_blocks > cache_blocks:  # every batch writes its slots before reading them: reuse
-                caches = batch.scratch_caches(model.config, num_layers, dtype=dtype, device=device)
+                caches = batch.scratch_caches(model.config, num_layers, dtype=dtype, device=device,
+                                              bits=kv_cache_bits)
                 cache_blocks = batch.num_blocks
             input_ids = torch.cat([ids[w.begin:w.end] for w in group]).to(device)
             hidden = model(input_ids, batch.positions, batch.meta, caches)

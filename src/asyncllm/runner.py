@@ -28,21 +28,35 @@ from asyncllm.scheduler import ScheduledChunk
 
 @dataclass(frozen=True)
 class KVCacheSpec:
+    """The KV pool's shape: ``num_blocks`` blocks of ``block_size`` tokens in each of ``num_layers`` layers;
+    values in ``dtype`` (the compute dtype), or ``bits`` (8 / 4) codes with ``dtype`` scales."""
+
     num_blocks: int
     block_size: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    bits: int | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes across all layers (keys, values and any scales)."""
+        per_layer = KVCache.bytes_per_token(self.num_kv_heads, self.head_dim, dtype=self.dtype, bits=self.bits)
+        return self.num_layers * per_layer
 
     @property
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return self.block_size * self.bytes_per_token
+
+    @property
+    def dtype_name(self) -> str:
+        """``"int8"`` / ``"int4"``, or the compute dtype's name (``"float32"``, ``"bfloat16"``, ...)."""
+        return f"int{self.bits}" if self.bits is not None else str(self.dtype).removeprefix("torch.")
 
     @classmethod
     def for_model(
-        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype
+        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype, bits: int | None = None
     ) -> KVCacheSpec:
         return cls(
             num_blocks,
@@ -51,6 +65,7 @@ class KVCacheSpec:
             config.num_key_value_heads,
             config.head_dim,
             dtype,
+            bits,
         )
 
 
@@ -93,7 +108,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.kv_caches: list[KVCache] = [
             KVCache.allocate(spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-                             dtype=spec.dtype, device=device)
+                             dtype=spec.dtype, device=device, bits=spec.bits)
             for _ in range(spec.num_layers)
         ]
         self.sampler = Sampler()

@@ -13,6 +13,7 @@ import torch
 
 from asyncllm.config import NATIVE_KERNELS_ENV, EngineConfig
 from asyncllm.kernels import get_kernel_ops, native_build
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 from asyncllm.kernels.native_build import load_native_library, native_kernels_status
 
@@ -87,13 +88,13 @@ def test_matches_float64_reference(
     )
     scale = head_dim**-0.5
     plan = kernel.plan(tables, seq_lens, k_cache.shape, num_heads=heads, threads=threads)
-    got = plan.run(q, k_cache, v_cache, scale)
+    got = plan.run(q, KVCache(k_cache, v_cache), scale)
     assert got.shape == (len(lens), heads * head_dim)
     torch.testing.assert_close(got.double(), _reference(q, k_cache, v_cache, tables, seq_lens, scale),
                                rtol=1e-5, atol=1e-5)
     # the plan serves every layer of a step: other caches, same tables
     k2, v2 = torch.randn_like(k_cache), torch.randn_like(v_cache)
-    torch.testing.assert_close(plan.run(q, k2, v2, scale).double(),
+    torch.testing.assert_close(plan.run(q, KVCache(k2, v2), scale).double(),
                                _reference(q, k2, v2, tables, seq_lens, scale), rtol=1e-5, atol=1e-5)
 
 
@@ -124,16 +125,21 @@ def test_run_rejects_tensors_that_do_not_fit_the_plan(kernel: NativeDecodeAttent
     q, k_cache, v_cache, tables, lens = _paged_case([5, 3], heads=4, kv_heads=2, head_dim=8, block_size=4,
                                                     num_blocks=6, seed=2)
     plan = kernel.plan(tables, lens, k_cache.shape, num_heads=4)
+    cache = KVCache(k_cache, v_cache)
     with pytest.raises(ValueError, match="q"):
-        plan.run(q.double(), k_cache, v_cache, 0.5)
+        plan.run(q.double(), cache, 0.5)
     with pytest.raises(ValueError, match="q"):
-        plan.run(q[:, :3], k_cache, v_cache, 0.5)
+        plan.run(q[:, :3], cache, 0.5)
     with pytest.raises(ValueError, match="q"):
-        plan.run(q.transpose(1, 2).contiguous().transpose(1, 2), k_cache, v_cache, 0.5)
-    with pytest.raises(ValueError, match="k_cache"):
-        plan.run(q, k_cache[:5], v_cache, 0.5)
-    with pytest.raises(ValueError, match="v_cache"):
-        plan.run(q, k_cache, v_cache.transpose(0, 1).contiguous().transpose(0, 1), 0.5)
+        plan.run(q.transpose(1, 2).contiguous().transpose(1, 2), cache, 0.5)
+    with pytest.raises(ValueError, match="cache"):
+        plan.run(q, KVCache(k_cache[:5], v_cache[:5]), 0.5)
+    strided = v_cache.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="cache"):
+        plan.run(q, KVCache(strided, strided), 0.5)
+    quantized = KVCache.allocate(6, 4, 2, 8, dtype=torch.float32, device=torch.device("cpu"), bits=8)
+    with pytest.raises(ValueError, match="cache: expected a float32 cache"):
+        plan.run(q, quantized, 0.5)
 
 
 def test_builds_once_into_the_cache_then_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,6 +189,7 @@ def test_a_compile_error_is_logged_and_leaves_no_library(
 
 _PROCESS_STATE_PROBE = """
 import torch
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 
 def runtimes():

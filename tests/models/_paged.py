@@ -46,13 +46,24 @@ class BlockPool:
 
 
 def make_kv_caches(
-    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *, seed: int = 0
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *, seed: int = 0,
+    bits: int | None = None,
 ) -> list[KVCache]:
-    """Per-layer caches, keys and values each ``[num_blocks, block_size, Hk, D]`` float32 of garbage."""
+    """Per-layer caches, keys and values each ``[num_blocks, block_size, Hk, D]`` float32 of garbage; with
+    ``bits`` (8 / 4), quantized caches of random codes and float32 ``(scale, zero)`` pairs."""
     gen = torch.Generator().manual_seed(seed)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    if bits is None:
+        return [
+            KVCache(torch.randn(shape, generator=gen) * 100, torch.randn(shape, generator=gen) * 100)
+            for _ in range(num_layers)
+        ]
+    codes = (*shape[:3], head_dim if bits == 8 else head_dim // 2)
+    pairs = (*shape[:3], 2)
     return [
-        KVCache(torch.randn(shape, generator=gen) * 100, torch.randn(shape, generator=gen) * 100)
+        KVCache(torch.randint(0, 256, codes, generator=gen, dtype=torch.uint8),
+                torch.randint(0, 256, codes, generator=gen, dtype=torch.uint8),
+                torch.randn(pairs, generator=gen) * 10, torch.randn(pairs, generator=gen) * 10, bits=bits)
         for _ in range(num_layers)
     ]
 

@@ -52,9 +52,11 @@ class _FusedCalls:
             monkeypatch.setattr(step_class, "run", counted)
 
 
-def _prefilled(model: CausalLM, prompt_lens: Sequence[int]) -> tuple[BlockPool, list[PagedSequence], list[KVCache]]:
+def _prefilled(model: CausalLM, prompt_lens: Sequence[int],
+               bits: int | None = None) -> tuple[BlockPool, list[PagedSequence], list[KVCache]]:
     config = model.config
-    caches = make_kv_caches(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    caches = make_kv_caches(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim,
+                            bits=bits)
     pool = BlockPool(64, BLOCK_SIZE, seed=3)
     seqs = [PagedSequence() for _ in prompt_lens]
     positions, meta = build_step(pool, [(seq, n) for seq, n in zip(seqs, prompt_lens, strict=True)])
@@ -96,6 +98,16 @@ def _assert_step_matches(
         got = fast.forward(ids, positions, meta, caches)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for cache, ref in zip(caches, module_caches, strict=True):
+        if cache.is_quantized:
+            # the same codes and pairs, up to a value on a rounding boundary under another division order
+            every_block = torch.arange(cache.num_blocks)
+            for got_kv, ref_kv in zip(cache.read_blocks(every_block), ref.read_blocks(every_block), strict=True):
+                step = max(float(cache.key_scales.abs().max()), float(cache.value_scales.abs().max()))
+                torch.testing.assert_close(got_kv, ref_kv, rtol=0, atol=step)
+            torch.testing.assert_close(cache.key_scales, ref.key_scales, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(cache.value_scales, ref.value_scales, rtol=1e-6, atol=1e-6)
+            assert (cache.key != ref.key).float().mean() < 1e-3
+            continue
         torch.testing.assert_close(cache.key, ref.key, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(cache.value, ref.value, rtol=1e-5, atol=1e-4)
 
@@ -119,6 +131,28 @@ def test_decode_steps_match_the_module_path(
         if host_lengths == "upper-bound":
             meta = _with_upper_bound_lengths(meta, 40)
         ids = torch.tensor(random_ids(len(seqs), seed=50 + step))
+        _assert_step_matches(fast, modules, ids, positions, meta, caches)
+    in_c = bundle == "native-layer" and len(prompt_lens) <= 4
+    assert calls.layers == ([0, 1] * 3 if in_c else [])
+    assert calls.torch_layers == ([] if in_c else [0, 1] * 3)
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize("prompt_lens", [(5, 9, 2), (3, 8, 5, 6, 1, 4)], ids=["ragged", "six-rows"])
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_quantized_cache_decode_steps_match_the_module_path(
+    bits: int, prompt_lens: tuple[int, ...], bundle: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused passes write codes and read them in place as the modules do (quantize on write, dequantize
+    the gathered blocks), with the C layer taking the steps it takes for plain caches."""
+    if bundle != "torch-pass":
+        require_native_kernels()
+    fast, modules = _pair("llama", BUNDLES[bundle])
+    pool, seqs, caches = _prefilled(fast, prompt_lens, bits=bits)
+    calls = _FusedCalls(monkeypatch)
+    for step in range(3):
+        positions, meta = _decode_step(pool, seqs)
+        ids = torch.tensor(random_ids(len(seqs), seed=70 + step))
         _assert_step_matches(fast, modules, ids, positions, meta, caches)
     in_c = bundle == "native-layer" and len(prompt_lens) <= 4
     assert calls.layers == ([0, 1] * 3 if in_c else [])

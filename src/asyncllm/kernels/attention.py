@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 
+BlockReader = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(block ids [n]) -> (keys, values)``, each ``[n, block_size, Hk, D]`` in the compute dtype."""
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Contiguous ``[length, Hk, D]`` view of one sequence's cached keys or values."""
-    block_size = cache.shape[1]
+
+def plain_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor) -> BlockReader:
+    """The ``BlockReader`` of plain cache tensors ``[num_blocks, block_size, Hk, D]``."""
+
+    def read(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = blocks.long()
+        return k_cache.index_select(0, ids), v_cache.index_select(0, ids)
+
+    return read
+
+
+def gather_context(read: BlockReader, block_size: int, block_table: torch.Tensor,
+                   length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's cached keys and values, contiguous ``[length, Hk, D]`` each."""
     num_blocks = -(-length // block_size)
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
-    return blocks.reshape(num_blocks * block_size, *cache.shape[2:])[:length]
+    keys, values = read(block_table[:num_blocks])
+    return keys.flatten(0, 1)[:length], values.flatten(0, 1)[:length]
 
 
 def paged_attention_reference(
@@ -30,17 +46,27 @@ def paged_attention_reference(
     sits at position ``L - n + j`` and sees keys ``0 ..= L - n + j``. Heads are grouped: query head ``h``
     reads KV head ``h // (Hq // Hk)``. Softmax runs in float32. Returns ``[T, Hq, D]`` in ``q.dtype``.
     """
+    return _attend(q, plain_blocks(k_cache, v_cache), k_cache.shape[1], meta, scale)
+
+
+def paged_attention_cache_reference(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                                    scale: float) -> torch.Tensor:
+    """``paged_attention_reference`` over a ``KVCache``, plain or quantized (each sequence's blocks read
+    back through ``KVCache.read_blocks``)."""
+    return _attend(q, cache.read_blocks, cache.block_size, meta, scale)
+
+
+def _attend(q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
     if meta.is_decode_only:
-        return _decode_batched(q, k_cache, v_cache, meta, scale)
+        return _decode_batched(q, read, block_size, meta, scale)
     out = torch.empty_like(q)
     starts = meta.query_start_loc.tolist() if q.device.type == "cpu" else None
     offset = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
         begin = starts[i] if starts is not None else offset
         offset = begin + n
-        table = meta.block_tables[i]
-        keys = _gather_context(k_cache, table, length)
-        values = _gather_context(v_cache, table, length)
+        keys, values = gather_context(read, block_size, meta.block_tables[i], length)
         out[begin : begin + n] = _causal_attention(q[begin : begin + n], keys, values, scale)
     return out
 
@@ -59,27 +85,27 @@ def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def gather_padded_contexts(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    read: BlockReader, block_size: int, meta: AttentionMetadata
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every sequence's whole blocks up to the longest context: keys and values ``[B, Hk, P, D]`` (``P``
     the padded length) and ``valid`` ``[B, P]``, true where the slot holds one of the sequence's tokens."""
     batch = meta.block_tables.shape[0]
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     num_blocks = -(-meta.max_seq_len // block_size)
     padded = num_blocks * block_size
-    flat = meta.block_tables[:, :num_blocks].reshape(-1).long()
-    keys = k_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, flat).view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
-    valid = torch.arange(padded, device=k_cache.device)[None, :] < meta.seq_lens[:, None].to(k_cache.device)
+    keys, values = read(meta.block_tables[:, :num_blocks].reshape(-1))
+    num_kv_heads, head_dim = keys.shape[2:]
+    keys = keys.view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
+    values = values.view(batch, padded, num_kv_heads, head_dim).transpose(1, 2)
+    valid = torch.arange(padded, device=keys.device)[None, :] < meta.seq_lens[:, None].to(keys.device)
     return keys, values, valid
 
 
 def _decode_batched(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """One query per sequence: gather every context padded to the longest, mask the padding."""
     batch, num_heads, head_dim = q.shape
-    keys, values, valid = gather_padded_contexts(k_cache, v_cache, meta)
+    keys, values, valid = gather_padded_contexts(read, block_size, meta)
     # padding slots may hold anything (even NaN); zero them so masked weights multiply finite values
     invalid = ~valid[:, None, :, None]
     keys = keys.masked_fill(invalid, 0).float()

@@ -11,6 +11,8 @@ bundle's identity or name. Members with a default are capabilities a backend may
 - ``graph_safe``: no op ever synchronises with the host, so the bundle's steps can be recorded as CUDA graphs.
 - ``quantized_linear``: ``x @ W.T + bias`` for a weight-only quantized ``PackedWeight`` (the reference
   dequantizes, then multiplies; backends run kernels that read the packed codes).
+- ``moe``: the experts of a mixture-of-experts layer over stacked expert weights (``kernels.moe``: the
+  reference loops over experts; backends group the tokens by expert).
 - ``fused_decode``: whole decoder layers in one call for decode steps of a few rows (``FusedDecode``),
   used only for layers that declare themselves fusable (``FusedLayerWeights``).
 """
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.moe import moe_reference
 from asyncllm.kernels.quant_linear import quant_linear_reference
 from asyncllm.quant.packed import PackedWeight
 
@@ -43,6 +46,9 @@ PlanAttention = Callable[[AttentionMetadata, KVCache, int], AttentionMetadata]
 WeightLayout = Callable[[torch.Tensor], torch.Tensor]
 QuantLinearOp = Callable[[torch.Tensor, PackedWeight, torch.Tensor | None], torch.Tensor]
 """``(x [T, K], packed weight [N, K], bias [N] or None) -> [T, N]`` in ``x.dtype``."""
+MoeOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x [T, H], topk_weights [T, K], topk_ids [T, K], w_gate_up [E, 2I, H], w_down [E, H, I]) -> [T, H]``:
+each token through its ``K`` experts' SiLU-gated MLPs, weighted and summed (invariants in ``kernels.moe``)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class KernelOps:
     quantized_linear: QuantLinearOp = quant_linear_reference
     prepare_weight: WeightLayout = keep_layout
     plan_attention: PlanAttention = no_attention_plan
+    moe: MoeOp = moe_reference
     graph_safe: bool = False
     fused_decode: FusedDecode | None = None
 
@@ -136,15 +143,24 @@ def on_cache(
     backend: str,
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor],
+    *,
+    write_quantized: WriteKV | None = None,
+    attend_quantized: PagedAttention | None = None,
 ) -> tuple[WriteKV, PagedAttention]:
-    """``write_kv`` / ``paged_attention`` members over ``KVCache`` from tensor-level kernels that read plain
-    caches (a quantized cache is refused by name)."""
+    """``write_kv`` / ``paged_attention`` members over ``KVCache``: plain caches go to the tensor-level
+    kernels ``write`` / ``attend``, quantized ones to ``write_quantized`` / ``attend_quantized``; a backend
+    without those refuses a quantized cache by name."""
 
     def write_kv(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
+        if cache.is_quantized and write_quantized is not None:
+            write_quantized(k, v, cache, slot_mapping)
+            return
         cache.require_plain(backend)
         write(k, v, cache.key, cache.value, slot_mapping)
 
     def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if cache.is_quantized and attend_quantized is not None:
+            return attend_quantized(q, cache, meta, scale)
         cache.require_plain(backend)
         return attend(q, cache.key, cache.value, meta, scale)
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from asyncllm.kernels.attention import gather_padded_contexts
+from asyncllm.kernels.attention import BlockReader, gather_context, gather_padded_contexts
 from asyncllm.kernels.bundle import KernelOps, no_attention_plan, on_cache
 from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
+from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.moe import moe_cpu
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_quant import cpu_quant_linear
 from asyncllm.kernels.quant_linear import quant_linear_reference
@@ -145,21 +148,27 @@ def write_kv_cpu(
 def paged_attention_cpu(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """With a native plan on ``meta`` (decode steps over a float32 cache), the C kernel reads the cache in
-    place; otherwise batched torch ops over gathered blocks."""
+    """``paged_attention_cache_cpu`` over plain cache tensors."""
+    return paged_attention_cache_cpu(q, KVCache(k_cache, v_cache), meta, scale)
+
+
+def paged_attention_cache_cpu(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """With a native plan on ``meta`` (decode steps of float32 queries), the C kernel reads the cache in place,
+    codes and all; otherwise batched torch ops over the gathered blocks (a quantized cache's dequantized)."""
     if isinstance(meta.plan, DecodeAttentionPlan) and q.dtype == torch.float32:
-        return meta.plan.run(q, k_cache, v_cache, scale).view(q.shape)
+        return meta.plan.run(q, cache, scale).view(q.shape)
+    return _attend(q, cache.read_blocks, cache.block_size, meta, scale)
+
+
+def _attend(q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
     if meta.is_decode_only:
-        return _decode(q, k_cache, v_cache, meta, scale)
+        return _decode(q, read, block_size, meta, scale)
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
     tables = meta.block_tables
     begin = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
-        num_blocks = -(-length // block_size)
-        blocks = tables[i, :num_blocks].long()
-        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
-        values = v_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+        keys, values = (t.transpose(0, 1) for t in gather_context(read, block_size, tables[i], length))
         # 4-D [1, H, L, D]: torch's CPU flash kernel takes it (3-D inputs fall back to the math path, measured
         # 13x slower on a 256-token GQA prefill)
         queries = q[begin : begin + n].transpose(0, 1).unsqueeze(0)
@@ -174,13 +183,11 @@ def paged_attention_cpu(
     return out
 
 
-def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
+def _decode(q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Batched decode: one gather of whole blocks per sequence; padding is masked (weight exactly 0), and
     every slot is finite (the runner's guarantee), so it needs no clearing."""
     batch, num_heads, head_dim = q.shape
-    keys, values, valid = gather_padded_contexts(k_cache, v_cache, meta)
+    keys, values, valid = gather_padded_contexts(read, block_size, meta)
     queries = q.view(batch, keys.shape[1], -1, head_dim)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(batch, num_heads, head_dim)
@@ -189,10 +196,12 @@ def _decode(
 def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers: bool = True) -> KernelOps:
     """The CPU bundle; ``native`` adds the C kernels' capabilities, ``fused_layers`` the flat decode pass of
     fusable layers (see the module docstring). With both off, every step runs as modules."""
-    write_kv, paged_attention = on_cache("cpu", write_kv_cpu, paged_attention_cpu)
+    write_kv, paged_attention = on_cache("cpu", write_kv_cpu, paged_attention_cpu,
+                                         write_quantized=write_kv_cache_reference,
+                                         attend_quantized=paged_attention_cache_cpu)
     kernels = NativeKernels(native_layer_max_rows) if native else None
     quantized = cpu_quant_linear if native else quant_linear_reference
-    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cpu, quantized) if fused_layers else None
+    fused = CpuFusedDecode(kernels, linear_cpu, paged_attention_cache_cpu, quantized) if fused_layers else None
     return KernelOps(
         name="cpu+native" if native else "cpu",
         rms_norm=rms_norm_cpu,
@@ -205,6 +214,7 @@ def cpu_ops(*, native: bool = True, native_layer_max_rows: int = 4, fused_layers
         quantized_linear=quantized,
         prepare_weight=k_major_layout,
         plan_attention=kernels.plan_attention if kernels is not None else no_attention_plan,
+        moe=moe_cpu,
         fused_decode=fused,
     )
 

@@ -9,9 +9,11 @@ Two implementations read the same ``FusedLayerWeights``:
   ~15 small ops the modules add around them (residual adds, per-layer rotary tables, KV-write checks,
   module dispatch) cost ~10 % of a batch-32 step on 2 cores (measured side by side against this pass).
   It builds the rotary rows once per step, rotates q and k in one ``addcmul``, writes K/V with two
-  ``index_copy_`` and attends through the step's native plan (or the batched torch decode attention).
+  ``index_copy_`` (a quantized cache: its codes and scales) and attends through the step's native plan (or
+  the batched torch decode attention).
 
-Both need every slot written (no padding row) and plain float32 caches; any other step runs as modules.
+Both need every slot written (no padding row) and float32 caches (plain, or int8 / int4 with float32
+scales); any other step runs as modules.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from asyncllm.kernels.bundle import FusedDecodeStep, FusedLayerWeights, LinearOp, QuantLinearOp
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_layer import NativeDecodeLayers
@@ -53,12 +56,13 @@ class Projection:
         return self._linear(x, weight, bias)
 
 
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+DecodeAttention = Callable[[torch.Tensor, KVCache, AttentionMetadata, float], torch.Tensor]
+"""The bundle's paged attention over a ``KVCache`` (``paged_attention_cache_cpu``)."""
 
 
 class CpuFusedDecode:
     """``FusedDecode`` for the CPU bundle: binds the native layer where available, the torch pass always.
-    ``linear`` / ``quantized`` and ``attend`` are the bundle's own linears and tensor-level paged attention."""
+    ``linear`` / ``quantized`` and ``attend`` are the bundle's own linears and paged attention."""
 
     def __init__(self, native: NativeKernels | None, linear: LinearOp, attend: DecodeAttention,
                  quantized: QuantLinearOp) -> None:
@@ -96,7 +100,7 @@ class CpuFusedBinding:
         slots = meta.slot_mapping
         if rows == 0 or slots.device.type != "cpu" or int(slots.min()) < 0 or len(caches) != len(self.layers):
             return None
-        if any(c.is_quantized or c.dtype != torch.float32 or c.device.type != "cpu" for c in caches):
+        if any(c.compute_dtype != torch.float32 or c.device.type != "cpu" for c in caches):
             return None
         return TorchDecodeStep(self.layers, self._linear, self._attend, positions, cos_sin_cache, meta, caches)
 
@@ -126,8 +130,8 @@ class TorchDecodeStep:
         w = self._layers[layer]
         if w is None:
             raise ValueError(f"layer: {layer} is not fusable")
-        if cache is not self._caches[layer] and (cache.is_quantized or cache.dtype != torch.float32):
-            raise ValueError("cache: expected a plain float32 cache")
+        if cache is not self._caches[layer] and cache.compute_dtype != torch.float32:
+            raise ValueError("cache: expected a float32 cache (plain, or quantized with float32 scales)")
         linear = self._linear
         rows, hidden_size = residual.shape
         heads, kv_heads, head_dim = w.num_heads, w.num_kv_heads, w.head_dim
@@ -138,13 +142,16 @@ class TorchDecodeStep:
         # q and k are adjacent in the fused output: rotate both at once (neox rotate-half as a roll)
         rotated = torch.addcmul(qk * self._cos, qk.roll(head_dim // 2, -1), self._sin)
         values = qkv[:, qk_width:].view(rows, kv_heads, head_dim)
-        cache.key.view(-1, kv_heads, head_dim).index_copy_(0, self._slots, rotated[:, heads:])
-        cache.value.view(-1, kv_heads, head_dim).index_copy_(0, self._slots, values)
+        if cache.is_quantized:
+            write_kv_cache_reference(rotated[:, heads:], values, cache, self._slots)
+        else:
+            cache.key.view(-1, kv_heads, head_dim).index_copy_(0, self._slots, rotated[:, heads:])
+            cache.value.view(-1, kv_heads, head_dim).index_copy_(0, self._slots, values)
         queries = rotated[:, :heads]
         if self._plan is not None:
-            attn = self._plan.run(queries, cache.key, cache.value, w.scale)
+            attn = self._plan.run(queries, cache, w.scale)
         else:
-            attn = self._attend(queries.contiguous(), cache.key, cache.value, self._meta, w.scale)
+            attn = self._attend(queries.contiguous(), cache, self._meta, w.scale)
             attn = attn.reshape(rows, heads * head_dim)
         residual.add_(linear(attn, w.o, w.o_bias))
         hidden = F.rms_norm(residual, (hidden_size,), w.post_norm, w.eps)

@@ -15,7 +15,7 @@ import torch
 from asyncllm.kernels.bundle import FusedLayerWeights
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
-from asyncllm.kernels.native_attention import NativeDecodeAttention
+from asyncllm.kernels.native_attention import MAX_GROUPS, MAX_QUANTIZED_HEAD_DIM, NativeDecodeAttention
 from asyncllm.kernels.native_build import load_native_library
 from asyncllm.kernels.native_layer import LayerFunctions, NativeDecodeLayers, bind_layer_functions
 
@@ -53,15 +53,20 @@ class NativeKernels:
         return self._layer
 
     def plan_attention(self, meta: AttentionMetadata, cache: KVCache, num_heads: int) -> AttentionMetadata:
-        """Attach a validated ``DecodeAttentionPlan`` to a decode step over a plain float32 CPU cache."""
-        if not meta.is_decode_only or cache.is_quantized or cache.dtype != torch.float32:
+        """Attach a validated ``DecodeAttentionPlan`` to a decode step over a float32 CPU cache (plain, or int8 /
+        int4 codes with float32 scales)."""
+        if not meta.is_decode_only or cache.compute_dtype != torch.float32:
             return meta
         if cache.device.type != "cpu" or meta.block_tables.device.type != "cpu":
             return meta
         kernel = self.attention()
         if kernel is None:
             return meta
-        plan = kernel.plan(meta.block_tables, meta.seq_lens, tuple(cache.shape), num_heads=num_heads)
+        if cache.is_quantized and (num_heads // cache.num_kv_heads > MAX_GROUPS
+                                   or cache.head_dim > MAX_QUANTIZED_HEAD_DIM):
+            return meta
+        shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
+        plan = kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=num_heads, bits=cache.bits)
         return dataclasses.replace(meta, plan=plan)
 
     def bind(self, layers: Sequence[FusedLayerWeights | None]) -> NativeDecodeLayers | None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 
 from asyncllm.kernels.activation import silu_and_mul_reference
-from asyncllm.kernels.attention import paged_attention_reference
+from asyncllm.kernels.attention import paged_attention_cache_reference, paged_attention_reference
 from asyncllm.kernels.bundle import KernelOps, on_cache
 from asyncllm.kernels.cpu import cpu_ops
-from asyncllm.kernels.kv_write import write_kv_reference
+from asyncllm.kernels.kv_write import write_kv_cache_reference, write_kv_reference
 from asyncllm.kernels.norm import add_rms_norm_reference, rms_norm_reference
 from asyncllm.kernels.rotary import rotary_reference
 
-_write_kv, _paged_attention = on_cache("torch", write_kv_reference, paged_attention_reference)
+_write_kv, _paged_attention = on_cache("torch", write_kv_reference, paged_attention_reference,
+                                      write_quantized=write_kv_cache_reference,
+                                      attend_quantized=paged_attention_cache_reference)
 TORCH_OPS = KernelOps(
     name="torch",
     rms_norm=rms_norm_reference,

@@ -2,21 +2,25 @@
 
 A cache is a pair of paged tensors ``key`` / ``value`` of shape ``[num_blocks, block_size, Hk, D]``:
 token ``j`` of a sequence lives at slot ``block_tables[j // block_size] * block_size + j % block_size``.
-The storage dtype is the cache's dtype. A quantized cache (int8 / int4) is a new storage dtype plus the
-optional ``key_scales`` / ``value_scales`` tensors, ``[num_blocks, block_size, Hk, 2]`` holding each
-token's and head's ``(scale, zero point)`` in the compute dtype: the write kernel quantizes into the
-storage, attention dequantizes in its inner loop. No bundle implements a quantized cache yet; each
-one refuses, by name, a cache it cannot read (``require_plain``).
+A plain cache stores the values in the compute dtype. A quantized cache (``bits`` 8 or 4, scheme in
+``kernels.kv_quant``) stores ``uint8`` codes, ``[num_blocks, block_size, Hk, D]`` for int8 and
+``[..., D // 2]`` for int4 (two per byte), plus ``key_scales`` / ``value_scales``
+``[num_blocks, block_size, Hk, 2]`` holding each token's and head's ``(scale, zero)`` in the compute
+dtype: the write kernel quantizes into the storage, attention dequantizes in its inner loop.
 
-Invariants: ``key`` and ``value`` have the same shape and dtype and live on one device; the tensors keep
-their storage for the cache's lifetime (recorded CUDA graphs and native kernel plans hold addresses).
+Invariants: ``key`` and ``value`` have the same shape and dtype and live on one device; a cache has scales
+exactly when it has ``bits``; the tensors keep their storage for the cache's lifetime (recorded CUDA graphs
+and native kernel plans hold addresses).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from asyncllm.kernels.kv_quant import check_bits, code_width, dequantize_kv
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,6 +31,7 @@ class KVCache:
     value: torch.Tensor
     key_scales: torch.Tensor | None = None
     value_scales: torch.Tensor | None = None
+    bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.key.dim() != 4:
@@ -42,6 +47,18 @@ class KVCache:
             raise ValueError(f"value: on {self.value.device}, key on {self.key.device}")
         if (self.key_scales is None) != (self.value_scales is None):
             raise ValueError("key_scales/value_scales: give both or neither")
+        if (self.bits is None) != (self.key_scales is None):
+            raise ValueError("bits: a quantized cache (bits 8 or 4) has key_scales/value_scales, a plain one neither")
+        if self.bits is None and not self.key.is_floating_point():
+            raise ValueError(f"key: a plain cache stores floating values, got {self.key.dtype} "
+                             "(a quantized cache needs bits and key_scales/value_scales)")
+        if self.bits is not None:
+            check_bits(self.bits)
+            if self.key.dtype != torch.uint8:
+                raise ValueError(f"key: a {self.bits}-bit cache stores uint8 codes, got {self.key.dtype}")
+            if self.key_scales is not None and self.value_scales is not None and (
+                    self.key_scales.dtype != self.value_scales.dtype or not self.key_scales.is_floating_point()):
+                raise ValueError("key_scales/value_scales: expected one floating dtype for both")
         expected = (*self.key.shape[:3], 2)
         for name, scales in (("key_scales", self.key_scales), ("value_scales", self.value_scales)):
             if scales is not None and tuple(scales.shape) != expected:
@@ -57,15 +74,38 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device,
+        bits: int | None = None,
+        zeros: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
     ) -> KVCache:
-        """A zero-filled cache. Zeroed, not empty: batched decode reads padding slots (masked out, weight 0),
-        and 0 * NaN from uninitialised memory would poison the output."""
+        """A zero-filled cache: plain in ``dtype``, or with ``bits`` (8 or 4) codes and ``dtype`` scales.
+        Zeroed, not empty: batched decode reads padding slots (masked out, weight 0), and 0 * NaN from
+        uninitialised memory would poison the output. ``zeros(shape, dtype)`` makes each tensor (default
+        ``torch.zeros`` on ``device``; the CPU pool passes lazily committed memory)."""
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if value <= 0:
                 raise ValueError(f"{name}: must be positive, got {value}")
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+        def make(shape: tuple[int, ...], of: torch.dtype) -> torch.Tensor:
+            if zeros is not None:
+                return zeros(shape, of)
+            return torch.zeros(shape, dtype=of, device=device)
+
+        if bits is None:
+            shape = (num_blocks, block_size, num_kv_heads, head_dim)
+            return cls(make(shape, dtype), make(shape, dtype))
+        codes = (num_blocks, block_size, num_kv_heads, code_width(head_dim, bits))
+        pairs = (num_blocks, block_size, num_kv_heads, 2)
+        return cls(make(codes, torch.uint8), make(codes, torch.uint8), make(pairs, dtype), make(pairs, dtype),
+                   bits=bits)
+
+    @staticmethod
+    def bytes_per_token(num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, bits: int | None = None) -> int:
+        """Bytes one token takes in one layer's cache (keys and values, with their scales)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        if bits is None:
+            return 2 * num_kv_heads * head_dim * elem
+        return 2 * num_kv_heads * (code_width(head_dim, bits) + 2 * elem)
 
     @property
     def shape(self) -> torch.Size:
@@ -80,9 +120,24 @@ class KVCache:
         return int(self.key.shape[1])
 
     @property
+    def num_kv_heads(self) -> int:
+        return int(self.key.shape[2])
+
+    @property
+    def head_dim(self) -> int:
+        """Values per head and token (an int4 cache stores half as many bytes)."""
+        width = int(self.key.shape[3])
+        return 2 * width if self.bits == 4 else width
+
+    @property
     def dtype(self) -> torch.dtype:
-        """The storage dtype."""
+        """The storage dtype (``uint8`` for a quantized cache)."""
         return self.key.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the values attention reads back: the storage's, or a quantized cache's scales'."""
+        return self.key.dtype if self.key_scales is None else self.key_scales.dtype
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +147,18 @@ class KVCache:
     def is_quantized(self) -> bool:
         return self.key_scales is not None
 
+    def read_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of cache blocks ``blocks`` (``[n]`` ids): ``[n, block_size, Hk, D]`` each, in the
+        compute dtype; a quantized cache's gathered codes are dequantized (only these blocks are read)."""
+        ids = blocks.long()
+        keys, values = self.key.index_select(0, ids), self.value.index_select(0, ids)
+        if self.bits is None or self.key_scales is None or self.value_scales is None:
+            return keys, values
+        dtype = self.compute_dtype
+        return (dequantize_kv(keys, self.key_scales.index_select(0, ids), self.bits, dtype),
+                dequantize_kv(values, self.value_scales.index_select(0, ids), self.bits, dtype))
+
     def require_plain(self, backend: str) -> None:
         """Raise ``ValueError`` if this cache is quantized: ``backend`` reads plain caches only."""
         if self.is_quantized:
-            raise ValueError(f"kv_cache: the {backend!r} kernels do not read a quantized {self.dtype} cache")
+            raise ValueError(f"kv_cache: the {backend!r} kernels do not read a quantized int{self.bits} cache")

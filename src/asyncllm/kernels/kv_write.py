@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.kv_quant import quantize_kv
+
 
 def write_kv_reference(
     k: torch.Tensor,
@@ -22,3 +25,18 @@ def write_kv_reference(
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def write_kv_cache_reference(
+    k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor
+) -> None:
+    """``write_kv_reference`` into a ``KVCache``; a quantized cache stores each token's codes and
+    ``(scale, zero)`` pairs (``kernels.kv_quant.quantize_kv``)."""
+    if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
+        write_kv_reference(k, v, cache.key, cache.value, slot_mapping)
+        return
+    scale_dtype = cache.key_scales.dtype
+    k_codes, k_scales = quantize_kv(k, cache.bits, scale_dtype)
+    v_codes, v_scales = quantize_kv(v, cache.bits, scale_dtype)
+    write_kv_reference(k_codes, v_codes, cache.key, cache.value, slot_mapping)
+    write_kv_reference(k_scales, v_scales, cache.key_scales, cache.value_scales, slot_mapping)

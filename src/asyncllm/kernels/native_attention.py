@@ -6,8 +6,9 @@ the cache in place through the block table, one OpenMP task per (sequence, KV he
 byte is read once per step.
 
 Usage, per decode step: ``plan = kernel.plan(block_tables, seq_lens, cache_shape)`` validates the step's
-tables once (the C code trusts every index it is given), then ``plan.run(q, k_cache, v_cache, scale)``
-per layer checks only the tensors that change.
+tables once (the C code trusts every index it is given), then ``plan.run(q, cache, scale)``
+per layer checks only the tensors that change. The cache may be plain float32 or quantized (int8 / int4 codes
+with float32 scales, ``kernels.kv_quant``): the kernel reads the codes in place (``PagedKVArg``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,41 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.native_build import load_native_library
 
 _SOURCE = "decode_attention.c"
-_ARGTYPES = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int32]
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int32]
+MAX_GROUPS = 64  # query heads per KV head the C kernel keeps per-row sums for
+MAX_QUANTIZED_HEAD_DIM = 512  # the C quantizer's row buffer
+
+
+class PagedKVArg(ctypes.Structure):
+    """``paged_kv`` of ``csrc/paged_attention.h``: one layer's cache tensors and its bits (0: float32)."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("k_scales", ctypes.c_void_p),
+                ("v_scales", ctypes.c_void_p), ("bits", ctypes.c_int64)]
+
+
+def paged_kv_arg(cache: KVCache) -> PagedKVArg:
+    """The C view of ``cache`` (its tensors must outlive every call that receives it)."""
+    return PagedKVArg(cache.key.data_ptr(), cache.value.data_ptr(),
+                      None if cache.key_scales is None else cache.key_scales.data_ptr(),
+                      None if cache.value_scales is None else cache.value_scales.data_ptr(), cache.bits or 0)
+
+
+def native_cache_problem(cache: KVCache, shape: tuple[int, int, int, int], bits: int | None) -> str | None:
+    """Why the C kernels cannot read ``cache`` as a ``[num_blocks, block_size, kv_heads, head_dim]`` cache of
+    ``bits`` (``None``: float32), or ``None`` when they can."""
+    tensors = [cache.key, cache.value] + [t for t in (cache.key_scales, cache.value_scales) if t is not None]
+    if cache.bits != bits or cache.compute_dtype != torch.float32:
+        return f"expected a {'float32' if bits is None else f'int{bits} (float32 scales)'} cache, " \
+               f"got {cache.compute_dtype} {'plain' if cache.bits is None else f'int{cache.bits}'}"
+    if (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim) != shape:
+        return f"expected a cache of shape {shape}, got {tuple(cache.shape)}"
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return "expected contiguous CPU tensors"
+    return None
 
 
 class NativeDecodeAttention:
@@ -40,16 +72,21 @@ class NativeDecodeAttention:
 
     def plan(
         self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cache_shape: torch.Size | tuple[int, ...],
-        *, num_heads: int, threads: int | None = None,
+        *, num_heads: int, threads: int | None = None, bits: int | None = None,
     ) -> DecodeAttentionPlan:
         """Check one decode step's layout and bind it: ``block_tables`` ``[B, W]`` int32, ``seq_lens``
         ``[B]`` int32 with ``1 <= len <= W * block_size``, every table entry a block of the cache
-        ``[num_blocks, block_size, kv_heads, head_dim]``; raises ``ValueError`` naming what is wrong."""
+        ``[num_blocks, block_size, kv_heads, head_dim]`` (values per head, whatever ``bits`` stores); raises
+        ``ValueError`` naming what is wrong."""
         if len(cache_shape) != 4:
             raise ValueError(f"cache_shape: expected [num_blocks, block_size, kv_heads, head_dim], got {cache_shape}")
         num_blocks, block_size, kv_heads, head_dim = (int(n) for n in cache_shape)
         if num_heads <= 0 or num_heads % kv_heads:
             raise ValueError(f"num_heads: must be a positive multiple of kv_heads={kv_heads}, got {num_heads}")
+        if bits is not None and (num_heads // kv_heads > MAX_GROUPS or head_dim > MAX_QUANTIZED_HEAD_DIM
+                                 or head_dim % 2):
+            raise ValueError(f"bits: the C kernels read quantized caches with at most {MAX_GROUPS} query heads per "
+                             f"KV head and an even head_dim <= {MAX_QUANTIZED_HEAD_DIM}")
         for name, tensor, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
             if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.device.type != "cpu":
                 raise ValueError(f"{name}: expected a {dims}-D int32 CPU tensor, got {tensor.dtype} "
@@ -73,6 +110,7 @@ class NativeDecodeAttention:
             max_len=max_len,
             scratch=torch.empty(batch * kv_heads * groups * max_len, dtype=torch.float32),
             threads=threads if threads is not None else torch.get_num_threads(),
+            bits=bits,
         )
 
 
@@ -89,10 +127,12 @@ class DecodeAttentionPlan:
     max_len: int
     scratch: torch.Tensor
     threads: int
+    bits: int | None = None
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def run(self, q: torch.Tensor, cache: KVCache, scale: float) -> torch.Tensor:
         """``q`` ``[B, num_heads, head_dim]`` float32 (each sequence's heads contiguous; the batch stride
-        is free, so a slice of a fused QKV output needs no copy) -> ``[B, num_heads * head_dim]``."""
+        is free, so a slice of a fused QKV output needs no copy) over ``cache`` (of the plan's shape and
+        bits) -> ``[B, num_heads * head_dim]``."""
         _num_blocks, block_size, kv_heads, head_dim = self.cache_shape
         batch = self.seq_lens.shape[0]
         if q.shape != (batch, self.num_heads, head_dim) or q.dtype != torch.float32 or q.device.type != "cpu":
@@ -100,14 +140,13 @@ class DecodeAttentionPlan:
                              f"got {q.dtype} {tuple(q.shape)} on {q.device}")
         if q.stride(2) != 1 or q.stride(1) != head_dim:
             raise ValueError(f"q: each sequence's heads must be contiguous, got strides {q.stride()}")
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if (cache.shape != self.cache_shape or cache.dtype != torch.float32 or cache.device.type != "cpu"
-                    or not cache.is_contiguous()):
-                raise ValueError(f"{name}: expected a contiguous float32 cache of shape {self.cache_shape}, "
-                                 f"got {cache.dtype} {tuple(cache.shape)}")
+        problem = native_cache_problem(cache, self.cache_shape, self.bits)
+        if problem is not None:
+            raise ValueError(f"cache: {problem}")
         out = torch.empty(batch, self.num_heads * head_dim, dtype=torch.float32)
+        kv = paged_kv_arg(cache)
         self.function(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), self.block_tables.data_ptr(),
+            q.data_ptr(), ctypes.byref(kv), self.block_tables.data_ptr(),
             self.seq_lens.data_ptr(), out.data_ptr(), self.scratch.data_ptr(),
             batch, self.num_heads, kv_heads, head_dim, block_size, self.block_tables.shape[1], self.max_len,
             q.stride(0), scale, self.threads,

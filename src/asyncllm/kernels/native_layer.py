@@ -31,13 +31,13 @@ import torch
 from asyncllm.kernels.bundle import FusedLayerWeights
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
-from asyncllm.kernels.native_attention import DecodeAttentionPlan
+from asyncllm.kernels.native_attention import DecodeAttentionPlan, native_cache_problem, paged_kv_arg
 from asyncllm.kernels.rotary import rotate_half_tables
 from asyncllm.quant.packed import PackedWeight
 
 MAX_HEAD_DIM = 512  # the C rotary keeps one head in a stack buffer of this many floats
 _ARGTYPES = (
-    [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 15 + [ctypes.c_int64] * 9
+    [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 14 + [ctypes.c_int64] * 9
     + [ctypes.c_float, ctypes.c_int32]
 )
 
@@ -52,7 +52,7 @@ class PackedLinearArg(ctypes.Structure):
 
 
 _QUANT_ARGTYPES = (
-    [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 9
+    [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 9
     + [ctypes.c_float, ctypes.c_int32]
 )
 
@@ -205,15 +205,15 @@ class NativeDecodeLayers:
         caches: Sequence[KVCache],
     ) -> NativeDecodeStep | None:
         """The step's shared tables, or ``None`` when it does not fit: more rows than ``max_rows``, no native
-        attention plan, a padded row (slot ``-1``), or a cache other than a plain contiguous float32 one of
-        the plan's shape. Every cache is checked here, once per step."""
+        attention plan, a padded row (slot ``-1``), or a cache the plan cannot read (another shape or kind,
+        see ``native_cache_problem``). Every cache is checked here, once per step."""
         rows = int(positions.shape[0])
         plan = meta.plan
         if not 0 < rows <= self.max_rows or not isinstance(plan, DecodeAttentionPlan):
             return None
         if plan.seq_lens.shape[0] != rows or len(caches) != len(self.layers):
             return None
-        if not all(_plain_float32(cache, plan.cache_shape) for cache in caches):
+        if any(native_cache_problem(cache, plan.cache_shape, plan.bits) for cache in caches):
             return None
         slots = meta.slot_mapping
         if slots.device.type != "cpu" or slots.shape != (rows,) or int(slots.min()) < 0:
@@ -225,11 +225,6 @@ class NativeDecodeLayers:
         return NativeDecodeStep(self, plan, caches, cos, sin, slots.long().contiguous())
 
 
-def _plain_float32(cache: KVCache, shape: tuple[int, int, int, int]) -> bool:
-    return (not cache.is_quantized and cache.dtype == torch.float32 and tuple(cache.shape) == shape
-            and cache.key.is_contiguous() and cache.value.is_contiguous())
-
-
 class NativeDecodeStep:
     """One decode step over the bound layers (``FusedDecodeStep``): the caches checked once, shared rotary
     rows, slots and scratch, and the C arguments that every layer of the step repeats."""
@@ -239,6 +234,7 @@ class NativeDecodeStep:
         self._binding = binding
         self._plan = plan
         self._caches = tuple(caches)
+        self._kv_args = tuple(paged_kv_arg(cache) for cache in caches)  # the C view of each layer's cache
         self._tensors = (cos, sin, slots)  # kept alive: the C call reads them through raw pointers
         self._rows = rows = int(slots.shape[0])
         covered = [bound if bound is not None and bound.weights.num_heads == plan.num_heads
@@ -267,11 +263,15 @@ class NativeDecodeStep:
                 or not residual.is_contiguous():
             raise ValueError(f"residual: expected contiguous float32 [{self._rows}, {bound.hidden}], got "
                              f"{residual.dtype} {tuple(residual.shape)}")
-        if cache is not self._caches[layer] and not _plain_float32(cache, self._plan.cache_shape):
-            raise ValueError(f"cache: expected a plain contiguous float32 cache of shape {self._plan.cache_shape}")
+        kv = self._kv_args[layer]
+        if cache is not self._caches[layer]:
+            problem = native_cache_problem(cache, self._plan.cache_shape, self._plan.bits)
+            if problem is not None:
+                raise ValueError(f"cache: {problem}")
+            kv = paged_kv_arg(cache)
         w = bound.weights
         functions = self._binding._functions
-        tail = (*self._step_args, cache.key.data_ptr(), cache.value.data_ptr(), *self._table_args,
+        tail = (*self._step_args, ctypes.byref(kv), *self._table_args,
                 bound.hidden, w.num_heads, w.num_kv_heads, w.head_dim, bound.inter, w.scale, self._plan.threads)
         if bound.packed and functions.packed is not None:
             functions.packed(residual.data_ptr(), self._work.data_ptr(), self._prepared_ptr, *bound.args, *tail)

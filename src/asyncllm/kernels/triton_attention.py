@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
 from asyncllm.kernels.triton_decode import paged_decode_attention
 from asyncllm.kernels.triton_prefill import paged_prefill_attention
@@ -21,3 +22,15 @@ def paged_attention_triton(
     if meta.is_decode_only:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale)
     return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_cache_triton(
+    q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """``paged_attention_triton`` over a quantized ``KVCache``: the kernels read its codes and scales in place."""
+    if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
+        return paged_attention_triton(q, cache.key, cache.value, meta, scale)
+    scales = (cache.key_scales, cache.value_scales)
+    if meta.is_decode_only:
+        return paged_decode_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits)
+    return paged_prefill_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from asyncllm.kernels.metadata import AttentionMetadata
-from asyncllm.kernels.triton_flash import attend_tile, paged_rows
+from asyncllm.kernels.triton_flash import attend_tile, load_kv_tile
 from asyncllm.kernels.triton_launch import (
     LOG2E,
     MIN_DOT_DIM,
@@ -78,16 +78,18 @@ def plan_splits(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr,
     qk_scale, split_len,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_sb, stride_ss, stride_sh,
     stride_bt,
     stride_ot, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps,
     GROUPS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -107,18 +109,19 @@ def _decode_split_kernel(
     )
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_off = kv_head.to(tl.int64) * stride_ch
+    kv_head64 = kv_head.to(tl.int64)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     for tile in range(start, end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        rows = paged_rows(table_row, offs_n, mask_n, stride_cb, stride_cs, BLOCK_SIZE) + head_off
-        kv_offs = rows[:, None] + offs_d[None, :] * stride_cd
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
+                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
+        v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
+                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
         valid = (offs_g[:, None] >= 0) & mask_n[None, :]
         m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
 
@@ -175,15 +178,19 @@ def paged_decode_attention(
     meta: AttentionMetadata,
     scale: float,
     launch: DecodeLaunch | None = None,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bits: int = 0,
 ) -> torch.Tensor:
     """``paged_attention_reference`` for a decode-only batch (row ``i`` of ``q`` is sequence ``i``'s
-    single new token). Grids come from host ints in ``meta``; the device is never synchronised.
+    single new token). Grids come from host ints in ``meta``; the device is never synchronised. A
+    quantized cache passes its ``bits`` and (key, value) ``scales`` (see ``check_paged_inputs``).
 
     ``meta.max_seq_len`` only has to bound the true lengths in ``meta.seq_lens`` (splits past a
     sequence's end are empty and weigh nothing in the merge), so a launch sized for a maximum length,
     as a captured CUDA graph is, stays correct for any shorter batch.
     """
-    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta)
+    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits)
     if not meta.is_decode_only or q.shape[0] != meta.num_seqs:
         raise ValueError(f"q: decode needs one row per sequence ({meta.num_seqs}), got {q.shape[0]} rows "
                          f"with max_query_len={meta.max_query_len}")
@@ -203,13 +210,15 @@ def paged_decode_attention(
                                device=q.device)
         part_lse = torch.empty((meta.num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_strides = (num_heads * num_splits, num_splits, 1)
+    k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when BITS == 0
     _decode_split_kernel[(meta.num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, k_scales, v_scales, meta.block_tables, meta.seq_lens, out, part_out, part_lse,
         scale * LOG2E, split_len,
-        *q.stride(), *k_cache.stride(), meta.block_tables.stride(0), *out.stride(), *part_strides,
+        *q.stride(), *k_cache.stride(), *k_scales.stride()[:3], meta.block_tables.stride(0), *out.stride(),
+        *part_strides,
         GROUPS=groups, GROUP_PAD=pow2_at_least(groups, MIN_DOT_DIM), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_N=launch.block_n, BLOCK_SIZE=k_cache.shape[1], DIRECT=direct,
-        PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+        PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), BITS=bits,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:

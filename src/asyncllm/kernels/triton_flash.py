@@ -1,6 +1,8 @@
 """Device-side building blocks shared by the paged attention kernels.
 
-``paged_rows`` turns token indices into cache offsets through a block table; ``attend_tile`` is one
+``load_kv_tile`` reads a tile of keys or values through a block table (token ``t`` lives in block
+``table[t // BLOCK_SIZE]`` at slot ``t % BLOCK_SIZE``; masked tokens resolve to block 0 and read 0),
+dequantizing an int8 / int4 cache's codes in registers (``kernels.kv_quant``). ``attend_tile`` is one
 step of the online ("flash") softmax. Scores live in the log2 domain: callers fold ``log2(e)`` into
 the softmax scale and use ``exp2``. Running state per query row: ``m`` (max score seen, -inf before
 any key), ``l`` (sum of ``exp2(score - m)``) and ``acc`` (the matching weighted sum of values, fp32).
@@ -13,14 +15,33 @@ import triton.language as tl
 
 
 @triton.jit
-def paged_rows(table_row_ptr, offs_n, mask_n, stride_block, stride_slot, BLOCK_SIZE: tl.constexpr):
-    """Offset (in elements) of token ``offs_n``'s row in a ``[num_blocks, block_size, Hk, D]`` cache.
+def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, mask_d, head,
+                 stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                 BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr):
+    """Tile ``[N, D]`` of one KV head's keys or values for tokens ``offs_n`` (masked rows and dims read 0).
 
-    Token ``t`` lives in block ``table[t // BLOCK_SIZE]`` at slot ``t % BLOCK_SIZE``. Masked tokens
-    resolve to block 0 and must stay masked when the row is loaded.
+    ``BITS`` 0: the cache's own values. 8 / 4: ``uint8`` codes (int4: dimension ``d`` in nibble ``d % 2`` of
+    byte ``d // 2``) read back as ``code * scale + zero`` with each token's pair from ``scales_ptr``, in
+    float32.
     """
     block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    return block * stride_block + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_slot
+    slot = (offs_n % BLOCK_SIZE).to(tl.int64)
+    mask = mask_n[:, None] & mask_d[None, :]
+    base = block * stride_cb + slot * stride_cs + head * stride_ch
+    if BITS == 0:
+        tile = tl.load(cache_ptr + base[:, None] + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+    else:
+        if BITS == 8:
+            codes = tl.load(cache_ptr + base[:, None] + offs_d[None, :] * stride_cd, mask=mask, other=0)
+        else:
+            packed = tl.load(cache_ptr + base[:, None] + (offs_d // 2)[None, :] * stride_cd, mask=mask, other=0)
+            codes = (packed.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15
+        pair = block * stride_sb + slot * stride_ss + head * stride_sh
+        scale = tl.load(scales_ptr + pair, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(scales_ptr + pair + 1, mask=mask_n, other=0.0).to(tl.float32)
+        tile = codes.to(tl.float32) * scale[:, None] + zero[:, None]
+        tile = tl.where(mask, tile, 0.0)
+    return tile
 
 
 @triton.jit

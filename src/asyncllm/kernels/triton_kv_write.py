@@ -1,4 +1,5 @@
-"""Triton KV-cache write: scatter each token's keys and values to its flat slot."""
+"""Triton KV-cache write: scatter each token's keys and values to its flat slot; a quantized cache's codes
+and ``(scale, zero)`` pairs are computed here, as they are written (``kernels.kv_quant``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.triton_launch import check_dtype, pow2_at_least
 
 
@@ -73,3 +75,90 @@ def write_kv_triton(
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, H_PAD=pow2_at_least(num_heads), D_PAD=pow2_at_least(head_dim),
         BLOCK_SIZE=k_cache.shape[1], num_warps=4 if num_heads * head_dim <= 2048 else 8,
     )
+
+
+@triton.jit
+def _row_range(x, mask):
+    """Per-row minimum and maximum of ``x`` ``[H, D]`` over its unmasked entries."""
+    return tl.min(tl.where(mask, x, float("inf")), 1), tl.max(tl.where(mask, x, float("-inf")), 1)
+
+
+@triton.jit
+def _codes(x, scale, zero, QMAX: tl.constexpr):
+    positive = scale > 0.0
+    code = tl.floor((x - zero[:, None]) / tl.where(positive, scale, 1.0)[:, None] + 0.5)
+    code = tl.where(positive[:, None], code, 0.0)
+    return tl.minimum(tl.maximum(code, 0.0), QMAX).to(tl.uint8)
+
+
+@triton.jit
+def _write_quantized_kernel(
+    x_ptr, cache_ptr, scales_ptr, slot_ptr,
+    stride_xt, stride_xh, stride_xd,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_sb, stride_ss, stride_sh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr,
+):
+    """One token's keys (or values) ``[Hk, D]`` quantized per head into codes and ``(scale, zero)`` pairs.
+    Dimensions are taken as even/odd halves (``2i``, ``2i + 1``), which int4 packs into byte ``i``."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    offs_h = tl.arange(0, H_PAD)
+    offs_i = tl.arange(0, HALF_PAD)
+    heads_to_write = tl.where(slot >= 0, NUM_HEADS, 0)
+    mask = (offs_h[:, None] < heads_to_write) & (offs_i[None, :] < HEAD_DIM // 2)
+    slot = tl.maximum(slot, 0)
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    rows = token * stride_xt + offs_h[:, None] * stride_xh
+    even = tl.load(x_ptr + rows + (2 * offs_i)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(x_ptr + rows + (2 * offs_i + 1)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    low_even, high_even = _row_range(even, mask)
+    low_odd, high_odd = _row_range(odd, mask)
+    low, high = tl.minimum(low_even, low_odd), tl.maximum(high_even, high_odd)
+    # the stored pair, rounded to the scales' dtype; codes are computed from the rounded values
+    scale = ((high - low) / QMAX).to(scales_ptr.dtype.element_ty).to(tl.float32)
+    zero = low.to(scales_ptr.dtype.element_ty).to(tl.float32)
+    code_even = _codes(even, scale, zero, QMAX)
+    code_odd = _codes(odd, scale, zero, QMAX)
+    base = block * stride_cb + offset * stride_cs + offs_h[:, None] * stride_ch
+    if BITS == 8:
+        tl.store(cache_ptr + base + (2 * offs_i)[None, :] * stride_cd, code_even, mask=mask)
+        tl.store(cache_ptr + base + (2 * offs_i + 1)[None, :] * stride_cd, code_odd, mask=mask)
+    else:
+        tl.store(cache_ptr + base + offs_i[None, :] * stride_cd, code_even | (code_odd << 4), mask=mask)
+    pair = block * stride_sb + offset * stride_ss + offs_h * stride_sh
+    head_mask = offs_h < heads_to_write
+    tl.store(scales_ptr + pair, scale.to(scales_ptr.dtype.element_ty), mask=head_mask)
+    tl.store(scales_ptr + pair + 1, zero.to(scales_ptr.dtype.element_ty), mask=head_mask)
+
+
+def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """``write_kv_cache_reference`` in Triton: each token's keys and values quantized per head as they are
+    written (codes and ``(scale, zero)`` pairs; padding slots ``< 0`` skipped). A plain cache goes to
+    ``write_kv_triton``."""
+    if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
+        write_kv_triton(k, v, cache.key, cache.value, slot_mapping)
+        return
+    if k.dim() != 3 or v.shape != k.shape or (k.shape[1], k.shape[2]) != (cache.num_kv_heads, cache.head_dim):
+        raise ValueError(f"k/v: expected matching [T, {cache.num_kv_heads}, {cache.head_dim}], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping: expected [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    for name, tensor in (("k", k), ("v", v), ("key_scales", cache.key_scales)):
+        check_dtype(name, tensor)
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    if head_dim % 2:
+        raise ValueError(f"k: a quantized cache needs an even head_dim, got {head_dim}")
+    for x, codes, scales in ((k, cache.key, cache.key_scales), (v, cache.value, cache.value_scales)):
+        if scales.stride(-1) != 1:
+            raise ValueError("scales: the (scale, zero) pairs must be contiguous")
+        _write_quantized_kernel[(num_tokens,)](
+            x, codes, scales, slot_mapping, *x.stride(), *codes.stride(), *scales.stride()[:3],
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, H_PAD=pow2_at_least(num_heads),
+            HALF_PAD=pow2_at_least(head_dim // 2), BLOCK_SIZE=cache.block_size, BITS=cache.bits, num_warps=4,
+        )

@@ -57,9 +57,14 @@ def check_dtype(name: str, tensor: torch.Tensor) -> None:
 
 
 def check_paged_inputs(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None, bits: int = 0,
 ) -> tuple[int, int, int]:
-    """Validate paged-attention operands (shapes and dtypes only); returns ``(Hq, Hk, D)``."""
+    """Validate paged-attention operands (shapes and dtypes only); returns ``(Hq, Hk, D)``. A quantized
+    cache (``bits`` 8 or 4) holds ``uint8`` codes and ``scales`` = (key, value) ``(scale, zero)`` pairs
+    ``[num_blocks, block_size, Hk, 2]`` in ``q``'s dtype (``kernels.kv_quant``)."""
+    if bits:
+        return _check_quantized(q, k_cache, v_cache, meta, scales, bits)
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -76,6 +81,40 @@ def check_paged_inputs(
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} differs from q's {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != meta.num_seqs:
+        raise ValueError(f"meta.block_tables: expected [{meta.num_seqs}, max_blocks], got "
+                         f"{tuple(meta.block_tables.shape)}")
+    return num_heads, num_kv_heads, head_dim
+
+
+def _check_quantized(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scales: tuple[torch.Tensor, torch.Tensor] | None, bits: int,
+) -> tuple[int, int, int]:
+    if bits not in (8, 4):
+        raise ValueError(f"bits: a quantized KV cache has 8 or 4 bits, got {bits}")
+    if scales is None:
+        raise ValueError("scales: a quantized cache needs its key and value scales")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
+    check_dtype("q", q)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    width = head_dim if bits == 8 else head_dim // 2
+    if k_cache.dim() != 4 or k_cache.shape[3] != width or k_cache.dtype != torch.uint8:
+        raise ValueError(f"k_cache: expected uint8 codes [num_blocks, block_size, Hk, {width}], got "
+                         f"{k_cache.dtype} {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride() or v_cache.dtype != torch.uint8:
+        raise ValueError("v_cache: must match k_cache's shape, strides and dtype")
+    expected = (*k_cache.shape[:3], 2)
+    for name, pairs in zip(("key_scales", "value_scales"), scales, strict=True):
+        if tuple(pairs.shape) != expected or pairs.dtype != q.dtype or pairs.stride(-1) != 1:
+            raise ValueError(f"{name}: expected {q.dtype} {expected} with unit stride last, got "
+                             f"{pairs.dtype} {tuple(pairs.shape)}")
+    if scales[0].stride() != scales[1].stride():
+        raise ValueError("value_scales: strides must equal key_scales'")
+    num_kv_heads = k_cache.shape[2]
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"q: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != meta.num_seqs:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from asyncllm.kernels.bundle import KernelOps, on_cache
 from asyncllm.kernels.triton_activation import silu_and_mul_triton
-from asyncllm.kernels.triton_attention import paged_attention_triton
-from asyncllm.kernels.triton_kv_write import write_kv_triton
+from asyncllm.kernels.triton_attention import paged_attention_cache_triton, paged_attention_triton
+from asyncllm.kernels.triton_kv_write import write_kv_cache_triton, write_kv_triton
+from asyncllm.kernels.triton_moe import moe_triton
 from asyncllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from asyncllm.kernels.triton_quant import quant_linear_triton
 from asyncllm.kernels.triton_rotary import rotary_triton
 
-_write_kv, _paged_attention = on_cache("triton", write_kv_triton, paged_attention_triton)
+_write_kv, _paged_attention = on_cache("triton", write_kv_triton, paged_attention_triton,
+                                      write_quantized=write_kv_cache_triton,
+                                      attend_quantized=paged_attention_cache_triton)
 TRITON_OPS = KernelOps(
     name="triton",
     rms_norm=rms_norm_triton,
@@ -25,5 +28,6 @@ TRITON_OPS = KernelOps(
     write_kv=_write_kv,
     paged_attention=_paged_attention,
     quantized_linear=quant_linear_triton,
+    moe=moe_triton,
     graph_safe=True,
 )

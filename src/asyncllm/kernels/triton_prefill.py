@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from asyncllm.kernels.metadata import AttentionMetadata
-from asyncllm.kernels.triton_flash import attend_tile, paged_rows
+from asyncllm.kernels.triton_flash import attend_tile, load_kv_tile
 from asyncllm.kernels.triton_launch import (
     LOG2E,
     MIN_DOT_DIM,
@@ -53,15 +53,17 @@ def default_prefill_launch(head_dim: int, dtype: torch.dtype) -> PrefillLaunch:
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, block_tables_ptr, seq_lens_ptr,
+    query_start_ptr, out_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_sb, stride_ss, stride_sh,
     stride_bt,
     stride_ot, stride_oh, stride_od,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BITS: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -90,7 +92,7 @@ def _prefill_kernel(
     shared_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_off = kv_head.to(tl.int64) * stride_ch
+    kv_head64 = kv_head.to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -98,21 +100,24 @@ def _prefill_kernel(
     for tile in range(0, shared_end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         all_n = offs_n >= 0
-        rows = paged_rows(table_row, offs_n, all_n, stride_cb, stride_cs, BLOCK_SIZE) + head_off
-        kv_offs = rows[:, None] + offs_d[None, :] * stride_cd
-        k = tl.load(k_cache_ptr + kv_offs, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=mask_d[None, :], other=0.0)
+        k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, all_n, offs_d, mask_d, kv_head64,
+                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
+        v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, all_n, offs_d, mask_d, kv_head64,
+                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
         valid = (offs_m[:, None] >= 0) & all_n[None, :]
         m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
     # The diagonal band: key visible iff it is not after the row's position.
     for tile in range(shared_end, last_pos + 1, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         mask_n = offs_n <= last_pos
-        rows = paged_rows(table_row, offs_n, mask_n, stride_cb, stride_cs, BLOCK_SIZE) + head_off
-        kv_offs = rows[:, None] + offs_d[None, :] * stride_cd
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
+                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
+        v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
+                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
+                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
         valid = (offs_n[None, :] <= positions[:, None]) & mask_n[None, :]
         m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
 
@@ -129,26 +134,31 @@ def paged_prefill_attention(
     meta: AttentionMetadata,
     scale: float,
     launch: PrefillLaunch | None = None,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bits: int = 0,
 ) -> torch.Tensor:
-    """``paged_attention_reference`` for any batch (prefill, extend, decode rows mixed in).
+    """``paged_attention_reference`` for any batch (prefill, extend, decode rows mixed in); a quantized
+    cache passes its ``bits`` and (key, value) ``scales`` (see ``check_paged_inputs``).
 
     Grids come from host ints in ``meta``; the device is never synchronised. ``meta.max_query_len``
     only has to bound the true query lengths: programs past a sequence's rows exit at once.
     """
-    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta)
+    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.num_seqs == 0 or q.shape[0] == 0:
         return out
     launch = launch or default_prefill_launch(head_dim, q.dtype)
     groups = num_heads // num_kv_heads
     grid = (triton.cdiv(meta.max_query_len * groups, launch.block_m), meta.num_seqs, num_kv_heads)
+    k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when BITS == 0
     _prefill_kernel[grid](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+        q, k_cache, v_cache, k_scales, v_scales, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
         scale * LOG2E,
-        *q.stride(), *k_cache.stride(), meta.block_tables.stride(0), *out.stride(),
+        *q.stride(), *k_cache.stride(), *k_scales.stride()[:3], meta.block_tables.stride(0), *out.stride(),
         GROUPS=groups, HEAD_DIM=head_dim, D_PAD=pow2_at_least(head_dim, MIN_DOT_DIM),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_SIZE=k_cache.shape[1],
-        PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+        PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), BITS=bits,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

@@ -37,10 +37,10 @@ class PagedAttention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
-        if kv_cache.shape[2:] != (self.num_kv_heads, self.head_dim):
+        if (kv_cache.num_kv_heads, kv_cache.head_dim) != (self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"kv_cache: expected [num_blocks, block_size, {self.num_kv_heads}, {self.head_dim}], "
-                f"got {tuple(kv_cache.shape)}"
+                f"got {tuple(kv_cache.shape)}" + ("" if kv_cache.bits is None else f" int{kv_cache.bits} codes")
             )
         self.ops.write_kv(k, v, kv_cache, meta.slot_mapping)
         return self.ops.paged_attention(q, kv_cache, meta, self.scale)

@@ -12,6 +12,7 @@ from asyncllm.architectures import spec_named
 from asyncllm.config import ModelConfig
 from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.llama import LlamaForCausalLM
+from asyncllm.models.moe import MoeForCausalLM
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
 
@@ -43,6 +44,7 @@ class CausalLM(Protocol):
 
 _MODELS: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
+    "moe": MoeForCausalLM,
 }
 """Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
@@ -72,4 +74,4 @@ def build_model(
     return model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization)
 
 
-__all__ = ["CausalLM", "LlamaForCausalLM", "build_model", "model_definitions"]
+__all__ = ["CausalLM", "LlamaForCausalLM", "MoeForCausalLM", "build_model", "model_definitions"]

@@ -17,7 +17,7 @@ steps it accepts; every other layer, and every other step, runs the modules belo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
@@ -95,10 +95,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, build: _Build, prefix: str) -> None:
+    def __init__(self, build: _Build, prefix: str, intermediate_size: int | None = None) -> None:
         super().__init__()
         config = build.config
-        hidden, inter = config.hidden_size, config.intermediate_size
+        hidden, inter = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
             hidden, (inter, inter), bias=config.mlp_bias,
             method=build.quantization.linear_method(
@@ -168,8 +168,16 @@ class LlamaDecoderLayer(nn.Module):
         )
 
 
+DecoderLayerFactory = Callable[[_Build, RotaryEmbedding, int], nn.Module]
+"""``(build, shared rotary embedding, layer index) -> decoder layer`` with ``LlamaDecoderLayer``'s forward."""
+
+
+def llama_decoder_layer(build: _Build, rotary_emb: RotaryEmbedding, index: int) -> nn.Module:
+    return LlamaDecoderLayer(build, rotary_emb, f"model.layers.{index}")
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, build: _Build) -> None:
+    def __init__(self, build: _Build, make_layer: DecoderLayerFactory = llama_decoder_layer) -> None:
         super().__init__()
         config, ops = build.config, build.ops
         self.ops = ops
@@ -181,9 +189,7 @@ class LlamaModel(nn.Module):
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
             device=build.device,
         )
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(build, self.rotary_emb, f"model.layers.{i}") for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(make_layer(build, self.rotary_emb, i) for i in range(config.num_hidden_layers))
         self.norm = build.norm()
         self._fused: FusedDecodeBinding | None = None
         self._fused_bound = False
@@ -235,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
     passed to ``forward`` must be below it.
     """
 
+    make_layer: ClassVar[DecoderLayerFactory] = staticmethod(llama_decoder_layer)
     packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = MappingProxyType({
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -261,7 +268,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.ops = ops
         self.quantization_name = quantization.name
-        self.model = LlamaModel(_Build(config, ops, quantization, dtype, torch.device(device)))
+        self.model = LlamaModel(_Build(config, ops, quantization, dtype, torch.device(device)), self.make_layer)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
                               device=device, quant=quantization.embedding_quant("lm_head"))

@@ -26,13 +26,15 @@ def load_named_weights(
     packed_modules: PackedModules,
     *,
     skip: Callable[[str], bool] = lambda name: False,
+    route: Callable[[str], tuple[str, ShardId] | None] = lambda name: None,
 ) -> None:
     """Fill every parameter of ``model`` from ``weights``, then post-process every module.
 
-    Names for which ``skip`` is true are ignored. After consuming ``weights``, raises ``ValueError``
-    listing every unexpected name and every missing one (in checkpoint names); a tensor of the wrong shape
-    raises ``ValueError`` naming it. A parameter shared by two modules (tied) is loaded once, under the
-    name of its first owner.
+    Names for which ``skip`` is true are ignored; ``route`` may map a name to its ``(parameter name,
+    shard id)`` directly (e.g. one expert's slice of a stacked tensor) before ``packed_modules`` is consulted.
+    After consuming ``weights``, raises ``ValueError`` listing every unexpected name and every missing one
+    (in checkpoint names); a tensor of the wrong shape raises ``ValueError`` naming it. A parameter shared
+    by two modules (tied) is loaded once, under the name of its first owner.
     """
     unpacked = {merged: name for name, merged in packed_modules.items()}
     owners = parameter_owners(model)
@@ -41,7 +43,7 @@ def load_named_weights(
     for name, tensor in weights:
         if skip(name):
             continue
-        target, shard_id = _to_param_name(name, packed_modules)
+        target, shard_id = route(name) or _to_param_name(name, packed_modules)
         owner = owners.get(target)
         if owner is None:
             unexpected.append(name)

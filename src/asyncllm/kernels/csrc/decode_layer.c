@@ -13,7 +13,8 @@
  *   biases     one per projection, length of its output, or NULL
  *   cos, sin   [rows, head_dim]: [cos | cos] and [-sin | sin] of each row's position (rotate-half)
  *   slots      [rows] int64: cache slot (block * block_size + offset) that receives this token's K/V
- *   caches     [num_blocks, block_size, kv_heads, head_dim]; tables [rows, width] int32; lens [rows] int32
+ *   kv         the layer's paged cache (paged_kv, paged_attention.h: float32, or int8 / int4 codes that
+ *              store_kv_rows quantizes this token's K/V into); tables [rows, width] int32; lens [rows] int32
  *              (the context including this token)
  *   work       rows * (hidden + qkv_width + heads * head_dim + 3 * inter) + rows * heads * max_len floats
  *
@@ -125,7 +126,7 @@ void asyncllm_decode_layer(float *residual, float *work, const float *input_norm
                            float eps, const float *w_qkv, const float *b_qkv, const float *w_o, const float *b_o,
                            const float *w_gate_up, const float *b_gate_up, const float *w_down,
                            const float *b_down, const float *cos, const float *sin, const int64_t *slots,
-                           float *k_cache, float *v_cache, const int32_t *tables, const int32_t *lens,
+                           const paged_kv *kv, const int32_t *tables, const int32_t *lens,
                            int64_t width, int64_t block_size, int64_t max_len, int64_t rows, int64_t hidden,
                            int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter, float scale,
                            int32_t threads)
@@ -156,14 +157,13 @@ void asyncllm_decode_layer(float *residual, float *work, const float *input_norm
         for (int64_t r = 0; r < rows; ++r) {
             float *row = qkv + r * qkv_width;
             rotate(row, heads + kv_heads, head_dim, cos + r * head_dim, sin + r * head_dim);
-            memcpy(k_cache + slots[r] * kv_width, row + q_width, (size_t)kv_width * sizeof(float));
-            memcpy(v_cache + slots[r] * kv_width, row + q_width + kv_width, (size_t)kv_width * sizeof(float));
+            store_kv_rows(kv, slots[r], row + q_width, row + q_width + kv_width, kv_heads, head_dim);
         }
 
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {
             const int64_t b = pair / kv_heads, h = pair % kv_heads;
-            attend_pair(qkv + b * qkv_width + h * groups * head_dim, k_cache, v_cache, tables + b * width, lens[b],
+            attend_pair(qkv + b * qkv_width + h * groups * head_dim, kv, tables + b * width, lens[b],
                         h, groups, kv_heads, head_dim, block_size, max_len, scale, scores + pair * groups * max_len,
                         attn + b * q_width + h * groups * head_dim);
         }
@@ -225,7 +225,7 @@ static void packed_projection(const float *x, int64_t rows, int64_t k, const pac
  * [n, k] output-major) and a `prepared` activation scratch (see the header comment). */
 void asyncllm_decode_layer_quant(float *residual, float *work, void *prepared, const float *input_norm,
                                  const float *post_norm, float eps, const packed_linear *w, const float *cos,
-                                 const float *sin, const int64_t *slots, float *k_cache, float *v_cache,
+                                 const float *sin, const int64_t *slots, const paged_kv *kv,
                                  const int32_t *tables, const int32_t *lens, int64_t width, int64_t block_size,
                                  int64_t max_len, int64_t rows, int64_t hidden, int64_t heads, int64_t kv_heads,
                                  int64_t head_dim, int64_t inter, float scale, int32_t threads)
@@ -254,14 +254,13 @@ void asyncllm_decode_layer_quant(float *residual, float *work, void *prepared, c
         for (int64_t r = 0; r < rows; ++r) {
             float *row = qkv + r * qkv_width;
             rotate(row, heads + kv_heads, head_dim, cos + r * head_dim, sin + r * head_dim);
-            memcpy(k_cache + slots[r] * kv_width, row + q_width, (size_t)kv_width * sizeof(float));
-            memcpy(v_cache + slots[r] * kv_width, row + q_width + kv_width, (size_t)kv_width * sizeof(float));
+            store_kv_rows(kv, slots[r], row + q_width, row + q_width + kv_width, kv_heads, head_dim);
         }
 
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {
             const int64_t b = pair / kv_heads, h = pair % kv_heads;
-            attend_pair(qkv + b * qkv_width + h * groups * head_dim, k_cache, v_cache, tables + b * width, lens[b],
+            attend_pair(qkv + b * qkv_width + h * groups * head_dim, kv, tables + b * width, lens[b],
                         h, groups, kv_heads, head_dim, block_size, max_len, scale, scores + pair * groups * max_len,
                         attn + b * q_width + h * groups * head_dim);
         }

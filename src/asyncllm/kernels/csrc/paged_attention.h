@@ -1,12 +1,24 @@
-/* Decode attention of one (sequence, KV head) pair over its paged context, shared by the CPU kernels.
+/* The paged KV cache as the CPU kernels see it, and decode attention of one (sequence, KV head) pair over it.
  *
+ * A cache (paged_kv) holds, per layer, keys and values [num_blocks, block_size, kv_heads, head_dim]:
+ *   bits == 0   float32 values;
+ *   bits == 8   uint8 codes, one per value;
+ *   bits == 4   uint8 bytes of two codes each: dimension 2i in the low nibble, 2i + 1 in the high one
+ *               (a row is head_dim / 2 bytes);
+ * and, when quantized, k_scales / v_scales [num_blocks, block_size, kv_heads, 2] float32 holding each token's
+ * and head's (scale, zero): value = code * scale + zero. Codes are written by store_kv_rows (asymmetric,
+ * per token and head: zero = the row minimum, scale = (max - min) / (2^bits - 1), code = round((x - zero) /
+ * scale) clamped to [0, 2^bits - 1]) and read in place by attend_pair: never dequantized into a copy.
+ *
+ * attend_pair:
  * q_pair     the pair's groups query rows (heads / kv_heads), head_dim floats each, contiguous
- * k_cache    [num_blocks, block_size, kv_heads, head_dim] (v_cache the same); table: the sequence's block ids
- * len        context length (>= 1); weights: groups * max_len floats of scratch (max_len >= len)
+ * table      the sequence's block ids; len: context length (>= 1)
+ * weights    groups * max_len floats of scratch (max_len >= len)
  * out_pair   the pair's groups output rows, overwritten
  *
  * Scores each cached token once per query row, normalises with the row maximum subtracted, then
- * accumulates V rows in token order. Indices are trusted: callers validate them.
+ * accumulates V rows in token order. Over codes, q . (c * s + z) = s * (q . c) + z * sum(q), and the
+ * values' zero points add sum_j(w_j z_j) once per row. Indices are trusted: callers validate them.
  */
 #ifndef ASYNCLLM_PAGED_ATTENTION_H
 #define ASYNCLLM_PAGED_ATTENTION_H
@@ -16,22 +28,127 @@
 #include <stdint.h>
 #include <string.h>
 
-static void attend_pair(const float *q_pair, const float *k_cache, const float *v_cache, const int32_t *table,
-                        int64_t len, int64_t h, int64_t groups, int64_t kv_heads, int64_t head_dim,
-                        int64_t block_size, int64_t max_len, float scale, float *weights, float *out_pair)
+typedef struct {
+    void *k;
+    void *v;
+    float *k_scales;
+    float *v_scales;
+    int64_t bits;
+} paged_kv;
+
+/* Bytes of one token's row of one KV head. */
+static inline int64_t kv_row_bytes(const paged_kv *kv, int64_t head_dim)
 {
-    const int64_t token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
+    return kv->bits == 0 ? head_dim * (int64_t)sizeof(float) : (kv->bits == 8 ? head_dim : head_dim / 2);
+}
+
+static inline float codes_dot(const float *q, const uint8_t *codes, int64_t head_dim, int64_t bits)
+{
+    float dot = 0.f;
+    if (bits == 8) {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * (float)codes[d];
+    } else {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < head_dim / 2; ++i)
+            dot += q[2 * i] * (float)(codes[i] & 15) + q[2 * i + 1] * (float)(codes[i] >> 4);
+    }
+    return dot;
+}
+
+static inline void codes_axpy(float w, const uint8_t *codes, float *o, int64_t head_dim, int64_t bits)
+{
+    if (bits == 8) {
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) o[d] += w * (float)codes[d];
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < head_dim / 2; ++i) {
+            o[2 * i] += w * (float)(codes[i] & 15);
+            o[2 * i + 1] += w * (float)(codes[i] >> 4);
+        }
+    }
+}
+
+/* Quantize one head's row x [head_dim] into codes and its (scale, zero) pair (see the header comment). */
+static inline void quantize_kv_row(const float *x, int64_t head_dim, int64_t bits, uint8_t *codes, float *scale_zero)
+{
+    float lo = x[0], hi = x[0];
+    for (int64_t d = 1; d < head_dim; ++d) {
+        lo = x[d] < lo ? x[d] : lo;
+        hi = x[d] > hi ? x[d] : hi;
+    }
+    const float qmax = (float)((1 << bits) - 1);
+    const float scale = (hi - lo) / qmax;
+    scale_zero[0] = scale;
+    scale_zero[1] = lo;
+    uint8_t c[512];
+    for (int64_t d = 0; d < head_dim; ++d) {
+        float code = scale > 0.f ? floorf((x[d] - lo) / scale + 0.5f) : 0.f;
+        code = code < 0.f ? 0.f : (code > qmax ? qmax : code);
+        c[d] = (uint8_t)code;
+    }
+    if (bits == 8) {
+        memcpy(codes, c, (size_t)head_dim);
+    } else {
+        for (int64_t i = 0; i < head_dim / 2; ++i) codes[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+    }
+}
+
+/* Write one token's keys and values [kv_heads * head_dim] (floats) to cache slot `slot`; head_dim <= 512. */
+static inline void store_kv_rows(const paged_kv *kv, int64_t slot, const float *k_row, const float *v_row,
+                                 int64_t kv_heads, int64_t head_dim)
+{
+    if (kv->bits == 0) {
+        const int64_t width = kv_heads * head_dim;
+        memcpy((float *)kv->k + slot * width, k_row, (size_t)width * sizeof(float));
+        memcpy((float *)kv->v + slot * width, v_row, (size_t)width * sizeof(float));
+        return;
+    }
+    const int64_t row_bytes = kv_row_bytes(kv, head_dim);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at = slot * kv_heads + h;
+        quantize_kv_row(k_row + h * head_dim, head_dim, kv->bits, (uint8_t *)kv->k + at * row_bytes,
+                        kv->k_scales + 2 * at);
+        quantize_kv_row(v_row + h * head_dim, head_dim, kv->bits, (uint8_t *)kv->v + at * row_bytes,
+                        kv->v_scales + 2 * at);
+    }
+}
+
+static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *table, int64_t len, int64_t h,
+                        int64_t groups, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_len,
+                        float scale, float *weights, float *out_pair)
+{
+    const int64_t bits = kv->bits;
+    const int64_t row_bytes = kv_row_bytes(kv, head_dim);
+    const int64_t token_stride = kv_heads * row_bytes, block_stride = block_size * token_stride;
+    float q_sums[64];  /* sum(q) of each query row of the group, for the keys' zero points (groups <= 64) */
+    if (bits != 0) {
+        for (int64_t g = 0; g < groups; ++g) {
+            float total = 0.f;
+            for (int64_t d = 0; d < head_dim; ++d) total += q_pair[g * head_dim + d];
+            q_sums[g] = total;
+        }
+    }
     for (int64_t start = 0; start < len; start += block_size) {
-        const float *k_block = k_cache + (int64_t)table[start / block_size] * block_stride + h * head_dim;
+        const int64_t block = (int64_t)table[start / block_size];
+        const char *k_block = (const char *)kv->k + block * block_stride + h * row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
         for (int64_t g = 0; g < groups; ++g) {
             const float *qg = q_pair + g * head_dim;
             float *s = weights + g * max_len + start;
             for (int64_t j = 0; j < n; ++j) {
-                const float *k = k_block + j * token_stride;
-                float dot = 0.f;
+                const char *k = k_block + j * token_stride;
+                float dot;
+                if (bits == 0) {
+                    const float *kf = (const float *)k;
+                    dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * k[d];
+                    for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kf[d];
+                } else {
+                    const float *sz = kv->k_scales + 2 * ((block * block_size + j) * kv_heads + h);
+                    dot = sz[0] * codes_dot(qg, (const uint8_t *)k, head_dim, bits) + sz[1] * q_sums[g];
+                }
                 s[j] = dot * scale;
             }
         }
@@ -51,18 +168,34 @@ static void attend_pair(const float *q_pair, const float *k_cache, const float *
         for (int64_t j = 0; j < len; ++j) s[j] *= inv;
         memset(out_pair + g * head_dim, 0, (size_t)head_dim * sizeof(float));
     }
+    float zero_terms[64];  /* sum_j w_j * zero_j of each query row */
+    for (int64_t g = 0; g < groups; ++g) zero_terms[g] = 0.f;
     for (int64_t start = 0; start < len; start += block_size) {
-        const float *v_block = v_cache + (int64_t)table[start / block_size] * block_stride + h * head_dim;
+        const int64_t block = (int64_t)table[start / block_size];
+        const char *v_block = (const char *)kv->v + block * block_stride + h * row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
         for (int64_t g = 0; g < groups; ++g) {
             const float *s = weights + g * max_len + start;
             float *o = out_pair + g * head_dim;
             for (int64_t j = 0; j < n; ++j) {
-                const float *v = v_block + j * token_stride;
+                const char *v = v_block + j * token_stride;
                 const float w = s[j];
+                if (bits == 0) {
+                    const float *vf = (const float *)v;
 #pragma omp simd
-                for (int64_t d = 0; d < head_dim; ++d) o[d] += w * v[d];
+                    for (int64_t d = 0; d < head_dim; ++d) o[d] += w * vf[d];
+                } else {
+                    const float *sz = kv->v_scales + 2 * ((block * block_size + j) * kv_heads + h);
+                    codes_axpy(w * sz[0], (const uint8_t *)v, o, head_dim, bits);
+                    zero_terms[g] += w * sz[1];
+                }
             }
+        }
+    }
+    if (bits != 0) {
+        for (int64_t g = 0; g < groups; ++g) {
+            float *o = out_pair + g * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) o[d] += zero_terms[g];
         }
     }
 }

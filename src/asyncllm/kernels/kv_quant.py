@@ -1,0 +1,83 @@
+"""The quantized KV cache's scheme, in torch: the specification every kernel's write and read follow.
+
+Online, no calibration: each token's keys (and values) are quantized per KV head over its ``head_dim``
+values, asymmetrically: ``zero`` is the row's minimum, ``scale = (max - min) / (2**bits - 1)``, and a
+value ``x`` is stored as ``code = clamp(floor((x - zero) / scale + 0.5), 0, 2**bits - 1)`` (``0`` when
+``scale`` is 0); it reads back as ``code * scale + zero``. ``scale`` and ``zero`` are rounded to the
+scales' dtype (the compute dtype) first and the codes computed from the rounded pair, so a value in the
+row's range reads back within ``scale / 2`` (plus the pair's own rounding where the scales' dtype is
+narrower than float32).
+
+Storage: int8 keeps one ``uint8`` code per value (``[..., head_dim]``); int4 packs two per byte, dimension
+``2i`` in the low nibble and ``2i + 1`` in the high one (``[..., head_dim // 2]``). The ``(scale, zero)``
+pairs sit beside the codes as ``[..., 2]`` in the scales' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_CACHE_BITS = (8, 4)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in KV_CACHE_BITS:
+        raise ValueError(f"bits: a quantized KV cache has 8 or 4 bits, got {bits!r}")
+
+
+def code_width(head_dim: int, bits: int) -> int:
+    """Bytes of one head's row of codes."""
+    check_bits(bits)
+    if bits == 4 and head_dim % 2:
+        raise ValueError(f"head_dim: int4 packs two values per byte, so it must be even, got {head_dim}")
+    return head_dim if bits == 8 else head_dim // 2
+
+
+def quantize_kv(x: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` ``[..., head_dim]`` row by row: returns ``(codes uint8 [..., code_width], scales
+    [..., 2] in scale_dtype)`` (see the module docstring)."""
+    check_bits(bits)
+    qmax = float(2**bits - 1)
+    rows = x.float()
+    low = rows.amin(-1, keepdim=True)
+    high = rows.amax(-1, keepdim=True)
+    scale = ((high - low) / qmax).to(scale_dtype).float()
+    zero = low.to(scale_dtype).float()
+    positive = scale > 0
+    codes = torch.where(positive, torch.floor((rows - zero) / torch.where(positive, scale, 1.0) + 0.5), 0.0)
+    codes = codes.clamp_(0.0, qmax).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, torch.cat((scale, zero), dim=-1).to(scale_dtype)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes as one ``uint8`` per value: ``[..., head_dim]``."""
+    check_bits(bits)
+    if bits == 8:
+        return codes
+    return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``code * scale + zero`` computed in float32, returned in ``dtype``: ``[..., head_dim]``."""
+    values = unpack_codes(codes, bits).float()
+    pairs = scales.float()
+    return (values * pairs[..., 0:1] + pairs[..., 1:2]).to(dtype)
+
+
+def quantization_error_bound(x: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """An upper bound of ``|dequantize(quantize(x)) - x|`` for each row of ``x`` (``[..., 1]``): half a step,
+    plus, where ``scale_dtype`` is narrower than float32, what rounding the ``(scale, zero)`` pair can add
+    (the grid's ends may move by one rounding of the zero and ``2**bits - 1`` roundings of the scale, in
+    relative terms, or by the dtype's subnormal spacing for ranges too small for its normal numbers)."""
+    rows = x.float()
+    low = rows.amin(-1, keepdim=True)
+    high = rows.amax(-1, keepdim=True)
+    qmax = float(2**bits - 1)
+    step = (high - low) / qmax
+    info = torch.finfo(scale_dtype)
+    eps = info.eps if scale_dtype != torch.float32 else 0.0
+    # relative rounding of the pair, and the absolute spacing of subnormals (a tiny scale in float16)
+    slack = eps * (low.abs() + qmax * step) + (qmax + 1) * info.tiny * info.eps
+    return 0.5 * step * (1 + eps) + slack + 1e-6 * rows.abs().amax(-1, keepdim=True)

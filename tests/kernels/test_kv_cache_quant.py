@@ -1,0 +1,256 @@
+"""The quantized KV cache (int8 / int4): the scheme's error bound and layout, and every attention path
+(torch reference, CPU torch ops, native C plan, Triton decode/prefill) against a float64 attention over
+the values the stored codes and scales stand for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncllm.kernels.attention import paged_attention_cache_reference
+from asyncllm.kernels.cpu import paged_attention_cache_cpu
+from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.kv_quant import dequantize_kv, quantization_error_bound, quantize_kv
+from asyncllm.kernels.kv_write import write_kv_cache_reference
+from asyncllm.kernels.native_attention import NativeDecodeAttention
+
+from ._paged_batch import PagedBatch, build_batch
+from .native_support import require_native_kernels
+
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEADS = ((2, 2), (3, 1), (9, 3), (8, 1))
+
+
+# -- the scheme ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([8, 4]), scale_dtype=st.sampled_from(SCALE_DTYPES),
+       head_dim=st.sampled_from([2, 8, 64, 128]), offset=st.floats(-50, 50), spread=st.floats(1e-3, 30),
+       seed=st.integers(0, 2**31 - 1))
+def test_round_trip_stays_within_the_scheme_bound(bits: int, scale_dtype: torch.dtype, head_dim: int,
+                                                  offset: float, spread: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, head_dim, generator=gen) * spread + offset
+    codes, scales = quantize_kv(x, bits, scale_dtype)
+    assert codes.dtype == torch.uint8 and codes.shape == (5, 3, head_dim if bits == 8 else head_dim // 2)
+    assert scales.dtype == scale_dtype and scales.shape == (5, 3, 2)
+    error = (dequantize_kv(codes, scales, bits, torch.float64) - x.double()).abs()
+    assert bool((error <= quantization_error_bound(x, bits, scale_dtype).double()).all())
+
+
+def test_float32_pairs_are_the_row_range_and_codes_span_it() -> None:
+    x = torch.tensor([[-1.0, 0.5, 3.0, 2.0]])
+    for bits, qmax in ((8, 255), (4, 15)):
+        codes, scales = quantize_kv(x, bits, torch.float32)
+        torch.testing.assert_close(scales, torch.tensor([[4.0 / qmax, -1.0]]))
+        unpacked = codes if bits == 8 else torch.stack((codes & 15, codes >> 4), -1).flatten(-2)
+        assert unpacked[0, 0] == 0 and unpacked[0, 2] == qmax
+        # 0.5 sits at 1.5 / 4 of the range: round(0.375 * qmax)
+        assert unpacked[0, 1] == int(0.375 * qmax + 0.5)
+
+
+def test_int4_packs_dimension_2i_low_and_2i_plus_1_high() -> None:
+    x = torch.arange(16, dtype=torch.float32)[None]  # scale 1, zero 0: codes equal the values
+    codes, _ = quantize_kv(x, 4, torch.float32)
+    assert codes[0].tolist() == [(2 * i) | ((2 * i + 1) << 4) for i in range(8)]
+
+
+def test_constant_rows_read_back_exactly() -> None:
+    x = torch.full((2, 8), 3.25)
+    for bits in (8, 4):
+        codes, scales = quantize_kv(x, bits, torch.float32)
+        assert bool((codes == 0).all())
+        torch.testing.assert_close(dequantize_kv(codes, scales, bits, torch.float32), x)
+
+
+def test_cache_layout_and_size() -> None:
+    cpu = torch.device("cpu")
+    int4 = KVCache.allocate(3, 16, 2, 64, dtype=torch.bfloat16, device=cpu, bits=4)
+    assert int4.key.shape == (3, 16, 2, 32) and int4.key.dtype == torch.uint8 and int4.head_dim == 64
+    assert int4.key_scales is not None and int4.key_scales.shape == (3, 16, 2, 2)
+    assert int4.compute_dtype == torch.bfloat16
+    # per token and layer, K and V: bf16 2 * 2 * 64 * 2 = 512; int8 2 * 2 * (64 + 4) = 272; int4 2 * 2 * (32 + 4)
+    assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16) == 512
+    assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16, bits=8) == 272
+    assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16, bits=4) == 144
+    with pytest.raises(ValueError, match="bits"):
+        KVCache.allocate(3, 16, 2, 64, dtype=torch.float32, device=cpu, bits=3)
+    with pytest.raises(ValueError, match="head_dim"):
+        KVCache.allocate(3, 16, 2, 7, dtype=torch.float32, device=cpu, bits=4)
+    with pytest.raises(ValueError, match="bits"):
+        KVCache(int4.key, int4.value)
+
+
+# -- attention over a quantized cache -------------------------------------------------------------------
+
+
+def quantized_batch(batch: PagedBatch, bits: int) -> KVCache:
+    """The batch's cache quantized by the scheme (scales in the batch's dtype)."""
+    k_codes, k_scales = quantize_kv(batch.k_cache, bits, batch.q.dtype)
+    v_codes, v_scales = quantize_kv(batch.v_cache, bits, batch.q.dtype)
+    return KVCache(k_codes, v_codes, k_scales, v_scales, bits=bits)
+
+
+def _values(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """float64 ``code * scale + zero``, the codes unpacked here (int4: low nibble first)."""
+    if bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    pairs = scales.double()
+    return codes.double() * pairs[..., :1] + pairs[..., 1:]
+
+
+def expected_attention(batch: PagedBatch, cache: KVCache) -> torch.Tensor:
+    """Causal attention in float64 over the dequantized cache, sequence by sequence."""
+    assert cache.bits is not None and cache.key_scales is not None and cache.value_scales is not None
+    keys_all = _values(cache.key, cache.key_scales, cache.bits).flatten(0, 1)
+    values_all = _values(cache.value, cache.value_scales, cache.bits).flatten(0, 1)
+    meta, block_size = batch.meta, cache.block_size
+    groups = batch.q.shape[1] // cache.num_kv_heads
+    out, begin = [], 0
+    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        token = torch.arange(length)
+        slots = meta.block_tables[i].cpu()[token // block_size].long() * block_size + token % block_size
+        keys = keys_all[slots].repeat_interleave(groups, dim=1)
+        values = values_all[slots].repeat_interleave(groups, dim=1)
+        q = batch.q[begin : begin + n].cpu().double()
+        scores = torch.einsum("nhd,lhd->hnl", q, keys) * batch.scale
+        visible = token[None, :] <= (length - n + torch.arange(n))[:, None]
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), values))
+        begin += n
+    return torch.cat(out)
+
+
+@st.composite
+def cases(draw: st.DrawFn, *, decode: bool | None = None) -> dict:
+    block_size = draw(st.sampled_from([4, 8, 16]))
+    count = draw(st.integers(1, 3))
+    is_decode = draw(st.booleans()) if decode is None else decode
+    seqs = []
+    for _ in range(count):
+        length = draw(st.one_of(st.sampled_from([1, block_size, block_size + 1]), st.integers(1, 3 * block_size)))
+        new = 1 if is_decode else draw(st.integers(1, length))
+        seqs.append((length, new))
+    return {"seqs": seqs, "heads": draw(st.sampled_from(HEADS)), "head_dim": draw(st.sampled_from([16, 32, 64])),
+            "block_size": block_size, "bits": draw(st.sampled_from([8, 4])), "seed": draw(st.integers(0, 2**31 - 1))}
+
+
+def _case_batch(case: dict, dtype: torch.dtype = torch.float32,
+                device: torch.device | None = None) -> tuple[PagedBatch, KVCache]:
+    heads, kv_heads = case["heads"]
+    batch = build_batch(case["seqs"], heads, kv_heads, case["head_dim"], case["block_size"], dtype,
+                        device or torch.device("cpu"), case["seed"])
+    return batch, quantized_batch(batch, case["bits"])
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, tol: float = 2e-5) -> None:
+    torch.testing.assert_close(got.double().cpu(), expected, atol=tol, rtol=tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_reference_and_cpu_paths_match_float64(case: dict) -> None:
+    batch, cache = _case_batch(case)
+    expected = expected_attention(batch, cache)
+    _close(paged_attention_cache_reference(batch.q, cache, batch.meta, batch.scale), expected)
+    _close(paged_attention_cache_cpu(batch.q, cache, batch.meta, batch.scale), expected)
+
+
+@pytest.fixture(scope="module")
+def native_kernel() -> NativeDecodeAttention:
+    require_native_kernels()
+    kernel = NativeDecodeAttention.load()
+    assert kernel is not None
+    return kernel
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases(decode=True), threads=st.sampled_from([1, 2]))
+def test_native_decode_reads_codes_in_place(native_kernel: NativeDecodeAttention, case: dict, threads: int) -> None:
+    batch, cache = _case_batch(case)
+    meta = batch.meta
+    shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
+    plan = native_kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=batch.q.shape[1],
+                              threads=threads, bits=cache.bits)
+    got = plan.run(batch.q, cache, batch.scale).view(batch.q.shape)
+    _close(got, expected_attention(batch, cache))
+    # through the CPU bundle's entry point, with the plan attached
+    routed = paged_attention_cache_cpu(batch.q, cache, dataclasses.replace(meta, plan=plan), batch.scale)
+    _close(routed, expected_attention(batch, cache))
+
+
+def test_writes_store_what_the_scheme_says() -> None:
+    """The reference write (the CPU bundle's) puts each token's codes and pairs at its slot, skips padding."""
+    cache = KVCache.allocate(4, 4, 2, 8, dtype=torch.float32, device=torch.device("cpu"), bits=4)
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    write_kv_cache_reference(k, v, cache, torch.tensor([5, -1, 12]))
+    assert cache.key_scales is not None and cache.value_scales is not None
+    for token, slot in ((0, 5), (2, 12)):
+        block, offset = divmod(slot, 4)
+        codes, scales = quantize_kv(v[token], 4, torch.float32)
+        assert torch.equal(cache.value[block, offset], codes)
+        torch.testing.assert_close(cache.value_scales[block, offset], scales)
+        assert torch.equal(cache.key[block, offset], quantize_kv(k[token], 4, torch.float32)[0])
+    written = {(1, 1), (3, 0)}
+    for block in range(4):
+        for offset in range(4):
+            if (block, offset) not in written:
+                assert not bool(cache.key[block, offset].any()) and not bool(cache.key_scales[block, offset].any())
+
+
+# -- Triton (the interpreter on CPU; compiled on a GPU) ------------------------------------------------
+
+TRITON_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def triton_attention() -> object:
+    pytest.importorskip("triton")
+    from asyncllm.kernels import triton_attention
+
+    return triton_attention
+
+
+@settings(max_examples=12, deadline=None)
+@given(case=cases(), dtype=st.sampled_from(SCALE_DTYPES))
+def test_triton_attention_reads_codes_in_place(device: torch.device, triton_attention: object, case: dict,
+                                               dtype: torch.dtype) -> None:
+    batch, cache = _case_batch(case, dtype, device)
+    cache = KVCache(*(t.to(device) for t in (cache.key, cache.value, cache.key_scales, cache.value_scales)),
+                    bits=cache.bits)
+    got = triton_attention.paged_attention_cache_triton(batch.q, cache, batch.meta, batch.scale)  # type: ignore[attr-defined]
+    assert got.dtype == dtype
+    _close(got.float(), expected_attention(batch, cache), TRITON_TOLERANCE[dtype])
+
+
+@settings(max_examples=10, deadline=None)
+@given(bits=st.sampled_from([8, 4]), dtype=st.sampled_from(SCALE_DTYPES), heads=st.sampled_from([1, 2, 3]),
+       head_dim=st.sampled_from([16, 64]), seed=st.integers(0, 2**31 - 1))
+def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: int, dtype: torch.dtype,
+                                                   heads: int, head_dim: int, seed: int) -> None:
+    pytest.importorskip("triton")
+    from asyncllm.kernels.triton_kv_write import write_kv_cache_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    fused = (torch.randn(5, 3 * heads, head_dim, generator=gen) * 3 + 1).to(dtype)
+    k, v = fused[:, :heads], fused[:, heads : 2 * heads]  # strided views, as a fused QKV output gives
+    slots = torch.tensor([9, -1, 0, 31, 17])
+    expected = KVCache.allocate(4, 8, heads, head_dim, dtype=dtype, device=torch.device("cpu"), bits=bits)
+    write_kv_cache_reference(k, v, expected, slots)
+    got = KVCache.allocate(4, 8, heads, head_dim, dtype=dtype, device=device, bits=bits)
+    write_kv_cache_triton(k.to(device), v.to(device), got, slots.to(device))
+    assert got.key_scales is not None and expected.key_scales is not None
+    assert got.value_scales is not None and expected.value_scales is not None
+    torch.testing.assert_close(got.key_scales.cpu(), expected.key_scales)
+    torch.testing.assert_close(got.value_scales.cpu(), expected.value_scales)
+    for codes, want, pairs in ((got.key, expected.key, expected.key_scales),
+                               (got.value, expected.value, expected.value_scales)):
+        # the same codes, up to a value landing on a rounding boundary under another division order
+        moved = (_values(codes.cpu(), pairs, bits) - _values(want, pairs, bits)).abs()
+        assert bool((moved <= pairs[..., :1].double() * 1.001).all())
+        assert (codes.cpu() != want).float().mean() < 0.01
