@@ -20,6 +20,7 @@ from typing import Any, Literal
 NormKind = Literal["rms"]
 ActivationKind = Literal["silu"]
 RopeKind = Literal["neox"]
+CheckpointLayout = Literal["llama", "phi3", "internlm2"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class ArchitectureSpec:
     - ``qkv_bias`` / ``o_proj_bias``: a bias on the fused q/k/v projection / on the output projection
       (``None``: ``attention_bias``, as Llama and Mistral read it for both);
     - ``qk_norm``: an RMSNorm over each head of q and k before rotary (Qwen3-style);
+    - ``checkpoint_layout``: how the checkpoint names and packs the Llama tensors (``"llama"``: separate
+      ``q/k/v_proj`` and ``gate/up_proj``; ``"phi3"``: fused ``qkv_proj`` and ``gate_up_proj``;
+      ``"internlm2"``: ``wqkv`` grouped per KV head, ``wo``, ``w1/w3/w2``; see
+      ``asyncllm.models.checkpoint_layouts``);
     - ``tie_word_embeddings``: the LM head shares the embedding (``None``: ``tie_word_embeddings``);
     - ``norm`` / ``activation``: the normalisation and the gated MLP's activation;
     - ``rope``: how rotary pairs dimensions (``"neox"``: rotate-half, the HF layout);
@@ -44,6 +49,7 @@ class ArchitectureSpec:
     qkv_bias: bool | None = None
     o_proj_bias: bool | None = None
     qk_norm: bool = False
+    checkpoint_layout: CheckpointLayout = "llama"
     tie_word_embeddings: bool | None = None
     norm: NormKind = "rms"
     activation: ActivationKind = "silu"
@@ -61,7 +67,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         name="qwen2", model="llama", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",),
-        qkv_bias=True, o_proj_bias=False,
+        gguf_architectures=("qwen2",), qkv_bias=True, o_proj_bias=False,
+    ),
+    ArchitectureSpec(
+        name="qwen3", model="llama", hf_architectures=("Qwen3ForCausalLM",), hf_model_types=("qwen3",),
+        gguf_architectures=("qwen3",), qk_norm=True,
+    ),
+    ArchitectureSpec(
+        name="phi3", model="llama", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",),
+        gguf_architectures=("phi3",), qkv_bias=False, o_proj_bias=False, checkpoint_layout="phi3",
+    ),
+    ArchitectureSpec(
+        name="internlm2", model="llama", hf_architectures=("InternLM2ForCausalLM",),
+        hf_model_types=("internlm2",), gguf_architectures=("internlm2",), checkpoint_layout="internlm2",
     ),
     # mixture of experts (models/moe.py)
     ArchitectureSpec(

@@ -65,6 +65,8 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> Causa
     device = config.resolved_device()
     dtype = config.resolved_dtype()
     model_config = ModelConfig.from_hf_config(checkpoint.hf_config)
+    if config.rope_scaling_factor is not None:
+        model_config = model_config.with_rope_scaling_factor(config.rope_scaling_factor)
     ops = get_kernel_ops(config.kernel_backend, device, native_kernels=config.native_kernels,
                          native_layer_max_rows=config.native_layer_max_rows)
     model = build_model(model_config, ops, dtype=dtype, device=device, quantization=checkpoint.quantization)

@@ -93,6 +93,9 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
                         help="the KV pool's memory budget (all layers, with any scales), e.g. 512MiB or 2GB; "
                              "when given it sizes the pool instead of the token count or GPU memory fraction "
                              "(default: not set)")
+    parser.add_argument("--rope-scaling-factor", type=float, default=None, metavar="F",
+                        help="extend the model's context F times with dynamic NTK rotary scaling, replacing "
+                             "the checkpoint's own rope scaling (default: the checkpoint's)")
     parser.add_argument("--dequantize-weights", action="store_true",
                         help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
                              "weights at load instead of keeping it packed (default: keep it packed)")
@@ -121,6 +124,8 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["kv_cache_bytes"] = args.kv_cache_memory
     if args.dequantize_weights:
         overrides["dequantize_weights"] = True
+    if getattr(args, "rope_scaling_factor", None) is not None:
+        overrides["rope_scaling_factor"] = args.rope_scaling_factor
     return overrides
 
 

@@ -6,6 +6,7 @@ Both are frozen: a config is a value, checked once in ``__post_init__``; nothing
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,12 @@ def native_kernels_default() -> bool:
 def _require(condition: bool, field_name: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{field_name}: {message}")
+
+
+def _check_rope_scaling_factor(factor: object) -> None:
+    _require(isinstance(factor, (int, float)) and not isinstance(factor, bool)
+             and math.isfinite(factor) and factor > 0, "rope_scaling_factor",
+             f"must be a finite number > 0, got {factor!r}")
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,9 @@ class ModelConfig:
     """The shape of a decoder, in Hugging Face ``config.json`` terms, and its family's flags.
 
     ``architecture`` names a family of the registry (``asyncllm.architectures``); ``qkv_bias``,
-    ``o_proj_bias``, ``qk_norm``, ``hidden_act`` and ``norm`` are its flags resolved against the
-    checkpoint's config (see ``ArchitectureSpec``). ``moe`` is set for mixture-of-experts families only.
+    ``o_proj_bias``, ``qk_norm``, ``checkpoint_layout``, ``hidden_act`` and ``norm`` are its flags resolved
+    against the checkpoint's config (see ``ArchitectureSpec``). ``moe`` is set for mixture-of-experts
+    families only.
 
     Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
     ``architecture`` is registered.
@@ -104,6 +112,7 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    checkpoint_layout: str = "llama"
     hidden_act: str = "silu"
     norm: str = "rms"
     bos_token_id: int | None = None
@@ -119,6 +128,13 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         spec_named(self.architecture)
+
+    def with_rope_scaling_factor(self, factor: float) -> ModelConfig:
+        """This config with its context extended ``factor`` times by dynamic NTK rotary scaling
+        (``EngineConfig.rope_scaling_factor``), replacing any scaling of its own; positions below
+        ``max_position_embeddings`` keep their unscaled rotation (see ``layers.rotary``)."""
+        _check_rope_scaling_factor(factor)
+        return dataclasses.replace(self, rope_scaling={"rope_type": "dynamic", "factor": float(factor)})
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -141,7 +157,19 @@ class ModelConfig:
                 rope_scaling = dict(hf["rope_parameters"])
         if rope_scaling is not None:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_type = "longrope" if rope_type == "su" else rope_type
             rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
+        if rope_scaling is not None and rope_scaling["rope_type"] in ("llama3", "yarn", "longrope"):
+            # As Hugging Face: a top-level original_max_position_embeddings (Phi-3) wins over the dict's.
+            original = hf.get("original_max_position_embeddings") or rope_scaling.get(
+                "original_max_position_embeddings") or hf.get("max_position_embeddings", 4096)
+            rope_scaling["original_max_position_embeddings"] = int(original)
+        rope_parameters = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        partial = hf.get("partial_rotary_factor", rope_parameters.get("partial_rotary_factor", 1.0))
+        _require(partial is None or float(partial) == 1.0, "partial_rotary_factor",
+                 f"partial rotary embeddings are not supported, got {partial}")
+        # InternLM2 names its attention bias flag "bias".
+        attention_bias = bool(hf.get("attention_bias", hf.get("bias", False)))
         return cls(
             architecture=spec.name,
             vocab_size=int(hf["vocab_size"]),
@@ -159,10 +187,11 @@ class ModelConfig:
                 spec.tie_word_embeddings if spec.tie_word_embeddings is not None
                 else bool(hf.get("tie_word_embeddings", False))
             ),
-            qkv_bias=spec.qkv_bias if spec.qkv_bias is not None else bool(hf.get("attention_bias", False)),
-            o_proj_bias=spec.o_proj_bias if spec.o_proj_bias is not None else bool(hf.get("attention_bias", False)),
+            qkv_bias=spec.qkv_bias if spec.qkv_bias is not None else attention_bias,
+            o_proj_bias=spec.o_proj_bias if spec.o_proj_bias is not None else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=spec.qk_norm,
+            checkpoint_layout=spec.checkpoint_layout,
             hidden_act=spec.activation,
             norm=spec.norm,
             bos_token_id=hf.get("bos_token_id"),
@@ -192,6 +221,10 @@ class EngineConfig:
     unseeded sampling differs from one run to the next; an int makes the unseeded requests of a run
     reproducible as long as the same requests are submitted in the same order. A request's own ``seed`` is
     reproducible whatever the engine seed.
+
+    ``rope_scaling_factor``: extend the model's context this many times with dynamic NTK rotary scaling
+    (``ModelConfig.with_rope_scaling_factor``): the model's positions, hence ``max_model_len``, grow by the
+    factor; a scaling in the checkpoint's own config is replaced only when this is set.
 
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
@@ -225,6 +258,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     quant_policy: int = 0
     kv_cache_bytes: int | None = None
+    rope_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -256,6 +290,8 @@ class EngineConfig:
                  "seed", f"must be an int or None, got {self.seed!r}")
         _require(isinstance(self.dequantize_weights, bool), "dequantize_weights",
                  f"must be a bool, got {self.dequantize_weights!r}")
+        if self.rope_scaling_factor is not None:
+            _check_rope_scaling_factor(self.rope_scaling_factor)
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",

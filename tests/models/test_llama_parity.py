@@ -1,5 +1,9 @@
 """Our Llama-family model against Hugging Face ``transformers`` on tiny random models, in float32.
 
+Families: Llama, Qwen2, Qwen3 (q/k norms, ``head_dim`` != hidden / heads), Phi-3 (fused checkpoint
+projections, LongRoPE) and InternLM2 (a HF Llama converted here to InternLM2's published names and ``wqkv``
+packing, since ``transformers`` does not ship InternLM2).
+
 HF runs each sequence alone with eager attention over the whole sequence; ours runs flat varlen batches
 through the paged KV cache (block size 4, shuffled block ids) through its one model path, with each kernel
 bundle: the torch reference, the CPU fast path with its native C kernels (decode attention planned per step,
@@ -16,9 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers import LlamaConfig, Phi3Config, PreTrainedModel, Qwen2Config, Qwen3Config
 from transformers import LlamaForCausalLM as HFLlama
+from transformers import Phi3ForCausalLM as HFPhi3
 from transformers import Qwen2ForCausalLM as HFQwen2
+from transformers import Qwen3ForCausalLM as HFQwen3
 
 from asyncllm.architectures import ARCHITECTURES
 from asyncllm.config import ModelConfig
@@ -73,12 +79,95 @@ def hf_qwen2(seed: int = 0, **overrides: Any) -> PreTrainedModel:
     return model
 
 
+def hf_qwen3(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = HFQwen3(Qwen3Config(**{**_SHAPE, "head_dim": 32, **overrides})).eval()
+    _randomize(model, seed)
+    return model
+
+
+PHI3_ROPE: dict[str, Any] = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+    "long_factor": [1.2, 1.5, 2.0, 2.8, 3.9, 5.3, 7.0, 9.1],
+}
+
+
+def hf_phi3(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """Phi-3 with LongRoPE: 64 positions from an original 16, so the attention factor is not 1."""
+    torch.manual_seed(seed)
+    settings = {**_SHAPE, "rope_parameters": PHI3_ROPE, "original_max_position_embeddings": 16,
+                "sliding_window": None, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    model = HFPhi3(Phi3Config(**{**settings, **overrides})).eval()
+    _randomize(model, seed)
+    return model
+
+
+def internlm2_checkpoint(hf: PreTrainedModel) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """A HF Llama as an InternLM2 checkpoint (config dict, tensors), written from InternLM2's published
+    layout: ``wqkv`` rows grouped per KV head (its query heads, then its key head, then its value head)."""
+    config = hf.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    groups = heads // kv_heads
+    names = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    state = hf.state_dict()
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in state.items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            q = tensor.reshape(kv_heads, groups, head_dim, -1)
+            k = state[name.replace("q_proj", "k_proj")].reshape(kv_heads, 1, head_dim, -1)
+            v = state[name.replace("q_proj", "v_proj")].reshape(kv_heads, 1, head_dim, -1)
+            wqkv = torch.cat((q, k, v), dim=1).reshape(-1, config.hidden_size)
+            tensors.append((name.replace("self_attn.q_proj", "attention.wqkv"), wqkv))
+            continue
+        for old, new in names.items():
+            name = name.replace(f".{old}.", f".{new}.")
+        name = name.replace("model.embed_tokens.", "model.tok_embeddings.").replace("lm_head.", "output.")
+        tensors.append((name, tensor))
+    hf_config = {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        **{key: getattr(config, key) for key in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")},
+        "rope_theta": config.rope_parameters["rope_theta"],
+    }
+    return hf_config, tensors
+
+
+def hf_internlm2(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """The reference of an InternLM2 checkpoint: a HF Llama with dynamic NTK rope (its InternLM2 form comes
+    from ``internlm2_checkpoint``)."""
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    return hf_llama(seed, **{"rope_parameters": rope, "tie_word_embeddings": False, **overrides})
+
+
+def checkpoint_of(family: str, hf: PreTrainedModel) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """The config dict and tensors our loader reads for ``family``'s reference model ``hf``."""
+    if family == "internlm2":
+        return internlm2_checkpoint(hf)
+    return hf.config.to_dict(), list(hf.state_dict().items())
+
+
 def ours(
-    hf: PreTrainedModel, weights: Sequence[tuple[str, torch.Tensor]] | None = None, ops: KernelOps = TORCH_OPS
+    hf: PreTrainedModel, weights: Sequence[tuple[str, torch.Tensor]] | None = None, ops: KernelOps = TORCH_OPS,
+    *, family: str | None = None,
 ) -> CausalLM:
-    config = ModelConfig.from_hf_config(hf.config.to_dict())
+    """Our model of ``hf`` (its ``family``'s checkpoint form when given, else ``hf``'s own config and
+    ``weights`` or state dict)."""
+    if family is not None:
+        hf_config, tensors = checkpoint_of(family, hf)
+    else:
+        hf_config, tensors = hf.config.to_dict(), list(hf.state_dict().items()) if weights is None else weights
+    config = ModelConfig.from_hf_config(hf_config)
     model = build_model(config, ops, dtype=torch.float32, device=torch.device("cpu"))
-    model.load_weights(list(hf.state_dict().items()) if weights is None else weights)
+    model.load_weights(tensors)
     return model
 
 
@@ -118,7 +207,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert diff <= ATOL, f"max abs diff {diff:.3e} > {ATOL}"
 
 
-FAMILIES = {"llama": hf_llama, "qwen2": hf_qwen2}
+FAMILIES = {"llama": hf_llama, "qwen2": hf_qwen2, "qwen3": hf_qwen3, "phi3": hf_phi3, "internlm2": hf_internlm2}
 OPS = {"reference": TORCH_OPS, "cpu": CPU_OPS, "cpu-torch-only": cpu_ops(native=False)}
 if os.environ.get("TRITON_INTERPRET") == "1":
     OPS["triton"] = get_kernel_ops("triton", torch.device("cpu"))
@@ -128,7 +217,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 def pair(request: pytest.FixtureRequest) -> tuple[PreTrainedModel, CausalLM]:
     family, ops = request.param
     hf = FAMILIES[family]()
-    return hf, ours(hf, ops=OPS[ops])
+    model = ours(hf, ops=OPS[ops], family=family)
+    assert model.config.architecture == family
+    return hf, model
 
 
 def test_single_prefill(pair: tuple[PreTrainedModel, CausalLM]) -> None:
@@ -212,6 +303,7 @@ ROPE_CASES = {
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     },
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
 }
 
 
@@ -230,14 +322,23 @@ def test_rope_scaling_matches_hf(case: str) -> None:
     assert_close(torch.cat(chunks), hf_logits(hf, ids))
 
 
+@pytest.mark.parametrize("family", ["llama-dynamic", "internlm2", "phi3"])
 @torch.no_grad()
-def test_dynamic_rope_beyond_max_positions_matches_hf_incremental_decode() -> None:
+def test_length_dependent_rope_beyond_original_length_matches_hf_incremental_decode(family: str) -> None:
+    """Dynamic NTK (past ``max_position_embeddings``) and LongRoPE (past the original length): each token is
+    rotated as HF rotates it when decoding token by token with a KV cache."""
     max_pos, factor = 16, 2.0
     rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": factor}
-    hf = hf_llama(seed=6, rope_parameters=rope, max_position_embeddings=max_pos)
-    model = ours(hf)
+    if family == "phi3":
+        hf = hf_phi3(seed=6, max_position_embeddings=32)
+        model = ours(hf, family=family)
+        assert model.max_positions == 32
+    else:
+        hf = (hf_internlm2 if family == "internlm2" else hf_llama)(
+            seed=6, rope_parameters=rope, max_position_embeddings=max_pos)
+        model = ours(hf, family="internlm2" if family == "internlm2" else None)
+        assert model.max_positions == int(max_pos * factor)
     assert isinstance(model, LlamaForCausalLM)
-    assert model.max_positions == int(max_pos * factor)
     ids = random_ids(28, seed=6)
     prompt = 10
     out = hf(input_ids=torch.tensor([ids[:prompt]]), use_cache=True)
@@ -256,7 +357,7 @@ def test_dynamic_rope_beyond_max_positions_matches_hf_incremental_decode() -> No
 def test_unsupported_rope_type_is_rejected() -> None:
     hf = hf_llama(seed=0)
     config = ModelConfig.from_hf_config(
-        {**hf.config.to_dict(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+        {**hf.config.to_dict(), "rope_scaling": {"rope_type": "proportional", "factor": 2.0}}
     )
     with pytest.raises(ValueError, match="rope_scaling"):
         build_model(config, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"))
@@ -321,7 +422,7 @@ def test_unknown_architectures_are_rejected_by_name() -> None:
     with pytest.raises(ValueError, match=r"architecture: unsupported 'gpt2'"):
         dataclasses.replace(config, architecture="gpt2")
     hf_dict = {**hf_llama().config.to_dict(), "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported: \['LlamaForCausalLM'"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported: \[.*'LlamaForCausalLM'"):
         ModelConfig.from_hf_config(hf_dict)
 
 
@@ -337,6 +438,9 @@ def test_every_registered_family_has_a_model_definition() -> None:
         ("LlamaForCausalLM", ("llama", False, False)),
         ("MistralForCausalLM", ("mistral", False, False)),
         ("Qwen2ForCausalLM", ("qwen2", True, False)),
+        ("Qwen3ForCausalLM", ("qwen3", False, False)),
+        ("Phi3ForCausalLM", ("phi3", False, False)),
+        ("InternLM2ForCausalLM", ("internlm2", False, False)),
     ],
 )
 def test_registry_resolves_family_flags(hf_class: str, expected: tuple[str, bool, bool]) -> None:
@@ -344,7 +448,9 @@ def test_registry_resolves_family_flags(hf_class: str, expected: tuple[str, bool
     assert (config.architecture, config.qkv_bias, config.o_proj_bias) == expected
     # Llama reads attention_bias for both projections; Qwen2's biases are fixed by the family
     biased = ModelConfig.from_hf_config({**_SHAPE, "architectures": [hf_class], "attention_bias": True})
-    assert (biased.qkv_bias, biased.o_proj_bias) == ((True, True) if hf_class != "Qwen2ForCausalLM" else (True, False))
+    fixed = {"Qwen2ForCausalLM": (True, False), "Phi3ForCausalLM": (False, False)}
+    assert (biased.qkv_bias, biased.o_proj_bias) == fixed.get(hf_class, (True, True))
+    assert biased.qk_norm == (hf_class == "Qwen3ForCausalLM")
     by_type = ModelConfig.from_hf_config({**_SHAPE, "model_type": expected[0]})
     assert by_type.architecture == expected[0]
 
@@ -375,3 +481,41 @@ def test_llama_with_attention_bias_matches_hf() -> None:
     ids = random_ids(7, seed=5)
     (logits,) = PagedRun(model).step([(PagedSequence(), ids)])
     assert_close(logits, hf_logits(hf, ids))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fused_decode_layers_only_where_they_compute_the_same(family: str) -> None:
+    """The fused CPU decode layer has no q/k norms: Qwen3's layers must not declare themselves fusable."""
+    model = ours(FAMILIES[family](), ops=CPU_OPS, family=family)
+    assert isinstance(model, LlamaForCausalLM)
+    fusable = [layer.fused_weights() is not None for layer in model.model.layers]
+    assert fusable == [family != "qwen3"] * model.config.num_hidden_layers
+
+
+def test_qwen3_honours_config_head_dim() -> None:
+    hf = hf_qwen3()
+    config = ours(hf, family="qwen3").config
+    assert config.head_dim == 32 != config.hidden_size // config.num_attention_heads
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "internlm2"])
+async def test_engine_greedy_matches_hf_generate(family: str, chat_tokenizer: Any) -> None:
+    from asyncllm import AsyncEngine
+
+    vocab = chat_tokenizer.vocab_size
+    # Phi-3's HF generate recomputes the whole cache with the long factors once a sequence outgrows the
+    # original length, which a paged cache does not; stay within it here (row by row past it is tested above).
+    extra = {"original_max_position_embeddings": 64} if family == "phi3" else {}
+    hf = FAMILIES[family](seed=11, vocab_size=vocab, max_position_embeddings=128, **extra)
+    prompt = random_ids(7, seed=11)
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    hf_config, tensors = checkpoint_of(family, hf)
+    model = build_model(ModelConfig.from_hf_config(hf_config), CPU_OPS, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    model.load_weights(tensors)
+    engine = AsyncEngine.from_model(model, chat_tokenizer, device="cpu", kv_cache_tokens=1024)
+    async with engine:
+        completion = await engine.generate(prompt, max_tokens=32, temperature=0.0, ignore_eos=True)
+    assert completion.token_ids == want

@@ -20,6 +20,15 @@ Scaling types (``rope_scaling["rope_type"]``; ``"type"`` is accepted as the olde
   length reached so far, and cached keys keep their rotation). It differs from Hugging Face's *single*
   forward over a prompt longer than ``M``, which rotates every token with the base of the full length: a
   fixed cache cannot depend on the batch, and keys already in the paged cache cannot be re-rotated.
+- ``"yarn"``: per-dimension blend of interpolated (``/ factor``) and original frequencies over the ramp
+  between ``beta_fast`` and ``beta_slow`` rotations at ``original_max_position_embeddings`` (``O``), cos and
+  sin multiplied by ``attention_factor`` (default ``0.1 ln(factor) + 1``, or the ``mscale`` /
+  ``mscale_all_dim`` ratio); ``max(M, O * factor)`` rows.
+- ``"longrope"`` (``"su"`` in older Phi-3 configs): ``inv_freq / short_factor`` for rows below ``O`` and
+  ``inv_freq / long_factor`` from row ``O`` on, cos and sin multiplied by ``attention_factor`` (default
+  ``sqrt(1 + ln(factor) / ln(O))`` with ``factor = M / O`` when unset); ``M`` rows. As for ``"dynamic"``,
+  row ``p`` is what Hugging Face uses for a sequence of ``p + 1`` tokens (its token-by-token decode); a
+  single Hugging Face forward over a prompt longer than ``O`` rotates all of it with the long factors.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from torch import nn
 
 from asyncllm.kernels import KernelOps
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def rope_type_of(rope_scaling: Mapping[str, Any] | None) -> str:
@@ -41,6 +50,7 @@ def rope_type_of(rope_scaling: Mapping[str, Any] | None) -> str:
     if rope_scaling is None:
         return "default"
     rope_type = str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
+    rope_type = "longrope" if rope_type == "su" else rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"rope_scaling: unsupported rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
@@ -84,6 +94,62 @@ def llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: Mapping[str, Any]) -> 
     return torch.where(is_medium, blended, scaled)
 
 
+def yarn_inv_freq(
+    head_dim: int, theta: float, max_position_embeddings: int, rope_scaling: Mapping[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """YaRN's ``inv_freq`` and attention factor, step for step as Hugging Face computes them."""
+    factor = _param(rope_scaling, "factor")
+    original = float(rope_scaling.get("original_max_position_embeddings") or max_position_embeddings)
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention_factor = rope_scaling.get("attention_factor")
+    if attention_factor is None:
+        weight, weight_all = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+        attention_factor = (mscale(factor, float(weight)) / mscale(factor, float(weight_all))
+                            if weight and weight_all else mscale(factor))
+    beta_fast = float(rope_scaling.get("beta_fast") or 32)
+    beta_slow = float(rope_scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def _longrope_cache(
+    head_dim: int, theta: float, max_position_embeddings: int, rope_scaling: Mapping[str, Any]
+) -> torch.Tensor:
+    original = int(_param(rope_scaling, "original_max_position_embeddings"))
+    factor = rope_scaling.get("factor")
+    factor = max_position_embeddings / original if factor is None else float(factor)
+    attention_factor = rope_scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    rows = []
+    for key, start, end in (("short_factor", 0, min(original, max_position_embeddings)),
+                            ("long_factor", original, max_position_embeddings)):
+        ext = rope_scaling.get(key)
+        if ext is None or len(ext) != head_dim // 2:
+            raise ValueError(f"rope_scaling.{key}: expected {head_dim // 2} values for longrope, got {ext!r}")
+        inv_freq = 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta**shape)
+        positions = torch.arange(start, max(start, end), dtype=torch.int64).float()
+        rows.append(_cos_sin(torch.outer(positions, inv_freq)) * float(attention_factor))
+    return torch.cat(rows, dim=0)
+
+
 def _cos_sin(freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
@@ -110,8 +176,17 @@ def build_cos_sin_cache(
         num_positions = max(max_position_embeddings, int(max_position_embeddings * factor))
     elif rope_scaling is not None and rope_type == "llama3":
         inv_freq = llama3_inv_freq(inv_freq, rope_scaling)
+    elif rope_scaling is not None and rope_type == "longrope":
+        return _longrope_cache(head_dim, rope_theta, max_position_embeddings, rope_scaling)
+    attention_factor = 1.0
+    if rope_scaling is not None and rope_type == "yarn":
+        inv_freq, attention_factor = yarn_inv_freq(head_dim, rope_theta, max_position_embeddings, rope_scaling)
+        original = rope_scaling.get("original_max_position_embeddings") or max_position_embeddings
+        num_positions = max(max_position_embeddings, int(float(original) * _param(rope_scaling, "factor")))
     positions = torch.arange(num_positions, dtype=torch.int64).float()
     cache = _cos_sin(torch.outer(positions, inv_freq))
+    if attention_factor != 1.0:
+        cache = cache * attention_factor
     if rope_scaling is not None and rope_type == "dynamic":
         factor = _param(rope_scaling, "factor")
         extended = _dynamic_ntk_rows(head_dim, rope_theta, max_position_embeddings, factor)

@@ -1,4 +1,5 @@
-"""GGUF checkpoints of the ``llama`` architecture, presented as Hugging Face ``LlamaForCausalLM`` tensors.
+"""GGUF checkpoints of the registry's GGUF architectures (``llama``, ``qwen2``, ``qwen3``, ``phi3``,
+``internlm2``), presented as Hugging Face tensors of their family.
 
 ``load_gguf`` parses the header, builds a ``config.json``-style dict from the ``llama.*`` and
 ``tokenizer.ggml.*`` metadata and checks every tensor's name and storage type up front, so an
@@ -14,9 +15,14 @@ floats instead (``gguf_dequant``), and the model is dense.
 Layout conversions (the inverse of llama.cpp's ``convert_hf_to_gguf.py``):
 
 - GGUF lists dimensions innermost first; a weight stored as ``(in, out)`` is yielded as ``[out, in]``.
-- The q and k projections are stored with the rows of each head interleaved for GGML's pairwise
-  ("normal") rotary; they are permuted back to Hugging Face's rotate-half order: within a head of
-  ``2h`` rows, GGUF row ``2i + j`` becomes row ``j·h + i``.
+- The q and k projections of ``llama`` and ``internlm2`` files are stored with the rows of each head
+  interleaved for GGML's pairwise ("normal") rotary; they are permuted back to Hugging Face's rotate-half
+  order: within a head of ``2h`` rows, GGUF row ``2i + j`` becomes row ``j·h + i``. ``qwen2``, ``qwen3`` and
+  ``phi3`` files use GGML's rotate-half ("neox") rotary and keep Hugging Face's rows.
+- ``qwen3``'s ``attn_q_norm`` / ``attn_k_norm`` are the per-head q/k norms. ``phi3``'s fused ``attn_qkv`` and
+  ``ffn_up`` (gate then up) are yielded as ``qkv_proj`` / ``gate_up_proj`` and decoded to floats (their
+  codes are not kept packed); its LongRoPE factors (``rope_factors_short`` / ``rope_factors_long``) become a
+  ``longrope`` ``rope_scaling`` dict. ``internlm2`` files (split q/k/v, Llama names) load as Llama tensors.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig, WeightOnlyQua
 from asyncllm.quant.layer_quant import LayerQuant
 
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
+LONGROPE_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
+_INTERLEAVED_ROTARY = frozenset({"llama", "internlm2"})
+"""Architectures whose llama.cpp conversion permutes the q/k rows for pairwise rotary."""
+_FUSED = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+"""Per architecture, GGUF modules holding fused projections, and the Hugging Face module of each."""
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -56,19 +67,22 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 
 
-def hf_tensor_name(gguf_name: str, num_layers: int) -> str:
-    """The Hugging Face parameter name of a llama GGUF tensor; ``ValueError`` for unknown names."""
+def hf_tensor_name(gguf_name: str, num_layers: int, architecture: str = "llama") -> str:
+    """The Hugging Face parameter name of a GGUF tensor of ``architecture``; ``ValueError`` for unknown names."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = {**_LAYER_NAMES, **_FUSED.get(architecture, {})}
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match is not None and match.group(2) in _LAYER_NAMES and int(match.group(1)) < num_layers:
+    if match is not None and match.group(2) in names and int(match.group(1)) < num_layers:
         layer, module, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{kind}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+        return f"model.layers.{layer}.{names[module]}.{kind}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent in a {architecture!r} model")
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -161,14 +175,36 @@ def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         "rope_theta": rope_theta,
         "max_position_embeddings": _field(meta, prefix + "context_length", int),
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in gguf.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in gguf.tensors or "blk.0.attn_qkv.bias" in gguf.tensors,
         "mlp_bias": "blk.0.ffn_up.bias" in gguf.tensors,
         **_special_ids(meta),
     }
-    rope_scaling = rope_scaling_from_metadata(meta, prefix, freq_factors, rope_theta, head_dim)
+    if any(name in gguf.tensors for name in LONGROPE_TENSORS):
+        rope_scaling = _longrope_scaling(gguf, prefix, head_dim)
+    else:
+        rope_scaling = rope_scaling_from_metadata(meta, prefix, freq_factors, rope_theta, head_dim)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
+
+
+def _longrope_scaling(gguf: GGUFFile, prefix: str, head_dim: int) -> dict[str, Any]:
+    """A ``longrope`` ``rope_scaling`` dict from Phi-3's factor tensors and ``rope.scaling.*`` metadata."""
+    factors = {}
+    for key, name in zip(("short_factor", "long_factor"), LONGROPE_TENSORS, strict=True):
+        info = gguf.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{gguf.path}: LongRoPE needs both {LONGROPE_TENSORS}, {name!r} is missing")
+        values = dequantize(gguf.read_bytes(info), _checked_type(info), torch.float32).reshape(-1)
+        if values.numel() != head_dim // 2:
+            raise ValueError(f"{name} has {values.numel()} values, expected head_dim/2 = {head_dim // 2}")
+        factors[key] = values.tolist()
+    meta = gguf.metadata
+    scaling: dict[str, Any] = {"rope_type": "longrope", **factors, "original_max_position_embeddings": _field(
+        meta, prefix + "rope.scaling.original_context_length", int)}
+    if prefix + "rope.scaling.attn_factor" in meta:
+        scaling["attention_factor"] = _field(meta, prefix + "rope.scaling.attn_factor", float)
+    return scaling
 
 
 def _checked_type(info: GGUFTensorInfo) -> GGMLQuantizationType:
@@ -221,12 +257,15 @@ _CODE_PARTS = ("codes", "code_scales", "code_zeros", "code_mins")
 
 
 def _keeps_codes(info: GGUFTensorInfo, hf_name: str) -> bool:
-    return info.ggml_type in QUANTIZED_TYPES and len(info.torch_shape) == 2 and hf_name.endswith(".weight")
+    fused = ".qkv_proj." in hf_name or ".gate_up_proj." in hf_name
+    return (info.ggml_type in QUANTIZED_TYPES and len(info.torch_shape) == 2 and hf_name.endswith(".weight")
+            and not fused)
 
 
 def load_gguf(path: pathlib.Path, *, dequantize_weights: bool = False) -> Checkpoint:
-    """Open a llama ``.gguf`` file, its block-quantized weights kept as codes unless ``dequantize_weights``; other
-    architectures, unknown tensors and unsupported storage types raise ``ValueError`` naming them."""
+    """Open a ``.gguf`` file of a registered architecture, its block-quantized weights kept as codes unless
+    ``dequantize_weights``; other architectures, unknown tensors and unsupported storage types raise
+    ``ValueError`` naming them."""
     gguf = GGUFFile(path)
     try:
         spec_for_gguf(gguf.metadata.get("general.architecture"))
@@ -236,22 +275,24 @@ def load_gguf(path: pathlib.Path, *, dequantize_weights: bool = False) -> Checkp
         raise ValueError(f"{path} is one part of a split GGUF model; merge the parts first "
                          "(llama-gguf-split --merge) and pass the merged file")
     config = gguf_hf_config(gguf)
+    architecture = str(gguf.metadata.get("general.architecture"))
+    interleaved = architecture in _INTERLEAVED_ROTARY
     names = []
     rotary_heads: dict[str, int] = {}
     layers: dict[str, LayerQuant] = {}
     packed: set[str] = set()
     for info in gguf.tensors.values():
-        if info.name == ROPE_FREQS_TENSOR:
+        if info.name == ROPE_FREQS_TENSOR or info.name in LONGROPE_TENSORS:
             continue
-        hf_name = hf_tensor_name(info.name, config["num_hidden_layers"])
+        hf_name = hf_tensor_name(info.name, config["num_hidden_layers"], architecture)
         ggml_type = _checked_type(info)
         names.append((info.name, hf_name))
         if not dequantize_weights and _keeps_codes(info, hf_name):
             packed.add(info.name)
             layers[hf_name.removesuffix(".weight")] = layer_quant(ggml_type)
-        if ".attn_q." in info.name:
+        if interleaved and ".attn_q." in info.name:
             rotary_heads[info.name] = config["num_attention_heads"]
-        elif ".attn_k." in info.name:
+        elif interleaved and ".attn_k." in info.name:
             rotary_heads[info.name] = config["num_key_value_heads"]
     quantization: QuantizationConfig = WeightOnlyQuantization("gguf", layers) if layers else UNQUANTIZED
     return Checkpoint(hf_config=config, local_path=path, format="gguf",

@@ -1,8 +1,11 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2) over a flat varlen batch and paged KV cache.
+"""The Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2/3, Phi-3, InternLM2) over a flat varlen batch
+and paged KV cache.
 
 Pre-norm blocks: ``h = x + attn(norm(x)); out = h + mlp(norm(h))`` with grouped-query attention, rotary
 positions, a SiLU-gated MLP and RMSNorm. Families differ only in the flags of their ``ModelConfig``
-(``qkv_bias``, ``o_proj_bias``, ``mlp_bias``, tied embeddings; see ``asyncllm.architectures``). Sliding-window
+(``qkv_bias``, ``o_proj_bias``, ``mlp_bias``, tied embeddings, ``qk_norm``: an RMSNorm over each head of q
+and k before rotary, ``checkpoint_layout``: how the checkpoint names its tensors; see
+``asyncllm.architectures``). Sliding-window
 attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) is not applied: every token attends to its whole
 context, which matches those models up to the window length.
 
@@ -32,6 +35,7 @@ from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear, dense_
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.weights import ShardId
+from asyncllm.models.checkpoint_layouts import to_llama_names
 from asyncllm.models.weight_loader import load_named_weights
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 from asyncllm.quant.packed_linear import packed_weight
@@ -53,9 +57,10 @@ class _Build:
         method = self.quantization.linear_method(prefix, self.ops)
         return Linear(input_size, output_size, bias=bias, method=method, dtype=self.dtype, device=self.device)
 
-    def norm(self) -> RMSNorm:
+    def norm(self, size: int | None = None) -> RMSNorm:
         config = self.config
-        return RMSNorm(config.hidden_size, config.rms_norm_eps, self.ops, dtype=self.dtype, device=self.device)
+        return RMSNorm(size or config.hidden_size, config.rms_norm_eps, self.ops, dtype=self.dtype,
+                       device=self.device)
 
 
 class LlamaAttention(nn.Module):
@@ -73,6 +78,8 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
                                    prefix=f"{prefix}.o_proj")
+        self.q_norm = build.norm(head_dim) if config.qk_norm else None
+        self.k_norm = build.norm(head_dim) if config.qk_norm else None
         self.rotary_emb = rotary_emb
         self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops)
 
@@ -80,6 +87,8 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, meta, kv_cache)
         return self.o_proj(out.flatten(1))
@@ -251,9 +260,9 @@ class LlamaForCausalLM(nn.Module):
         quantization: QuantizationConfig = UNQUANTIZED,
     ) -> None:
         super().__init__()
-        if config.qk_norm or config.hidden_act != "silu" or config.norm != "rms":
+        if config.hidden_act != "silu" or config.norm != "rms":
             raise ValueError(
-                f"config: the llama model definition has no q/k norm, {config.hidden_act!r} activation or "
+                f"config: the llama model definition has no {config.hidden_act!r} activation or "
                 f"{config.norm!r} norm (architecture {config.architecture!r})"
             )
         self.config = config
@@ -306,13 +315,15 @@ class LlamaForCausalLM(nn.Module):
         ``q/k/v_proj`` and ``gate/up_proj`` load as shards of the merged ``qkv_proj`` / ``gate_up_proj``;
         ``*.rotary_emb.inv_freq`` is skipped; with tied embeddings ``lm_head.weight`` may be absent and,
         if present, is ignored (the embedding is the tied tensor, as in Hugging Face). Unexpected or
-        missing names and wrong shapes raise ``ValueError`` naming them.
+        missing names and wrong shapes raise ``ValueError`` naming them. Checkpoints of another
+        ``config.checkpoint_layout`` (Phi-3's fused projections, InternLM2's names) are first rewritten to
+        these names (``models.checkpoint_layouts``).
         """
         tied = self.lm_head.tied
 
         def skip(name: str) -> bool:
             return name.endswith(_IGNORED_SUFFIXES) or (tied and name.startswith("lm_head."))
 
-        load_named_weights(self, weights, self.packed_modules, skip=skip)
+        load_named_weights(self, to_llama_names(self.config, weights), self.packed_modules, skip=skip)
         if tied:
             self.lm_head.tie_to(self.model.embed_tokens)
