@@ -1,8 +1,10 @@
 """ModelRunner: turns a scheduled step into tensors, runs the model and samples. Knows nothing of asyncio.
 
 The runner owns the KV pool: per layer a ``KVCache`` (keys and values of shape
-``[num_blocks, block_size, num_kv_heads, head_dim]``). ``step`` reads the sequences' token ids and block
-tables but never mutates them; the engine calls it on one worker thread at a time.
+``[num_blocks, block_size, num_kv_heads, head_dim]``). On CPU the pool lives in lazily committed memory, so
+it costs resident memory only for the blocks in use or cached, not its whole size up front. ``step`` reads
+the sequences' token ids and block tables but never mutates them; the engine calls it on one worker thread
+at a time.
 
 Two paths run a step. Decode-only steps that fit the configured batch sizes go through ``DecodeGraphs``
 (padded static buffers, replayed as CUDA graphs on a GPU); prefill, mixed and larger steps run eagerly over
@@ -21,6 +23,7 @@ import torch
 from asyncllm.config import ModelConfig
 from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, host_staging
 from asyncllm.kernels import AttentionMetadata, KVCache
+from asyncllm.kernels.kv_cache import lazily_committed_zeros
 from asyncllm.models import CausalLM
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
@@ -108,7 +111,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.kv_caches: list[KVCache] = [
             KVCache.allocate(spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-                             dtype=spec.dtype, device=device, bits=spec.bits)
+                             dtype=spec.dtype, device=device, bits=spec.bits,
+                             zeros=lazily_committed_zeros if device.type == "cpu" else None)
             for _ in range(spec.num_layers)
         ]
         self.sampler = Sampler()

@@ -15,6 +15,8 @@ and native kernel plans hold addresses).
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,3 +164,14 @@ class KVCache:
         """Raise ``ValueError`` if this cache is quantized: ``backend`` reads plain caches only."""
         if self.is_quantized:
             raise ValueError(f"kv_cache: the {backend!r} kernels do not read a quantized int{self.bits} cache")
+
+
+def lazily_committed_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor over anonymous memory that the OS commits page by page, when first written:
+    a KV pool sized for many long sequences costs resident memory only for the blocks a workload has
+    used (reading a never-written page maps the shared zero page). The tensor keeps its mapping alive."""
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).view(shape)

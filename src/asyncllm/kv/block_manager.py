@@ -5,6 +5,10 @@ Every block is in exactly one state:
 - cached: refcount 0, indexed by the prefix cache, evictable in LRU order;
 - referenced: refcount >= 1, held by that many block tables (running requests and pinned sessions).
 ``num_available`` counts free plus cached blocks: all of them can be handed out, cached ones by eviction.
+
+Free blocks are handed out most recently freed first, never-used blocks in id order after them, so a
+workload touches as few distinct blocks as it can (a CPU pool's memory is committed page by page as
+blocks are first written; see ``kernels.kv_cache.lazily_committed_zeros``).
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ class BlockManager:
                 if self._cache.is_registered(block):
                     self._cache.mark_evictable(block)
                 else:
-                    self._free.append(block)
+                    self._free.appendleft(block)  # reused first: its memory is already committed
 
     def register_full_block(self, block: int, parent_key: int, tokens: Sequence[int]) -> int:
         """Index a referenced, completely written block for reuse; returns its chained key."""
