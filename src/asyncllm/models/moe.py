@@ -1,9 +1,9 @@
 """Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the Llama-family decoder with sparse MLP blocks.
 
 Attention (with Qwen3-MoE's per-head q/k norms when ``qk_norm``), norms, embeddings and the dense MLP are the
-Llama definition's; in the layers listed by ``ModelConfig.moe.sparse_layers`` the MLP is a ``SparseMoeBlock``: a router (``gate``, ``[E, H]``) picks
-each token's top-k experts (``kernels.moe.select_experts``), the bundle's ``moe`` op runs them over stacked
-expert weights, and an optional shared expert (Qwen2-MoE) is added, scaled by
+Llama definition's; in the layers listed by ``ModelConfig.moe.sparse_layers`` the MLP is a ``SparseMoeBlock``:
+a router (``gate``, ``[E, H]``) picks each token's top-k experts (``kernels.moe.select_experts``), the bundle's
+``moe`` op runs them over stacked expert weights, and an optional shared expert (Qwen2-MoE) is added, scaled by
 ``sigmoid(shared_expert_gate(x))``. Sparse layers are never fusable: they declare no ``FusedLayerWeights``.
 
 Checkpoints name experts either one tensor per expert and projection (``mlp.experts.{e}.gate_proj`` /
