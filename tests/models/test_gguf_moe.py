@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from asyncllm.config import ModelConfig
 from asyncllm.kernels import TORCH_OPS
 from asyncllm.loaders import load_checkpoint
+from asyncllm.loaders.gguf import gguf_spec
 from asyncllm.loaders.gguf_file import GGUFFile
 from asyncllm.models import MoeForCausalLM, build_model
 from asyncllm.quant.config import UNQUANTIZED
@@ -165,3 +166,11 @@ def test_moe_gguf_half_and_quantized_weights_load_as_floats(tmp_path: pathlib.Pa
 def test_llama_file_without_experts_stays_llama(tmp_path: pathlib.Path) -> None:
     checkpoint = load_checkpoint(write_family_gguf(tmp_path / "llama.gguf", "llama", hf_llama(seed=37)))
     assert ModelConfig.from_hf_config(checkpoint.hf_config).architecture == "llama"
+
+
+def test_gguf_family_follows_expert_count() -> None:
+    assert gguf_spec({"general.architecture": "llama", "llama.expert_count": 8}).name == "mixtral"
+    assert gguf_spec({"general.architecture": "llama", "llama.expert_count": 0}).name == "llama"
+    assert gguf_spec({"general.architecture": "qwen3moe", "qwen3moe.expert_count": 8}).name == "qwen3_moe"
+    with pytest.raises(ValueError, match=r"qwen2\.expert_count=4"):
+        gguf_spec({"general.architecture": "qwen2", "qwen2.expert_count": 4})
