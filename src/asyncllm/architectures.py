@@ -88,7 +88,11 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         name="qwen2_moe", model="moe", hf_architectures=("Qwen2MoeForCausalLM",), hf_model_types=("qwen2_moe",),
-        qkv_bias=True, o_proj_bias=False,
+        gguf_architectures=("qwen2moe",), qkv_bias=True, o_proj_bias=False,
+    ),
+    ArchitectureSpec(
+        name="qwen3_moe", model="moe", hf_architectures=("Qwen3MoeForCausalLM",), hf_model_types=("qwen3_moe",),
+        gguf_architectures=("qwen3moe",), qk_norm=True,
     ),
 )
 

@@ -66,8 +66,8 @@ class MoeConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], renormalize: bool | None) -> MoeConfig:
-        """Mixtral (``num_local_experts``, every layer sparse) and Qwen2-MoE (``num_experts``,
-        ``moe_intermediate_size``, a shared expert; layer ``i`` is sparse unless listed in ``mlp_only_layers``
+        """Mixtral (``num_local_experts``, every layer sparse) and Qwen2-MoE / Qwen3-MoE (``num_experts``,
+        ``moe_intermediate_size``, Qwen2-MoE's shared expert; layer ``i`` is sparse unless listed in ``mlp_only_layers``
         and when ``(i + 1) % decoder_sparse_step == 0``) spellings."""
         layers = int(hf["num_hidden_layers"])
         dense = set(hf.get("mlp_only_layers") or ())

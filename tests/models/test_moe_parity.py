@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Mixtral, Qwen2-MoE) against Hugging Face ``transformers`` on tiny random
+"""Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) against Hugging Face ``transformers`` on tiny random
 models in float32: logits through the paged path with each kernel bundle, the router's choices, both
 checkpoint spellings of the experts, and greedy generation through the engine."""
 
@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from asyncllm import AsyncEngine
 from asyncllm.config import ModelConfig
@@ -46,7 +54,17 @@ def hf_qwen2_moe(seed: int = 0, vocab_size: int = VOCAB, **overrides: Any) -> Pr
     return model
 
 
-FAMILIES = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe}
+def hf_qwen3_moe(seed: int = 0, vocab_size: int = VOCAB, **overrides: Any) -> PreTrainedModel:
+    """Both layers sparse (8 experts, top 2, renormalized), per-head q/k norms, head_dim 32, GQA 4:2."""
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(**{**_MOE_SHAPE, "vocab_size": vocab_size, "head_dim": 32, "num_experts": 8,
+                               "moe_intermediate_size": 24, "norm_topk_prob": True, **overrides})
+    model = Qwen3MoeForCausalLM(config).eval()
+    _randomize(model, seed)
+    return model
+
+
+FAMILIES = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe}
 OPS: dict[str, KernelOps] = {"reference": TORCH_OPS, "cpu": CPU_OPS, "cpu-torch-only": cpu_ops(native=False)}
 if os.environ.get("TRITON_INTERPRET") == "1":
     OPS["triton"] = get_kernel_ops("triton", torch.device("cpu"))
@@ -84,6 +102,19 @@ def test_registry_and_sparse_layers() -> None:
     assert qwen.architecture == "qwen2_moe" and qwen.moe is not None and qwen.qkv_bias and not qwen.o_proj_bias
     assert (qwen.moe.num_experts, qwen.moe.intermediate_size, qwen.moe.renormalize) == (4, 32, False)
     assert qwen.moe.sparse_layers == (0,) and qwen.moe.shared_expert_intermediate_size == 40
+    qwen3 = ModelConfig.from_hf_config(hf_qwen3_moe().config.to_dict())
+    assert qwen3.architecture == "qwen3_moe" and qwen3.moe is not None and qwen3.qk_norm
+    assert not qwen3.qkv_bias and not qwen3.o_proj_bias and qwen3.head_dim == 32
+    assert (qwen3.moe.num_experts, qwen3.moe.top_k, qwen3.moe.intermediate_size) == (8, 2, 24)
+    assert qwen3.moe.renormalize and qwen3.moe.sparse_layers == (0, 1)
+    assert qwen3.moe.shared_expert_intermediate_size == 0
+    qwen3_dense = ModelConfig.from_hf_config({**hf_qwen3_moe().config.to_dict(), "mlp_only_layers": [0],
+                                              "norm_topk_prob": False})
+    assert qwen3_dense.moe is not None and qwen3_dense.moe.sparse_layers == (1,) and not qwen3_dense.moe.renormalize
+    qwen3_model = ours(hf_qwen3_moe())
+    layer = qwen3_model.model.layers[0]
+    assert isinstance(layer, MoeDecoderLayer) and layer.self_attn.q_norm is not None
+    assert layer.mlp.shared_expert is None
     stepped = ModelConfig.from_hf_config({**hf_qwen2_moe().config.to_dict(), "mlp_only_layers": [],
                                           "decoder_sparse_step": 2, "num_hidden_layers": 4})
     assert stepped.moe is not None and stepped.moe.sparse_layers == (1, 3)
@@ -97,7 +128,7 @@ def test_registry_and_sparse_layers() -> None:
 def test_routing_matches_hf_router(family: str, norm_topk_prob: bool) -> None:
     if family == "mixtral" and norm_topk_prob:
         pytest.skip("Mixtral always renormalizes")
-    hf = FAMILIES[family](seed=3, norm_topk_prob=norm_topk_prob) if family == "qwen2_moe" else hf_mixtral(seed=3)
+    hf = FAMILIES[family](seed=3, norm_topk_prob=norm_topk_prob) if family != "mixtral" else hf_mixtral(seed=3)
     model = ours(hf)
     hidden = torch.randn(37, _SHAPE["hidden_size"], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """GGUF checkpoints of the registry's GGUF architectures (``llama``, ``qwen2``, ``qwen3``, ``phi3``,
-``internlm2``), presented as Hugging Face tensors of their family.
+``internlm2``, and the mixture-of-experts ``qwen2moe`` and ``qwen3moe``), presented as Hugging Face tensors of
+their family. A ``llama`` file with ``llama.expert_count`` > 0 is a Mixtral-style model and loads as ``mixtral``.
 
 ``load_gguf`` parses the header, builds a ``config.json``-style dict from the ``llama.*`` and
 ``tokenizer.ggml.*`` metadata and checks every tensor's name and storage type up front, so an
@@ -23,6 +24,17 @@ Layout conversions (the inverse of llama.cpp's ``convert_hf_to_gguf.py``):
   ``ffn_up`` (gate then up) are yielded as ``qkv_proj`` / ``gate_up_proj`` and decoded to floats (their
   codes are not kept packed); its LongRoPE factors (``rope_factors_short`` / ``rope_factors_long``) become a
   ``longrope`` ``rope_scaling`` dict. ``internlm2`` files (split q/k/v, Llama names) load as Llama tensors.
+- Mixture-of-experts files (``qwen2moe``, ``qwen3moe``, ``llama`` with experts) store each layer's experts
+  stacked: ``ffn_gate_exps`` / ``ffn_up_exps`` ``[E, I, H]`` and ``ffn_down_exps`` ``[E, H, I]`` (row-major),
+  yielded as ``mlp.experts.gate_proj`` / ``up_proj`` / ``down_proj`` ``.weight`` (``models.moe`` splits them per
+  expert); the router ``ffn_gate_inp`` is ``mlp.gate``; Qwen2-MoE's shared expert ``ffn_{gate,up,down}_shexp``
+  is ``mlp.shared_expert.*`` and its gate ``ffn_gate_inp_shexp`` (``[H]`` or ``[1, H]``) ``mlp.shared_expert_gate``
+  ``[1, H]``. The metadata ``{arch}.expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` and
+  ``expert_shared_feed_forward_length`` give the expert shapes; a layer without ``ffn_gate_inp`` runs the dense
+  MLP. Top-k weights are renormalized as llama.cpp does (``{arch}.expert_weights_norm`` when present, else
+  always for ``qwen3moe`` and Mixtral, never for ``qwen2moe``). The mixture-of-experts model holds dense
+  weights only, so every block-quantized tensor of such a file is decoded to floats at load, as if
+  ``dequantize_weights=True``.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType
 
-from asyncllm.architectures import spec_for_gguf
+from asyncllm.architectures import ArchitectureSpec, spec_for_gguf, spec_named
 from asyncllm.loaders.checkpoint import Checkpoint
 from asyncllm.loaders.gguf_codes import QUANTIZED_TYPES, layer_quant, quant_codes
 from asyncllm.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize
@@ -70,19 +82,49 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+_MOE_LAYER_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+"""GGUF modules of mixture-of-experts layers, and the Hugging Face module of each (experts stacked)."""
+_MOE_RENORMALIZE = {"qwen2moe": False, "qwen3moe": True, "llama": True}
+"""Whether llama.cpp renormalizes the top-k routing weights, per GGUF architecture (absent
+``{arch}.expert_weights_norm``)."""
+_LLAMA_EXPERTS_FAMILY = "mixtral"
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 
 
-def hf_tensor_name(gguf_name: str, num_layers: int, architecture: str = "llama") -> str:
-    """The Hugging Face parameter name of a GGUF tensor of ``architecture``; ``ValueError`` for unknown names."""
+def hf_tensor_name(gguf_name: str, num_layers: int, architecture: str = "llama", *, moe: bool = False) -> str:
+    """The Hugging Face parameter name of a GGUF tensor of ``architecture`` (with the expert tensors of
+    mixture-of-experts layers when ``moe``); ``ValueError`` for unknown names."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    names = {**_LAYER_NAMES, **_FUSED.get(architecture, {})}
+    names = {**_LAYER_NAMES, **_FUSED.get(architecture, {}), **(_MOE_LAYER_NAMES if moe else {})}
     match = _LAYER_TENSOR.fullmatch(gguf_name)
     if match is not None and match.group(2) in names and int(match.group(1)) < num_layers:
         layer, module, kind = match.groups()
         return f"model.layers.{layer}.{names[module]}.{kind}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent in a {architecture!r} model")
+
+
+def gguf_spec(metadata: dict[str, Any]) -> ArchitectureSpec:
+    """The family of a GGUF file: its ``general.architecture``, except that a ``llama`` file with experts
+    (``llama.expert_count`` > 0) is Mixtral; experts in a file of another dense architecture raise ``ValueError``."""
+    architecture = metadata.get("general.architecture")
+    spec = spec_for_gguf(architecture)
+    experts = metadata.get(f"{architecture}.expert_count") or 0
+    if spec.model == "moe" or not experts:
+        return spec
+    if architecture == "llama":
+        return spec_named(_LLAMA_EXPERTS_FAMILY)
+    raise ValueError(f"GGUF architecture {architecture!r} with {architecture}.expert_count={experts}: "
+                     "mixture-of-experts files of this architecture are not supported")
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -138,7 +180,7 @@ def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
     """A Hugging Face ``LlamaConfig``-style dict from a llama GGUF file's metadata and tensor list."""
     meta = gguf.metadata
     architecture = meta.get("general.architecture")
-    spec = spec_for_gguf(architecture)
+    spec = gguf_spec(meta)
     prefix = f"{architecture}."
     hidden = _field(meta, prefix + "embedding_length", int)
     heads = _field(meta, prefix + "attention.head_count", int)
@@ -185,7 +227,33 @@ def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         rope_scaling = rope_scaling_from_metadata(meta, prefix, freq_factors, rope_theta, head_dim)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    if spec.model == "moe":
+        config.update(_moe_config(gguf, str(architecture), config))
     return config
+
+
+def _moe_config(gguf: GGUFFile, architecture: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``Qwen2MoeConfig``-style expert settings of a mixture-of-experts GGUF file (module docstring)."""
+    meta, prefix = gguf.metadata, f"{architecture}."
+    layers = config["num_hidden_layers"]
+    sparse = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in gguf.tensors]
+    if not sparse:
+        raise ValueError(f"{gguf.path}: {prefix}expert_count is set but no layer has an 'ffn_gate_inp' router")
+    shared = 0
+    shared_gate = gguf.tensors.get(f"blk.{sparse[0]}.ffn_gate_shexp.weight")
+    if shared_gate is not None:
+        shared = _field(meta, prefix + "expert_shared_feed_forward_length", int, shared_gate.torch_shape[0])
+    renormalize = meta.get(prefix + "expert_weights_norm", _MOE_RENORMALIZE.get(architecture, False))
+    return {
+        "num_experts": _field(meta, prefix + "expert_count", int),
+        "num_experts_per_tok": _field(meta, prefix + "expert_used_count", int),
+        "moe_intermediate_size": _field(meta, prefix + "expert_feed_forward_length", int,
+                                        config["intermediate_size"]),
+        "shared_expert_intermediate_size": shared,
+        "mlp_only_layers": [i for i in range(layers) if i not in sparse],
+        "decoder_sparse_step": 1,
+        "norm_topk_prob": bool(renormalize),
+    }
 
 
 def _longrope_scaling(gguf: GGUFFile, prefix: str, head_dim: int) -> dict[str, Any]:
@@ -250,6 +318,8 @@ class GGUFSource:
                 continue
             values = dequantize(self.gguf.read_bytes(info), _checked_type(info), dtype)
             values = values.reshape(info.torch_shape)
+            if hf_name.endswith(".shared_expert_gate.weight") and values.dim() == 1:
+                values = values.unsqueeze(0)  # llama.cpp may store the [1, H] gate as [H]
             yield hf_name, values if heads is None else unpermute_rotary_rows(values, heads)
 
 
@@ -268,9 +338,11 @@ def load_gguf(path: pathlib.Path, *, dequantize_weights: bool = False) -> Checkp
     ``ValueError`` naming them."""
     gguf = GGUFFile(path)
     try:
-        spec_for_gguf(gguf.metadata.get("general.architecture"))
+        spec = gguf_spec(gguf.metadata)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+    moe = spec.model == "moe"
+    dequantize_weights = dequantize_weights or moe  # the mixture-of-experts model holds dense weights only
     if int(gguf.metadata.get("split.count", 1)) > 1:
         raise ValueError(f"{path} is one part of a split GGUF model; merge the parts first "
                          "(llama-gguf-split --merge) and pass the merged file")
@@ -284,7 +356,7 @@ def load_gguf(path: pathlib.Path, *, dequantize_weights: bool = False) -> Checkp
     for info in gguf.tensors.values():
         if info.name == ROPE_FREQS_TENSOR or info.name in LONGROPE_TENSORS:
             continue
-        hf_name = hf_tensor_name(info.name, config["num_hidden_layers"], architecture)
+        hf_name = hf_tensor_name(info.name, config["num_hidden_layers"], architecture, moe=moe)
         ggml_type = _checked_type(info)
         names.append((info.name, hf_name))
         if not dequantize_weights and _keeps_codes(info, hf_name):

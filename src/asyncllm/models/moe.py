@@ -1,15 +1,17 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE): the Llama-family decoder with sparse MLP blocks.
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the Llama-family decoder with sparse MLP blocks.
 
-Attention, norms, embeddings and the dense MLP are the Llama definition's; in the layers listed by
-``ModelConfig.moe.sparse_layers`` the MLP is a ``SparseMoeBlock``: a router (``gate``, ``[E, H]``) picks
-each token's top-k experts (``kernels.moe.select_experts``), the bundle's ``moe`` op runs them over stacked
-expert weights, and an optional shared expert (Qwen2-MoE) is added, scaled by
+Attention (with Qwen3-MoE's per-head q/k norms when ``qk_norm``), norms, embeddings and the dense MLP are the
+Llama definition's; in the layers listed by ``ModelConfig.moe.sparse_layers`` the MLP is a ``SparseMoeBlock``:
+a router (``gate``, ``[E, H]``) picks each token's top-k experts (``kernels.moe.select_experts``), the bundle's
+``moe`` op runs them over stacked expert weights, and an optional shared expert (Qwen2-MoE) is added, scaled by
 ``sigmoid(shared_expert_gate(x))``. Sparse layers are never fusable: they declare no ``FusedLayerWeights``.
 
 Checkpoints name experts either one tensor per expert and projection (``mlp.experts.{e}.gate_proj`` /
 ``up_proj`` / ``down_proj``; Mixtral's ``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2``), as files on the
 hub do, or stacked (``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``),
-as the in-memory modules of recent ``transformers`` do; both load into the same stacked parameters.
+as the in-memory modules of recent ``transformers`` do, or stacked per projection (``mlp.experts.gate_proj`` /
+``up_proj`` ``.weight`` ``[E, I, H]``, ``down_proj.weight`` ``[E, H, I]``), as GGUF files do; all load into the
+same stacked parameters.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj|gate_proj|up_proj)(?:\.weight)?$")
 
 
 class SparseMoeBlock(nn.Module):
@@ -95,7 +97,8 @@ def moe_decoder_layer(build: _Build, rotary_emb: RotaryEmbedding, index: int) ->
 
 def canonical_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Checkpoint tensors with expert names in one form: Mixtral's ``block_sparse_moe`` / ``w1 w3 w2`` as
-    ``mlp`` / ``gate_proj up_proj down_proj``, and stacked expert tensors split into per-expert ones."""
+    ``mlp`` / ``gate_proj up_proj down_proj``, and stacked expert tensors (``gate_up_proj``, or GGUF's separate
+    ``gate_proj`` / ``up_proj`` ``[E, I, H]``; ``down_proj`` ``[E, H, I]``) split into per-expert ones."""
     for name, tensor in weights:
         if ".block_sparse_moe." in name:
             name = name.replace(".block_sparse_moe.", ".mlp.")
@@ -109,8 +112,8 @@ def canonical_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[t
             continue
         base, kind = stacked.groups()
         for expert, weight in enumerate(tensor.unbind(0)):
-            if kind == "down_proj":
-                yield f"{base}.{expert}.down_proj.weight", weight
+            if kind != "gate_up_proj":
+                yield f"{base}.{expert}.{kind}.weight", weight
             else:
                 gate, up = weight.chunk(2, dim=0)
                 yield f"{base}.{expert}.gate_proj.weight", gate
