@@ -121,7 +121,8 @@ async def _chat(args: argparse.Namespace) -> int:
     from asyncllm.engine import AsyncEngine
 
     model = _resolve_model(args.model)
-    print(f"loading {model} ...", file=sys.stderr)
+    if not args.quiet:
+        print(f"loading {model} ...", file=sys.stderr)
     engine = AsyncEngine.from_pretrained(model, **_engine_overrides(args))
     _enable_line_editing()
     loop = asyncio.get_running_loop()

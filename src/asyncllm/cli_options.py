@@ -93,6 +93,12 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
                         help="the KV pool's memory budget (all layers, with any scales), e.g. 512MiB or 2GB; "
                              "when given it sizes the pool instead of the token count or GPU memory fraction "
                              "(default: not set)")
+    parser.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch's ops and the native kernels (default: the CPUs this process "
+                             "may use: affinity, cgroup quota and physical cores, the least of them)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar while the model loads (default: a bar on stderr when it is a "
+                             "terminal and loading takes over a second)")
     parser.add_argument("--dequantize-weights", action="store_true",
                         help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
                              "weights at load instead of keeping it packed (default: keep it packed)")
@@ -110,7 +116,7 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``EngineConfig`` keyword overrides that the ``engine_args`` options ask for."""
     overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
-    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs"):
+    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs", "num_threads"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.kv_cache_dtype != "auto":
@@ -121,6 +127,8 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["kv_cache_bytes"] = args.kv_cache_memory
     if args.dequantize_weights:
         overrides["dequantize_weights"] = True
+    if args.quiet:
+        overrides["load_progress"] = False
     return overrides
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from asyncllm.architectures import spec_for_hf_config, spec_named
+from asyncllm.cpu_threads import default_num_threads
 
 KernelBackendName = Literal["auto", "torch", "triton"]
 KV_CACHE_DTYPES: dict[str, int | None] = {"auto": None, "int8": 8, "int4": 4}
@@ -193,6 +194,14 @@ class EngineConfig:
     reproducible as long as the same requests are submitted in the same order. A request's own ``seed`` is
     reproducible whatever the engine seed.
 
+    ``num_threads``: the CPU threads of torch's intra-op ops and the native C kernels, set process-wide
+    (``torch.set_num_threads``) when the engine is built; ``None`` (the default) is
+    ``cpu_threads.default_num_threads()``: the CPUs this process may use (affinity, cgroup quota,
+    physical cores, the least of them).
+
+    ``load_progress``: while ``from_pretrained`` loads the weights, show a progress bar over the tensors on
+    stderr when stderr is a terminal and loading takes over a second (``load_progress.DELAY_S``).
+
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
 
@@ -225,6 +234,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     quant_policy: int = 0
     kv_cache_bytes: int | None = None
+    num_threads: int | None = None
+    load_progress: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -256,6 +267,12 @@ class EngineConfig:
                  "seed", f"must be an int or None, got {self.seed!r}")
         _require(isinstance(self.dequantize_weights, bool), "dequantize_weights",
                  f"must be a bool, got {self.dequantize_weights!r}")
+        _require(self.num_threads is None or (isinstance(self.num_threads, int)
+                                               and not isinstance(self.num_threads, bool)
+                                               and self.num_threads >= 1),
+                 "num_threads", f"must be an int >= 1 or None, got {self.num_threads!r}")
+        _require(isinstance(self.load_progress, bool), "load_progress",
+                 f"must be a bool, got {self.load_progress!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
@@ -273,6 +290,10 @@ class EngineConfig:
         if self.quant_policy:
             return self.quant_policy
         return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
+    def resolved_num_threads(self) -> int:
+        """``num_threads``, or the CPUs this process may use (``cpu_threads.default_num_threads``)."""
+        return self.num_threads if self.num_threads is not None else default_num_threads()
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
