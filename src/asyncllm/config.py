@@ -197,7 +197,9 @@ class EngineConfig:
     ``num_threads``: the CPU threads of torch's intra-op ops and the native C kernels, set process-wide
     (``torch.set_num_threads``) when the engine is built; ``None`` (the default) is
     ``cpu_threads.default_num_threads()``: the CPUs this process may use (affinity, cgroup quota,
-    physical cores, the least of them).
+    physical cores, the least of them). ``adaptive_threads``: on CPU, before each step, run on fewer threads
+    (at least 1) while other processes keep the allowed CPUs busy, and on ``num_threads`` again once they
+    stop (``thread_governor``).
 
     ``load_progress``: while ``from_pretrained`` loads the weights, show a progress bar over the tensors on
     stderr when stderr is a terminal and loading takes over a second (``load_progress.DELAY_S``).
@@ -235,6 +237,7 @@ class EngineConfig:
     quant_policy: int = 0
     kv_cache_bytes: int | None = None
     num_threads: int | None = None
+    adaptive_threads: bool = True
     load_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -271,6 +274,8 @@ class EngineConfig:
                                                and not isinstance(self.num_threads, bool)
                                                and self.num_threads >= 1),
                  "num_threads", f"must be an int >= 1 or None, got {self.num_threads!r}")
+        _require(isinstance(self.adaptive_threads, bool), "adaptive_threads",
+                 f"must be a bool, got {self.adaptive_threads!r}")
         _require(isinstance(self.load_progress, bool), "load_progress",
                  f"must be a bool, got {self.load_progress!r}")
         if self.dtype is not None:

@@ -227,9 +227,12 @@ def contention_findings(settings: BenchSettings, outcomes: Outcomes, out: Findin
     ]
     if result is not None:
         env = ", ".join(f"{k}={v}" for k, v in result["openmp_env"].items()) or "none set"
+        ends = "; ".join(f"{name} {get(result, name, 'threads_at_end')}"
+                         for name in ("quiet", "contended", "quiet_one_thread"))
         out.notes.append(f"[2c] {result['threads']} threads, each run a fresh engine after a warm-up; "
                          f"competitors: {result['competitors']} Python processes spinning in a loop, one per "
-                         f"CPU of this process's affinity; OpenMP wait settings: {env}")
+                         f"CPU of this process's affinity; OpenMP wait settings: {env}; engine threads at the "
+                         f"end of each run (the thread governor lowers them under contention): {ends}")
 
 
 def session_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -> None:

@@ -294,8 +294,11 @@ def _single_decode(spec: WorkloadSpec, threads: int, competitors: int) -> Result
             try:
                 if others:
                     await asyncio.sleep(0.5)  # let the scheduler spread them over the cores
-                return await timed_stream(lambda: engine.stream_detailed(
+                run = await timed_stream(lambda: engine.stream_detailed(
                     spec.prompts[0], max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True))
+                # the thread governor may have lowered the engine's threads during the run
+                run["threads_at_end"] = await engine.run_on_model_thread(torch.get_num_threads)
+                return run
             finally:
                 for other in others:
                     other.kill()
