@@ -212,3 +212,10 @@ def test_chat_reads_commands_and_messages_from_stdin(tiny_cli: dict[str, list[An
     assert "/system TEXT" in captured.err and "unknown command /nope" in captured.err
     assert "last reply: 3 tokens" in captured.err
     assert captured.out.strip()  # the reply
+
+
+def test_chat_sends_a_fenced_block_as_one_message(tiny_cli: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO('"""\nline one\nline two\n"""\n/stats\n'))
+    assert main(["chat", "m", "--max-tokens", "2", "--temperature", "0"]) == 0
+    assert "last reply: 2 tokens" in capsys.readouterr().err

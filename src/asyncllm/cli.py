@@ -150,7 +150,7 @@ async def _chat_loop(engine: Any, args: argparse.Namespace, loop: asyncio.Abstra
         print("chat ready: /help lists the commands, Ctrl-C stops a reply, /exit quits.", file=sys.stderr)
         try:
             while True:
-                reading = asyncio.ensure_future(_read_line("> "))
+                reading = asyncio.ensure_future(_read_line(console.prompt))
                 try:
                     line = await reading
                 except EOFError:
