@@ -86,7 +86,8 @@ def test_snippet_runs_against_the_tiny_model(where: str, section: str, code: str
     runnable = code
     for placeholder in MODEL_PLACEHOLDERS:
         runnable = runnable.replace(placeholder, repr(str(tiny_hf_dir)))
-    assert runnable != code, f"{where}: no model path to substitute"
+    if runnable == code and re.search(r"from_pretrained\(|pipeline\(", code):
+        pytest.fail(f"{where} loads a model none of MODEL_PLACEHOLDERS names: add its model reference there")
     namespace: dict[str, Any] = {"__name__": "readme_snippet"}
     exec(compile(runnable, where, "exec"), namespace)
     engine = namespace.get("engine")
