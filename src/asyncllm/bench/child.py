@@ -26,7 +26,8 @@ def cold_asyncllm(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec["threads"]))
     imported = time.perf_counter()
-    engine = AsyncEngine.from_pretrained(spec["model"], device="cpu", num_threads=int(spec["threads"]))
+    engine = AsyncEngine.from_pretrained(spec["model"], device="cpu", num_threads=int(spec["threads"]),
+                                         adaptive_threads=False)
     loaded = time.perf_counter()
 
     async def first_token() -> float:

@@ -36,8 +36,11 @@ def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if expected not in origin.parents:
         raise RuntimeError(f"asyncllm was imported from {origin}, not from {expected}")
     threads: dict[str, int] = {}
-    if "num_threads" in getattr(asyncllm.EngineConfig, "__dataclass_fields__", {}):  # trees that set threads
+    fields = getattr(getattr(asyncllm, "EngineConfig", None), "__dataclass_fields__", {})
+    if "num_threads" in fields:  # trees that set threads
         threads["num_threads"] = int(spec["threads"])
+    if "adaptive_threads" in fields:  # both trees on the same fixed thread count
+        threads["adaptive_threads"] = False
     start = time.perf_counter()
     engine = AsyncEngine.from_pretrained(spec["model"], device="cpu", kv_cache_tokens=int(spec["kv_cache_tokens"]),
                                          **threads)

@@ -3,7 +3,9 @@
 Every timed request is greedy with EOS ignored unless stated, so each one generates exactly the asked
 number of tokens; results count the tokens actually streamed, never the number asked for. Engines load
 with the library's defaults (a weight-only quantized checkpoint stays packed) unless an entry point is
-asked for ``dequantize_weights``, which decodes it to dense weights as ``EngineConfig`` describes.
+asked for ``dequantize_weights``, which decodes it to dense weights as ``EngineConfig`` describes. The
+thread governor (``EngineConfig.adaptive_threads``) is off wherever asyncllm is compared with a peer, so that
+both sides keep the same thread count; only the contention measurement runs with it, as by default.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def load_engine(spec: WorkloadSpec, *, dequantize_weights: bool = False) -> tupl
     torch.set_num_threads(spec.threads)
     start = time.perf_counter()
     engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_tokens=spec.kv_cache_tokens,
-                                         dequantize_weights=dequantize_weights, num_threads=spec.threads)
+                                         dequantize_weights=dequantize_weights, num_threads=spec.threads,
+                                         adaptive_threads=False)
     return engine, time.perf_counter() - start
 
 
