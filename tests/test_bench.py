@@ -443,3 +443,21 @@ def test_a_llamacpp_process_killed_by_sigill_reruns_without_extra_buffers(monkey
     assert all(outcome.ok for outcome in outcomes.values())
     assert outcomes[llamacpp_round_key(1)].task == fallback
     assert len(notes) == 1 and "SIGILL" in notes[0]
+
+
+def test_contention_runs_one_process_and_reports_the_fraction_of_the_quiet_speeds() -> None:
+    from asyncllm.bench.measurements import Findings, contention_findings
+    from asyncllm.bench.subproc import ChildOutcome
+
+    settings = _settings("--only", "contention", "--tokens", "16")
+    assert plan(settings, llamacpp=True) == [("ours_contention", "ours_contention", [])]
+    result = {"threads": 2, "competitors": 2, "openmp_env": {"GOMP_SPINCOUNT": "20000"},
+              "quiet": {"decode_tokens_per_s": 60.0}, "contended": {"decode_tokens_per_s": 24.0},
+              "quiet_one_thread": {"decode_tokens_per_s": 40.0}}
+    outcome = ChildOutcome(task="ours_contention", wall_s=1.0, result=result, error=None, returncode=0)
+    findings = Findings()
+    contention_findings(settings, {"ours_contention": outcome}, findings)
+    fraction, versus_one = findings.rows
+    assert (fraction.ours, fraction.peer, fraction.ratio) == (24.0, 60.0, pytest.approx(0.4))
+    assert (versus_one.ratio, versus_one.verdict) == (pytest.approx(0.6), "pass")
+    assert "GOMP_SPINCOUNT=20000" in findings.notes[0] and "2 Python processes" in findings.notes[0]

@@ -138,7 +138,7 @@ def test_engine_option_help_states_every_default(capsys: pytest.CaptureFixture[s
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--device", "--dtype", "--kv-cache-tokens", "--gpu-memory-fraction", "--max-model-len",
-                   "--max-num-seqs", "--kv-cache-dtype", "--quant-policy", "--kv-cache-memory",
+                   "--max-num-seqs", "--kv-cache-dtype", "--quant-policy", "--kv-cache-memory", "--threads",
                    "--dequantize-weights"):
         help_text = text.split(option, 2)[-1].split(" --")[0]  # the option's entry in the options list
         assert "default" in help_text, option
@@ -157,6 +157,7 @@ def test_engine_option_defaults_reach_the_engine(tiny_cli: dict[str, list[Any]])
     (["--quant-policy", "8", "--kv-cache-dtype", "int4"], "quant_policy: 8 means kv_cache_dtype='int8'"),
     (["--max-batch-size", "0"], "max_num_seqs: must be positive"),
     (["--gpu-memory-fraction", "1.5"], "gpu_memory_fraction: must be in (0, 1]"),
+    (["--threads", "0"], "num_threads: must be an int >= 1"),
 ])
 @pytest.mark.parametrize("command", [["chat", "m"], ["generate", "m", "hi"], ["serve", "m"], ["gradio", "m"]])
 def test_unavailable_or_invalid_engine_options_exit_2(command: list[str], option: list[str], message: str,
@@ -165,6 +166,24 @@ def test_unavailable_or_invalid_engine_options_exit_2(command: list[str], option
     assert main([*command, *option]) == 2
     assert capsys.readouterr().err.strip().startswith(f"asyncllm {command[0]}: error: {message}")
     assert not tiny_cli["loads"]
+
+
+@pytest.mark.parametrize("command", [["chat", "m"], ["generate", "m", "hi"]])
+def test_threads_option_reaches_the_engine_config(command: list[str], tiny_cli: dict[str, list[Any]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main([*command, "--max-tokens", "1", "--threads", "3"]) == 0
+    assert tiny_cli["loads"][0][1]["num_threads"] == 3
+    tiny_cli["loads"].clear()
+    assert main([*command, "--max-tokens", "1"]) == 0
+    assert "num_threads" not in tiny_cli["loads"][0][1]  # the engine's default
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "serve", "gradio", "bench"])
+def test_every_engine_command_takes_threads(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--threads N" in capsys.readouterr().out
 
 
 def test_kv_cache_quantization_reaches_the_engine(tiny_cli: dict[str, list[Any]]) -> None:
@@ -193,3 +212,10 @@ def test_chat_reads_commands_and_messages_from_stdin(tiny_cli: dict[str, list[An
     assert "/system TEXT" in captured.err and "unknown command /nope" in captured.err
     assert "last reply: 3 tokens" in captured.err
     assert captured.out.strip()  # the reply
+
+
+def test_chat_sends_a_fenced_block_as_one_message(tiny_cli: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO('"""\nline one\nline two\n"""\n/stats\n'))
+    assert main(["chat", "m", "--max-tokens", "2", "--temperature", "0"]) == 0
+    assert "last reply: 2 tokens" in capsys.readouterr().err

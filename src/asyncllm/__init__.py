@@ -5,6 +5,7 @@
 ...         print(text, end="")
 """
 
+import asyncllm._openmp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.engine import AsyncEngine, EngineClosedError, EngineStats, StepFailedError
 from asyncllm.outputs import Completion, StepOutput, Usage

@@ -18,6 +18,7 @@ import torch
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.cuda_graphs import resolve_decode_graphs
 from asyncllm.kernels import get_kernel_ops
+from asyncllm.load_progress import loading_progress
 from asyncllm.models import CausalLM, build_model
 from asyncllm.runner import KVCacheSpec, ModelRunner
 from asyncllm.tokenizer import Tokenizer
@@ -56,6 +57,7 @@ def load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[Cau
     ``config``'s device and dtype, and build its tokenizer from the same checkpoint."""
     from asyncllm.loaders import load_checkpoint  # imported on use: it pulls in gguf and huggingface_hub
 
+    apply_num_threads(config)
     checkpoint = load_checkpoint(model, dequantize_weights=config.dequantize_weights)
     return model_from_checkpoint(checkpoint, config), load_tokenizer(checkpoint)
 
@@ -70,7 +72,10 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> Causa
     ops = get_kernel_ops(config.kernel_backend, device, native_kernels=config.native_kernels,
                          native_layer_max_rows=config.native_layer_max_rows)
     model = build_model(model_config, ops, dtype=dtype, device=device, quantization=checkpoint.quantization)
-    model.load_weights(checkpoint.tensors(dtype))
+    tensors = checkpoint.tensors(dtype)
+    if config.load_progress:
+        tensors = loading_progress(tensors, total=len(checkpoint.tensor_names()))
+    model.load_weights(tensors)
     return model
 
 
@@ -118,9 +123,20 @@ def max_model_len_for(model: CausalLM, spec: KVCacheSpec, limit: int | None = No
     return bound if limit is None else min(bound, limit)
 
 
+def apply_num_threads(config: EngineConfig) -> int:
+    """Set torch's intra-op threads, which the native C kernels also use, to ``config``'s
+    ``resolved_num_threads()``; return that count. Call it on the model thread: the setting is process-wide
+    (the last engine built wins) and takes effect for the thread teams started after it."""
+    threads = config.resolved_num_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def build_runner(model: CausalLM, config: EngineConfig) -> ModelRunner:
     """Allocate the KV pool and build the runner (recording decode graphs when they are used); call it on
     the model thread."""
+    apply_num_threads(config)
     device = config.resolved_device()
     spec = kv_cache_spec(config, model.config, device)
     return ModelRunner(

@@ -27,7 +27,13 @@ HELP = """commands:
   /load FILE      continue the transcript saved in FILE
   /stats          tokens, cached tokens and speed of the last reply
   /exit           quit (also Ctrl-D)
-Ctrl-C stops a reply in progress. A line that starts with '//' is sent as a message starting with '/'."""
+Ctrl-C stops a reply in progress. A line that starts with '//' is sent as a message starting with '/'.
+Several lines as one message: begin the first with three double quotes and end the last with them
+(a terminal's bracketed paste also sends a pasted block as one message)."""
+
+FENCE = '"""'
+PROMPT = "> "
+CONTINUATION_PROMPT = "... "
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,12 @@ class ChatConsole:
         self.last: ReplyStats | None = None
         self._reply: asyncio.Task[None] | None = None
         self._interrupted = False
+        self._block: list[str] | None = None  # the lines of a ``FENCE`` message not yet closed
+
+    @property
+    def prompt(self) -> str:
+        """What to prompt the next line with: ``PROMPT``, or ``CONTINUATION_PROMPT`` inside a ``FENCE`` block."""
+        return PROMPT if self._block is None else CONTINUATION_PROMPT
 
     async def close(self) -> None:
         await self.chat.close()
@@ -99,13 +111,30 @@ class ChatConsole:
         self.chat = new
 
     async def handle(self, line: str) -> bool:
-        """Act on one input line: a command, or a message whose reply is streamed to ``out``."""
+        """Act on one input line: a command, or a message whose reply is streamed to ``out``. A line holding
+        several lines (a bracketed paste) is one message; so are the lines between ``FENCE`` marks."""
+        if self._block is not None or line.lstrip().startswith(FENCE):
+            return await self._fenced(line)
         text = line.strip()
         if not text:
             return True
         if text.startswith("/") and not text.startswith("//"):
             return await self._command(text)
         await self._send(text[1:] if text.startswith("//") else text)
+        return True
+
+    async def _fenced(self, line: str) -> bool:
+        """Collect the lines of a ``FENCE`` block; send them as one message once the block closes."""
+        if self._block is None:
+            line = line.lstrip()[len(FENCE):]
+            self._block = []
+        closed = line.rstrip().endswith(FENCE)
+        self._block.append(line.rstrip()[: -len(FENCE)] if closed else line)
+        if not closed:
+            return True
+        text, self._block = "\n".join(self._block).strip(), None
+        if text:
+            await self._send(text)
         return True
 
     async def _command(self, text: str) -> bool:

@@ -121,7 +121,8 @@ async def _chat(args: argparse.Namespace) -> int:
     from asyncllm.engine import AsyncEngine
 
     model = _resolve_model(args.model)
-    print(f"loading {model} ...", file=sys.stderr)
+    if not args.quiet:
+        print(f"loading {model} ...", file=sys.stderr)
     engine = AsyncEngine.from_pretrained(model, **_engine_overrides(args))
     _enable_line_editing()
     loop = asyncio.get_running_loop()
@@ -149,7 +150,7 @@ async def _chat_loop(engine: Any, args: argparse.Namespace, loop: asyncio.Abstra
         print("chat ready: /help lists the commands, Ctrl-C stops a reply, /exit quits.", file=sys.stderr)
         try:
             while True:
-                reading = asyncio.ensure_future(_read_line("> "))
+                reading = asyncio.ensure_future(_read_line(console.prompt))
                 try:
                     line = await reading
                 except EOFError:

@@ -96,6 +96,12 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-scaling-factor", type=float, default=None, metavar="F",
                         help="extend the model's context F times with dynamic NTK rotary scaling, replacing "
                              "the checkpoint's own rope scaling (default: the checkpoint's)")
+    parser.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch's ops and the native kernels (default: the CPUs this process "
+                             "may use: affinity, cgroup quota and physical cores, the least of them)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar while the model loads (default: a bar on stderr when it is a "
+                             "terminal and loading takes over a second)")
     parser.add_argument("--dequantize-weights", action="store_true",
                         help="decode a quantized checkpoint (GGUF, AWQ, GPTQ, compressed-tensors) to dense "
                              "weights at load instead of keeping it packed (default: keep it packed)")
@@ -113,7 +119,7 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``EngineConfig`` keyword overrides that the ``engine_args`` options ask for."""
     overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
-    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs"):
+    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs", "num_threads"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.kv_cache_dtype != "auto":
@@ -126,6 +132,8 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["dequantize_weights"] = True
     if getattr(args, "rope_scaling_factor", None) is not None:
         overrides["rope_scaling_factor"] = args.rope_scaling_factor
+    if args.quiet:
+        overrides["load_progress"] = False
     return overrides
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from asyncllm.architectures import spec_for_hf_config, spec_named
+from asyncllm.cpu_threads import default_num_threads
 
 KernelBackendName = Literal["auto", "torch", "triton"]
 KV_CACHE_DTYPES: dict[str, int | None] = {"auto": None, "int8": 8, "int4": 4}
@@ -225,6 +226,15 @@ class EngineConfig:
     ``rope_scaling_factor``: extend the model's context this many times with dynamic NTK rotary scaling
     (``ModelConfig.with_rope_scaling_factor``): the model's positions, hence ``max_model_len``, grow by the
     factor; a scaling in the checkpoint's own config is replaced only when this is set.
+    ``num_threads``: the CPU threads of torch's intra-op ops and the native C kernels, set process-wide
+    (``torch.set_num_threads``) when the engine is built; ``None`` (the default) is
+    ``cpu_threads.default_num_threads()``: the CPUs this process may use (affinity, cgroup quota,
+    physical cores, the least of them). ``adaptive_threads``: on CPU, before each step, run on fewer threads
+    (at least 1) while other processes keep the allowed CPUs busy, and on ``num_threads`` again once they
+    stop (``thread_governor``).
+
+    ``load_progress``: while ``from_pretrained`` loads the weights, show a progress bar over the tensors on
+    stderr when stderr is a terminal and loading takes over a second (``load_progress.DELAY_S``).
 
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
@@ -259,6 +269,9 @@ class EngineConfig:
     quant_policy: int = 0
     kv_cache_bytes: int | None = None
     rope_scaling_factor: float | None = None
+    num_threads: int | None = None
+    adaptive_threads: bool = True
+    load_progress: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -292,6 +305,14 @@ class EngineConfig:
                  f"must be a bool, got {self.dequantize_weights!r}")
         if self.rope_scaling_factor is not None:
             _check_rope_scaling_factor(self.rope_scaling_factor)
+        _require(self.num_threads is None or (isinstance(self.num_threads, int)
+                                               and not isinstance(self.num_threads, bool)
+                                               and self.num_threads >= 1),
+                 "num_threads", f"must be an int >= 1 or None, got {self.num_threads!r}")
+        _require(isinstance(self.adaptive_threads, bool), "adaptive_threads",
+                 f"must be a bool, got {self.adaptive_threads!r}")
+        _require(isinstance(self.load_progress, bool), "load_progress",
+                 f"must be a bool, got {self.load_progress!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
@@ -309,6 +330,10 @@ class EngineConfig:
         if self.quant_policy:
             return self.quant_policy
         return KV_CACHE_DTYPES[self.kv_cache_dtype]
+
+    def resolved_num_threads(self) -> int:
+        """``num_threads``, or the CPUs this process may use (``cpu_threads.default_num_threads``)."""
+        return self.num_threads if self.num_threads is not None else default_num_threads()
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

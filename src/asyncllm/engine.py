@@ -22,6 +22,7 @@ from torch import nn
 
 from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
+from asyncllm.cpu_threads import affinity_cpus
 from asyncllm.event_loop import LoopHandle, LoopTask, Signal
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
@@ -35,6 +36,7 @@ from asyncllm.scheduler import ScheduledChunk, Scheduler, SchedulerStep
 from asyncllm.sequence import FinishReason
 from asyncllm.step_isolation import StepFailedError, run_step, step_error
 from asyncllm.streams import RequestStream, TextStream, call_in_loop
+from asyncllm.thread_governor import ThreadGovernor
 from asyncllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -118,6 +120,7 @@ class AsyncEngine:
         self._executor = worker or _model_thread()
         self._closing = False
         self._failure: BaseException | None = None
+        self._governor = _thread_governor(self.config)
         # Without an engine seed, unseeded requests must differ from one run to the next.
         runner.seed(self.config.seed if self.config.seed is not None else secrets.randbits(63))
 
@@ -230,6 +233,12 @@ class AsyncEngine:
     @property
     def failure(self) -> BaseException | None:
         return self._failure
+
+    def _run_step(self, chunks: Any, rows: Any) -> Any:
+        """One model step on the model thread, after the thread governor (if any) has had its say."""
+        if self._governor is not None:
+            self._governor.before_step()
+        return run_step(self._runner.step, chunks, rows)
 
     async def run_on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the engine's model thread, between model steps.
@@ -346,7 +355,7 @@ class AsyncEngine:
                     continue
                 # A failing step is rerun without the chunks that fail it (step_isolation): only those fail.
                 result = await self._loop.wait_future(self._executor.submit(
-                    run_step, self._runner.step, step.chunks, self._sampling_rows(step)))
+                    self._run_step, step.chunks, self._sampling_rows(step)))
                 for chunk, error in result.failed:
                     logger.error("model step failed for %s", chunk.seq.request_id, exc_info=error)
                     if chunk.seq.flush_only:
@@ -434,6 +443,14 @@ class AsyncEngine:
         self._pins.close(session_id)
         if self.is_running:
             await self._flushes.settled(session_id)
+
+
+def _thread_governor(config: EngineConfig) -> ThreadGovernor | None:
+    """The thread governor of a CPU engine with ``adaptive_threads`` and more than one thread, else None."""
+    if not config.adaptive_threads or config.resolved_device().type != "cpu":
+        return None
+    threads = config.resolved_num_threads()
+    return ThreadGovernor.create(threads, affinity_cpus()) if threads > 1 else None
 
 
 def _model_thread() -> ThreadPoolExecutor:

@@ -110,3 +110,23 @@ async def test_cancelling_the_caller_still_propagates(make_tiny_engine: Any) -> 
             raise AssertionError("the cancellation was swallowed")
         assert not console.chat.busy
         await console.close()
+
+
+async def test_fenced_and_pasted_lines_are_one_message(make_tiny_engine: Any) -> None:
+    async with make_tiny_engine() as engine:
+        console, out, _err = console_for(engine)
+        assert console.prompt == "> "
+        assert await console.handle('"""first line')
+        assert console.prompt == "... " and out.getvalue() == ""
+        assert await console.handle("/help is text here")
+        assert await console.handle('last line"""')
+        assert console.prompt == "> "
+        assert console.chat.messages[-2] == {"role": "user",
+                                             "content": "first line\n/help is text here\nlast line"}
+        assert out.getvalue().strip()  # one reply
+        assert await console.handle('"""one-liner"""')
+        assert console.chat.messages[-2]["content"] == "one-liner"
+        assert await console.handle("pasted\nblock of\nthree lines")  # a bracketed paste: one line read
+        assert console.chat.messages[-2]["content"] == "pasted\nblock of\nthree lines"
+        assert len(console.chat.messages) == 6
+        await console.close()

@@ -26,7 +26,8 @@ def cold_asyncllm(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec["threads"]))
     imported = time.perf_counter()
-    engine = AsyncEngine.from_pretrained(spec["model"], device="cpu")
+    engine = AsyncEngine.from_pretrained(spec["model"], device="cpu", num_threads=int(spec["threads"]),
+                                         adaptive_threads=False)
     loaded = time.perf_counter()
 
     async def first_token() -> float:
@@ -103,6 +104,10 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         from asyncllm.bench.ours import run_single
 
         return run_single(workload)
+    if task == "ours_contention":
+        from asyncllm.bench.ours import run_contention
+
+        return run_contention(workload)
     if task == "hf":
         from asyncllm.bench.peers_hf import run_hf
 

@@ -35,8 +35,15 @@ def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     expected = Path(spec["expect_src"]).resolve()
     if expected not in origin.parents:
         raise RuntimeError(f"asyncllm was imported from {origin}, not from {expected}")
+    threads: dict[str, int] = {}
+    fields = getattr(getattr(asyncllm, "EngineConfig", None), "__dataclass_fields__", {})
+    if "num_threads" in fields:  # trees that set threads
+        threads["num_threads"] = int(spec["threads"])
+    if "adaptive_threads" in fields:  # both trees on the same fixed thread count
+        threads["adaptive_threads"] = False
     start = time.perf_counter()
-    engine = AsyncEngine.from_pretrained(spec["model"], device="cpu", kv_cache_tokens=int(spec["kv_cache_tokens"]))
+    engine = AsyncEngine.from_pretrained(spec["model"], device="cpu", kv_cache_tokens=int(spec["kv_cache_tokens"]),
+                                         **threads)
     info = {
         "asyncllm_file": str(origin),
         "asyncllm_version": str(getattr(asyncllm, "__version__", "unknown")),

@@ -51,9 +51,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the llama.cpp single-stream runs (their ratio shows n/a)")
     add("--compare-dequantized", action="store_true",
         help="also run the throughput workload on a dequantize_weights=True load and report packed vs dense")
-    add("--threads", type=int, default=None,
+    add("--threads", type=int, default=None, metavar="N",
         help="threads for every measuring process: torch threads, llama.cpp n_threads "
-             "(default: torch.get_num_threads())")
+             "(default: the engine's default, the CPUs this process may use)")
     add("--kv-cache-tokens", type=int, default=None,
         help="asyncllm KV pool in tokens (default: sized to hold the whole workload)")
     add("--session-tokens", type=int, default=1500, help="transcript length by the last turn (default 1500)")
@@ -157,6 +157,8 @@ def plan(settings: BenchSettings, *, llamacpp: bool) -> list[tuple[str, str, lis
     if settings.wants("kvcache"):
         for dtype in KV_CACHE_DTYPES:  # back to back, so the three see the same state of a shared machine
             tasks.append((f"kvcache_{dtype}", "ours_kvcache", [dtype]))
+    if settings.wants("contention"):
+        tasks.append(("ours_contention", "ours_contention", []))
     if settings.wants("cold"):
         tasks.append(("cold_asyncllm", "cold_asyncllm", []))
         if not settings.skip_peer:
@@ -228,12 +230,11 @@ def run_bench(args: argparse.Namespace) -> int:
     missing; 2 for an invalid argument value (the message names it); 3 with ``--check`` when every process
     finished but a target was missed.
     """
-    import torch
-
     from asyncllm.assets import MISSING_DEFAULT_MODEL
     from asyncllm.bench.machine import collect_machine
     from asyncllm.bench.measurements import build_findings
     from asyncllm.bench.report import render_report, report_json, write_json
+    from asyncllm.cpu_threads import default_num_threads
 
     try:
         settings = BenchSettings.from_args(args)
@@ -244,7 +245,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if model is None:
         print(MISSING_DEFAULT_MODEL, file=sys.stderr)
         return 1
-    threads = settings.threads or torch.get_num_threads()
+    threads = settings.threads or default_num_threads()
     start = time.perf_counter()
     spec = build_workload(settings, model, threads)
     _log(f"model {model}; torch threads {threads}; KV pool {spec.kv_cache_tokens} tokens; "

@@ -211,6 +211,30 @@ def single_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) 
                          f"(attention {hf_all['attn_implementation']})")
 
 
+def contention_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -> None:
+    """Decode beside busy processes: its speed as a fraction of the quiet speed (same threads), and against
+    the quiet speed on one thread, of which it should keep at least half."""
+    result = _result(outcomes, "ours_contention")
+    contended = get(result, "contended", "decode_tokens_per_s")
+    busy = get(result, "competitors")
+    label = f"{busy} busy processes" if busy is not None else "busy processes"
+    out.rows += [
+        Row("2c", f"single-stream decode 1x{settings.tokens} beside {label}", "tok/s", contended,
+            get(result, "quiet", "decode_tokens_per_s"), True, REPORT_ONLY, "the same, quiet machine"),
+        Row("2c", f"single-stream decode 1x{settings.tokens} beside {label}, vs 1 thread", "tok/s", contended,
+            get(result, "quiet_one_thread", "decode_tokens_per_s"), True, Target("ratio_at_least", 0.5),
+            "quiet machine, 1 thread"),
+    ]
+    if result is not None:
+        env = ", ".join(f"{k}={v}" for k, v in result["openmp_env"].items()) or "none set"
+        ends = "; ".join(f"{name} {get(result, name, 'threads_at_end')}"
+                         for name in ("quiet", "contended", "quiet_one_thread"))
+        out.notes.append(f"[2c] {result['threads']} threads, each run a fresh engine after a warm-up; "
+                         f"competitors: {result['competitors']} Python processes spinning in a loop, one per "
+                         f"CPU of this process's affinity; OpenMP wait settings: {env}; engine threads at the "
+                         f"end of each run (the thread governor lowers them under contention): {ends}")
+
+
 def session_findings(settings: BenchSettings, outcomes: Outcomes, out: Findings) -> None:
     result = get(_result(outcomes, "ours_misc"), "session")
     session, stateless = get(result, "session"), get(result, "stateless")
@@ -305,6 +329,7 @@ _BUILDERS: dict[str, Callable[[BenchSettings, Outcomes, Findings], None]] = {
     "throughput": throughput_findings,
     "issue": issue_findings,
     "single": single_findings,
+    "contention": contention_findings,
     "session": session_findings,
     "cold": cold_findings,
     "memory": memory_findings,

@@ -3,13 +3,18 @@
 Every timed request is greedy with EOS ignored unless stated, so each one generates exactly the asked
 number of tokens; results count the tokens actually streamed, never the number asked for. Engines load
 with the library's defaults (a weight-only quantized checkpoint stays packed) unless an entry point is
-asked for ``dequantize_weights``, which decodes it to dense weights as ``EngineConfig`` describes.
+asked for ``dequantize_weights``, which decodes it to dense weights as ``EngineConfig`` describes. The
+thread governor (``EngineConfig.adaptive_threads``) is off wherever asyncllm is compared with a peer, so that
+both sides keep the same thread count; only the contention measurement runs with it, as by default.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +35,7 @@ from asyncllm.bench.workload import (
     WorkloadSpec,
     stamped_timing,
 )
+from asyncllm.cpu_threads import affinity_cpus
 from asyncllm.engine import AsyncEngine
 from asyncllm.models import CausalLM
 from asyncllm.runner import KVCacheSpec
@@ -54,7 +60,8 @@ def load_engine(spec: WorkloadSpec, *, dequantize_weights: bool = False) -> tupl
     torch.set_num_threads(spec.threads)
     start = time.perf_counter()
     engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_tokens=spec.kv_cache_tokens,
-                                         dequantize_weights=dequantize_weights)
+                                         dequantize_weights=dequantize_weights, num_threads=spec.threads,
+                                         adaptive_threads=False)
     return engine, time.perf_counter() - start
 
 
@@ -270,3 +277,55 @@ def run_misc(spec: WorkloadSpec) -> Result:
         engine = first if index == 0 else load_engine(spec)[0]
         out[job] = _MISC_JOBS[job](engine, spec)
     return out
+
+
+def busy_processes(count: int) -> list[subprocess.Popen[bytes]]:
+    """``count`` CPU-bound competitors: Python processes spinning in an endless loop (kill them after)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _single_decode(spec: WorkloadSpec, threads: int, competitors: int) -> Result:
+    """One greedy request of ``spec.max_tokens`` tokens on a freshly loaded engine with ``threads`` threads,
+    after a warm-up, beside ``competitors`` busy processes started just before the timed request."""
+    engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_tokens=spec.kv_cache_tokens,
+                                         num_threads=threads)
+
+    async def main() -> Result:
+        async with engine:
+            await _warm_up(engine, spec)
+            others = busy_processes(competitors)
+            try:
+                if others:
+                    await asyncio.sleep(0.5)  # let the scheduler spread them over the cores
+                run = await timed_stream(lambda: engine.stream_detailed(
+                    spec.prompts[0], max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True))
+                # the thread governor may have lowered the engine's threads during the run
+                run["threads_at_end"] = await engine.run_on_model_thread(torch.get_num_threads)
+                return run
+            finally:
+                for other in others:
+                    other.kill()
+                for other in others:
+                    other.wait()
+
+    return {"threads": threads, "competitors": competitors, **asyncio.run(main())}
+
+
+def run_contention(spec: WorkloadSpec) -> Result:
+    """Decode speed under CPU contention: one request quiet, then beside one busy process per CPU this
+    process may use, both with ``spec.threads`` threads; then quiet on one thread, the comparison point a
+    contended run should keep at least half of."""
+    competitors = len(affinity_cpus())
+    quiet = _single_decode(spec, spec.threads, 0)
+    contended = _single_decode(spec, spec.threads, competitors)
+    quiet_one = _single_decode(spec, 1, 0)
+    torch.set_num_threads(spec.threads)  # report the measured setting, as the other processes do
+    return {
+        "threads": spec.threads,
+        "competitors": competitors,
+        "openmp_env": {name: os.environ[name] for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+                       if name in os.environ},
+        "quiet": quiet,
+        "contended": contended,
+        "quiet_one_thread": quiet_one,
+    }

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-MEASUREMENTS: tuple[str, ...] = ("throughput", "issue", "single", "session", "cold", "memory", "kvcache")
+MEASUREMENTS: tuple[str, ...] = ("throughput", "issue", "single", "contention", "session", "cold", "memory",
+                                 "kvcache")
 """Measurement names accepted by ``--only``, in the order the report prints them.
 
 ``throughput``: N concurrent requests x M tokens vs HF ``generate_batch`` (and, with
 ``compare_dequantized``, vs asyncllm's own dequantized load); ``issue``: a smaller concurrent batch vs HF
 ``generate`` run one request after another; ``single``: one request's decode speed vs HF ``generate`` and
-vs llama.cpp on the same ``.gguf``, plus the memory-bandwidth roofline; ``session``: TTFT of the last turn
+vs llama.cpp on the same ``.gguf``, plus the memory-bandwidth roofline; ``contention``: one request's decode
+speed beside one busy process per CPU, as a fraction of the quiet speed and of the quiet speed on one
+thread; ``session``: TTFT of the last turn
 of a long chat inside a ``Session`` vs the same transcript sent stateless with prefix caching off;
 ``cold``: import + load + first token in fresh processes vs HF; ``memory``: peak RSS of the throughput
 process vs its budget, and the weight bytes of the default (packed) load vs the dequantized one;
