@@ -246,11 +246,18 @@ def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: i
     write_kv_cache_triton(k.to(device), v.to(device), got, slots.to(device))
     assert got.key_scales is not None and expected.key_scales is not None
     assert got.value_scales is not None and expected.value_scales is not None
-    torch.testing.assert_close(got.key_scales.cpu(), expected.key_scales)
-    torch.testing.assert_close(got.value_scales.cpu(), expected.value_scales)
-    for codes, want, pairs in ((got.key, expected.key, expected.key_scales),
-                               (got.value, expected.value, expected.value_scales)):
-        # the same codes, up to a value landing on a rounding boundary under another division order
-        moved = (_values(codes.cpu(), pairs, bits) - _values(want, pairs, bits)).abs()
-        assert bool((moved <= pairs[..., :1].double() * 1.001).all())
-        assert (codes.cpu() != want).float().mean() < 0.01
+    written = slots[slots >= 0]
+    for x, codes, pairs, want_pairs in ((k, got.key, got.key_scales, expected.key_scales),
+                                        (v, got.value, got.value_scales, expected.value_scales)):
+        # the pairs are the scheme's (the interpreter may round bfloat16 toward zero: within one of its steps)
+        torch.testing.assert_close(pairs.cpu(), want_pairs)
+        # and the codes, read back with the pairs stored beside them, stay within the scheme's bound
+        stored = _values(codes.cpu(), pairs.cpu(), bits).flatten(0, 1)[written]
+        original = x[slots >= 0].double()
+        assert bool(((stored - original).abs() <= quantization_error_bound(original, bits, dtype).double()).all())
+        untouched = torch.ones(codes.shape[0] * codes.shape[1], dtype=torch.bool)
+        untouched[written] = False
+        assert not bool(codes.cpu().flatten(0, 1)[untouched].any())
+    if dtype != torch.bfloat16:  # exactly the reference's codes, up to a value on a rounding boundary
+        assert (got.key.cpu() != expected.key).float().mean() < 0.01
+        assert (got.value.cpu() != expected.value).float().mean() < 0.01

@@ -119,8 +119,8 @@ def _write_quantized_kernel(
     low_odd, high_odd = _row_range(odd, mask)
     low, high = tl.minimum(low_even, low_odd), tl.maximum(high_even, high_odd)
     # the stored pair, rounded to the scales' dtype; codes are computed from the rounded values
-    scale = ((high - low) / QMAX).to(scales_ptr.dtype.element_ty).to(tl.float32)
-    zero = low.to(scales_ptr.dtype.element_ty).to(tl.float32)
+    scale = ((high - low) / QMAX).to(scales_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+    zero = low.to(scales_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
     code_even = _codes(even, scale, zero, QMAX)
     code_odd = _codes(odd, scale, zero, QMAX)
     base = block * stride_cb + offset * stride_cs + offs_h[:, None] * stride_ch
