@@ -5,6 +5,7 @@ a quantized KV cache with every bundle alike, and how ``config.json`` spellings 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -121,3 +122,36 @@ def test_hub_style_configs_map_onto_the_model_config() -> None:
     with pytest.raises(ValueError, match="layer_types"):
         ModelConfig.from_hf_config({**base, "model_type": "gemma2", "num_hidden_layers": 2,
                                     "layer_types": ["sliding_attention"]})
+
+
+@pytest.mark.parametrize("layout", ["all-sliding", "hybrid"])
+async def test_engine_drops_blocks_only_when_every_layer_slides(layout: str, chat_tokenizer: Any) -> None:
+    """An all-sliding Gemma 2 generates as Hugging Face does while the engine drops the blocks behind its
+    window (block size 4, window 8); the hybrid model's engine keeps every block."""
+    from asyncllm import AsyncEngine
+
+    extra = {"layer_types": ["sliding_attention"] * 2} if layout == "all-sliding" else {}
+    hf = hf_gemma2(seed=12, vocab_size=chat_tokenizer.vocab_size, max_position_embeddings=128, **extra)
+    prompt = random_ids(7, seed=12)
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    model = ours(hf, ops=CPU_OPS)
+    engine = AsyncEngine.from_model(model, chat_tokenizer, device="cpu", kv_cache_tokens=1024, block_size=4)
+    scheduler = engine._scheduler
+    assert scheduler.sliding_window == (GEMMA_WINDOW if layout == "all-sliding" else None)
+    dropped: list[int] = []
+    on_step_done = scheduler.on_step_done
+
+    def spy(chunks: Any) -> None:
+        chunks = list(chunks)
+        on_step_done(chunks)
+        dropped.extend(chunk.seq.num_dropped_blocks for chunk in chunks)
+
+    scheduler.on_step_done = spy  # type: ignore[method-assign]
+    async with engine:
+        completion = await engine.generate(prompt, max_tokens=32, temperature=0.0, ignore_eos=True)
+    assert completion.token_ids == want
+    # 39 tokens: the last query sees positions 31..38, so blocks 0..6 (tokens 0..27) are dropped by then
+    assert max(dropped) == (7 if layout == "all-sliding" else 0)
+    assert engine._blocks.num_referenced == 0
