@@ -94,11 +94,11 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     # sandwich-normed decoders with sliding-window layers (models/gemma.py)
     ArchitectureSpec(
         name="gemma2", model="gemma", hf_architectures=("Gemma2ForCausalLM",), hf_model_types=("gemma2",),
-        norm="rms_one_plus", activation="gelu_tanh",
+        gguf_architectures=("gemma2",), norm="rms_one_plus", activation="gelu_tanh",
     ),
     ArchitectureSpec(
         name="gemma3", model="gemma", hf_architectures=("Gemma3ForCausalLM",), hf_model_types=("gemma3_text",),
-        qk_norm=True, norm="rms_one_plus", activation="gelu_tanh",
+        gguf_architectures=("gemma3",), qk_norm=True, norm="rms_one_plus", activation="gelu_tanh",
     ),
 )
 
