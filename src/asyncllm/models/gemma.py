@@ -44,12 +44,25 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class OnePlusRMSNorm(RMSNorm):
     """Gemma's RMSNorm: ``x / sqrt(mean(x**2) + eps) * (1 + weight)``, computed in float32 and cast back to the
-    input's dtype (the checkpoint stores ``weight`` as the offset from one)."""
+    input's dtype (the checkpoint stores ``weight`` as the offset from one; ``1 + weight`` in float32 is
+    formed once, after loading)."""
+
+    scale: torch.Tensor
+
+    def __init__(self, hidden_size: int, eps: float, ops: KernelOps, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(hidden_size, eps, ops, dtype=dtype, device=device)
+        self.register_buffer("scale", torch.empty(hidden_size, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def process_weights_after_loading(self) -> None:
+        with torch.no_grad():
+            self.scale.copy_(1.0 + self.weight.float())
 
     def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor:  # type: ignore[override]
         if residual is not None:
             raise ValueError("residual: this norm does not fuse the residual add")
-        return self.ops.rms_norm(x.float(), 1.0 + self.weight.float(), self.eps).to(x.dtype)
+        return self.ops.rms_norm(x.float(), self.scale, self.eps).to(x.dtype)
 
 
 def _norm(build: _Build, size: int | None = None) -> OnePlusRMSNorm:
@@ -149,7 +162,8 @@ class GemmaModel(nn.Module):
         config, ops = build.config, build.ops
         self.ops = ops
         self.num_heads = config.num_attention_heads
-        self.hidden_size = config.hidden_size
+        # sqrt(hidden) rounded to the model dtype, as Hugging Face multiplies it
+        self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=build.dtype))
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=build.dtype,
                                            device=build.device,
                                            quant=build.quantization.embedding_quant("model.embed_tokens"))
@@ -180,7 +194,7 @@ class GemmaModel(nn.Module):
     ) -> torch.Tensor:
         meta = self.ops.plan_attention(meta, kv_caches[0], self.num_heads)
         hidden = self.embed_tokens(input_ids)
-        hidden = hidden * torch.tensor(self.hidden_size**0.5, dtype=hidden.dtype)
+        hidden = hidden * self.embed_scale
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(positions, hidden, meta, kv_cache)
         return self.norm(hidden)
