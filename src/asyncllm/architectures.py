@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-NormKind = Literal["rms"]
-ActivationKind = Literal["silu"]
+NormKind = Literal["rms", "rms_one_plus"]
+ActivationKind = Literal["silu", "gelu_tanh"]
 RopeKind = Literal["neox"]
 CheckpointLayout = Literal["llama", "phi3", "internlm2"]
 
@@ -35,7 +35,8 @@ class ArchitectureSpec:
       ``"internlm2"``: ``wqkv`` grouped per KV head, ``wo``, ``w1/w3/w2``; see
       ``asyncllm.models.checkpoint_layouts``);
     - ``tie_word_embeddings``: the LM head shares the embedding (``None``: ``tie_word_embeddings``);
-    - ``norm`` / ``activation``: the normalisation and the gated MLP's activation;
+    - ``norm`` / ``activation``: the normalisation (``"rms_one_plus"``: RMSNorm scaled by ``1 + weight``, in
+      float32) and the gated MLP's activation (``"gelu_tanh"``: GELU with the tanh approximation);
     - ``rope``: how rotary pairs dimensions (``"neox"``: rotate-half, the HF layout);
     - ``moe_renormalize``: for mixture-of-experts families (``model="moe"``), whether the top-k routing
       weights are renormalized to sum to one (``None``: ``norm_topk_prob``).
@@ -93,6 +94,15 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(
         name="qwen3_moe", model="moe", hf_architectures=("Qwen3MoeForCausalLM",), hf_model_types=("qwen3_moe",),
         gguf_architectures=("qwen3moe",), qk_norm=True,
+    ),
+    # sandwich-normed decoders with sliding-window layers (models/gemma.py)
+    ArchitectureSpec(
+        name="gemma2", model="gemma", hf_architectures=("Gemma2ForCausalLM",), hf_model_types=("gemma2",),
+        gguf_architectures=("gemma2",), norm="rms_one_plus", activation="gelu_tanh",
+    ),
+    ArchitectureSpec(
+        name="gemma3", model="gemma", hf_architectures=("Gemma3ForCausalLM",), hf_model_types=("gemma3_text",),
+        gguf_architectures=("gemma3",), qk_norm=True, norm="rms_one_plus", activation="gelu_tanh",
     ),
 )
 

@@ -92,6 +92,13 @@ class ModelConfig:
     against the checkpoint's config (see ``ArchitectureSpec``). ``moe`` is set for mixture-of-experts
     families only.
 
+    Read for the families that use them (Gemma 2/3; ``None`` / empty elsewhere): ``query_pre_attn_scalar``
+    (attention scale ``query_pre_attn_scalar ** -0.5`` instead of ``head_dim ** -0.5``),
+    ``attn_logit_softcapping`` / ``final_logit_softcapping`` (``cap * tanh(x / cap)`` on attention scores /
+    on the logits), ``sliding_window`` and ``sliding_layers`` (the layers that attend to only the last
+    ``sliding_window`` positions), and ``rope_local_theta`` (the rotary base of the sliding layers, which
+    take no rotary scaling; ``None``: every layer rotates alike).
+
     Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
     ``architecture`` is registered.
     """
@@ -119,6 +126,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     moe: MoeConfig | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -128,6 +141,13 @@ class ModelConfig:
                  f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
         _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        _require(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+                 f"must be positive or None, got {self.sliding_window}")
+        _require(all(0 <= i < self.num_hidden_layers for i in self.sliding_layers), "layer_types",
+                 f"sliding layers {self.sliding_layers} outside [0, {self.num_hidden_layers})")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, f"must be positive or None, got {value}")
         spec_named(self.architecture)
 
     def with_rope_scaling_factor(self, factor: float) -> ModelConfig:
@@ -141,11 +161,23 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (``None``: it attends to its whole context)."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
+    @property
+    def all_layers_sliding(self) -> bool:
+        """Whether every layer has a sliding window (then no layer reads keys older than it)."""
+        return self.sliding_window is not None and len(set(self.sliding_layers)) == self.num_hidden_layers
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict, resolving its family's flags from the registry;
         unknown architectures raise ``ValueError``."""
         spec = spec_for_hf_config(hf)
+        gemma = _gemma_fields(hf) if spec.model == "gemma" else {}
+        if gemma:
+            hf = gemma.pop("hf")
         heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
         eos = hf.get("eos_token_id")
@@ -198,7 +230,51 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=MoeConfig.from_hf_config(hf, spec.moe_renormalize) if spec.model == "moe" else None,
+            **gemma,
         )
+
+
+def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3's own ``config.json`` fields as ``ModelConfig`` fields, plus (``"hf"``) the config with its
+    global rotary settings where the generic parser reads them.
+
+    Layer ``i`` slides when ``layer_types[i] == "sliding_attention"``; without ``layer_types``, unless
+    ``(i + 1) % sliding_window_pattern == 0`` (Gemma 2 alternates: pattern 2; Gemma 3: 6). The sliding
+    layers' rotary base is ``rope_local_base_freq``, or, in the per-layer-type ``rope_parameters`` of newer
+    configs, the ``sliding_attention`` entry's ``rope_theta``; the global layers' come from ``rope_theta`` /
+    ``rope_scaling`` or the ``full_attention`` entry.
+    """
+    layers = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types")
+    if types is None:
+        default_pattern = 6 if hf.get("model_type") == "gemma3_text" or "rope_local_base_freq" in hf else 2
+        pattern = int(hf.get("sliding_window_pattern") or default_pattern)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    _require(len(types) == layers and set(types) <= {"sliding_attention", "full_attention"}, "layer_types",
+             f"expected {layers} of 'sliding_attention' / 'full_attention', got {types!r}")
+    window = hf.get("sliding_window")
+    local_theta = hf.get("rope_local_base_freq")
+    rope = hf.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        local = rope.get("sliding_attention") or {}
+        local_type = local.get("rope_type", "default")
+        _require(local_type == "default", "rope_parameters",
+                 f"sliding layers' rotary scaling {local_type!r} is not supported")
+        local_theta = local.get("rope_theta", local_theta)
+        hf = {**hf, "rope_parameters": rope["full_attention"]}
+    elif hf.get("model_type") == "gemma3_text" and local_theta is None:
+        local_theta = 10000.0
+    scalar = hf.get("query_pre_attn_scalar")
+    caps = {name: (float(hf[name]) if hf.get(name) else None)
+            for name in ("attn_logit_softcapping", "final_logit_softcapping")}
+    return {
+        "hf": {"tie_word_embeddings": True, **hf},  # Gemma checkpoints ship no LM head unless they say so
+        "query_pre_attn_scalar": None if scalar is None else float(scalar),
+        "sliding_window": int(window) if window else None,
+        "sliding_layers": tuple(i for i, kind in enumerate(types) if kind == "sliding_attention") if window else (),
+        "rope_local_theta": None if local_theta is None else float(local_theta),
+        **caps,
+    }
 
 
 @dataclass(frozen=True)

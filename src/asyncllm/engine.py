@@ -105,7 +105,9 @@ class AsyncEngine:
                                     enable_prefix_caching=self.config.enable_prefix_caching)
         self._pins = PinRegistry(self._blocks)
         self._scheduler = Scheduler(self._blocks, self._pins, max_num_seqs=self.config.max_num_seqs,
-                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
+                                    max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                    sliding_window=model_config.sliding_window if model_config.all_layers_sliding
+                                    else None)
         self.max_model_len = runner.max_model_len
         self._eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
         self._requests: dict[str, Request] = {}

@@ -7,6 +7,11 @@ pins are evicted first, then the newest running sequence is preempted by recompu
 released; it returns to the head of the queue and later re-admits through the prefix cache). Since
 the oldest sequence is never the victim while a newer one runs, and any single admitted sequence fits
 the whole pool, some sequence always progresses: the policy cannot deadlock.
+
+With ``sliding_window`` set (a model whose every layer attends to the last ``sliding_window`` positions
+only), a running sequence drops its references to the leading blocks that no later query can read
+(``droppable_blocks``), so they return to the pool while it runs. Models with any global layer (Gemma 2/3
+alternate sliding and global layers) keep every block: their global layers read the whole context.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ class SchedulerStep:
         return bool(self.chunks)
 
 
+def droppable_blocks(num_computed_tokens: int, window: int, block_size: int) -> int:
+    """Leading blocks no later query reads: the next query sits at ``num_computed_tokens`` or later and sees
+    keys after ``position - window``, so tokens ``<= num_computed_tokens - window`` are never read again."""
+    return max(0, (num_computed_tokens - window + 1) // block_size)
+
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -65,6 +76,7 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        sliding_window: int | None = None,
     ) -> None:
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs: must be positive, got {max_num_seqs}")
@@ -74,6 +86,9 @@ class Scheduler:
         self.pins = pins
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window: must be positive or None, got {sliding_window}")
+        self.sliding_window = sliding_window
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
         self.num_preemptions = 0
@@ -105,18 +120,23 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if seq.session_id is not None and reason != "abort" and seq.block_table:
+        if seq.session_id is not None and reason != "abort" and seq.block_table and not seq.num_dropped_blocks:
             computed = seq.num_computed_tokens
             keys = seq.block_keys[: computed // self.blocks.block_size]
             self.pins.pin(seq.session_id, PinnedKV(seq.token_ids[:computed], seq.block_table, keys))
         else:
-            self.blocks.release(seq.block_table)
+            self._release_blocks(seq)
         seq.block_table = []
         seq.block_keys = []
 
+    def _release_blocks(self, seq: SequenceState) -> None:
+        """Drop the references ``seq`` still holds (not those of its dropped leading blocks)."""
+        self.blocks.release(seq.block_table[seq.num_dropped_blocks :])
+        seq.num_dropped_blocks = 0
+
     def holders(self) -> list[list[int]]:
         """Every block table holding references: running and waiting sequences, then pins."""
-        tables = [s.block_table for s in (*self.running, *self.waiting) if s.block_table]
+        tables = [s.block_table[s.num_dropped_blocks :] for s in (*self.running, *self.waiting) if s.block_table]
         return tables + self.pins.tables()
 
     # -- the step ------------------------------------------------------------------------------
@@ -156,7 +176,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: SequenceState, step: SchedulerStep) -> None:
-        self.blocks.release(seq.block_table)
+        self._release_blocks(seq)
         seq.block_table = []
         seq.block_keys = []
         seq.num_computed_tokens = 0
@@ -227,13 +247,14 @@ class Scheduler:
         return hits, keys
 
     def _detach(self, seq: SequenceState) -> None:
-        self.blocks.release(seq.block_table)
+        self._release_blocks(seq)
         seq.block_table = []
         seq.block_keys = []
         seq.num_computed_tokens = 0
 
     def on_step_done(self, chunks: Iterable[ScheduledChunk]) -> None:
-        """Mark the chunks' tokens as computed and index newly completed blocks in the prefix cache."""
+        """Mark the chunks' tokens as computed and index newly completed blocks in the prefix cache; with a
+        sliding window, drop the blocks no later query reads."""
         size = self.blocks.block_size
         for chunk in chunks:
             seq = chunk.seq
@@ -247,3 +268,8 @@ class Scheduler:
                     seq.block_table[i], parent, seq.token_ids[i * size : (i + 1) * size]
                 )
                 seq.block_keys.append(key)
+            if self.sliding_window is not None:
+                dead = min(droppable_blocks(seq.num_computed_tokens, self.sliding_window, size), full)
+                if dead > seq.num_dropped_blocks:
+                    self.blocks.release(seq.block_table[seq.num_dropped_blocks : dead])
+                    seq.num_dropped_blocks = dead

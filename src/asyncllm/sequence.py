@@ -27,6 +27,9 @@ class SequenceState:
     lives in ``block_table`` (block ``i`` holds tokens ``i*B .. i*B+B-1``); ``block_keys`` has one chained
     key for each of the first ``len(block_keys)`` blocks, all of which are full and computed.
     ``session_id`` names the session whose pinned KV this request may inherit and hand back.
+    ``num_dropped_blocks``: the leading blocks of ``block_table`` whose references were dropped because no later
+    token can attend to them (a model whose every layer has a sliding window); their ids stay in the table
+    (positions keep their blocks) but may since hold other tokens, which attention never reads.
     ``flush_only``: the caller already has the final output; the sequence stays scheduled only until the
     KV of its last token is computed, then its blocks are pinned for the session (no sampling).
     """
@@ -42,6 +45,7 @@ class SequenceState:
     num_computed_tokens: int = 0
     num_cached_tokens: int | None = None
     num_preemptions: int = 0
+    num_dropped_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     flush_only: bool = False

@@ -20,8 +20,12 @@ def next_token(tokens: list[int], vocab: int = 5) -> int:
 
 
 class SimulatedKV:
-    def __init__(self, block_size: int) -> None:
+    """``window``: the model attends to the last ``window`` positions only, so a chunk reads (and must find
+    intact) only those before its first token."""
+
+    def __init__(self, block_size: int, window: int | None = None) -> None:
         self.block_size = block_size
+        self.window = window
         self.slots: dict[int, int] = {}
 
     def slot(self, table: list[int], position: int) -> int:
@@ -30,7 +34,8 @@ class SimulatedKV:
     def run(self, chunks: list[ScheduledChunk]) -> None:
         for chunk in chunks:
             seq = chunk.seq
-            for p in range(chunk.start):
+            first = 0 if self.window is None else max(0, chunk.start - self.window + 1)
+            for p in range(first, chunk.start):
                 found = self.slots.get(self.slot(seq.block_table, p))
                 if found != fingerprint(seq.token_ids[: p + 1]):
                     raise AssertionError(f"{seq.request_id}: KV at position {p} is not this sequence's")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from asyncllm.kv import BlockManager
 from asyncllm.kv.pins import PinRegistry
-from asyncllm.scheduler import Scheduler
+from asyncllm.scheduler import Scheduler, droppable_blocks
 from asyncllm.sequence import SequenceState, SequenceStatus
 
 from ._sim import SimulatedKV, next_token, run_step
@@ -24,12 +24,14 @@ def make_seq(tokens: list[int], max_new: int, session: str | None = None) -> Seq
 
 
 def make_scheduler(num_blocks: int, block_size: int, *, max_seqs: int = 8, budget: int = 16,
-                   prefix_caching: bool = True, sessions: tuple[str, ...] = ()) -> Scheduler:
+                   prefix_caching: bool = True, sessions: tuple[str, ...] = (),
+                   sliding_window: int | None = None) -> Scheduler:
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     pins = PinRegistry(blocks)
     for session in sessions:
         pins.open(session)
-    return Scheduler(blocks, pins, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    return Scheduler(blocks, pins, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                     sliding_window=sliding_window)
 
 
 def drain(scheduler: Scheduler, kv: SimulatedKV, max_new: dict[str, int], limit: int = 2000) -> int:
@@ -256,3 +258,84 @@ def test_turn_ending_after_its_session_closed_releases_instead_of_pinning() -> N
     scheduler.pins.close("s")  # the session closes while its turn runs
     drain(scheduler, kv, {turn.request_id: 4})
     assert "s" not in scheduler.pins and scheduler.blocks.num_referenced == 0
+
+
+# -- sliding-window models: blocks no later query reads go back to the pool -------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prompts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=30), min_size=1, max_size=8),
+    max_new=st.integers(1, 12),
+    num_blocks=st.integers(12, 40),
+    block_size=st.sampled_from([1, 2, 4]),
+    budget=st.integers(1, 24),
+    window=st.integers(1, 9),
+    prefix_caching=st.booleans(),
+    with_session=st.booleans(),
+)
+def test_sliding_window_workload_drops_blocks_without_leaks(
+    prompts: list[list[int]], max_new: int, num_blocks: int, block_size: int, budget: int, window: int,
+    prefix_caching: bool, with_session: bool,
+) -> None:
+    """Every chunk finds the last ``window`` positions intact, refcounts stay exact after each step (the
+    dropped blocks held by no one), and everything returns to the pool."""
+    sessions = ("s",) if with_session else ()
+    scheduler = make_scheduler(num_blocks, block_size, max_seqs=4, budget=budget, prefix_caching=prefix_caching,
+                               sessions=sessions, sliding_window=window)
+    kv = SimulatedKV(block_size, window=window)
+    seqs, limits = [], {}
+    for i, prompt in enumerate(prompts):
+        seq = make_seq(prompt, max_new, session="s" if with_session and i == 0 else None)
+        if scheduler.blocks.blocks_needed(seq.max_total_tokens) > num_blocks:
+            continue
+        scheduler.add(seq)
+        seqs.append(seq)
+        limits[seq.request_id] = max_new
+    drain(scheduler, kv, limits)
+    for seq in seqs:
+        assert seq.output_token_ids == reference_output(seq.token_ids[: seq.num_prompt_tokens], max_new)
+    if with_session:
+        scheduler.pins.release("s")
+    assert scheduler.blocks.num_referenced == 0
+    scheduler.blocks.check_invariants([])
+
+
+def test_sliding_window_sequence_holds_only_the_blocks_its_window_spans() -> None:
+    scheduler = make_scheduler(num_blocks=64, block_size=4, budget=8, prefix_caching=False, sliding_window=8)
+    kv = SimulatedKV(4, window=8)
+    seq = make_seq(list(range(5)) * 6, max_new=40)  # 30 prompt tokens, prefilled in chunks of 8
+    scheduler.add(seq)
+    decode_peak = 0
+    while seq.num_output_tokens < 40:
+        run_step(scheduler, kv)
+        if seq.num_output_tokens > 1:
+            decode_peak = max(decode_peak, scheduler.blocks.num_referenced)
+        scheduler.blocks.check_invariants(scheduler.holders())
+    # admission reserves the whole prompt (8 blocks); once decoding, the window's 8 tokens span at most 3
+    # blocks, plus the block the next token goes to: 4, where keeping all 70 tokens takes 18
+    assert seq.num_dropped_blocks == droppable_blocks(seq.num_computed_tokens, 8, 4) > 0
+    assert decode_peak <= 4
+    assert scheduler.blocks.num_referenced == len(seq.block_table) - seq.num_dropped_blocks <= 3
+    scheduler.finish(seq, "length")
+    assert scheduler.blocks.num_referenced == 0
+
+
+def test_without_a_window_every_block_is_kept() -> None:
+    """Hybrid models (Gemma 2/3: global layers read the whole context) run with no window here."""
+    scheduler = make_scheduler(num_blocks=64, block_size=4, budget=8, prefix_caching=False)
+    kv = SimulatedKV(4)
+    seq = make_seq(list(range(5)) * 6, max_new=10)
+    scheduler.add(seq)
+    while seq.num_output_tokens < 10:
+        run_step(scheduler, kv)
+    assert seq.num_dropped_blocks == 0
+    assert scheduler.blocks.num_referenced == len(seq.block_table) == scheduler.blocks.blocks_needed(40)
+
+
+def test_droppable_blocks_counts_blocks_wholly_before_the_window() -> None:
+    # next query at position 12 sees 5..12 (window 8): tokens 0..4 are dead, so block 0 (0..3) only
+    assert droppable_blocks(12, 8, 4) == 1
+    assert droppable_blocks(15, 8, 4) == 2
+    assert droppable_blocks(7, 8, 4) == 0
+    assert droppable_blocks(100, 1, 1) == 100

@@ -1,6 +1,6 @@
-"""GGUF files of the Qwen2, Qwen3, Phi-3 and InternLM2 architectures, written here with ``gguf.GGUFWriter``
-in llama.cpp's tensor names and layouts from a tiny random Hugging Face model, loaded and run against that
-model's logits."""
+"""GGUF files of the Qwen2, Qwen3, Phi-3, InternLM2, Gemma 2 and Gemma 3 architectures, written here with
+``gguf.GGUFWriter`` in llama.cpp's tensor names and layouts from a tiny random Hugging Face model, loaded and
+run against that model's logits."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ _LAYER = {
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
+_GEMMA_LAYER = {"pre_feedforward_layernorm": "ffn_norm", "post_attention_layernorm": "post_attention_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 
@@ -53,7 +55,9 @@ def write_family_gguf(path: pathlib.Path, arch: str, hf: PreTrainedModel) -> pat
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    gemma = arch in ("gemma2", "gemma3")
+    rope = config.rope_parameters["full_attention"] if arch == "gemma3" else config.rope_parameters
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
     tensors = {}
     tied = config.tie_word_embeddings
@@ -61,11 +65,13 @@ def write_family_gguf(path: pathlib.Path, arch: str, hf: PreTrainedModel) -> pat
         if name == "lm_head.weight" and tied:
             continue
         array = tensor.float().numpy()
+        if gemma and name.endswith("norm.weight"):
+            array = array + 1  # llama.cpp's Gemma conversion folds the (1 + w) in
         if name in _GLOBAL:
             tensors[_GLOBAL[name]] = array
             continue
         _, _, layer, *module, kind = name.split(".")
-        gguf_module = _LAYER[".".join(module)]
+        gguf_module = {**_LAYER, **(_GEMMA_LAYER if gemma else {})}[".".join(module)]
         if arch == "internlm2" and gguf_module in ("attn_q", "attn_k"):
             array = _llama_cpp_permute(array, heads if gguf_module == "attn_q" else kv_heads)
         tensors[f"blk.{layer}.{gguf_module}.{kind}"] = array
@@ -77,6 +83,17 @@ def write_family_gguf(path: pathlib.Path, arch: str, hf: PreTrainedModel) -> pat
         writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(original)))
         tensors["rope_factors_short.weight"] = np.asarray(rope["short_factor"], dtype=np.float32)
         tensors["rope_factors_long.weight"] = np.asarray(rope["long_factor"], dtype=np.float32)
+    if gemma:
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None) is not None:
+                getattr(writer, f"add_{key}")(getattr(config, key))
+    if arch == "gemma3":
+        writer.add_rope_freq_base_swa(config.rope_parameters["sliding_attention"]["rope_theta"])
+        if rope.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
     for name, array in tensors.items():
         writer.add_tensor(name, np.ascontiguousarray(array))
     writer.write_header_to_file()
@@ -86,10 +103,12 @@ def write_family_gguf(path: pathlib.Path, arch: str, hf: PreTrainedModel) -> pat
     return path
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "internlm2"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "internlm2", "gemma2", "gemma3"])
 def test_gguf_family_matches_hf(tmp_path: pathlib.Path, arch: str) -> None:
     overrides: dict[str, Any] = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}} \
         if arch == "internlm2" else {}
+    if arch in ("gemma2", "gemma3"):
+        overrides["query_pre_attn_scalar"] = 16  # GGUF files carry none: head_dim below 27B, as llama.cpp
     hf = FAMILIES[arch](seed=21, **overrides)
     checkpoint = load_checkpoint(write_family_gguf(tmp_path / f"{arch}.gguf", arch, hf))
     config = ModelConfig.from_hf_config(checkpoint.hf_config)

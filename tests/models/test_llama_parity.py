@@ -1,8 +1,10 @@
 """Our Llama-family model against Hugging Face ``transformers`` on tiny random models, in float32.
 
 Families: Llama, Qwen2, Qwen3 (q/k norms, ``head_dim`` != hidden / heads), Phi-3 (fused checkpoint
-projections, LongRoPE) and InternLM2 (a HF Llama converted here to InternLM2's published names and ``wqkv``
-packing, since ``transformers`` does not ship InternLM2).
+projections, LongRoPE), InternLM2 (a HF Llama converted here to InternLM2's published names and ``wqkv``
+packing, since ``transformers`` does not ship InternLM2) and Gemma 2 / Gemma 3 (their own model definition:
+sandwich norms, GELU, soft-capping, sliding-window layers with a window of 8 that the prompts here exceed,
+Gemma 3's per-layer-type rotary).
 
 HF runs each sequence alone with eager attention over the whole sequence; ours runs flat varlen batches
 through the paged KV cache (block size 4, shuffled block ids) through its one model path, with each kernel
@@ -20,7 +22,17 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, Phi3Config, PreTrainedModel, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Phi3Config,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
 from transformers import LlamaForCausalLM as HFLlama
 from transformers import Phi3ForCausalLM as HFPhi3
 from transformers import Qwen2ForCausalLM as HFQwen2
@@ -100,6 +112,36 @@ def hf_phi3(seed: int = 0, **overrides: Any) -> PreTrainedModel:
     settings = {**_SHAPE, "rope_parameters": PHI3_ROPE, "original_max_position_embeddings": 16,
                 "sliding_window": None, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
     model = HFPhi3(Phi3Config(**{**settings, **overrides})).eval()
+    _randomize(model, seed)
+    return model
+
+
+GEMMA_WINDOW = 8
+
+
+def hf_gemma2(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """Gemma 2: layer 0 slides (window 8), layer 1 is global; soft-capping small enough to bite."""
+    torch.manual_seed(seed)
+    settings = {**_SHAPE, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": GEMMA_WINDOW,
+                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0}
+    model = Gemma2ForCausalLM(Gemma2Config(**{**settings, **overrides})).eval()
+    _randomize(model, seed)
+    return model
+
+
+GEMMA3_ROPE: dict[str, Any] = {
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+}
+
+
+def hf_gemma3(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """Gemma 3 text: two sliding layers (window 8, local rotary base) then a global one (linear rope scaling)."""
+    torch.manual_seed(seed)
+    settings = {**_SHAPE, "num_hidden_layers": 3, "head_dim": 16, "query_pre_attn_scalar": 24,
+                "sliding_window": GEMMA_WINDOW, "rope_parameters": GEMMA3_ROPE,
+                "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**settings, **overrides})).eval()
     _randomize(model, seed)
     return model
 
@@ -207,7 +249,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert diff <= ATOL, f"max abs diff {diff:.3e} > {ATOL}"
 
 
-FAMILIES = {"llama": hf_llama, "qwen2": hf_qwen2, "qwen3": hf_qwen3, "phi3": hf_phi3, "internlm2": hf_internlm2}
+FAMILIES = {"llama": hf_llama, "qwen2": hf_qwen2, "qwen3": hf_qwen3, "phi3": hf_phi3, "internlm2": hf_internlm2,
+            "gemma2": hf_gemma2, "gemma3": hf_gemma3}
 OPS = {"reference": TORCH_OPS, "cpu": CPU_OPS, "cpu-torch-only": cpu_ops(native=False)}
 if os.environ.get("TRITON_INTERPRET") == "1":
     OPS["triton"] = get_kernel_ops("triton", torch.device("cpu"))
@@ -485,11 +528,12 @@ def test_llama_with_attention_bias_matches_hf() -> None:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_fused_decode_layers_only_where_they_compute_the_same(family: str) -> None:
-    """The fused CPU decode layer has no q/k norms: Qwen3's layers must not declare themselves fusable."""
+    """The fused CPU decode layer has no q/k norms: Qwen3's layers must not declare themselves fusable, nor
+    Gemma's (sandwich norms, GELU, soft-capping, windows)."""
     model = ours(FAMILIES[family](), ops=CPU_OPS, family=family)
-    assert isinstance(model, LlamaForCausalLM)
-    fusable = [layer.fused_weights() is not None for layer in model.model.layers]
-    assert fusable == [family != "qwen3"] * model.config.num_hidden_layers
+    layers = model.model.layers  # type: ignore[attr-defined]
+    fusable = [layer.fused_weights() is not None for layer in layers]
+    assert fusable == [family not in ("qwen3", "gemma2", "gemma3")] * model.config.num_hidden_layers
 
 
 def test_qwen3_honours_config_head_dim() -> None:
@@ -498,7 +542,7 @@ def test_qwen3_honours_config_head_dim() -> None:
     assert config.head_dim == 32 != config.hidden_size // config.num_attention_heads
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "internlm2"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "internlm2", "gemma2", "gemma3"])
 async def test_engine_greedy_matches_hf_generate(family: str, chat_tokenizer: Any) -> None:
     from asyncllm import AsyncEngine
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.metadata import AttentionMetadata, AttentionOptions
 from asyncllm.kernels.moe import moe_reference
 from asyncllm.kernels.quant_linear import quant_linear_reference
 from asyncllm.quant.packed import PackedWeight
@@ -39,8 +39,20 @@ SiluAndMul = Callable[[torch.Tensor], torch.Tensor]
 LinearOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 WriteKV = Callable[[torch.Tensor, torch.Tensor, KVCache, torch.Tensor], None]
 """``(k, v, cache, slot_mapping)``: scatter ``[T, Hk, D]`` keys/values into ``cache``; slots ``< 0`` are skipped."""
-PagedAttention = Callable[[torch.Tensor, KVCache, AttentionMetadata, float], torch.Tensor]
-"""``(q, cache, meta, scale) -> [T, Hq, D]``: causal attention of each sequence's new tokens over its context."""
+
+
+class PagedAttention(Protocol):
+    """``(q, cache, meta, scale, options=None) -> [T, Hq, D]``: causal attention of each sequence's new tokens
+    over its context; ``options`` (``AttentionOptions``: a sliding window, soft-capped scores) is a layer's,
+    ``None`` for plain causal attention."""
+
+    def __call__(self, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
+                 options: AttentionOptions | None = None, /) -> torch.Tensor: ...
+
+
+TensorAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float, AttentionOptions | None], torch.Tensor]
+"""``(q, k_cache, v_cache, meta, scale, options) -> [T, Hq, D]`` over plain cache tensors."""
 PlanAttention = Callable[[AttentionMetadata, KVCache, int], AttentionMetadata]
 """``(meta, first layer's cache, num_heads) -> meta``, possibly with ``plan`` set."""
 WeightLayout = Callable[[torch.Tensor], torch.Tensor]
@@ -142,7 +154,7 @@ class KernelOps:
 def on_cache(
     backend: str,
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor],
+    attend: TensorAttention,
     *,
     write_quantized: WriteKV | None = None,
     attend_quantized: PagedAttention | None = None,
@@ -158,10 +170,11 @@ def on_cache(
         cache.require_plain(backend)
         write(k, v, cache.key, cache.value, slot_mapping)
 
-    def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def paged_attention(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
+                        options: AttentionOptions | None = None, /) -> torch.Tensor:
         if cache.is_quantized and attend_quantized is not None:
-            return attend_quantized(q, cache, meta, scale)
+            return attend_quantized(q, cache, meta, scale, options)
         cache.require_plain(backend)
-        return attend(q, cache.key, cache.value, meta, scale)
+        return attend(q, cache.key, cache.value, meta, scale, options)
 
     return write_kv, paged_attention

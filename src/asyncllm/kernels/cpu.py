@@ -18,13 +18,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from asyncllm.kernels.attention import BlockReader, gather_context, gather_padded_contexts
+from asyncllm.kernels.attention import (
+    BlockReader,
+    gather_context,
+    gather_padded_contexts,
+    masked_attention,
+    visible_keys,
+    window_valid,
+)
 from asyncllm.kernels.bundle import KernelOps, no_attention_plan, on_cache
 from asyncllm.kernels.cpu_fused import CpuFusedDecode
 from asyncllm.kernels.cpu_native import NativeKernels
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.kv_write import write_kv_cache_reference
-from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.metadata import AttentionMetadata, AttentionOptions, plain_options
 from asyncllm.kernels.moe import moe_cpu
 from asyncllm.kernels.native_attention import DecodeAttentionPlan
 from asyncllm.kernels.native_quant import cpu_quant_linear
@@ -146,24 +153,28 @@ def write_kv_cpu(
 
 
 def paged_attention_cpu(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_cache_cpu`` over plain cache tensors."""
-    return paged_attention_cache_cpu(q, KVCache(k_cache, v_cache), meta, scale)
+    return paged_attention_cache_cpu(q, KVCache(k_cache, v_cache), meta, scale, options)
 
 
-def paged_attention_cache_cpu(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention_cache_cpu(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
+                              options: AttentionOptions | None = None) -> torch.Tensor:
     """With a native plan on ``meta`` (decode steps of float32 queries), the C kernel reads the cache in place,
-    codes and all; otherwise batched torch ops over the gathered blocks (a quantized cache's dequantized)."""
+    codes and all; otherwise batched torch ops over the gathered blocks (a quantized cache's dequantized).
+    ``options``: a sliding window and soft-capping (``AttentionOptions``), honoured by both."""
+    options = None if plain_options(options) else options
     if isinstance(meta.plan, DecodeAttentionPlan) and q.dtype == torch.float32:
-        return meta.plan.run(q, cache, scale).view(q.shape)
-    return _attend(q, cache.read_blocks, cache.block_size, meta, scale)
+        return meta.plan.run(q, cache, scale, options).view(q.shape)
+    return _attend(q, cache.read_blocks, cache.block_size, meta, scale, options)
 
 
 def _attend(q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
+            scale: float, options: AttentionOptions | None = None) -> torch.Tensor:
     if meta.is_decode_only:
-        return _decode(q, read, block_size, meta, scale)
+        return _decode(q, read, block_size, meta, scale, options)
     out = torch.empty_like(q)
     tables = meta.block_tables
     begin = 0
@@ -173,7 +184,12 @@ def _attend(q: torch.Tensor, read: BlockReader, block_size: int, meta: Attention
         # 13x slower on a 256-token GQA prefill)
         queries = q[begin : begin + n].transpose(0, 1).unsqueeze(0)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)
-        if n == length:
+        if options is not None:
+            mask = visible_keys(torch.arange(length - n, length), torch.arange(length), options.sliding_window)
+            groups = queries.shape[1] // keys.shape[1]
+            res = masked_attention(queries, keys.repeat_interleave(groups, dim=1),
+                                   values.repeat_interleave(groups, dim=1), mask, scale, options.softcap)
+        elif n == length:
             res = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
             mask = torch.ones(n, length, dtype=torch.bool).tril_(length - n)
@@ -183,12 +199,17 @@ def _attend(q: torch.Tensor, read: BlockReader, block_size: int, meta: Attention
     return out
 
 
-def _decode(q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, read: BlockReader, block_size: int, meta: AttentionMetadata, scale: float,
+            options: AttentionOptions | None = None) -> torch.Tensor:
     """Batched decode: one gather of whole blocks per sequence; padding is masked (weight exactly 0), and
     every slot is finite (the runner's guarantee), so it needs no clearing."""
     batch, num_heads, head_dim = q.shape
     keys, values, valid = gather_padded_contexts(read, block_size, meta)
     queries = q.view(batch, keys.shape[1], -1, head_dim)
+    if options is not None:
+        valid = window_valid(valid, meta, options)
+        out = masked_attention(queries, keys, values, valid[:, None, None, :], scale, options.softcap)
+        return out.reshape(batch, num_heads, head_dim)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(batch, num_heads, head_dim)
 

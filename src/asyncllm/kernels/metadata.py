@@ -45,3 +45,36 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Per-layer variations of paged attention, the same for every step (``None`` or the default: plain causal).
+
+    ``window``: sliding-window attention; a query at position ``p`` sees only keys at ``p - window < k <= p``
+    (``None`` or ``0``: every earlier key). ``softcap``: attention-logit soft-capping, each scaled score ``s``
+    replaced by ``softcap * tanh(s / softcap)`` before the softmax (``None``: none).
+    """
+
+    window: int | None = None
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 0:
+            raise ValueError(f"window: must be >= 0 (0: full attention), got {self.window}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap: must be positive, got {self.softcap}")
+
+    @property
+    def sliding_window(self) -> int:
+        """The window, ``0`` for full attention."""
+        return self.window or 0
+
+    @property
+    def is_plain(self) -> bool:
+        return not self.window and self.softcap is None
+
+
+def plain_options(options: AttentionOptions | None) -> bool:
+    """Whether ``options`` asks for plain causal attention (no window, no soft-capping)."""
+    return options is None or options.is_plain

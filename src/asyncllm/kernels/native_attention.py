@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.metadata import AttentionOptions
 from asyncllm.kernels.native_build import load_native_library
 
 _SOURCE = "decode_attention.c"
-_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int32]
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64, ctypes.c_float,
+                                                          ctypes.c_int32]
 MAX_GROUPS = 64  # query heads per KV head the C kernel keeps per-row sums for
 MAX_QUANTIZED_HEAD_DIM = 512  # the C quantizer's row buffer
 
@@ -129,10 +131,12 @@ class DecodeAttentionPlan:
     threads: int
     bits: int | None = None
 
-    def run(self, q: torch.Tensor, cache: KVCache, scale: float) -> torch.Tensor:
+    def run(self, q: torch.Tensor, cache: KVCache, scale: float,
+            options: AttentionOptions | None = None) -> torch.Tensor:
         """``q`` ``[B, num_heads, head_dim]`` float32 (each sequence's heads contiguous; the batch stride
         is free, so a slice of a fused QKV output needs no copy) over ``cache`` (of the plan's shape and
-        bits) -> ``[B, num_heads * head_dim]``."""
+        bits) -> ``[B, num_heads * head_dim]``; ``options``: a sliding window and soft-capping (the kernel
+        starts at the window's first token, so older blocks are not read)."""
         _num_blocks, block_size, kv_heads, head_dim = self.cache_shape
         batch = self.seq_lens.shape[0]
         if q.shape != (batch, self.num_heads, head_dim) or q.dtype != torch.float32 or q.device.type != "cpu":
@@ -149,6 +153,7 @@ class DecodeAttentionPlan:
             q.data_ptr(), ctypes.byref(kv), self.block_tables.data_ptr(),
             self.seq_lens.data_ptr(), out.data_ptr(), self.scratch.data_ptr(),
             batch, self.num_heads, kv_heads, head_dim, block_size, self.block_tables.shape[1], self.max_len,
-            q.stride(0), scale, self.threads,
+            q.stride(0), scale, 0 if options is None else options.sliding_window,
+            0.0 if options is None or options.softcap is None else options.softcap, self.threads,
         )
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.metadata import AttentionMetadata, AttentionOptions
 from asyncllm.kernels.triton_decode import paged_decode_attention
 from asyncllm.kernels.triton_prefill import paged_prefill_attention
 
@@ -16,21 +16,25 @@ def paged_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """Split-KV decode when every sequence has one new token (``meta.is_decode_only``), else the varlen
     causal prefill kernel. Chooses by host-side metadata only, so it never synchronises the device."""
     if meta.is_decode_only:
-        return paged_decode_attention(q, k_cache, v_cache, meta, scale)
-    return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, options=options)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, options=options)
 
 
 def paged_attention_cache_triton(
-    q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
+    options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_triton`` over a quantized ``KVCache``: the kernels read its codes and scales in place."""
     if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
-        return paged_attention_triton(q, cache.key, cache.value, meta, scale)
+        return paged_attention_triton(q, cache.key, cache.value, meta, scale, options)
     scales = (cache.key_scales, cache.value_scales)
     if meta.is_decode_only:
-        return paged_decode_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits)
-    return paged_prefill_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits)
+        return paged_decode_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits,
+                                      options=options)
+    return paged_prefill_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits,
+                                   options=options)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.metadata import AttentionMetadata, AttentionOptions
 from asyncllm.kernels.triton_flash import attend_tile, load_kv_tile
 from asyncllm.kernels.triton_launch import (
     LOG2E,
@@ -80,7 +80,7 @@ def plan_splits(
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_out_ptr, part_lse_ptr,
-    qk_scale, split_len,
+    qk_scale, softcap, window, split_len,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_sb, stride_ss, stride_sh,
@@ -90,6 +90,7 @@ def _decode_split_kernel(
     GROUPS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BITS: tl.constexpr,
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,6 +98,9 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    if WINDOW:
+        # the query sits at seq_len - 1 and sees the last `window` keys: skip what lies before them
+        start = tl.maximum(start, seq_len - window)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -123,7 +127,7 @@ def _decode_split_kernel(
                          stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
                          BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
         valid = (offs_g[:, None] >= 0) & mask_n[None, :]
-        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, PRECISION, UPCAST, SOFTCAP)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -165,6 +169,15 @@ def _decode_merge_kernel(
     )
 
 
+def softcap_log2(options: AttentionOptions | None) -> float:
+    """The soft-capping bound in the kernels' log2 score domain, 0.0 for none."""
+    return 0.0 if options is None or options.softcap is None else options.softcap * LOG2E
+
+
+def window_of(options: AttentionOptions | None) -> int:
+    return 0 if options is None else options.sliding_window
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -181,6 +194,7 @@ def paged_decode_attention(
     *,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     bits: int = 0,
+    options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_reference`` for a decode-only batch (row ``i`` of ``q`` is sequence ``i``'s
     single new token). Grids come from host ints in ``meta``; the device is never synchronised. A
@@ -188,7 +202,8 @@ def paged_decode_attention(
 
     ``meta.max_seq_len`` only has to bound the true lengths in ``meta.seq_lens`` (splits past a
     sequence's end are empty and weigh nothing in the merge), so a launch sized for a maximum length,
-    as a captured CUDA graph is, stays correct for any shorter batch.
+    as a captured CUDA graph is, stays correct for any shorter batch. ``options``: a sliding window (splits
+    start no earlier than the window's first key; wholly older ones are empty) and soft-capping.
     """
     num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits)
     if not meta.is_decode_only or q.shape[0] != meta.num_seqs:
@@ -213,12 +228,13 @@ def paged_decode_attention(
     k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when BITS == 0
     _decode_split_kernel[(meta.num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, k_scales, v_scales, meta.block_tables, meta.seq_lens, out, part_out, part_lse,
-        scale * LOG2E, split_len,
+        scale * LOG2E, softcap_log2(options), window_of(options), split_len,
         *q.stride(), *k_cache.stride(), *k_scales.stride()[:3], meta.block_tables.stride(0), *out.stride(),
         *part_strides,
         GROUPS=groups, GROUP_PAD=pow2_at_least(groups, MIN_DOT_DIM), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_N=launch.block_n, BLOCK_SIZE=k_cache.shape[1], DIRECT=direct,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), BITS=bits,
+        SOFTCAP=softcap_log2(options) > 0, WINDOW=window_of(options) > 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:

@@ -45,17 +45,22 @@ def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, m
 
 
 @triton.jit
-def attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     """Fold one KV tile into the running softmax state of every query row.
 
     ``q`` ``[M, D]``, ``k``/``v`` ``[N, D]``, ``valid`` ``[M, N]`` (which keys each row may see).
     A row that has seen no valid key keeps ``m = -inf``, ``l = 0``, ``acc = 0`` (never NaN).
+    With ``SOFTCAP``, scores are soft-capped: ``softcap`` is the cap times ``log2(e)`` (the log2 domain), and
+    a score ``s`` becomes ``softcap * tanh(s / softcap)``.
     """
     if UPCAST:
         q = q.to(tl.float32)
         k = k.to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow trouble
+        scores = softcap * (1.0 - 2.0 / (tl.math.exp2(scores * (2.0 * 1.4426950408889634 / softcap)) + 1.0))
     scores = tl.where(valid, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from asyncllm.kernels.metadata import AttentionMetadata
+from asyncllm.kernels.metadata import AttentionMetadata, AttentionOptions
+from asyncllm.kernels.triton_decode import softcap_log2, window_of
 from asyncllm.kernels.triton_flash import attend_tile, load_kv_tile
 from asyncllm.kernels.triton_launch import (
     LOG2E,
@@ -55,7 +56,7 @@ def default_prefill_launch(head_dim: int, dtype: torch.dtype) -> PrefillLaunch:
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, block_tables_ptr, seq_lens_ptr,
     query_start_ptr, out_ptr,
-    qk_scale,
+    qk_scale, softcap, window,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_sb, stride_ss, stride_sh,
@@ -64,6 +65,7 @@ def _prefill_kernel(
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BITS: tl.constexpr,
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -96,6 +98,12 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    band_start = shared_end
+    if WINDOW:
+        # Sliding window: each row sees keys in (position - window, position]; no tile is shared by every
+        # row, and the band starts at the tile holding the first row's oldest visible key.
+        band_start = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        shared_end = band_start * 0
     # Whole tiles at or before the first row's position: every row sees every key.
     for tile in range(0, shared_end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
@@ -107,9 +115,9 @@ def _prefill_kernel(
                          stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
                          BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
         valid = (offs_m[:, None] >= 0) & all_n[None, :]
-        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, PRECISION, UPCAST, SOFTCAP)
     # The diagonal band: key visible iff it is not after the row's position.
-    for tile in range(shared_end, last_pos + 1, BLOCK_N):
+    for tile in range(band_start, last_pos + 1, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         mask_n = offs_n <= last_pos
         k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
@@ -119,7 +127,9 @@ def _prefill_kernel(
                          stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
                          BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
         valid = (offs_n[None, :] <= positions[:, None]) & mask_n[None, :]
-        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
+        if WINDOW:
+            valid = valid & (offs_n[None, :] > positions[:, None] - window)
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, PRECISION, UPCAST, SOFTCAP)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_rows = (q_start + token).to(tl.int64) * stride_ot + heads * stride_oh
@@ -137,12 +147,14 @@ def paged_prefill_attention(
     *,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     bits: int = 0,
+    options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_reference`` for any batch (prefill, extend, decode rows mixed in); a quantized
     cache passes its ``bits`` and (key, value) ``scales`` (see ``check_paged_inputs``).
 
     Grids come from host ints in ``meta``; the device is never synchronised. ``meta.max_query_len``
-    only has to bound the true query lengths: programs past a sequence's rows exit at once.
+    only has to bound the true query lengths: programs past a sequence's rows exit at once. ``options``: a
+    sliding window (tiles wholly before a program's window are skipped) and soft-capping.
     """
     num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -154,11 +166,12 @@ def paged_prefill_attention(
     k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when BITS == 0
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_scales, v_scales, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
-        scale * LOG2E,
+        scale * LOG2E, softcap_log2(options), window_of(options),
         *q.stride(), *k_cache.stride(), *k_scales.stride()[:3], meta.block_tables.stride(0), *out.stride(),
         GROUPS=groups, HEAD_DIM=head_dim, D_PAD=pow2_at_least(head_dim, MIN_DOT_DIM),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_SIZE=k_cache.shape[1],
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), BITS=bits,
+        SOFTCAP=softcap_log2(options) > 0, WINDOW=window_of(options) > 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

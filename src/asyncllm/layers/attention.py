@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
+from asyncllm.kernels import AttentionMetadata, AttentionOptions, KernelOps, KVCache
 
 
 class PagedAttention(nn.Module):
@@ -14,11 +14,13 @@ class PagedAttention(nn.Module):
     ``q`` is ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]`` (already rotated); ``kv_cache`` is this layer's
     ``KVCache`` (``[num_blocks, block_size, Hk, D]`` keys and values), owned by the caller. Token ``t`` is
     written to slot ``meta.slot_mapping[t]`` before attention reads it, so a sequence's new tokens see
-    each other causally and its whole cached prefix. Returns ``[T, Hq, D]`` in ``q.dtype``.
+    each other causally and its whole cached prefix (the last ``options.window`` keys of it with a sliding
+    window; scores soft-capped with ``options.softcap``). Returns ``[T, Hq, D]`` in ``q.dtype``.
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, ops: KernelOps, *, scale: float | None = None
+        self, num_heads: int, num_kv_heads: int, head_dim: int, ops: KernelOps, *, scale: float | None = None,
+        options: AttentionOptions | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -27,6 +29,7 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
+        self.options = None if options is None or options.is_plain else options
         self.ops = ops
 
     def forward(
@@ -43,7 +46,10 @@ class PagedAttention(nn.Module):
                 f"got {tuple(kv_cache.shape)}" + ("" if kv_cache.bits is None else f" int{kv_cache.bits} codes")
             )
         self.ops.write_kv(k, v, kv_cache, meta.slot_mapping)
-        return self.ops.paged_attention(q, kv_cache, meta, self.scale)
+        if self.options is None:
+            return self.ops.paged_attention(q, kv_cache, meta, self.scale)
+        return self.ops.paged_attention(q, kv_cache, meta, self.scale, self.options)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        extra = "" if self.options is None else f", window={self.options.window}, softcap={self.options.softcap}"
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}{extra}"

@@ -1,6 +1,7 @@
 """GGUF checkpoints of the registry's GGUF architectures (``llama``, ``qwen2``, ``qwen3``, ``phi3``,
-``internlm2``, and the mixture-of-experts ``qwen2moe`` and ``qwen3moe``), presented as Hugging Face tensors of
-their family. A ``llama`` file with ``llama.expert_count`` > 0 is a Mixtral-style model and loads as ``mixtral``.
+``internlm2``, ``gemma2``, ``gemma3``, and the mixture-of-experts ``qwen2moe`` and ``qwen3moe``), presented as
+Hugging Face tensors of their family. A ``llama`` file with ``llama.expert_count`` > 0 is a Mixtral-style model
+and loads as ``mixtral``.
 
 ``load_gguf`` parses the header, builds a ``config.json``-style dict from the ``llama.*`` and
 ``tokenizer.ggml.*`` metadata and checks every tensor's name and storage type up front, so an
@@ -35,6 +36,14 @@ Layout conversions (the inverse of llama.cpp's ``convert_hf_to_gguf.py``):
   always for ``qwen3moe`` and Mixtral, never for ``qwen2moe``). The mixture-of-experts model holds dense
   weights only, so every block-quantized tensor of such a file is decoded to floats at load, as if
   ``dequantize_weights=True``.
+- ``gemma2`` / ``gemma3`` files (rotate-half rotary, HF rows) store every norm weight with llama.cpp's ``+ 1``
+  folded in; it is taken back out (``(1 + w)`` norms). ``ffn_norm`` is the pre-feed-forward norm,
+  ``post_attention_norm`` / ``post_ffw_norm`` the post-attention / post-feed-forward norms. The files carry
+  no ``query_pre_attn_scalar``: as llama.cpp, it is ``hidden / heads`` for the 27B models (46 layers for
+  Gemma 2, 62 for Gemma 3) and ``head_dim`` otherwise. Layers slide per
+  ``attention.sliding_window_pattern`` (a period, or one flag per layer), by default every other layer
+  from the first (Gemma 2) or five of every six (Gemma 3); Gemma 3's sliding layers rotate with
+  ``rope.freq_base_swa`` (default 10000).
 """
 
 from __future__ import annotations
@@ -63,6 +72,15 @@ _INTERLEAVED_ROTARY = frozenset({"llama", "internlm2"})
 """Architectures whose llama.cpp conversion permutes the q/k rows for pairwise rotary."""
 _FUSED = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 """Per architecture, GGUF modules holding fused projections, and the Hugging Face module of each."""
+
+_GEMMA = frozenset({"gemma2", "gemma3"})
+"""Architectures with ``(1 + w)`` norms (stored as ``1 + w``), sandwich norms and sliding-window layers."""
+_GEMMA_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -105,7 +123,8 @@ def hf_tensor_name(gguf_name: str, num_layers: int, architecture: str = "llama",
     mixture-of-experts layers when ``moe``); ``ValueError`` for unknown names."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    names = {**_LAYER_NAMES, **_FUSED.get(architecture, {}), **(_MOE_LAYER_NAMES if moe else {})}
+    names = {**_LAYER_NAMES, **_FUSED.get(architecture, {}), **(_MOE_LAYER_NAMES if moe else {}),
+             **(_GEMMA_NAMES if architecture in _GEMMA else {})}
     match = _LAYER_TENSOR.fullmatch(gguf_name)
     if match is not None and match.group(2) in names and int(match.group(1)) < num_layers:
         layer, module, kind = match.groups()
@@ -229,6 +248,8 @@ def gguf_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         config["rope_scaling"] = rope_scaling
     if spec.model == "moe":
         config.update(_moe_config(gguf, str(architecture), config))
+    if architecture in _GEMMA:
+        config.update(_gemma_config(meta, str(architecture), config))
     return config
 
 
@@ -254,6 +275,33 @@ def _moe_config(gguf: GGUFFile, architecture: str, config: dict[str, Any]) -> di
         "decoder_sparse_step": 1,
         "norm_topk_prob": bool(renormalize),
     }
+
+
+def _gemma_config(meta: dict[str, Any], architecture: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3 ``config.json`` fields from a GGUF file's metadata (see the module docstring)."""
+    prefix = f"{architecture}."
+    layers = config["num_hidden_layers"]
+    pattern = meta.get(prefix + "attention.sliding_window_pattern", 2 if architecture == "gemma2" else 6)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise ValueError(f"{prefix}attention.sliding_window_pattern: {len(pattern)} flags for {layers} layers")
+        sliding = [bool(flag) for flag in pattern]
+    else:
+        sliding = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    heads = config["num_attention_heads"]
+    big = layers == _GEMMA_27B_LAYERS[architecture]
+    fields: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": _field(meta, prefix + "attention.sliding_window", int),
+        "layer_types": ["sliding_attention" if flag else "full_attention" for flag in sliding],
+        "query_pre_attn_scalar": config["hidden_size"] // heads if big else config["head_dim"],
+    }
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if prefix + key in meta:
+            fields[key] = _field(meta, prefix + key, float)
+    if architecture == "gemma3":
+        fields["rope_local_base_freq"] = _field(meta, prefix + "rope.freq_base_swa", float, 10000.0)
+    return fields
 
 
 def _longrope_scaling(gguf: GGUFFile, prefix: str, head_dim: int) -> dict[str, Any]:
@@ -295,6 +343,8 @@ class GGUFSource:
     rotary_heads: dict[str, int]
     packed: frozenset[str] = frozenset()
     """GGUF names of the tensors streamed as codes (the rest are decoded to floats)."""
+    norm_offset: float = 0.0
+    """Subtracted from every norm weight (Gemma files store ``1 + w``)."""
 
     def tensor_names(self) -> tuple[str, ...]:
         return tuple(name for gguf_name, hf_name in self.names for name in self._hf_names(gguf_name, hf_name))
@@ -320,6 +370,8 @@ class GGUFSource:
             values = values.reshape(info.torch_shape)
             if hf_name.endswith(".shared_expert_gate.weight") and values.dim() == 1:
                 values = values.unsqueeze(0)  # llama.cpp may store the [1, H] gate as [H]
+            if self.norm_offset and hf_name.endswith("norm.weight"):
+                values = values - self.norm_offset
             yield hf_name, values if heads is None else unpermute_rotary_rows(values, heads)
 
 
@@ -368,5 +420,6 @@ def load_gguf(path: pathlib.Path, *, dequantize_weights: bool = False) -> Checkp
             rotary_heads[info.name] = config["num_key_value_heads"]
     quantization: QuantizationConfig = WeightOnlyQuantization("gguf", layers) if layers else UNQUANTIZED
     return Checkpoint(hf_config=config, local_path=path, format="gguf",
-                      source=GGUFSource(gguf, tuple(names), rotary_heads, frozenset(packed)),
+                      source=GGUFSource(gguf, tuple(names), rotary_heads, frozenset(packed),
+                                        norm_offset=1.0 if architecture in _GEMMA else 0.0),
                       gguf_metadata=gguf.metadata, quantization=quantization)

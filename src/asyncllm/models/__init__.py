@@ -11,6 +11,7 @@ from torch import nn
 from asyncllm.architectures import spec_named
 from asyncllm.config import ModelConfig
 from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
+from asyncllm.models.gemma import GemmaForCausalLM
 from asyncllm.models.llama import LlamaForCausalLM
 from asyncllm.models.moe import MoeForCausalLM
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
@@ -42,9 +43,10 @@ class CausalLM(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
 
-_MODELS: dict[str, type[LlamaForCausalLM]] = {
+_MODELS: dict[str, type[LlamaForCausalLM] | type[GemmaForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "moe": MoeForCausalLM,
+    "gemma": GemmaForCausalLM,
 }
 """Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
@@ -74,4 +76,4 @@ def build_model(
     return model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization)
 
 
-__all__ = ["CausalLM", "LlamaForCausalLM", "MoeForCausalLM", "build_model", "model_definitions"]
+__all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "MoeForCausalLM", "build_model", "model_definitions"]

@@ -164,7 +164,8 @@ void asyncllm_decode_layer(float *residual, float *work, const float *input_norm
         for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {
             const int64_t b = pair / kv_heads, h = pair % kv_heads;
             attend_pair(qkv + b * qkv_width + h * groups * head_dim, kv, tables + b * width, lens[b],
-                        h, groups, kv_heads, head_dim, block_size, max_len, scale, scores + pair * groups * max_len,
+                        h, groups, kv_heads, head_dim, block_size, max_len, scale, 0, 0.f,
+                        scores + pair * groups * max_len,
                         attn + b * q_width + h * groups * head_dim);
         }
 
@@ -261,7 +262,8 @@ void asyncllm_decode_layer_quant(float *residual, float *work, void *prepared, c
         for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {
             const int64_t b = pair / kv_heads, h = pair % kv_heads;
             attend_pair(qkv + b * qkv_width + h * groups * head_dim, kv, tables + b * width, lens[b],
-                        h, groups, kv_heads, head_dim, block_size, max_len, scale, scores + pair * groups * max_len,
+                        h, groups, kv_heads, head_dim, block_size, max_len, scale, 0, 0.f,
+                        scores + pair * groups * max_len,
                         attn + b * q_width + h * groups * head_dim);
         }
 

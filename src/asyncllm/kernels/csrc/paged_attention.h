@@ -15,6 +15,8 @@
  * table      the sequence's block ids; len: context length (>= 1)
  * weights    groups * max_len floats of scratch (max_len >= len)
  * out_pair   the pair's groups output rows, overwritten
+ * window     sliding window: the query (at position len - 1) sees only the last `window` tokens (0: all)
+ * softcap    attention-logit soft-capping: each scaled score s becomes softcap * tanh(s / softcap) (0: none)
  *
  * Scores each cached token once per query row, normalises with the row maximum subtracted, then
  * accumulates V rows in token order. Over codes, q . (c * s + z) = s * (q . c) + z * sum(q), and the
@@ -117,8 +119,10 @@ static inline void store_kv_rows(const paged_kv *kv, int64_t slot, const float *
 
 static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *table, int64_t len, int64_t h,
                         int64_t groups, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_len,
-                        float scale, float *weights, float *out_pair)
+                        float scale, int64_t window, float softcap, float *weights, float *out_pair)
 {
+    const int64_t first = (window > 0 && len > window) ? len - window : 0;
+    const int64_t first_block_start = (first / block_size) * block_size;
     const int64_t bits = kv->bits;
     const int64_t row_bytes = kv_row_bytes(kv, head_dim);
     const int64_t token_stride = kv_heads * row_bytes, block_stride = block_size * token_stride;
@@ -130,14 +134,15 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
             q_sums[g] = total;
         }
     }
-    for (int64_t start = 0; start < len; start += block_size) {
+    for (int64_t start = first_block_start; start < len; start += block_size) {
         const int64_t block = (int64_t)table[start / block_size];
         const char *k_block = (const char *)kv->k + block * block_stride + h * row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
+        const int64_t j0 = first > start ? first - start : 0;
         for (int64_t g = 0; g < groups; ++g) {
             const float *qg = q_pair + g * head_dim;
             float *s = weights + g * max_len + start;
-            for (int64_t j = 0; j < n; ++j) {
+            for (int64_t j = j0; j < n; ++j) {
                 const char *k = k_block + j * token_stride;
                 float dot;
                 if (bits == 0) {
@@ -149,35 +154,36 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
                     const float *sz = kv->k_scales + 2 * ((block * block_size + j) * kv_heads + h);
                     dot = sz[0] * codes_dot(qg, (const uint8_t *)k, head_dim, bits) + sz[1] * q_sums[g];
                 }
-                s[j] = dot * scale;
+                s[j] = softcap > 0.f ? softcap * tanhf(dot * scale / softcap) : dot * scale;
             }
         }
     }
     for (int64_t g = 0; g < groups; ++g) {
         float *s = weights + g * max_len;
         float top = -FLT_MAX;
-        for (int64_t j = 0; j < len; ++j) top = s[j] > top ? s[j] : top;
+        for (int64_t j = first; j < len; ++j) top = s[j] > top ? s[j] : top;
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < len; ++j) {
+        for (int64_t j = first; j < len; ++j) {
             s[j] = expf(s[j] - top);
             total += s[j];
         }
         const float inv = 1.f / total;
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+        for (int64_t j = first; j < len; ++j) s[j] *= inv;
         memset(out_pair + g * head_dim, 0, (size_t)head_dim * sizeof(float));
     }
     float zero_terms[64];  /* sum_j w_j * zero_j of each query row */
     for (int64_t g = 0; g < groups; ++g) zero_terms[g] = 0.f;
-    for (int64_t start = 0; start < len; start += block_size) {
+    for (int64_t start = first_block_start; start < len; start += block_size) {
         const int64_t block = (int64_t)table[start / block_size];
         const char *v_block = (const char *)kv->v + block * block_stride + h * row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
+        const int64_t j0 = first > start ? first - start : 0;
         for (int64_t g = 0; g < groups; ++g) {
             const float *s = weights + g * max_len + start;
             float *o = out_pair + g * head_dim;
-            for (int64_t j = 0; j < n; ++j) {
+            for (int64_t j = j0; j < n; ++j) {
                 const char *v = v_block + j * token_stride;
                 const float w = s[j];
                 if (bits == 0) {

@@ -1,0 +1,281 @@
+"""The Gemma 2 / Gemma 3 (text) decoder over a flat varlen batch and paged KV cache.
+
+Sandwich-normed blocks, every norm an RMSNorm scaled by ``1 + weight`` in float32::
+
+    h = x + post_attention_norm(attn(input_norm(x)))
+    out = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))
+
+with grouped-query attention scaled by ``query_pre_attn_scalar ** -0.5``, a GELU(tanh)-gated MLP, token
+embeddings multiplied by ``sqrt(hidden_size)`` (rounded to the model dtype, as Hugging Face does) and an LM
+head tied to them. Gemma 2 soft-caps attention scores (``attn_logit_softcapping``) and logits
+(``final_logit_softcapping``); Gemma 3 normalises each head of q and k before rotary and rotates its sliding
+layers with their own base (``rope_local_base_freq``, unscaled) and its global layers with ``rope_theta`` and
+``rope_scaling``. The layers of ``config.sliding_layers`` attend to the last ``sliding_window`` positions only
+(``AttentionOptions``, honoured by every kernel bundle); the others to the whole context.
+
+Every layer runs as the modules below: none declares ``FusedLayerWeights`` (the fused CPU decode layer
+computes a Llama block, not this one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asyncllm.config import ModelConfig
+from asyncllm.kernels import AttentionMetadata, AttentionOptions, FusedLayerWeights, KernelOps, KVCache
+from asyncllm.layers.attention import PagedAttention
+from asyncllm.layers.embedding import LMHead, VocabEmbedding
+from asyncllm.layers.linear import MergedColumnLinear, QKVLinear
+from asyncllm.layers.norm import RMSNorm
+from asyncllm.layers.rotary import RotaryEmbedding
+from asyncllm.layers.weights import ShardId
+from asyncllm.models.llama import _Build
+from asyncllm.models.weight_loader import load_named_weights
+from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class OnePlusRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: ``x / sqrt(mean(x**2) + eps) * (1 + weight)``, computed in float32 and cast back to the
+    input's dtype (the checkpoint stores ``weight`` as the offset from one; ``1 + weight`` in float32 is
+    formed once, after loading)."""
+
+    scale: torch.Tensor
+
+    def __init__(self, hidden_size: int, eps: float, ops: KernelOps, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(hidden_size, eps, ops, dtype=dtype, device=device)
+        self.register_buffer("scale", torch.empty(hidden_size, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def process_weights_after_loading(self) -> None:
+        with torch.no_grad():
+            self.scale.copy_(1.0 + self.weight.float())
+
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor:  # type: ignore[override]
+        if residual is not None:
+            raise ValueError("residual: this norm does not fuse the residual add")
+        return self.ops.rms_norm(x.float(), self.scale, self.eps).to(x.dtype)
+
+
+def _norm(build: _Build, size: int | None = None) -> OnePlusRMSNorm:
+    config = build.config
+    return OnePlusRMSNorm(size or config.hidden_size, config.rms_norm_eps, build.ops, dtype=build.dtype,
+                          device=build.device)
+
+
+class GeluTanhAndMul(nn.Module):
+    """``gelu_tanh(gate) * up`` for an input laid out ``[..., gate | up]`` (``[..., 2 I]`` -> ``[..., I]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, window: int | None, prefix: str) -> None:
+        super().__init__()
+        config = build.config
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv_proj = QKVLinear(
+            config.hidden_size, head_dim, heads, kv_heads, bias=config.qkv_bias,
+            method=build.quantization.linear_method(
+                f"{prefix}.qkv_proj", build.ops, shards=[f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
+            ),
+            dtype=build.dtype,
+            device=build.device,
+        )
+        self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
+                                   prefix=f"{prefix}.o_proj")
+        self.q_norm = _norm(build, head_dim) if config.qk_norm else None
+        self.k_norm = _norm(build, head_dim) if config.qk_norm else None
+        self.rotary_emb = rotary_emb
+        scalar = config.query_pre_attn_scalar
+        options = AttentionOptions(window=window, softcap=config.attn_logit_softcapping)
+        self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops,
+                                   scale=None if scalar is None else scalar**-0.5, options=options)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, meta, kv_cache)
+        return self.o_proj(out.flatten(1))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, build: _Build, prefix: str) -> None:
+        super().__init__()
+        config = build.config
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(
+            hidden, (inter, inter), bias=config.mlp_bias,
+            method=build.quantization.linear_method(
+                f"{prefix}.gate_up_proj", build.ops, shards=[f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+            ),
+            dtype=build.dtype,
+            device=build.device,
+        )
+        self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj")
+        self.act_fn = GeluTanhAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, window: int | None, prefix: str) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(build, rotary_emb, window, f"{prefix}.self_attn")
+        self.mlp = GemmaMLP(build, f"{prefix}.mlp")
+        self.input_layernorm = _norm(build)
+        self.post_attention_layernorm = _norm(build)
+        self.pre_feedforward_layernorm = _norm(build)
+        self.post_feedforward_layernorm = _norm(build)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
+        attn = self.self_attn(positions, self.input_layernorm(hidden), meta, kv_cache)
+        hidden = hidden + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
+        return hidden + self.post_feedforward_layernorm(mlp)
+
+    def fused_weights(self) -> FusedLayerWeights | None:
+        """Never fusable: the fused decode layer computes a Llama block (one norm before each half, SiLU)."""
+        return None
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, build: _Build) -> None:
+        super().__init__()
+        config, ops = build.config, build.ops
+        self.ops = ops
+        self.num_heads = config.num_attention_heads
+        # sqrt(hidden) rounded to the model dtype, as Hugging Face multiplies it
+        self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=build.dtype))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=build.dtype,
+                                           device=build.device,
+                                           quant=build.quantization.embedding_quant("model.embed_tokens"))
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
+            device=build.device,
+        )
+        # Gemma 3's sliding layers rotate with their own (unscaled) base
+        self.local_rotary_emb = None if config.rope_local_theta is None else RotaryEmbedding(
+            config.head_dim, config.rope_local_theta, config.max_position_embeddings, None, ops, device=build.device,
+        )
+        layers = []
+        for i in range(config.num_hidden_layers):
+            window = config.layer_window(i)
+            rotary = self.local_rotary_emb if window is not None and self.local_rotary_emb is not None \
+                else self.rotary_emb
+            layers.append(GemmaDecoderLayer(build, rotary, window, f"model.layers.{i}"))
+        self.layers = nn.ModuleList(layers)
+        self.norm = _norm(build)
+
+    @property
+    def max_positions(self) -> int:
+        tables = [self.rotary_emb] + ([] if self.local_rotary_emb is None else [self.local_rotary_emb])
+        return min(table.max_positions for table in tables)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVCache],
+    ) -> torch.Tensor:
+        meta = self.ops.plan_attention(meta, kv_caches[0], self.num_heads)
+        hidden = self.embed_tokens(input_ids)
+        hidden = hidden * self.embed_scale
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, meta, kv_cache)
+        return self.norm(hidden)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Gemma 2 / Gemma 3 text causal LM: ``forward`` -> final hidden states, ``compute_logits`` -> float32 logits
+    (soft-capped by ``final_logit_softcapping`` when set). Construction and loading as ``LlamaForCausalLM``."""
+
+    packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = MappingProxyType({
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    })
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: KernelOps,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantization: QuantizationConfig = UNQUANTIZED,
+    ) -> None:
+        super().__init__()
+        if config.hidden_act != "gelu_tanh" or config.norm != "rms_one_plus":
+            raise ValueError(
+                f"config: the gemma model definition has no {config.hidden_act!r} activation or "
+                f"{config.norm!r} norm (architecture {config.architecture!r})"
+            )
+        self.config = config
+        self.ops = ops
+        self.quantization_name = quantization.name
+        self.model = GemmaModel(_Build(config, ops, quantization, dtype, torch.device(device)))
+        tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
+                              device=device, quant=quantization.embedding_quant("lm_head"))
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.max_positions
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[KVCache],
+    ) -> torch.Tensor:
+        """``input_ids``/``positions`` ``[T]`` int64 (flat varlen batch laid out per ``meta``) -> ``[T, H]``."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids / positions: expected equal 1-D [T] tensors, got "
+                             f"{tuple(input_ids.shape)} / {tuple(positions.shape)}")
+        if meta.slot_mapping.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"meta.slot_mapping: has {meta.slot_mapping.shape[0]} entries for {input_ids.shape[0]} tokens"
+            )
+        if len(kv_caches) != self.config.num_hidden_layers:
+            raise ValueError(f"kv_caches: expected {self.config.num_hidden_layers} caches, got {len(kv_caches)}")
+        return self.model(input_ids, positions, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` hidden states -> ``[N, V]`` float32 logits."""
+        if hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"hidden: last dim must be {self.config.hidden_size}, got {hidden.shape[-1]}")
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill every parameter from Hugging Face-named tensors (``models.weight_loader``); with tied embeddings
+        ``lm_head.weight`` may be absent and, if present, is ignored."""
+        tied = self.lm_head.tied
+
+        def skip(name: str) -> bool:
+            return name.endswith(_IGNORED_SUFFIXES) or (tied and name.startswith("lm_head."))
+
+        load_named_weights(self, weights, self.packed_modules, skip=skip)
+        if tied:
+            self.lm_head.tie_to(self.model.embed_tokens)
