@@ -48,16 +48,16 @@ def test_float32_pairs_are_the_row_range_and_codes_span_it() -> None:
     for bits, qmax in ((8, 255), (4, 15)):
         codes, scales = quantize_kv(x, bits, torch.float32)
         torch.testing.assert_close(scales, torch.tensor([[4.0 / qmax, -1.0]]))
-        unpacked = codes if bits == 8 else torch.stack((codes & 15, codes >> 4), -1).flatten(-2)
+        unpacked = codes if bits == 8 else torch.cat((codes & 15, codes >> 4), -1)
         assert unpacked[0, 0] == 0 and unpacked[0, 2] == qmax
         # 0.5 sits at 1.5 / 4 of the range: round(0.375 * qmax)
         assert unpacked[0, 1] == int(0.375 * qmax + 0.5)
 
 
-def test_int4_packs_dimension_2i_low_and_2i_plus_1_high() -> None:
+def test_int4_packs_dimension_i_low_and_i_plus_half_high() -> None:
     x = torch.arange(16, dtype=torch.float32)[None]  # scale 1, zero 0: codes equal the values
     codes, _ = quantize_kv(x, 4, torch.float32)
-    assert codes[0].tolist() == [(2 * i) | ((2 * i + 1) << 4) for i in range(8)]
+    assert codes[0].tolist() == [i | ((i + 8) << 4) for i in range(8)]
 
 
 def test_constant_rows_read_back_exactly() -> None:
@@ -97,9 +97,9 @@ def quantized_batch(batch: PagedBatch, bits: int) -> KVCache:
 
 
 def _values(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """float64 ``code * scale + zero``, the codes unpacked here (int4: low nibble first)."""
+    """float64 ``code * scale + zero``, the codes unpacked here (int4: the low nibbles are the first half)."""
     if bits == 4:
-        codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+        codes = torch.cat((codes & 15, codes >> 4), dim=-1)
     pairs = scales.double()
     return codes.double() * pairs[..., :1] + pairs[..., 1:]
 

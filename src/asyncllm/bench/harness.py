@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm.bench import peers_llamacpp
-from asyncllm.bench.settings import KV_CACHE_DTYPES, KV_NEW_TOKENS, MEASUREMENTS, BenchSettings, parse_only
+from asyncllm.bench.settings import (
+    KV_CACHE_DTYPES,
+    KV_CACHE_ROUNDS,
+    KV_NEW_TOKENS,
+    MEASUREMENTS,
+    BenchSettings,
+    parse_only,
+)
 from asyncllm.bench.subproc import ChildOutcome, run_child
 from asyncllm.bench.workload import (
     SESSION_SYSTEM,
@@ -155,8 +162,9 @@ def plan(settings: BenchSettings, *, llamacpp: bool) -> list[tuple[str, str, lis
             if llamacpp:
                 tasks.append((llamacpp_round_key(round_index), peers_llamacpp.TASK, []))
     if settings.wants("kvcache"):
-        for dtype in KV_CACHE_DTYPES:  # back to back, so the three see the same state of a shared machine
-            tasks.append((f"kvcache_{dtype}", "ours_kvcache", [dtype]))
+        for round_index in range(1, KV_CACHE_ROUNDS + 1):  # the three back to back, in rounds, so each sees
+            for dtype in KV_CACHE_DTYPES:                  # the same states of a shared machine
+                tasks.append((f"kvcache_{dtype}_{round_index}", "ours_kvcache", [dtype]))
     if settings.wants("contention"):
         tasks.append(("ours_contention", "ours_contention", []))
     if settings.wants("cold"):

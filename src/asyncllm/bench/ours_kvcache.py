@@ -5,7 +5,7 @@ submits ``kv_sequences`` requests at once, each a distinct prompt of ``kv_sequen
 tokens generating ``kv_new_tokens`` (so every sequence reaches ``kv_sequence_tokens``), and reports the most
 sequences that ran together (what the budget admitted), the aggregate generated tok/s, and then the
 single-stream decode speed of one short request (``max_tokens`` tokens). Prefix caching is off, so no
-sequence reuses another's blocks.
+sequence reuses another's blocks; the thread governor is off, so every process runs on ``spec.threads``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run_kvcache(spec: WorkloadSpec) -> Result:
     start = time.perf_counter()
     engine = AsyncEngine.from_pretrained(spec.model, device="cpu", kv_cache_bytes=spec.kv_budget_bytes,
                                          kv_cache_dtype=dtype, enable_prefix_caching=False,
-                                         max_num_seqs=max(spec.kv_sequences, 1))
+                                         max_num_seqs=max(spec.kv_sequences, 1), adaptive_threads=False)
     load_s = time.perf_counter() - start
     prompts = long_prompts(spec)
 

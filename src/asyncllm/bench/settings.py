@@ -25,6 +25,8 @@ unquantized one (``bench.ours_kvcache``).
 
 KV_CACHE_DTYPES = ("auto", "int8", "int4")
 """The cache dtypes the ``kvcache`` measurement runs, one process each, unquantized first."""
+KV_CACHE_ROUNDS = 2
+"""Rounds of the ``kvcache`` measurement (each: one process per cache dtype; the report takes medians)."""
 KV_NEW_TOKENS = 32
 """Tokens each ``kvcache`` sequence generates (its prompt fills the rest of ``kv_sequence_tokens``)."""
 

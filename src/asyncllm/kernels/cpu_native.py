@@ -15,7 +15,7 @@ import torch
 from asyncllm.kernels.bundle import FusedLayerWeights
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.metadata import AttentionMetadata
-from asyncllm.kernels.native_attention import MAX_GROUPS, MAX_QUANTIZED_HEAD_DIM, NativeDecodeAttention
+from asyncllm.kernels.native_attention import MAX_QUANTIZED_HEAD_DIM, NativeDecodeAttention
 from asyncllm.kernels.native_build import load_native_library
 from asyncllm.kernels.native_layer import LayerFunctions, NativeDecodeLayers, bind_layer_functions
 
@@ -62,8 +62,7 @@ class NativeKernels:
         kernel = self.attention()
         if kernel is None:
             return meta
-        if cache.is_quantized and (num_heads // cache.num_kv_heads > MAX_GROUPS
-                                   or cache.head_dim > MAX_QUANTIZED_HEAD_DIM):
+        if cache.is_quantized and cache.head_dim > MAX_QUANTIZED_HEAD_DIM:
             return meta
         shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
         plan = kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=num_heads, bits=cache.bits)

@@ -9,7 +9,8 @@ row's range reads back within ``scale / 2`` (plus the pair's own rounding where 
 narrower than float32).
 
 Storage: int8 keeps one ``uint8`` code per value (``[..., head_dim]``); int4 packs two per byte, dimension
-``2i`` in the low nibble and ``2i + 1`` in the high one (``[..., head_dim // 2]``). The ``(scale, zero)``
+``i`` in the low nibble and ``i + head_dim / 2`` in the high one (``[..., head_dim // 2]``: both halves of a
+row unpack with contiguous loads, which vectorise). The ``(scale, zero)``
 pairs sit beside the codes as ``[..., 2]`` in the scales' dtype.
 """
 
@@ -47,7 +48,8 @@ def quantize_kv(x: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> tuple[t
     codes = torch.where(positive, torch.floor((rows - zero) / torch.where(positive, scale, 1.0) + 0.5), 0.0)
     codes = codes.clamp_(0.0, qmax).to(torch.uint8)
     if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        half = codes.shape[-1] // 2
+        codes = codes[..., :half] | (codes[..., half:] << 4)
     return codes, torch.cat((scale, zero), dim=-1).to(scale_dtype)
 
 
@@ -56,7 +58,7 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return codes
-    return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    return torch.cat((codes & 15, codes >> 4), dim=-1)
 
 
 def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,6 @@ from asyncllm.kernels.native_build import load_native_library
 _SOURCE = "decode_attention.c"
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64, ctypes.c_float,
                                                           ctypes.c_int32]
-MAX_GROUPS = 64  # query heads per KV head the C kernel keeps per-row sums for
 MAX_QUANTIZED_HEAD_DIM = 512  # the C quantizer's row buffer
 
 
@@ -85,10 +84,9 @@ class NativeDecodeAttention:
         num_blocks, block_size, kv_heads, head_dim = (int(n) for n in cache_shape)
         if num_heads <= 0 or num_heads % kv_heads:
             raise ValueError(f"num_heads: must be a positive multiple of kv_heads={kv_heads}, got {num_heads}")
-        if bits is not None and (num_heads // kv_heads > MAX_GROUPS or head_dim > MAX_QUANTIZED_HEAD_DIM
-                                 or head_dim % 2):
-            raise ValueError(f"bits: the C kernels read quantized caches with at most {MAX_GROUPS} query heads per "
-                             f"KV head and an even head_dim <= {MAX_QUANTIZED_HEAD_DIM}")
+        if bits is not None and (head_dim > MAX_QUANTIZED_HEAD_DIM or head_dim % 2):
+            raise ValueError(f"bits: the C kernels read quantized caches with an even head_dim <= "
+                             f"{MAX_QUANTIZED_HEAD_DIM}, got {head_dim}")
         for name, tensor, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
             if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.device.type != "cpu":
                 raise ValueError(f"{name}: expected a {dims}-D int32 CPU tensor, got {tensor.dtype} "

@@ -122,10 +122,10 @@ def _decode_split_kernel(
         mask_n = offs_n < end
         k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
                          stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
+                         BLOCK_SIZE, BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
         v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
                          stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, BITS).to(q_ptr.dtype.element_ty)
+                         BLOCK_SIZE, BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
         valid = (offs_g[:, None] >= 0) & mask_n[None, :]
         m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, PRECISION, UPCAST, SOFTCAP)
 

@@ -17,12 +17,12 @@ import triton.language as tl
 @triton.jit
 def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, mask_d, head,
                  stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                 BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
     """Tile ``[N, D]`` of one KV head's keys or values for tokens ``offs_n`` (masked rows and dims read 0).
 
-    ``BITS`` 0: the cache's own values. 8 / 4: ``uint8`` codes (int4: dimension ``d`` in nibble ``d % 2`` of
-    byte ``d // 2``) read back as ``code * scale + zero`` with each token's pair from ``scales_ptr``, in
-    float32.
+    ``BITS`` 0: the cache's own values. 8 / 4: ``uint8`` codes (int4: dimension ``d`` in byte ``d % HALF``, low
+    nibble for ``d < HALF``, high nibble after; ``HALF`` = head_dim / 2) read back as ``code * scale + zero``
+    with each token's pair from ``scales_ptr``, in float32.
     """
     block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
     slot = (offs_n % BLOCK_SIZE).to(tl.int64)
@@ -34,8 +34,8 @@ def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, m
         if BITS == 8:
             codes = tl.load(cache_ptr + base[:, None] + offs_d[None, :] * stride_cd, mask=mask, other=0)
         else:
-            packed = tl.load(cache_ptr + base[:, None] + (offs_d // 2)[None, :] * stride_cd, mask=mask, other=0)
-            codes = (packed.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15
+            packed = tl.load(cache_ptr + base[:, None] + (offs_d % HALF)[None, :] * stride_cd, mask=mask, other=0)
+            codes = (packed.to(tl.int32) >> ((offs_d // HALF) * 4)[None, :]) & 15
         pair = block * stride_sb + slot * stride_ss + head * stride_sh
         scale = tl.load(scales_ptr + pair, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(scales_ptr + pair + 1, mask=mask_n, other=0.0).to(tl.float32)

@@ -101,7 +101,7 @@ def _write_quantized_kernel(
     BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr,
 ):
     """One token's keys (or values) ``[Hk, D]`` quantized per head into codes and ``(scale, zero)`` pairs.
-    Dimensions are taken as even/odd halves (``2i``, ``2i + 1``), which int4 packs into byte ``i``."""
+    Dimensions are taken as two halves (``i``, ``i + D / 2``), which int4 packs into byte ``i``."""
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
@@ -112,23 +112,24 @@ def _write_quantized_kernel(
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
     rows = token * stride_xt + offs_h[:, None] * stride_xh
-    even = tl.load(x_ptr + rows + (2 * offs_i)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(x_ptr + rows + (2 * offs_i + 1)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    first = tl.load(x_ptr + rows + offs_i[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(x_ptr + rows + (offs_i + HALF)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     QMAX: tl.constexpr = (1 << BITS) - 1
-    low_even, high_even = _row_range(even, mask)
-    low_odd, high_odd = _row_range(odd, mask)
-    low, high = tl.minimum(low_even, low_odd), tl.maximum(high_even, high_odd)
+    low_first, high_first = _row_range(first, mask)
+    low_second, high_second = _row_range(second, mask)
+    low, high = tl.minimum(low_first, low_second), tl.maximum(high_first, high_second)
     # the stored pair, rounded to the scales' dtype; codes are computed from the rounded values
     scale = ((high - low) / QMAX).to(scales_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
     zero = low.to(scales_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-    code_even = _codes(even, scale, zero, QMAX)
-    code_odd = _codes(odd, scale, zero, QMAX)
+    code_first = _codes(first, scale, zero, QMAX)
+    code_second = _codes(second, scale, zero, QMAX)
     base = block * stride_cb + offset * stride_cs + offs_h[:, None] * stride_ch
     if BITS == 8:
-        tl.store(cache_ptr + base + (2 * offs_i)[None, :] * stride_cd, code_even, mask=mask)
-        tl.store(cache_ptr + base + (2 * offs_i + 1)[None, :] * stride_cd, code_odd, mask=mask)
+        tl.store(cache_ptr + base + offs_i[None, :] * stride_cd, code_first, mask=mask)
+        tl.store(cache_ptr + base + (offs_i + HALF)[None, :] * stride_cd, code_second, mask=mask)
     else:
-        tl.store(cache_ptr + base + offs_i[None, :] * stride_cd, code_even | (code_odd << 4), mask=mask)
+        tl.store(cache_ptr + base + offs_i[None, :] * stride_cd, code_first | (code_second << 4), mask=mask)
     pair = block * stride_sb + offset * stride_ss + offs_h * stride_sh
     head_mask = offs_h < heads_to_write
     tl.store(scales_ptr + pair, scale.to(scales_ptr.dtype.element_ty), mask=head_mask)

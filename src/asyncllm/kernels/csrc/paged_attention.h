@@ -3,8 +3,8 @@
  * A cache (paged_kv) holds, per layer, keys and values [num_blocks, block_size, kv_heads, head_dim]:
  *   bits == 0   float32 values;
  *   bits == 8   uint8 codes, one per value;
- *   bits == 4   uint8 bytes of two codes each: dimension 2i in the low nibble, 2i + 1 in the high one
- *               (a row is head_dim / 2 bytes);
+ *   bits == 4   uint8 bytes of two codes each: dimension i in the low nibble, i + head_dim / 2 in the high
+ *               one (a row is head_dim / 2 bytes);
  * and, when quantized, k_scales / v_scales [num_blocks, block_size, kv_heads, 2] float32 holding each token's
  * and head's (scale, zero): value = code * scale + zero. Codes are written by store_kv_rows (asymmetric,
  * per token and head: zero = the row minimum, scale = (max - min) / (2^bits - 1), code = round((x - zero) /
@@ -19,8 +19,9 @@
  * softcap    attention-logit soft-capping: each scaled score s becomes softcap * tanh(s / softcap) (0: none)
  *
  * Scores each cached token once per query row, normalises with the row maximum subtracted, then
- * accumulates V rows in token order. Over codes, q . (c * s + z) = s * (q . c) + z * sum(q), and the
- * values' zero points add sum_j(w_j z_j) once per row. Indices are trusted: callers validate them.
+ * accumulates V rows in token order. Over codes, each token's row is read back once into floats
+ * (dequantize_kv_row: in registers and a stack row, never a copy of the cache) and used by every query row of
+ * the group. Indices are trusted: callers validate them.
  */
 #ifndef ASYNCLLM_PAGED_ATTENTION_H
 #define ASYNCLLM_PAGED_ATTENTION_H
@@ -44,32 +45,22 @@ static inline int64_t kv_row_bytes(const paged_kv *kv, int64_t head_dim)
     return kv->bits == 0 ? head_dim * (int64_t)sizeof(float) : (kv->bits == 8 ? head_dim : head_dim / 2);
 }
 
-static inline float codes_dot(const float *q, const uint8_t *codes, int64_t head_dim, int64_t bits)
+/* One token's row of codes read back as floats, code * scale + zero: int8 one code per byte, int4 the low
+ * nibbles as the first half of the row and the high nibbles as the second (contiguous passes: they vectorise). */
+static inline void dequantize_kv_row(const uint8_t *codes, const float *scale_zero, int64_t head_dim, int64_t bits,
+                                     float *out)
 {
-    float dot = 0.f;
-    if (bits == 8) {
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * (float)codes[d];
-    } else {
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < head_dim / 2; ++i)
-            dot += q[2 * i] * (float)(codes[i] & 15) + q[2 * i + 1] * (float)(codes[i] >> 4);
-    }
-    return dot;
-}
-
-static inline void codes_axpy(float w, const uint8_t *codes, float *o, int64_t head_dim, int64_t bits)
-{
+    const float scale = scale_zero[0], zero = scale_zero[1];
     if (bits == 8) {
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) o[d] += w * (float)codes[d];
-    } else {
-#pragma omp simd
-        for (int64_t i = 0; i < head_dim / 2; ++i) {
-            o[2 * i] += w * (float)(codes[i] & 15);
-            o[2 * i + 1] += w * (float)(codes[i] >> 4);
-        }
+        for (int64_t d = 0; d < head_dim; ++d) out[d] = (float)codes[d] * scale + zero;
+        return;
     }
+    const int64_t half = head_dim / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) out[i] = (float)(codes[i] & 15) * scale + zero;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) out[half + i] = (float)(codes[i] >> 4) * scale + zero;
 }
 
 /* Quantize one head's row x [head_dim] into codes and its (scale, zero) pair (see the header comment). */
@@ -93,7 +84,7 @@ static inline void quantize_kv_row(const float *x, int64_t head_dim, int64_t bit
     if (bits == 8) {
         memcpy(codes, c, (size_t)head_dim);
     } else {
-        for (int64_t i = 0; i < head_dim / 2; ++i) codes[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+        for (int64_t i = 0; i < head_dim / 2; ++i) codes[i] = (uint8_t)(c[i] | (c[head_dim / 2 + i] << 4));
     }
 }
 
@@ -117,6 +108,11 @@ static inline void store_kv_rows(const paged_kv *kv, int64_t slot, const float *
     }
 }
 
+static inline float capped_score(float dot, float scale, float softcap)
+{
+    return softcap > 0.f ? softcap * tanhf(dot * scale / softcap) : dot * scale;
+}
+
 static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *table, int64_t len, int64_t h,
                         int64_t groups, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_len,
                         float scale, int64_t window, float softcap, float *weights, float *out_pair)
@@ -126,35 +122,35 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
     const int64_t bits = kv->bits;
     const int64_t row_bytes = kv_row_bytes(kv, head_dim);
     const int64_t token_stride = kv_heads * row_bytes, block_stride = block_size * token_stride;
-    float q_sums[64];  /* sum(q) of each query row of the group, for the keys' zero points (groups <= 64) */
-    if (bits != 0) {
-        for (int64_t g = 0; g < groups; ++g) {
-            float total = 0.f;
-            for (int64_t d = 0; d < head_dim; ++d) total += q_pair[g * head_dim + d];
-            q_sums[g] = total;
-        }
-    }
+    float row[512];  /* one token's keys or values read back from codes (quantized caches: head_dim <= 512) */
     for (int64_t start = first_block_start; start < len; start += block_size) {
         const int64_t block = (int64_t)table[start / block_size];
         const char *k_block = (const char *)kv->k + block * block_stride + h * row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
         const int64_t j0 = first > start ? first - start : 0;
+        if (bits != 0) {  /* each token's row read back once, then scored by every query row of the group */
+            for (int64_t j = j0; j < n; ++j) {
+                dequantize_kv_row((const uint8_t *)(k_block + j * token_stride),
+                                  kv->k_scales + 2 * ((block * block_size + j) * kv_heads + h), head_dim, bits, row);
+                for (int64_t g = 0; g < groups; ++g) {
+                    const float *qg = q_pair + g * head_dim;
+                    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+                    weights[g * max_len + start + j] = capped_score(dot, scale, softcap);
+                }
+            }
+            continue;
+        }
         for (int64_t g = 0; g < groups; ++g) {
             const float *qg = q_pair + g * head_dim;
             float *s = weights + g * max_len + start;
             for (int64_t j = j0; j < n; ++j) {
-                const char *k = k_block + j * token_stride;
-                float dot;
-                if (bits == 0) {
-                    const float *kf = (const float *)k;
-                    dot = 0.f;
+                const float *k = (const float *)(k_block + j * token_stride);
+                float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kf[d];
-                } else {
-                    const float *sz = kv->k_scales + 2 * ((block * block_size + j) * kv_heads + h);
-                    dot = sz[0] * codes_dot(qg, (const uint8_t *)k, head_dim, bits) + sz[1] * q_sums[g];
-                }
-                s[j] = softcap > 0.f ? softcap * tanhf(dot * scale / softcap) : dot * scale;
+                for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * k[d];
+                s[j] = capped_score(dot, scale, softcap);
             }
         }
     }
@@ -173,35 +169,33 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
         for (int64_t j = first; j < len; ++j) s[j] *= inv;
         memset(out_pair + g * head_dim, 0, (size_t)head_dim * sizeof(float));
     }
-    float zero_terms[64];  /* sum_j w_j * zero_j of each query row */
-    for (int64_t g = 0; g < groups; ++g) zero_terms[g] = 0.f;
     for (int64_t start = first_block_start; start < len; start += block_size) {
         const int64_t block = (int64_t)table[start / block_size];
         const char *v_block = (const char *)kv->v + block * block_stride + h * row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
         const int64_t j0 = first > start ? first - start : 0;
+        if (bits != 0) {
+            for (int64_t j = j0; j < n; ++j) {
+                dequantize_kv_row((const uint8_t *)(v_block + j * token_stride),
+                                  kv->v_scales + 2 * ((block * block_size + j) * kv_heads + h), head_dim, bits, row);
+                for (int64_t g = 0; g < groups; ++g) {
+                    const float w = weights[g * max_len + start + j];
+                    float *o = out_pair + g * head_dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; ++d) o[d] += w * row[d];
+                }
+            }
+            continue;
+        }
         for (int64_t g = 0; g < groups; ++g) {
             const float *s = weights + g * max_len + start;
             float *o = out_pair + g * head_dim;
             for (int64_t j = j0; j < n; ++j) {
-                const char *v = v_block + j * token_stride;
+                const float *v = (const float *)(v_block + j * token_stride);
                 const float w = s[j];
-                if (bits == 0) {
-                    const float *vf = (const float *)v;
 #pragma omp simd
-                    for (int64_t d = 0; d < head_dim; ++d) o[d] += w * vf[d];
-                } else {
-                    const float *sz = kv->v_scales + 2 * ((block * block_size + j) * kv_heads + h);
-                    codes_axpy(w * sz[0], (const uint8_t *)v, o, head_dim, bits);
-                    zero_terms[g] += w * sz[1];
-                }
+                for (int64_t d = 0; d < head_dim; ++d) o[d] += w * v[d];
             }
-        }
-    }
-    if (bits != 0) {
-        for (int64_t g = 0; g < groups; ++g) {
-            float *o = out_pair + g * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) o[d] += zero_terms[g];
         }
     }
 }
