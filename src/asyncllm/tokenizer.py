@@ -381,12 +381,24 @@ def _load_gguf(path: Path) -> Tokenizer:
 def _gguf_tokenizer(
     architecture: str, tokenizer_dict: dict[str, Any], config: dict[str, Any], path: str | os.PathLike[str] | None
 ) -> Tokenizer:
-    """The tokenizer of transformers' GGUF tokenizer inputs ``(architecture, tokenizer dict, config)``."""
+    """The tokenizer of transformers' GGUF tokenizer inputs ``(architecture, tokenizer dict, config)``.
+
+    transformers picks the converter by the file's tokenizer model (``tokenizer.ggml.model``: "gpt2" for
+    byte-level BPE, "llama" for SentencePiece), with its own fixes for a few architectures (Gemma, Phi-3),
+    so an architecture it has no model loader for (InternLM2) still gets the tokenizer its model type
+    describes. A model type it cannot build is a ``ValueError`` naming the file and the model type.
+    """
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     if "tokens" not in tokenizer_dict:
         raise ValueError(f"path: {path} has no tokenizer.ggml.tokens metadata")
-    backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    try:
+        backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    except ValueError as error:
+        raise ValueError(
+            f"path: {path}: cannot build a tokenizer for architecture {architecture!r} from "
+            f"tokenizer.ggml.model {tokenizer_dict.get('tokenizer_type')!r}: {error}"
+        ) from error
     tokens = {name: _token_content(config.get(name)) for name in _SPECIAL_TOKEN_NAMES}
     return Tokenizer(
         backend,
