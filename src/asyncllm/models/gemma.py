@@ -19,27 +19,20 @@ computes a Llama block, not this one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asyncllm.config import ModelConfig
 from asyncllm.kernels import AttentionMetadata, AttentionOptions, FusedLayerWeights, KernelOps, KVCache
 from asyncllm.layers.attention import PagedAttention
-from asyncllm.layers.embedding import LMHead, VocabEmbedding
+from asyncllm.layers.embedding import VocabEmbedding
 from asyncllm.layers.linear import MergedColumnLinear, QKVLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
-from asyncllm.layers.weights import ShardId
-from asyncllm.models.llama import _Build
-from asyncllm.models.weight_loader import load_named_weights
-from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
-
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+from asyncllm.models.llama import LlamaForCausalLM, _Build
 
 
 class OnePlusRMSNorm(RMSNorm):
@@ -200,82 +193,22 @@ class GemmaModel(nn.Module):
         return self.norm(hidden)
 
 
-class GemmaForCausalLM(nn.Module):
-    """Gemma 2 / Gemma 3 text causal LM: ``forward`` -> final hidden states, ``compute_logits`` -> float32 logits
-    (soft-capped by ``final_logit_softcapping`` when set). Construction and loading as ``LlamaForCausalLM``."""
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma 2 / Gemma 3 text causal LM: ``LlamaForCausalLM``'s construction, validation, LM head and weight
+    loading over the Gemma decoder stack; ``compute_logits`` soft-caps by ``final_logit_softcapping`` when
+    set."""
 
-    packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = MappingProxyType({
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    })
+    definition: ClassVar[str] = "gemma"
+    activation: ClassVar[str] = "gelu_tanh"
+    norm_kind: ClassVar[str] = "rms_one_plus"
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        ops: KernelOps,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-        quantization: QuantizationConfig = UNQUANTIZED,
-    ) -> None:
-        super().__init__()
-        if config.hidden_act != "gelu_tanh" or config.norm != "rms_one_plus":
-            raise ValueError(
-                f"config: the gemma model definition has no {config.hidden_act!r} activation or "
-                f"{config.norm!r} norm (architecture {config.architecture!r})"
-            )
-        self.config = config
-        self.ops = ops
-        self.quantization_name = quantization.name
-        self.model = GemmaModel(_Build(config, ops, quantization, dtype, torch.device(device)))
-        tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
-                              device=device, quant=quantization.embedding_quant("lm_head"))
-
-    @property
-    def max_positions(self) -> int:
-        return self.model.max_positions
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: Sequence[KVCache],
-    ) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` int64 (flat varlen batch laid out per ``meta``) -> ``[T, H]``."""
-        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
-            raise ValueError(f"input_ids / positions: expected equal 1-D [T] tensors, got "
-                             f"{tuple(input_ids.shape)} / {tuple(positions.shape)}")
-        if meta.slot_mapping.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"meta.slot_mapping: has {meta.slot_mapping.shape[0]} entries for {input_ids.shape[0]} tokens"
-            )
-        if len(kv_caches) != self.config.num_hidden_layers:
-            raise ValueError(f"kv_caches: expected {self.config.num_hidden_layers} caches, got {len(kv_caches)}")
-        return self.model(input_ids, positions, meta, kv_caches)
+    def build_decoder(self, build: _Build) -> nn.Module:
+        return GemmaModel(build)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` hidden states -> ``[N, V]`` float32 logits."""
-        if hidden.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"hidden: last dim must be {self.config.hidden_size}, got {hidden.shape[-1]}")
-        logits = self.lm_head(hidden)
+        """``[N, H]`` hidden states -> ``[N, V]`` float32 logits, soft-capped when the config says so."""
+        logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill every parameter from Hugging Face-named tensors (``models.weight_loader``); with tied embeddings
-        ``lm_head.weight`` may be absent and, if present, is ignored."""
-        tied = self.lm_head.tied
-
-        def skip(name: str) -> bool:
-            return name.endswith(_IGNORED_SUFFIXES) or (tied and name.startswith("lm_head."))
-
-        load_named_weights(self, weights, self.packed_modules, skip=skip)
-        if tied:
-            self.lm_head.tie_to(self.model.embed_tokens)

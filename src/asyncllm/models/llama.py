@@ -194,6 +194,10 @@ class LlamaModel(nn.Module):
         self._fused: FusedDecodeBinding | None = None
         self._fused_bound = False
 
+    @property
+    def max_positions(self) -> int:
+        return self.rotary_emb.max_positions
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -242,6 +246,10 @@ class LlamaForCausalLM(nn.Module):
     """
 
     make_layer: ClassVar[DecoderLayerFactory] = staticmethod(llama_decoder_layer)
+    definition: ClassVar[str] = "llama"
+    """The model definition's name (``ArchitectureSpec.model``) and, next, the config flags it implements."""
+    activation: ClassVar[str] = "silu"
+    norm_kind: ClassVar[str] = "rms"
     packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = MappingProxyType({
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -260,22 +268,27 @@ class LlamaForCausalLM(nn.Module):
         quantization: QuantizationConfig = UNQUANTIZED,
     ) -> None:
         super().__init__()
-        if config.hidden_act != "silu" or config.norm != "rms":
+        if config.hidden_act != self.activation or config.norm != self.norm_kind:
             raise ValueError(
-                f"config: the llama model definition has no {config.hidden_act!r} activation or "
+                f"config: the {self.definition} model definition has no {config.hidden_act!r} activation or "
                 f"{config.norm!r} norm (architecture {config.architecture!r})"
             )
         self.config = config
         self.ops = ops
         self.quantization_name = quantization.name
-        self.model = LlamaModel(_Build(config, ops, quantization, dtype, torch.device(device)), self.make_layer)
+        self.model = self.build_decoder(_Build(config, ops, quantization, dtype, torch.device(device)))
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
                               device=device, quant=quantization.embedding_quant("lm_head"))
 
+    def build_decoder(self, build: _Build) -> nn.Module:
+        """The decoder stack (embedding, layers, final norm) that ``forward`` runs; a family with other
+        layers overrides it and keeps the rest of this class (validation, LM head, weight loading)."""
+        return LlamaModel(build, self.make_layer)
+
     @property
     def max_positions(self) -> int:
-        return self.model.rotary_emb.max_positions
+        return int(self.model.max_positions)
 
     def forward(
         self,
