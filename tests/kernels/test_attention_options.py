@@ -21,42 +21,11 @@ from asyncllm.kernels.triton_attention import paged_attention_cache_triton
 from asyncllm.kernels.triton_decode import DecodeLaunch, paged_decode_attention
 from asyncllm.kernels.triton_prefill import PrefillLaunch, paged_prefill_attention
 
+from ._kv_reference import expected_attention, quantized_batch
 from ._paged_batch import PagedBatch, build_batch
 from .native_support import require_native_kernels
-from .test_kv_cache_quant import _values, quantized_batch
 
 HEADS = ((2, 2), (4, 2), (3, 1))
-
-
-def expected_attention(batch: PagedBatch, cache: KVCache, options: AttentionOptions) -> torch.Tensor:
-    """float64 attention sequence by sequence over what ``cache`` stores: query at position ``p`` sees keys
-    ``p - window < k <= p``, scores ``cap * tanh(s / cap)``."""
-    if cache.bits is None:
-        keys_all, values_all = cache.key.double().flatten(0, 1), cache.value.double().flatten(0, 1)
-    else:
-        assert cache.key_scales is not None and cache.value_scales is not None
-        keys_all = _values(cache.key, cache.key_scales, cache.bits).flatten(0, 1)
-        values_all = _values(cache.value, cache.value_scales, cache.bits).flatten(0, 1)
-    meta, block_size = batch.meta, cache.block_size
-    groups = batch.q.shape[1] // cache.num_kv_heads
-    out, begin = [], 0
-    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
-        token = torch.arange(length)
-        slots = meta.block_tables[i].cpu()[token // block_size].long() * block_size + token % block_size
-        keys = keys_all[slots].repeat_interleave(groups, dim=1)
-        values = values_all[slots].repeat_interleave(groups, dim=1)
-        q = batch.q[begin : begin + n].cpu().double()
-        scores = torch.einsum("nhd,lhd->hnl", q, keys) * batch.scale
-        if options.softcap is not None:
-            scores = torch.tanh(scores / options.softcap) * options.softcap
-        positions = (length - n + torch.arange(n))[:, None]
-        visible = token[None, :] <= positions
-        if options.window:
-            visible &= token[None, :] > positions - options.window
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), values))
-        begin += n
-    return torch.cat(out)
 
 
 @st.composite

@@ -18,6 +18,7 @@ from asyncllm.kernels.kv_quant import dequantize_kv, quantization_error_bound, q
 from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 
+from ._kv_reference import _values, expected_attention, quantized_batch
 from ._paged_batch import PagedBatch, build_batch
 from .native_support import require_native_kernels
 
@@ -87,43 +88,6 @@ def test_cache_layout_and_size() -> None:
 
 
 # -- attention over a quantized cache -------------------------------------------------------------------
-
-
-def quantized_batch(batch: PagedBatch, bits: int) -> KVCache:
-    """The batch's cache quantized by the scheme (scales in the batch's dtype)."""
-    k_codes, k_scales = quantize_kv(batch.k_cache, bits, batch.q.dtype)
-    v_codes, v_scales = quantize_kv(batch.v_cache, bits, batch.q.dtype)
-    return KVCache(k_codes, v_codes, k_scales, v_scales, bits=bits)
-
-
-def _values(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """float64 ``code * scale + zero``, the codes unpacked here (int4: the low nibbles are the first half)."""
-    if bits == 4:
-        codes = torch.cat((codes & 15, codes >> 4), dim=-1)
-    pairs = scales.double()
-    return codes.double() * pairs[..., :1] + pairs[..., 1:]
-
-
-def expected_attention(batch: PagedBatch, cache: KVCache) -> torch.Tensor:
-    """Causal attention in float64 over the dequantized cache, sequence by sequence."""
-    assert cache.bits is not None and cache.key_scales is not None and cache.value_scales is not None
-    keys_all = _values(cache.key, cache.key_scales, cache.bits).flatten(0, 1)
-    values_all = _values(cache.value, cache.value_scales, cache.bits).flatten(0, 1)
-    meta, block_size = batch.meta, cache.block_size
-    groups = batch.q.shape[1] // cache.num_kv_heads
-    out, begin = [], 0
-    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
-        token = torch.arange(length)
-        slots = meta.block_tables[i].cpu()[token // block_size].long() * block_size + token % block_size
-        keys = keys_all[slots].repeat_interleave(groups, dim=1)
-        values = values_all[slots].repeat_interleave(groups, dim=1)
-        q = batch.q[begin : begin + n].cpu().double()
-        scores = torch.einsum("nhd,lhd->hnl", q, keys) * batch.scale
-        visible = token[None, :] <= (length - n + torch.arange(n))[:, None]
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), values))
-        begin += n
-    return torch.cat(out)
 
 
 @st.composite
