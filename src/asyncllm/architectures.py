@@ -95,6 +95,9 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         name="qwen3_moe", model="moe", hf_architectures=("Qwen3MoeForCausalLM",), hf_model_types=("qwen3_moe",),
         gguf_architectures=("qwen3moe",), qk_norm=True,
     ),
+    ArchitectureSpec(
+        name="deepseek", model="moe", hf_architectures=("DeepseekForCausalLM",), hf_model_types=("deepseek",),
+    ),
     # sandwich-normed decoders with sliding-window layers (models/gemma.py)
     ArchitectureSpec(
         name="gemma2", model="gemma", hf_architectures=("Gemma2ForCausalLM",), hf_model_types=("gemma2",),

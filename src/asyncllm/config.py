@@ -45,8 +45,9 @@ def _check_rope_scaling_factor(factor: object) -> None:
 class MoeConfig:
     """The mixture-of-experts part of a decoder: ``num_experts`` experts of ``intermediate_size`` each, ``top_k``
     of them per token (softmax, top-k, renormalized when ``renormalize``), an optional shared expert (a dense
-    gated MLP of ``shared_expert_intermediate_size``, 0: none, scaled by ``sigmoid(shared_expert_gate(x))``),
-    in the layers ``sparse_layers`` (the others run the dense MLP of ``ModelConfig.intermediate_size``).
+    gated MLP of ``shared_expert_intermediate_size``, 0: none, scaled by ``sigmoid(shared_expert_gate(x))``
+    when ``shared_expert_gated``, else added as is), in the layers ``sparse_layers`` (the others run the dense
+    MLP of ``ModelConfig.intermediate_size``).
 
     Invariants: ``0 < top_k <= num_experts``; sizes positive (the shared one may be 0).
     """
@@ -57,6 +58,7 @@ class MoeConfig:
     renormalize: bool
     sparse_layers: tuple[int, ...]
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True
 
     def __post_init__(self) -> None:
         _require(self.num_experts > 0, "num_experts", f"must be positive, got {self.num_experts}")
@@ -69,7 +71,10 @@ class MoeConfig:
     def from_hf_config(cls, hf: dict[str, Any], renormalize: bool | None) -> MoeConfig:
         """Mixtral (``num_local_experts``, every layer sparse) and Qwen2-MoE / Qwen3-MoE (``num_experts``,
         ``moe_intermediate_size``, Qwen2-MoE's shared expert; layer ``i`` is sparse unless listed in ``mlp_only_layers``
-        and when ``(i + 1) % decoder_sparse_step == 0``) spellings."""
+        and when ``(i + 1) % decoder_sparse_step == 0``) spellings; DeepSeek-MoE's (``n_routed_experts``) in
+        ``_deepseek_moe``."""
+        if hf.get("n_routed_experts") is not None:
+            return cls._deepseek_moe(hf, renormalize)
         layers = int(hf["num_hidden_layers"])
         dense = set(hf.get("mlp_only_layers") or ())
         step = int(hf.get("decoder_sparse_step") or 1)
@@ -80,6 +85,30 @@ class MoeConfig:
             renormalize=renormalize if renormalize is not None else bool(hf.get("norm_topk_prob", False)),
             sparse_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
             shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+        )
+
+    @classmethod
+    def _deepseek_moe(cls, hf: dict[str, Any], renormalize: bool | None) -> MoeConfig:
+        """DeepSeek-MoE: ``n_routed_experts`` experts of ``moe_intermediate_size``; layer ``i`` is sparse when
+        ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0``; the ``n_shared_experts`` shared experts
+        are one ungated MLP of ``n_shared_experts * moe_intermediate_size``; ``norm_topk_prob`` (default off)
+        renormalizes. Only the ``"softmax"`` scoring function exists."""
+        scoring = hf.get("scoring_func", "softmax")
+        _require(scoring == "softmax", "scoring_func", f"only 'softmax' is supported, got {scoring!r}")
+        layers = int(hf["num_hidden_layers"])
+        first_dense = int(hf.get("first_k_dense_replace") or 0)
+        freq = hf.get("moe_layer_freq", 1)
+        _require(isinstance(freq, int) and not isinstance(freq, bool) and freq > 0, "moe_layer_freq",
+                 f"must be a positive integer, got {freq!r}")
+        inter = int(hf["moe_intermediate_size"])
+        return cls(
+            num_experts=int(hf["n_routed_experts"]),
+            top_k=int(hf.get("num_experts_per_tok") or 0),
+            intermediate_size=inter,
+            renormalize=renormalize if renormalize is not None else bool(hf.get("norm_topk_prob", False)),
+            sparse_layers=tuple(i for i in range(layers) if i >= first_dense and i % freq == 0),
+            shared_expert_intermediate_size=int(hf.get("n_shared_experts") or 0) * inter,
+            shared_expert_gated=False,
         )
 
 

@@ -1,10 +1,13 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the Llama-family decoder with sparse MLP blocks.
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-MoE): the Llama-family decoder with sparse
+MLP blocks.
 
 Attention (with Qwen3-MoE's per-head q/k norms when ``qk_norm``), norms, embeddings and the dense MLP are the
 Llama definition's; in the layers listed by ``ModelConfig.moe.sparse_layers`` the MLP is a ``SparseMoeBlock``:
 a router (``gate``, ``[E, H]``) picks each token's top-k experts (``kernels.moe.select_experts``), the bundle's
-``moe`` op runs them over stacked expert weights, and an optional shared expert (Qwen2-MoE) is added, scaled by
-``sigmoid(shared_expert_gate(x))``. Sparse layers are never fusable: they declare no ``FusedLayerWeights``.
+``moe`` op runs them over stacked expert weights, and an optional shared expert is added, scaled by
+``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE) or as is (DeepSeek-MoE's ``mlp.shared_experts``, its shared
+experts fused into one MLP, loaded as ``mlp.shared_expert``; ``MoeConfig.shared_expert_gated``). Sparse layers
+are never fusable: they declare no ``FusedLayerWeights``.
 
 Checkpoints name experts either one tensor per expert and projection (``mlp.experts.{e}.gate_proj`` /
 ``up_proj`` / ``down_proj``; Mixtral's ``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2``), as files on the
@@ -62,8 +65,9 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate: nn.Module | None = None
         if moe.shared_expert_intermediate_size:
             self.shared_expert = LlamaMLP(build, f"{prefix}.shared_expert", moe.shared_expert_intermediate_size)
-            self.shared_expert_gate = build.linear(config.hidden_size, 1, bias=False,
-                                                   prefix=f"{prefix}.shared_expert_gate")
+            if moe.shared_expert_gated:
+                self.shared_expert_gate = build.linear(config.hidden_size, 1, bias=False,
+                                                       prefix=f"{prefix}.shared_expert_gate")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(topk_weights [T, K] float32, topk_ids [T, K] int64)`` for hidden states ``x`` ``[T, H]``."""
@@ -72,8 +76,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
         out = self.experts(x, weights, ids)
-        if self.shared_expert is not None and self.shared_expert_gate is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         return out
 
 
@@ -97,9 +104,12 @@ def moe_decoder_layer(build: _Build, rotary_emb: RotaryEmbedding, index: int) ->
 
 def canonical_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Checkpoint tensors with expert names in one form: Mixtral's ``block_sparse_moe`` / ``w1 w3 w2`` as
-    ``mlp`` / ``gate_proj up_proj down_proj``, and stacked expert tensors (``gate_up_proj``, or GGUF's separate
+    ``mlp`` / ``gate_proj up_proj down_proj``, DeepSeek-MoE's ``mlp.shared_experts`` as ``mlp.shared_expert``,
+    and stacked expert tensors (``gate_up_proj``, or GGUF's separate
     ``gate_proj`` / ``up_proj`` ``[E, I, H]``; ``down_proj`` ``[E, H, I]``) split into per-expert ones."""
     for name, tensor in weights:
+        if ".mlp.shared_experts." in name:
+            name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
         if ".block_sparse_moe." in name:
             name = name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")
