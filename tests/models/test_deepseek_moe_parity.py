@@ -125,6 +125,7 @@ def test_config_and_layers() -> None:
     assert (moe.num_experts, moe.top_k, moe.intermediate_size, moe.renormalize) == (N_ROUTED, 2, MOE_INTER, False)
     assert moe.sparse_layers == (1, 2) and moe.shared_expert_intermediate_size == N_SHARED * MOE_INTER
     assert not moe.shared_expert_gated
+    assert ModelConfig.from_hf_config({**config_dict, "architectures": None}).architecture == "deepseek"
     freq = ModelConfig.from_hf_config({**config_dict, "num_hidden_layers": 7, "first_k_dense_replace": 2,
                                        "moe_layer_freq": 2, "n_shared_experts": None, "norm_topk_prob": True})
     assert freq.moe is not None and freq.moe.sparse_layers == (2, 4, 6)
