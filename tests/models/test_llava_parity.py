@@ -24,12 +24,12 @@ NUM_IMAGE_TOKENS = 16
 OPS: dict[str, KernelOps] = {"reference": TORCH_OPS, "cpu": CPU_OPS}
 
 
-def hf_llava(**overrides: Any) -> Any:
+def hf_llava(vocab: int = VOCAB, **overrides: Any) -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=16, initializer_range=0.2)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        rms_norm_eps=1e-5, initializer_range=0.2)
     settings: dict[str, Any] = dict(image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)

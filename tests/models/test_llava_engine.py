@@ -1,0 +1,77 @@
+"""A tiny random LLaVA served by the engine: greedy output with an image equals Hugging Face's ``generate``
+(also with chunked prefill splitting the image tokens), and the prefix cache keys image tokens by the
+image's pixels (same text, another image: nothing reused; the same image again: reused)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from asyncllm import AsyncEngine, ModelConfig
+from asyncllm.kernels import TORCH_OPS
+from asyncllm.models import build_model
+
+from .test_llava_parity import IMAGE_TOKEN, NUM_IMAGE_TOKENS, hf_llava, pixels
+
+GREEDY = {"temperature": 0.0, "max_tokens": 16, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def reference(chat_tokenizer: Any) -> Any:
+    return hf_llava(vocab=chat_tokenizer.vocab_size)
+
+
+def make_engine(reference: Any, tokenizer: Any, **overrides: Any) -> AsyncEngine:
+    config = ModelConfig.from_hf_config(reference.config.to_dict())
+    model = build_model(config, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"))
+    model.load_weights(reference.state_dict().items())
+    overrides.setdefault("device", "cpu")
+    overrides.setdefault("kv_cache_tokens", 2048)
+    return AsyncEngine.from_model(model, tokenizer, **overrides)  # type: ignore[arg-type]
+
+
+def prompt(text_seed: int = 3) -> list[int]:
+    gen = torch.Generator().manual_seed(text_seed)
+    before = torch.randint(3, IMAGE_TOKEN, (21,), generator=gen).tolist()
+    after = torch.randint(3, IMAGE_TOKEN, (6,), generator=gen).tolist()
+    return [*before, IMAGE_TOKEN, *after]
+
+
+def hf_generate(reference: Any, ids: list[int], image: torch.Tensor) -> list[int]:
+    expanded = [t for token in ids for t in ([token] * NUM_IMAGE_TOKENS if token == IMAGE_TOKEN else [token])]
+    with torch.no_grad():
+        out = reference.generate(input_ids=torch.tensor([expanded]), pixel_values=image, max_new_tokens=16,
+                                 do_sample=False)
+    return out[0, len(expanded):].tolist()
+
+
+@pytest.mark.parametrize("chunk", [None, 11])
+async def test_greedy_generation_with_an_image_matches_hf(reference: Any, chat_tokenizer: Any,
+                                                          chunk: int | None) -> None:
+    want = hf_generate(reference, prompt(), pixels())
+    overrides = {"max_num_batched_tokens": chunk} if chunk else {}
+    async with make_engine(reference, chat_tokenizer, **overrides) as engine:
+        got = await engine.generate(prompt(), images=[pixels()], **GREEDY)
+    assert got.token_ids == want
+    assert got.usage.prompt_tokens == len(prompt()) - 1 + NUM_IMAGE_TOKENS
+
+
+async def test_prefix_cache_keys_image_tokens_by_pixels(reference: Any, chat_tokenizer: Any) -> None:
+    async with make_engine(reference, chat_tokenizer, block_size=4) as engine:
+        first = await engine.generate(prompt(), images=[pixels(seed=5)], **GREEDY)
+        other = await engine.generate(prompt(), images=[pixels(seed=6)], **GREEDY)
+        again = await engine.generate(prompt(), images=[pixels(seed=5)], **GREEDY)
+    assert first.usage.cached_tokens == 0
+    # only the 20 text tokens before the image (5 full blocks) are shared with another image
+    assert other.usage.cached_tokens == 20
+    assert other.token_ids != first.token_ids
+    assert again.usage.cached_tokens >= 20 + NUM_IMAGE_TOKENS
+    assert again.token_ids == first.token_ids
+
+
+async def test_image_count_must_match_the_placeholders(reference: Any, chat_tokenizer: Any) -> None:
+    async with make_engine(reference, chat_tokenizer) as engine:
+        with pytest.raises(ValueError, match="image tokens"):
+            await engine.generate(prompt(), images=[pixels(), pixels()], **GREEDY)
