@@ -75,3 +75,33 @@ async def test_image_count_must_match_the_placeholders(reference: Any, chat_toke
     async with make_engine(reference, chat_tokenizer) as engine:
         with pytest.raises(ValueError, match="image tokens"):
             await engine.generate(prompt(), images=[pixels(), pixels()], **GREEDY)
+
+
+async def test_chat_messages_take_image_parts(chat_tokenizer: Any) -> None:
+    """An image part (PIL image or its encoded bytes) is the image token's text in the rendered prompt,
+    expanded like a placeholder in a token prompt; the pixels are CLIP-preprocessed."""
+    import io
+
+    from PIL import Image
+
+    from asyncllm.images import to_pixels
+
+    reference = hf_llava(vocab=chat_tokenizer.vocab_size, image_token_id=5)  # '#': one character, one token
+    image = Image.fromarray((torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(1)) * 255)
+                            .to(torch.uint8).numpy())
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    parts = [{"type": "text", "text": "look at "}, {"type": "image", "image": image}, {"type": "text", "text": " now"}]
+    async with make_engine(reference, chat_tokenizer) as engine:
+        ids = engine.encode_prompt([{"role": "user", "content": "look at # now"}])
+        vision = engine.model_config.vision
+        assert vision is not None and ids.count(5) == 1
+        pixels_of = to_pixels(image, vision)
+        assert pixels_of.shape == (3, 32, 32)
+        want = await engine.generate(ids, images=[pixels_of], **GREEDY)
+        got = await engine.generate([{"role": "user", "content": parts}], **GREEDY)
+        parts[1] = {"type": "image", "image": encoded.getvalue()}
+        from_bytes = await engine.generate([{"role": "user", "content": parts}], **GREEDY)
+    assert got.token_ids == want.token_ids == from_bytes.token_ids
+    assert got.usage.prompt_tokens == len(ids) - 1 + NUM_IMAGE_TOKENS
+    assert got.usage.cached_tokens == from_bytes.usage.cached_tokens > 0
