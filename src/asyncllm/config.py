@@ -113,6 +113,86 @@ class MoeConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """A LLaVA-1.5-style image path: a CLIP vision encoder (``config.json``'s ``vision_config``) whose hidden
+    states of ``feature_layers`` (indices into the encoder's hidden states, 0 being the embeddings; several
+    are concatenated) feed a two-layer projector into the decoder's embedding space.
+
+    ``select_strategy``: ``"default"`` drops the class token's row, ``"full"`` keeps it. ``image_token_id``:
+    the prompt token each of an image's ``num_image_tokens`` feature rows replaces.
+
+    Invariants: ``image_size`` is a multiple of ``patch_size``; ``hidden_size % num_attention_heads == 0``.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    image_token_id: int
+    feature_layers: tuple[int, ...] = (-2,)
+    select_strategy: str = "default"
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "image_size", "patch_size", "num_channels"):
+            _require(getattr(self, name) > 0, f"vision_config.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(self.image_size % self.patch_size == 0, "vision_config.patch_size",
+                 f"{self.patch_size} does not divide image_size={self.image_size}")
+        _require(self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
+                 f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
+        _require(self.select_strategy in ("default", "full"), "vision_feature_select_strategy",
+                 f"must be 'default' or 'full', got {self.select_strategy!r}")
+        _require(self.hidden_act in ("quick_gelu", "gelu"), "vision_config.hidden_act",
+                 f"must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
+        _require(self.projector_hidden_act == "gelu", "projector_hidden_act",
+                 f"only 'gelu' is supported, got {self.projector_hidden_act!r}")
+        layers = self.num_hidden_layers
+        _require(len(self.feature_layers) > 0 and all(-layers - 1 <= i <= layers for i in self.feature_layers),
+                 "vision_feature_layer", f"must index the {layers + 1} hidden states, got {self.feature_layers}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """The prompt tokens (feature rows) one image takes."""
+        return self.num_patches + (1 if self.select_strategy == "full" else 0)
+
+    @classmethod
+    def from_llava_config(cls, hf: dict[str, Any]) -> VisionConfig:
+        vision = hf.get("vision_config") or {}
+        _require(vision.get("model_type", "clip_vision_model") == "clip_vision_model", "vision_config.model_type",
+                 f"only CLIP vision towers are supported, got {vision.get('model_type')!r}")
+        layer = hf.get("vision_feature_layer", -2)
+        image_token = hf.get("image_token_id", hf.get("image_token_index"))
+        _require(image_token is not None, "image_token_id", "missing")
+        return cls(
+            hidden_size=int(vision.get("hidden_size", 768)),
+            intermediate_size=int(vision.get("intermediate_size", 3072)),
+            num_hidden_layers=int(vision.get("num_hidden_layers", 12)),
+            num_attention_heads=int(vision.get("num_attention_heads", 12)),
+            image_size=int(vision.get("image_size", 224)),
+            patch_size=int(vision.get("patch_size", 32)),
+            image_token_id=int(image_token),
+            feature_layers=(int(layer),) if isinstance(layer, int) else tuple(int(i) for i in layer),
+            select_strategy=str(hf.get("vision_feature_select_strategy", "default")),
+            num_channels=int(vision.get("num_channels", 3)),
+            layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
+            hidden_act=str(vision.get("hidden_act", "quick_gelu")),
+            projector_hidden_act=str(hf.get("projector_hidden_act", "gelu")),
+            projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder, in Hugging Face ``config.json`` terms, and its family's flags.
 
@@ -127,6 +207,8 @@ class ModelConfig:
     on the logits), ``sliding_window`` and ``sliding_layers`` (the layers that attend to only the last
     ``sliding_window`` positions), and ``rope_local_theta`` (the rotary base of the sliding layers, which
     take no rotary scaling; ``None``: every layer rotates alike).
+
+    ``vision``: the image path of a vision-language family (LLaVA); ``None`` for text-only models.
 
     Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
     ``architecture`` is registered.
@@ -161,6 +243,7 @@ class ModelConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
     rope_local_theta: float | None = None
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -204,6 +287,13 @@ class ModelConfig:
         """Build from a Hugging Face ``config.json`` dict, resolving its family's flags from the registry;
         unknown architectures raise ``ValueError``."""
         spec = spec_for_hf_config(hf)
+        vision = None
+        if spec.model == "llava":
+            vision = VisionConfig.from_llava_config(hf)
+            text = hf.get("text_config") or {}
+            _require(text.get("model_type", "llama") == "llama", "text_config.model_type",
+                     f"only Llama language models are supported, got {text.get('model_type')!r}")
+            hf = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
         gemma = _gemma_fields(hf) if spec.model == "gemma" else {}
         if gemma:
             hf = gemma.pop("hf")
@@ -259,6 +349,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=MoeConfig.from_hf_config(hf, spec.moe_renormalize) if spec.model == "moe" else None,
+            vision=vision,
             **gemma,
         )
 

@@ -24,16 +24,17 @@ from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.cpu_threads import affinity_cpus
 from asyncllm.event_loop import LoopHandle, LoopTask, Signal
+from asyncllm.images import expand_image_tokens
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
 from asyncllm.layers.weights import parameter_bytes
 from asyncllm.models import CausalLM
 from asyncllm.outputs import Completion
-from asyncllm.request import Message, Prompt, Request, SessionFlushes, encode_prompt
+from asyncllm.request import Message, Prompt, Request, SessionFlushes, encode_prompt, split_image_parts
 from asyncllm.runner import ModelRunner
 from asyncllm.sampling import SamplingParams, SamplingRow
 from asyncllm.scheduler import ScheduledChunk, Scheduler, SchedulerStep
-from asyncllm.sequence import FinishReason
+from asyncllm.sequence import FinishReason, ImageSpan
 from asyncllm.step_isolation import StepFailedError, run_step, step_error
 from asyncllm.streams import RequestStream, TextStream, call_in_loop
 from asyncllm.thread_governor import ThreadGovernor
@@ -274,14 +275,30 @@ class AsyncEngine:
         return TextStream(self.stream_detailed(prompt, params=params, **sampling))
 
     def stream_detailed(
-        self, prompt: Prompt, *, params: SamplingParams | None = None, **sampling: Any
+        self, prompt: Prompt, *, params: SamplingParams | None = None, images: Sequence[Any] = (), **sampling: Any
     ) -> RequestStream:
-        """Stream ``StepOutput``s (token ids, text delta, logprobs, finish reason, usage)."""
-        return self.submit(self.encode_prompt(prompt), SamplingParams.from_kwargs(params, **sampling))
+        """Stream ``StepOutput``s (token ids, text delta, logprobs, finish reason, usage).
 
-    async def generate(self, prompt: Prompt, *, params: SamplingParams | None = None, **sampling: Any) -> Completion:
-        """Run ``prompt`` to completion."""
-        return await self.stream_detailed(prompt, params=params, **sampling).collect()
+        A vision-language model also takes images: as ``{"type": "image", "image": ...}`` parts of chat
+        message contents, or, for a text or token prompt, as ``images`` (one image placeholder token per
+        image in the prompt). An image is a PIL image, encoded bytes, a path or a ``[C, S, S]`` pixel tensor
+        already preprocessed."""
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
+                and all(isinstance(m, dict) for m in prompt):
+            vision = self.model_config.vision
+            image_token = vision and self.tokenizer.id_to_token(vision.image_token_id)
+            messages, parts = split_image_parts(prompt, image_token or "")  # type: ignore[arg-type]
+            if parts and not image_token:
+                raise ValueError("images: this model takes no images")
+            prompt, images = messages, [*parts, *images]
+        return self.submit(self.encode_prompt(prompt), SamplingParams.from_kwargs(params, **sampling),
+                           images=images)
+
+    async def generate(
+        self, prompt: Prompt, *, params: SamplingParams | None = None, images: Sequence[Any] = (), **sampling: Any
+    ) -> Completion:
+        """Run ``prompt`` (with ``images``, see ``stream_detailed``) to completion."""
+        return await self.stream_detailed(prompt, params=params, images=images, **sampling).collect()
 
     def session(self, system: str | None = None, *, messages: Sequence[Message] | None = None) -> Session:
         """A multi-turn chat whose KV stays pinned between turns (see ``asyncllm.Session``)."""
@@ -301,6 +318,7 @@ class AsyncEngine:
         *,
         session_id: Hashable | None = None,
         on_done: Callable[[Completion | None], None] | None = None,
+        images: Sequence[Any] = (),
     ) -> RequestStream:
         """Submit an encoded prompt; the request is queued on the stream's first ``__anext__``.
 
@@ -311,10 +329,15 @@ class AsyncEngine:
         that does not fit ``max_model_len`` and for token ids outside the vocabulary.
         """
         request_id = f"req-{next(self._ids)}"
+        spans: tuple[ImageSpan, ...] = ()
+        if images:
+            if self.model_config.vision is None:
+                raise ValueError("images: this model takes no images")
+            token_ids, spans = expand_image_tokens(token_ids, images, self.model_config.vision)
         request = Request.create(
             request_id, token_ids, params, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len, eos_token_ids=self._eos_ids, device=self._runner.device,
-            session_id=session_id,
+            session_id=session_id, images=spans,
         )
 
         async def start() -> None:

@@ -18,7 +18,7 @@ from asyncllm.event_loop import Signal
 from asyncllm.outputs import Usage
 from asyncllm.sampling import RequestSampling, SamplingParams, check_bans, check_token_ids
 from asyncllm.scheduler import ScheduledChunk, Scheduler
-from asyncllm.sequence import FinishReason, SequenceState
+from asyncllm.sequence import FinishReason, ImageSpan, SequenceState
 from asyncllm.streams import OutputChannel
 from asyncllm.tokenizer import Tokenizer
 
@@ -42,6 +42,29 @@ def encode_prompt(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int) -> list
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
             raise ValueError(f"prompt[{i}]: token ids must be ints in [0, {vocab_size}), got {token!r}")
     return ids
+
+
+def split_image_parts(messages: Sequence[Message], image_text: str) -> tuple[list[Message], list[Any]]:
+    """Chat messages whose list contents hold ``{"type": "image", "image": ...}`` parts, as messages with
+    string contents (each image part becomes ``image_text``, text parts are joined) and the images in order."""
+    images: list[Any] = []
+    out: list[Message] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            text = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    images.append(part["image"])
+                    text.append(image_text)
+                elif kind == "text":
+                    text.append(str(part.get("text", "")))
+                else:
+                    raise ValueError(f"content: unsupported part {part!r} (text and image parts are)")
+            message = {**message, "content": "".join(text)}
+        out.append(message)
+    return out, images
 
 
 def usage_of(seq: SequenceState) -> Usage:
@@ -71,6 +94,7 @@ class Request:
         eos_token_ids: Iterable[int],
         device: torch.device,
         session_id: Hashable | None = None,
+        images: tuple[ImageSpan, ...] = (),
     ) -> Request:
         """Check that the prompt and ``max_tokens`` fit ``max_model_len``, that the params' token ids are in
         the vocabulary and that ``min_tokens`` bans leave something to sample (``ValueError`` otherwise), and
@@ -89,7 +113,7 @@ class Request:
         check_bans(params, eos_token_ids, vocab_size)
         max_new = params.max_tokens if params.max_tokens is not None else room
         seq = SequenceState(request_id, list(token_ids), params, max_total_tokens=len(token_ids) + max_new,
-                            session_id=session_id)
+                            session_id=session_id, images=images)
         channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)
         detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=token_ids,
                                              skip_special_tokens=params.skip_special_tokens, stop=params.stop)

@@ -3,7 +3,8 @@
 The runner owns the KV pool: per layer a ``KVCache`` (keys and values of shape
 ``[num_blocks, block_size, num_kv_heads, head_dim]``). On CPU the pool lives in lazily committed memory, so
 it costs resident memory only for the blocks in use or cached, not its whole size up front. ``step`` reads
-the sequences' token ids and block tables but never mutates them; the engine calls it on one worker thread
+the sequences' token ids and block tables but never mutates them (only a sequence's image feature cache,
+``SequenceState.image_features``); the engine calls it on one worker thread
 at a time.
 
 Two paths run a step. Decode-only steps that fit the configured batch sizes go through ``DecodeGraphs``
@@ -25,6 +26,7 @@ from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, host_staging
 from asyncllm.kernels import AttentionMetadata, KVCache
 from asyncllm.kernels.kv_cache import lazily_committed_zeros
 from asyncllm.models import CausalLM
+from asyncllm.models.llava import ImageEmbeds
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
 
@@ -153,15 +155,49 @@ class ModelRunner:
         if not chunks:
             raise ValueError("chunks: a step needs at least one chunk")
         sample_rows = [i for i, chunk in enumerate(chunks) if chunk.samples]
-        if self.graphs is not None and self.graphs.supports(chunks):
+        images = self._image_embeds(chunks)
+        if images is None and self.graphs is not None and self.graphs.supports(chunks):
             return self.graphs.run(chunks, sample_rows)
         inputs = self._prepare(chunks, sample_rows)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if images is None:
+            hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        else:
+            hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches,
+                                        images)  # type: ignore[call-arg]
         if not need_logits or not sample_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         if inputs.logits_index is not None:
             hidden = hidden.index_select(0, inputs.logits_index)
         return self.model.compute_logits(hidden)
+
+    def _image_embeds(self, chunks: Sequence[ScheduledChunk]) -> ImageEmbeds | None:
+        """The image rows of this step's tokens, or ``None`` when no chunk covers an image token.
+
+        A sequence's images are encoded (all of them, once) by the first step whose chunk covers one of
+        their tokens and kept in ``seq.image_features`` until the chunk covering the last one has run."""
+        index: list[int] = []
+        rows: list[torch.Tensor] = []
+        offset = 0
+        for chunk in chunks:
+            seq, begin, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            covered = [(i, image) for i, image in enumerate(seq.images) if image.start < end and begin < image.end]
+            if covered:
+                if seq.image_features is None:
+                    encode = getattr(self.model, "encode_images", None)
+                    if encode is None:
+                        raise ValueError("images: this model takes no images")
+                    features = encode(torch.stack([image.pixels for image in seq.images]).to(self.device))
+                    seq.image_features = list(features)
+                for i, image in covered:
+                    lo, hi = max(begin, image.start), min(end, image.end)
+                    index.extend(range(offset + lo - begin, offset + hi - begin))
+                    rows.append(seq.image_features[i][lo - image.start : hi - image.start])
+                if end >= seq.images[-1].end:
+                    seq.image_features = None
+            offset += chunk.num_tokens
+        if not rows:
+            return None
+        return ImageEmbeds(torch.tensor(index, dtype=torch.int64, device=self.device), torch.cat(rows))
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], sample_rows: Sequence[int]) -> _StepInputs:
         """Exactly-sized varlen inputs, staged on the host in two packed buffers (int64: ids, positions,

@@ -123,7 +123,7 @@ class Scheduler:
         if seq.session_id is not None and reason != "abort" and seq.block_table and not seq.num_dropped_blocks:
             computed = seq.num_computed_tokens
             keys = seq.block_keys[: computed // self.blocks.block_size]
-            self.pins.pin(seq.session_id, PinnedKV(seq.token_ids[:computed], seq.block_table, keys))
+            self.pins.pin(seq.session_id, PinnedKV(seq.key_tokens(0, computed), seq.block_table, keys))
         else:
             self._release_blocks(seq)
         seq.block_table = []
@@ -213,7 +213,7 @@ class Scheduler:
 
         At least one token is always left to compute, so the step yields logits to sample from.
         """
-        tokens = seq.token_ids
+        tokens = seq.key_tokens(0, len(seq.token_ids))
         limit = len(tokens) - 1
         size = self.blocks.block_size
         pinned = self.pins.take(seq.session_id) if seq.session_id is not None else None
@@ -241,8 +241,8 @@ class Scheduler:
             return [], []  # a partial private block follows: the cache cannot extend past it
         start = len(seq.block_keys) * size
         hits, keys = self.blocks.match_prefix(
-            seq.token_ids, start=start, parent_key=seq.block_keys[-1] if seq.block_keys else ROOT_KEY,
-            max_tokens=limit,
+            seq.key_tokens(0, len(seq.token_ids)), start=start,
+            parent_key=seq.block_keys[-1] if seq.block_keys else ROOT_KEY, max_tokens=limit,
         )
         return hits, keys
 
@@ -265,7 +265,7 @@ class Scheduler:
             for i in range(len(seq.block_keys), full):
                 parent = seq.block_keys[-1] if seq.block_keys else ROOT_KEY
                 key = self.blocks.register_full_block(
-                    seq.block_table[i], parent, seq.token_ids[i * size : (i + 1) * size]
+                    seq.block_table[i], parent, seq.key_tokens(i * size, (i + 1) * size)
                 )
                 seq.block_keys.append(key)
             if self.sliding_window is not None:

@@ -5,12 +5,31 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from asyncllm.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSpan:
+    """An image in a prompt: its ``length`` placeholder tokens start at ``start``; ``pixels`` is the
+    ``[C, S, S]`` tensor the vision tower reads; ``digest`` (a hash of the pixels) enters the prefix-cache
+    keys of the blocks these tokens fall in, so the same text with another image reuses nothing."""
+
+    start: int
+    length: int
+    pixels: Any
+    digest: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+_KEY_MASK = (1 << 62) - 1
 
 
 class SequenceStatus(enum.Enum):
@@ -32,6 +51,8 @@ class SequenceState:
     (positions keep their blocks) but may since hold other tokens, which attention never reads.
     ``flush_only``: the caller already has the final output; the sequence stays scheduled only until the
     KV of its last token is computed, then its blocks are pinned for the session (no sampling).
+    ``images``: the prompt's images, in order; ``image_features``: their projected rows (one tensor per
+    image), computed when the first prefill chunk covering an image runs and dropped when the prefill ends.
     """
 
     request_id: str
@@ -49,11 +70,23 @@ class SequenceState:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     flush_only: bool = False
+    images: tuple[ImageSpan, ...] = ()
+    image_features: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError("prompt: must contain at least one token")
         self.num_prompt_tokens = len(self.token_ids)
+
+    def key_tokens(self, begin: int, end: int) -> list[int]:
+        """``token_ids[begin:end]`` as the prefix cache keys them: an image's placeholder tokens become
+        negative values derived from the image's digest and their offset in it (never a real token id)."""
+        tokens = self.token_ids[begin:end]
+        for image in self.images:
+            lo, hi = max(begin, image.start), min(end, image.end)
+            for pos in range(lo, hi):
+                tokens[pos - begin] = -1 - ((image.digest ^ (pos - image.start)) & _KEY_MASK)
+        return tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -13,6 +13,7 @@ from asyncllm.config import ModelConfig
 from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.gemma import GemmaForCausalLM
 from asyncllm.models.llama import LlamaForCausalLM
+from asyncllm.models.llava import LlavaForConditionalGeneration
 from asyncllm.models.moe import MoeForCausalLM
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
@@ -43,10 +44,11 @@ class CausalLM(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
 
-_MODELS: dict[str, type[LlamaForCausalLM] | type[GemmaForCausalLM]] = {
+_MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "moe": MoeForCausalLM,
     "gemma": GemmaForCausalLM,
+    "llava": LlavaForConditionalGeneration,
 }
 """Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
@@ -73,7 +75,9 @@ def build_model(
     ``ValueError`` naming them.
     """
     model_class = _MODELS[spec_named(config.architecture).model]
-    return model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization)
+    model = model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization)  # type: ignore[call-arg]
+    return model  # type: ignore[return-value]
 
 
-__all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "MoeForCausalLM", "build_model", "model_definitions"]
+__all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "LlavaForConditionalGeneration", "MoeForCausalLM",
+           "build_model", "model_definitions"]

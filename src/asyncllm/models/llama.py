@@ -204,10 +204,12 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_caches: Sequence[KVCache],
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``inputs_embeds`` ``[T, H]``: the embedded tokens to run instead of ``embed_tokens(input_ids)``."""
         meta = self.ops.plan_attention(meta, kv_caches[0], self.num_heads)
         fused = self._fused_step(positions, meta, kv_caches) if meta.is_decode_only else None
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual: torch.Tensor | None = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if fused is not None and fused.covers(index):
