@@ -225,3 +225,25 @@ def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: i
     if dtype != torch.bfloat16:  # exactly the reference's codes, up to a value on a rounding boundary
         assert (got.key.cpu() != expected.key).float().mean() < 0.01
         assert (got.value.cpu() != expected.value).float().mean() < 0.01
+
+
+def test_triton_entry_points_refuse_caches_they_cannot_read() -> None:
+    pytest.importorskip("triton")
+    from asyncllm.kernels.triton_launch import check_paged_inputs
+
+    batch = build_batch([(5, 1), (9, 1)], 4, 2, 16, 4, torch.float32, torch.device("cpu"), seed=1)
+    cache = quantized_batch(batch, 4)
+    assert cache.key_scales is not None and cache.value_scales is not None
+    scales = (cache.key_scales, cache.value_scales)
+    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, 4) == (4, 2, 16)
+    cases = [
+        ("bits", dict(bits=3)),
+        ("scales", dict(scales=None)),
+        ("k_cache", dict(bits=8)),  # int4 codes are half as wide as int8 ones
+        ("key_scales", dict(scales=(cache.key_scales.half(), cache.value_scales))),
+        ("v_cache", dict(v=cache.value[:, :2])),
+    ]
+    for field, change in cases:
+        args = {"v": cache.value, "scales": scales, "bits": 4, **change}
+        with pytest.raises(ValueError, match=field):
+            check_paged_inputs(batch.q, cache.key, args["v"], batch.meta, args["scales"], args["bits"])

@@ -77,16 +77,9 @@ def check_paged_inputs(
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"k_cache/v_cache: dtype must equal q's {q.dtype}, "
                          f"got {k_cache.dtype}/{v_cache.dtype}")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} differs from q's {head_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"q: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != meta.num_seqs:
-        raise ValueError(f"meta.block_tables: expected [{meta.num_seqs}, max_blocks], got "
-                         f"{tuple(meta.block_tables.shape)}")
-    return num_heads, num_kv_heads, head_dim
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} differs from q's {q.shape[2]}")
+    return _heads_and_tables(q, k_cache, meta)
 
 
 def _check_quantized(
@@ -100,7 +93,7 @@ def _check_quantized(
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
     check_dtype("q", q)
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    head_dim = q.shape[2]
     width = head_dim if bits == 8 else head_dim // 2
     if k_cache.dim() != 4 or k_cache.shape[3] != width or k_cache.dtype != torch.uint8:
         raise ValueError(f"k_cache: expected uint8 codes [num_blocks, block_size, Hk, {width}], got "
@@ -114,7 +107,12 @@ def _check_quantized(
                              f"{pairs.dtype} {tuple(pairs.shape)}")
     if scales[0].stride() != scales[1].stride():
         raise ValueError("value_scales: strides must equal key_scales'")
-    num_kv_heads = k_cache.shape[2]
+    return _heads_and_tables(q, k_cache, meta)
+
+
+def _heads_and_tables(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[int, int, int]:
+    """``(Hq, Hk, D)`` once the query heads group over the cache's KV heads and the block tables fit ``meta``."""
+    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"q: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != meta.num_seqs:
