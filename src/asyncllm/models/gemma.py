@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.kernels import AttentionMetadata, AttentionOptions, FusedLayerWeights, KernelOps, KVCache
-from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.embedding import VocabEmbedding
-from asyncllm.layers.linear import MergedColumnLinear, QKVLinear
+from asyncllm.layers.linear import MergedColumnLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
-from asyncllm.models.llama import LlamaForCausalLM, _Build
+from asyncllm.models.llama import LlamaAttention, LlamaForCausalLM, _Build
 
 
 class OnePlusRMSNorm(RMSNorm):
@@ -72,38 +71,14 @@ class GeluTanhAndMul(nn.Module):
         return F.gelu(gate, approximate="tanh") * up
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, window: int | None, prefix: str) -> None:
-        super().__init__()
-        config = build.config
-        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = QKVLinear(
-            config.hidden_size, head_dim, heads, kv_heads, bias=config.qkv_bias,
-            method=build.quantization.linear_method(
-                f"{prefix}.qkv_proj", build.ops, shards=[f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
-            ),
-            dtype=build.dtype,
-            device=build.device,
-        )
-        self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
-                                   prefix=f"{prefix}.o_proj")
-        self.q_norm = _norm(build, head_dim) if config.qk_norm else None
-        self.k_norm = _norm(build, head_dim) if config.qk_norm else None
-        self.rotary_emb = rotary_emb
-        scalar = config.query_pre_attn_scalar
-        options = AttentionOptions(window=window, softcap=config.attn_logit_softcapping)
-        self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops,
-                                   scale=None if scalar is None else scalar**-0.5, options=options)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
-    ) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, meta, kv_cache)
-        return self.o_proj(out.flatten(1))
+def gemma_attention(build: _Build, rotary_emb: RotaryEmbedding, window: int | None, prefix: str) -> LlamaAttention:
+    """Llama's attention block with Gemma's ``(1 + w)`` q/k norms (Gemma 3), ``query_pre_attn_scalar ** -0.5``
+    scale, and the layer's sliding window and attention-logit soft-capping."""
+    config = build.config
+    scalar = config.query_pre_attn_scalar
+    return LlamaAttention(build, rotary_emb, prefix, norm=lambda size: _norm(build, size),
+                          scale=None if scalar is None else scalar**-0.5,
+                          options=AttentionOptions(window=window, softcap=config.attn_logit_softcapping))
 
 
 class GemmaMLP(nn.Module):
@@ -129,7 +104,7 @@ class GemmaMLP(nn.Module):
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, window: int | None, prefix: str) -> None:
         super().__init__()
-        self.self_attn = GemmaAttention(build, rotary_emb, window, f"{prefix}.self_attn")
+        self.self_attn = gemma_attention(build, rotary_emb, window, f"{prefix}.self_attn")
         self.mlp = GemmaMLP(build, f"{prefix}.mlp")
         self.input_layernorm = _norm(build)
         self.post_attention_layernorm = _norm(build)

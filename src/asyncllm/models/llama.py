@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from asyncllm.config import ModelConfig
-from asyncllm.kernels import AttentionMetadata, FusedLayerWeights, KernelOps, KVCache
+from asyncllm.kernels import AttentionMetadata, AttentionOptions, FusedLayerWeights, KernelOps, KVCache
 from asyncllm.kernels.bundle import FusedDecodeBinding, FusedDecodeStep
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
@@ -64,7 +64,13 @@ class _Build:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, prefix: str) -> None:
+    """Fused QKV -> optional per-head q/k norms (``config.qk_norm``) -> rotary -> paged attention -> output
+    projection. ``norm`` makes the q/k norms (default ``build.norm``); ``scale`` (default ``head_dim ** -0.5``)
+    and ``options`` (sliding window, soft-capping) go to ``PagedAttention``."""
+
+    def __init__(self, build: _Build, rotary_emb: RotaryEmbedding, prefix: str, *,
+                 norm: Callable[[int], nn.Module] | None = None, scale: float | None = None,
+                 options: AttentionOptions | None = None) -> None:
         super().__init__()
         config = build.config
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -78,10 +84,11 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
                                    prefix=f"{prefix}.o_proj")
-        self.q_norm = build.norm(head_dim) if config.qk_norm else None
-        self.k_norm = build.norm(head_dim) if config.qk_norm else None
+        make_norm = norm or build.norm
+        self.q_norm = make_norm(head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(head_dim) if config.qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops)
+        self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops, scale=scale, options=options)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
