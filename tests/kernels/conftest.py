@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +45,20 @@ def _assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype
     tol = TOLERANCE[expected.dtype]
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
+
+
+@pytest.fixture(scope="module")
+def native_kernel() -> Any:
+    """The native C decode attention (skipped without a C compiler; a failed build fails the test). Imported
+    here, not at the top: this module sets the Triton interpreter switch before any kernel module loads."""
+    from asyncllm.kernels.native_attention import NativeDecodeAttention
+
+    from .native_support import require_native_kernels
+
+    require_native_kernels()
+    kernel = NativeDecodeAttention.load()
+    assert kernel is not None
+    return kernel
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from asyncllm.kernels.triton_prefill import PrefillLaunch, paged_prefill_attenti
 
 from ._kv_reference import expected_attention, quantized_batch
 from ._paged_batch import PagedBatch, build_batch
-from .native_support import require_native_kernels
 
 HEADS = ((2, 2), (4, 2), (3, 1))
 
@@ -79,14 +78,6 @@ def test_plain_options_are_plain_causal_attention() -> None:
         AttentionOptions(window=-1)
     with pytest.raises(ValueError, match="softcap"):
         AttentionOptions(softcap=0.0)
-
-
-@pytest.fixture(scope="module")
-def native_kernel() -> NativeDecodeAttention:
-    require_native_kernels()
-    kernel = NativeDecodeAttention.load()
-    assert kernel is not None
-    return kernel
 
 
 @settings(max_examples=60, deadline=None)

@@ -20,7 +20,6 @@ from asyncllm.kernels.native_attention import NativeDecodeAttention
 
 from ._kv_reference import _values, expected_attention, quantized_batch
 from ._paged_batch import PagedBatch, build_batch
-from .native_support import require_native_kernels
 
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEADS = ((2, 2), (3, 1), (9, 3), (8, 1))
@@ -123,14 +122,6 @@ def test_reference_and_cpu_paths_match_float64(case: dict) -> None:
     expected = expected_attention(batch, cache)
     _close(paged_attention_cache_reference(batch.q, cache, batch.meta, batch.scale), expected)
     _close(paged_attention_cache_cpu(batch.q, cache, batch.meta, batch.scale), expected)
-
-
-@pytest.fixture(scope="module")
-def native_kernel() -> NativeDecodeAttention:
-    require_native_kernels()
-    kernel = NativeDecodeAttention.load()
-    assert kernel is not None
-    return kernel
 
 
 @settings(max_examples=40, deadline=None)
