@@ -113,6 +113,12 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         name="llava", model="llava", hf_architectures=("LlavaForConditionalGeneration",),
         hf_model_types=("llava",),
     ),
+    # LLaVA-NeXT: the same parts, images tiled at several resolutions (anyres) with a newline row per
+    # feature row (models/llava_next.py); the decoder's flags come from text_config's own family
+    ArchitectureSpec(
+        name="llava_next", model="llava_next", hf_architectures=("LlavaNextForConditionalGeneration",),
+        hf_model_types=("llava_next",),
+    ),
 )
 
 

@@ -63,7 +63,8 @@ def load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[Cau
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> CausalLM:
-    """The checkpoint's model, built over the kernel bundle ``config`` selects, weights loaded."""
+    """The checkpoint's model, built over the kernel bundle ``config`` selects, weights loaded; a
+    vision-language model also gets the checkpoint directory's image processor (``load_image_processor``)."""
     device = config.resolved_device()
     dtype = config.resolved_dtype()
     model_config = ModelConfig.from_hf_config(checkpoint.hf_config)
@@ -76,6 +77,11 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> Causa
     if config.load_progress:
         tensors = loading_progress(tensors, total=len(checkpoint.tensor_names()))
     model.load_weights(tensors)
+    if model_config.vision is not None and checkpoint.format == "hf":
+        from asyncllm.hf_image_processor import load_image_processor
+
+        model.image_processor = load_image_processor(  # type: ignore[attr-defined]
+            checkpoint.local_path, model_config.vision)
     return model
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from asyncllm.architectures import spec_for_hf_config, spec_named
+from asyncllm.architectures import ArchitectureSpec, spec_for_hf_config, spec_named
 from asyncllm.cpu_threads import default_num_threads
 
 KernelBackendName = Literal["auto", "torch", "triton"]
@@ -119,9 +119,14 @@ class VisionConfig:
     are concatenated) feed a two-layer projector into the decoder's embedding space.
 
     ``select_strategy``: ``"default"`` drops the class token's row, ``"full"`` keeps it. ``image_token_id``:
-    the prompt token each of an image's ``num_image_tokens`` feature rows replaces.
+    the prompt token each of an image's feature rows replaces.
 
-    Invariants: ``image_size`` is a multiple of ``patch_size``; ``hidden_size % num_attention_heads == 0``.
+    ``image_grid_pinpoints`` (LLaVA-NeXT; empty for LLaVA-1.5): the ``(height, width)`` resolutions an image
+    is tiled at (``asyncllm.anyres``); an image then takes a number of tokens that depends on its size, and
+    ``num_image_tokens`` is only the base tile's share.
+
+    Invariants: ``image_size`` is a multiple of ``patch_size``; ``hidden_size % num_attention_heads == 0``;
+    every pinpoint is a positive multiple of ``image_size`` on both sides, and tiling uses ``"default"``.
     """
 
     hidden_size: int
@@ -138,6 +143,7 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -156,6 +162,21 @@ class VisionConfig:
         layers = self.num_hidden_layers
         _require(len(self.feature_layers) > 0 and all(-layers - 1 <= i <= layers for i in self.feature_layers),
                  "vision_feature_layer", f"must index the {layers + 1} hidden states, got {self.feature_layers}")
+        for pin in self.image_grid_pinpoints:
+            _require(len(pin) == 2 and all(p > 0 and p % self.image_size == 0 for p in pin), "image_grid_pinpoints",
+                     f"each must be (height, width), multiples of image_size={self.image_size}, got {pin!r}")
+        _require(not self.image_grid_pinpoints or self.select_strategy == "default",
+                 "vision_feature_select_strategy", "tiled (anyres) images need 'default'")
+
+    @property
+    def tiled(self) -> bool:
+        """Whether images are tiled at ``image_grid_pinpoints`` (LLaVA-NeXT's anyres)."""
+        return bool(self.image_grid_pinpoints)
+
+    @property
+    def feature_side(self) -> int:
+        """Feature rows along one side of a tile: ``image_size // patch_size``."""
+        return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -167,8 +188,12 @@ class VisionConfig:
         return self.num_patches + (1 if self.select_strategy == "full" else 0)
 
     @classmethod
-    def from_llava_config(cls, hf: dict[str, Any]) -> VisionConfig:
+    def from_llava_config(cls, hf: dict[str, Any], *, tiled: bool = False) -> VisionConfig:
+        """From a LLaVA ``config.json`` dict; ``tiled`` (LLaVA-NeXT) also reads ``image_grid_pinpoints``."""
         vision = hf.get("vision_config") or {}
+        pinpoints = hf.get("image_grid_pinpoints") if tiled else ()
+        _require(not tiled or (isinstance(pinpoints, list) and len(pinpoints) > 0), "image_grid_pinpoints",
+                 f"must be a non-empty list of [height, width], got {pinpoints!r}")
         _require(vision.get("model_type", "clip_vision_model") == "clip_vision_model", "vision_config.model_type",
                  f"only CLIP vision towers are supported, got {vision.get('model_type')!r}")
         layer = hf.get("vision_feature_layer", -2)
@@ -189,6 +214,7 @@ class VisionConfig:
             hidden_act=str(vision.get("hidden_act", "quick_gelu")),
             projector_hidden_act=str(hf.get("projector_hidden_act", "gelu")),
             projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+            image_grid_pinpoints=tuple(tuple(int(v) for v in pin) for pin in pinpoints or ()),
         )
 
 
@@ -288,11 +314,14 @@ class ModelConfig:
         unknown architectures raise ``ValueError``."""
         spec = spec_for_hf_config(hf)
         vision = None
-        if spec.model == "llava":
-            vision = VisionConfig.from_llava_config(hf)
+        flags = spec  # the family whose flags the decoder takes: a vision-language model's text family
+        if spec.model in ("llava", "llava_next"):
+            vision = VisionConfig.from_llava_config(hf, tiled=spec.model == "llava_next")
             text = hf.get("text_config") or {}
-            _require(text.get("model_type", "llama") == "llama", "text_config.model_type",
-                     f"only Llama language models are supported, got {text.get('model_type')!r}")
+            text_type = text.get("model_type", "llama")
+            flags = _text_family(text_type)
+            _require(flags is not None and flags.model == "llama", "text_config.model_type",
+                     f"only Llama-style decoders (llama, mistral, qwen2, ...) are supported, got {text_type!r}")
             hf = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
         gemma = _gemma_fields(hf) if spec.model == "gemma" else {}
         if gemma:
@@ -336,22 +365,30 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=(
-                spec.tie_word_embeddings if spec.tie_word_embeddings is not None
+                flags.tie_word_embeddings if flags.tie_word_embeddings is not None
                 else bool(hf.get("tie_word_embeddings", False))
             ),
-            qkv_bias=spec.qkv_bias if spec.qkv_bias is not None else attention_bias,
-            o_proj_bias=spec.o_proj_bias if spec.o_proj_bias is not None else attention_bias,
+            qkv_bias=flags.qkv_bias if flags.qkv_bias is not None else attention_bias,
+            o_proj_bias=flags.o_proj_bias if flags.o_proj_bias is not None else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=spec.qk_norm,
-            checkpoint_layout=spec.checkpoint_layout,
-            hidden_act=spec.activation,
-            norm=spec.norm,
+            qk_norm=flags.qk_norm,
+            checkpoint_layout=flags.checkpoint_layout,
+            hidden_act=flags.activation,
+            norm=flags.norm,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=MoeConfig.from_hf_config(hf, spec.moe_renormalize) if spec.model == "moe" else None,
             vision=vision,
             **gemma,
         )
+
+
+def _text_family(model_type: str) -> ArchitectureSpec | None:
+    """The registered family of a vision-language config's ``text_config.model_type`` (``None``: unknown)."""
+    try:
+        return spec_for_hf_config({"model_type": model_type})
+    except ValueError:
+        return None
 
 
 def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:

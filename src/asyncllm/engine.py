@@ -331,9 +331,10 @@ class AsyncEngine:
         request_id = f"req-{next(self._ids)}"
         spans: tuple[ImageSpan, ...] = ()
         if images:
-            if self.model_config.vision is None:
+            processor = getattr(self.model, "image_processor", None)
+            if self.model_config.vision is None or processor is None:
                 raise ValueError("images: this model takes no images")
-            token_ids, spans = expand_image_tokens(token_ids, images, self.model_config.vision)
+            token_ids, spans = expand_image_tokens(token_ids, images, processor)
         request = Request.create(
             request_id, token_ids, params, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len, eos_token_ids=self._eos_ids, device=self._runner.device,

@@ -29,6 +29,7 @@ from asyncllm.models import CausalLM
 from asyncllm.models.llava import ImageEmbeds
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
+from asyncllm.sequence import SequenceState
 
 
 @dataclass(frozen=True)
@@ -174,30 +175,68 @@ class ModelRunner:
         """The image rows of this step's tokens, or ``None`` when no chunk covers an image token.
 
         A sequence's images are encoded (all of them, once) by the first step whose chunk covers one of
-        their tokens and kept in ``seq.image_features`` until the chunk covering the last one has run."""
-        index: list[int] = []
-        rows: list[torch.Tensor] = []
+        their tokens and kept in ``seq.image_features`` until the chunk covering the last one has run. The
+        images of every sequence this step starts are encoded together (``_encode_images``)."""
+        covered: list[tuple[SequenceState, int, int, int, list[int]]] = []
+        starting: list[SequenceState] = []
         offset = 0
         for chunk in chunks:
             seq, begin, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            covered = [(i, image) for i, image in enumerate(seq.images) if image.start < end and begin < image.end]
-            if covered:
-                if seq.image_features is None:
-                    encode = getattr(self.model, "encode_images", None)
-                    if encode is None:
-                        raise ValueError("images: this model takes no images")
-                    features = encode(torch.stack([image.pixels for image in seq.images]).to(self.device))
-                    seq.image_features = list(features)
-                for i, image in covered:
-                    lo, hi = max(begin, image.start), min(end, image.end)
-                    index.extend(range(offset + lo - begin, offset + hi - begin))
-                    rows.append(seq.image_features[i][lo - image.start : hi - image.start])
-                if end >= seq.images[-1].end:
-                    seq.image_features = None
+            hits = [i for i, image in enumerate(seq.images) if image.start < end and begin < image.end]
+            if hits:
+                covered.append((seq, begin, end, offset, hits))
+                if seq.image_features is None and all(seq is not s for s in starting):
+                    starting.append(seq)
             offset += chunk.num_tokens
-        if not rows:
+        if not covered:
             return None
+        for seq, features in zip(starting, self._encode_images(starting), strict=True):
+            seq.image_features = features
+        index: list[int] = []
+        rows: list[torch.Tensor] = []
+        for seq, begin, end, offset, hits in covered:
+            features: list[torch.Tensor] = seq.image_features or []  # set above or by an earlier step
+            for i in hits:
+                image = seq.images[i]
+                lo, hi = max(begin, image.start), min(end, image.end)
+                index.extend(range(offset + lo - begin, offset + hi - begin))
+                rows.append(features[i][lo - image.start : hi - image.start])
+            if end >= seq.images[-1].end:
+                seq.image_features = None
         return ImageEmbeds(torch.tensor(index, dtype=torch.int64, device=self.device), torch.cat(rows))
+
+    def _encode_images(self, seqs: Sequence[SequenceState]) -> list[list[torch.Tensor]]:
+        """Every image of ``seqs`` as its prompt rows (per sequence, per image): the tiles of all images
+        with equal pixel shapes go through one ``encode_images`` call, then each image's rows are arranged
+        by ``image_rows`` and checked against its span's length."""
+        images = [image for seq in seqs for image in seq.images]
+        if not images:
+            return [[] for _ in seqs]
+        encode = getattr(self.model, "encode_images", None)
+        arrange = getattr(self.model, "image_rows", None)
+        if encode is None or arrange is None:
+            raise ValueError("images: this model takes no images")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, image in enumerate(images):
+            groups.setdefault(tuple(image.pixels.shape[1:]), []).append(k)
+        tiles: dict[int, torch.Tensor] = {}
+        for members in groups.values():
+            batch = torch.cat([images[k].pixels for k in members]).to(self.device)
+            features = encode(batch)
+            for k, part in zip(members, features.split([images[k].pixels.shape[0] for k in members]), strict=True):
+                tiles[k] = part
+        rows: list[torch.Tensor] = []
+        for k, image in enumerate(images):
+            arranged = arrange(tiles[k], image.size)
+            if arranged.shape[0] != image.length:
+                raise ValueError(f"image: the model made {arranged.shape[0]} rows for an image of "
+                                 f"{image.length} prompt tokens")
+            rows.append(arranged)
+        out, at = [], 0
+        for seq in seqs:
+            out.append(rows[at : at + len(seq.images)])
+            at += len(seq.images)
+        return out
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], sample_rows: Sequence[int]) -> _StepInputs:
         """Exactly-sized varlen inputs, staged on the host in two packed buffers (int64: ids, positions,

@@ -16,13 +16,16 @@ FinishReason = Literal["stop", "length", "abort"]
 @dataclass(frozen=True, eq=False)
 class ImageSpan:
     """An image in a prompt: its ``length`` placeholder tokens start at ``start``; ``pixels`` is the
-    ``[C, S, S]`` tensor the vision tower reads; ``digest`` (a hash of the pixels) enters the prefix-cache
-    keys of the blocks these tokens fall in, so the same text with another image reuses nothing."""
+    ``[P, C, S, S]`` tensor of tiles the vision tower reads (``P == 1`` unless the model tiles images);
+    ``size`` is the original ``(height, width)`` (a tiled model unpads its features by it); ``digest`` (a
+    hash of what the model reads) enters the prefix-cache keys of the blocks these tokens fall in, so the
+    same text with another image reuses nothing."""
 
     start: int
     length: int
     pixels: Any
     digest: int
+    size: tuple[int, int] = (0, 0)
 
     @property
     def end(self) -> int:
@@ -51,8 +54,9 @@ class SequenceState:
     (positions keep their blocks) but may since hold other tokens, which attention never reads.
     ``flush_only``: the caller already has the final output; the sequence stays scheduled only until the
     KV of its last token is computed, then its blocks are pinned for the session (no sampling).
-    ``images``: the prompt's images, in order; ``image_features``: their projected rows (one tensor per
-    image), computed when the first prefill chunk covering an image runs and dropped when the prefill ends.
+    ``images``: the prompt's images, in order; ``image_features``: their projected rows (one ``[length, H]``
+    tensor per image), computed when the first step whose chunk covers one of the images runs and dropped
+    once the chunk covering the last image token has run.
     """
 
     request_id: str

@@ -14,6 +14,7 @@ from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.gemma import GemmaForCausalLM
 from asyncllm.models.llama import LlamaForCausalLM
 from asyncllm.models.llava import LlavaForConditionalGeneration
+from asyncllm.models.llava_next import LlavaNextForConditionalGeneration
 from asyncllm.models.moe import MoeForCausalLM
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
@@ -49,6 +50,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "moe": MoeForCausalLM,
     "gemma": GemmaForCausalLM,
     "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
 }
 """Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
@@ -79,5 +81,6 @@ def build_model(
     return model  # type: ignore[return-value]
 
 
-__all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "LlavaForConditionalGeneration", "MoeForCausalLM",
+__all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "LlavaForConditionalGeneration",
+           "LlavaNextForConditionalGeneration", "MoeForCausalLM",
            "build_model", "model_definitions"]

@@ -1,14 +1,16 @@
 """LLaVA-1.5-style vision-language models: a CLIP vision encoder, a two-layer projector and a Llama decoder.
 
-An image (``[3, S, S]`` pixels, normalized as the checkpoint's image processor does) runs through the
+An image (``[1, 3, S, S]`` pixels, normalized as the checkpoint's image processor does) runs through the
 vision encoder; the hidden states of the configured layer(s) (``VisionConfig.feature_layers``, the class
 token's row dropped under the ``"default"`` strategy) are projected (``linear -> gelu -> linear``) to
 ``num_image_tokens`` rows of the decoder's width. The prompt holds that many image placeholder tokens
 (``VisionConfig.image_token_id``) where the image goes; ``forward`` embeds the prompt and overwrites those
 rows with the image's (``ImageEmbeds``), and the Llama decoder runs as for text over the paged KV cache.
 
-The vision encoder runs once per image, unbatched across requests and outside the kernel bundle (plain
-torch modules: it is a small share of a prefill's work).
+``encode_images`` runs the encoder and projector over a batch of tiles (the runner batches the images of
+all sequences a step needs into one call); ``image_rows`` turns one image's tiles' features into its prompt
+rows (here: its single tile's rows; LLaVA-NeXT packs several, see ``llava_next``). The encoder runs
+outside the kernel bundle (plain torch modules: it is a small share of a prefill's work).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.config import ModelConfig, VisionConfig
+from asyncllm.images import BuiltinImageProcessor, ImageProcessor
 from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.llama import LlamaForCausalLM
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
@@ -164,7 +167,9 @@ def to_llava_names(name: str) -> tuple[str, str]:
 
 class LlavaForConditionalGeneration(nn.Module):
     """A Llama causal LM (``language_model``) that also takes images: ``encode_images`` maps pixels to
-    projected feature rows, which ``forward`` places at the image token positions (``ImageEmbeds``)."""
+    projected feature rows, ``image_rows`` arranges one image's rows, which ``forward`` places at the image
+    token positions (``ImageEmbeds``). ``image_processor`` prepares images for the prompt (the built-in
+    CLIP preprocessing unless the loader sets the checkpoint's own)."""
 
     definition = "llava"
 
@@ -188,6 +193,7 @@ class LlavaForConditionalGeneration(nn.Module):
             projector = LlavaProjector(config.vision, config.hidden_size)
         self.vision_tower = tower.to_empty(device=device).to(dtype)
         self.multi_modal_projector = projector.to_empty(device=device).to(dtype)
+        self.image_processor: ImageProcessor = BuiltinImageProcessor(config.vision)
 
     @property
     def max_positions(self) -> int:
@@ -204,6 +210,13 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.vision.select_strategy == "default":
             features = features[:, 1:]
         return self.multi_modal_projector(features)
+
+    def image_rows(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """One image's prompt rows ``[num_image_tokens, H]`` from its tiles' ``encode_images`` output
+        ``[1, num_image_tokens, H]`` (``size``, the original size, does not matter for untiled images)."""
+        if features.shape[0] != 1:
+            raise ValueError(f"image: expected one tile's features, got {features.shape[0]}")
+        return features[0]
 
     def forward(
         self,
