@@ -5,6 +5,10 @@ longest token prefix shared with the KV the session pinned at the end of its pre
 prefills only its new tokens (and wherever the template re-renders history differently, everything up
 to the first differing token is still reused). Under memory pressure an idle session's pin is released
 to the prefix cache; its next turn then recomputes whatever the cache no longer holds.
+
+A vision-language model's turn may hold images (``content`` as a list of ``{"type": "text"}`` and
+``{"type": "image"}`` parts); they stay in the transcript, so later turns re-render them and reuse their
+KV (the prefix cache keys image tokens by the image, see ``SequenceState.key_tokens``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from asyncllm.outputs import Completion
+from asyncllm.request import split_image_parts
 from asyncllm.sampling import SamplingParams
 from asyncllm.streams import RequestStream, TextStream
 
@@ -21,6 +26,10 @@ if TYPE_CHECKING:
     from asyncllm.engine import AsyncEngine, Message
 
 _session_ids = itertools.count()
+
+Content = str | list[dict[str, Any]]
+"""A user message's content: text, or a list of ``{"type": "text", "text": ...}`` and
+``{"type": "image", "image": ...}`` parts."""
 
 
 class SessionBusyError(RuntimeError):
@@ -66,34 +75,48 @@ class Session:
         return self._busy
 
     # -- turns ---------------------------------------------------------------------------------
-    def stream(self, content: str, *, params: SamplingParams | None = None, **sampling: Any) -> TextStream:
+    def stream(self, content: Content, *, params: SamplingParams | None = None, **sampling: Any) -> TextStream:
         """Send a user message and stream the reply as ``str`` deltas."""
         return TextStream(self.stream_detailed(content, params=params, **sampling))
 
     def stream_detailed(
-        self, content: str, *, params: SamplingParams | None = None, **sampling: Any
+        self, content: Content, *, params: SamplingParams | None = None, **sampling: Any
     ) -> RequestStream:
-        """Send a user message and stream ``StepOutput``s of the reply."""
+        """Send a user message (a string, or a list of text and image parts) and stream ``StepOutput``s of
+        the reply."""
         if self._closed:
             raise SessionClosedError(f"{self.id} is closed")
         if self._busy:
             raise SessionBusyError(f"{self.id} already has a turn in progress; await it before the next")
-        if not isinstance(content, str) or not content:
-            raise ValueError("content: must be a non-empty str")
+        if not isinstance(content, (str, list)) or not content:
+            raise ValueError("content: must be a non-empty str or list of parts")
         sampling_params = SamplingParams.from_kwargs(params, **sampling)
         user = {"role": "user", "content": content}
-        token_ids = self._engine.tokenizer.apply_chat_template([*self._messages, user], add_generation_prompt=True)
+        messages, images = self._with_images([*self._messages, user])
+        token_ids = self._engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         self._busy = True
         try:
             return self._engine.submit(
                 token_ids, sampling_params, session_id=self.id,
-                on_done=lambda completion: self._end_turn(user, completion),
+                on_done=lambda completion: self._end_turn(user, completion), images=images,
             )
         except BaseException:
             self._busy = False
             raise
 
-    async def send(self, content: str, *, params: SamplingParams | None = None, **sampling: Any) -> Completion:
+    def _with_images(self, messages: list[Message]) -> tuple[list[Message], list[Any]]:
+        """``messages`` with part-list contents rendered to text (each image part as the image token's
+        text) and the transcript's images in order."""
+        if all(isinstance(m["content"], str) for m in messages):
+            return messages, []
+        vision = self._engine.model_config.vision
+        image_text = self._engine.tokenizer.id_to_token(vision.image_token_id) if vision is not None else ""
+        rendered, images = split_image_parts(messages, image_text)
+        if images and vision is None:
+            raise ValueError("images: this model takes no images")
+        return rendered, images
+
+    async def send(self, content: Content, *, params: SamplingParams | None = None, **sampling: Any) -> Completion:
         """Send a user message and return the whole reply."""
         return await self.stream_detailed(content, params=params, **sampling).collect()
 
