@@ -105,3 +105,58 @@ async def test_chat_messages_take_image_parts(chat_tokenizer: Any) -> None:
     assert got.token_ids == want.token_ids == from_bytes.token_ids
     assert got.usage.prompt_tokens == len(ids) - 1 + NUM_IMAGE_TOKENS
     assert got.usage.cached_tokens == from_bytes.usage.cached_tokens > 0
+
+
+async def test_two_requests_with_images_share_one_encoder_call(reference: Any, chat_tokenizer: Any) -> None:
+    """Two prompts with an image each, prefilled in one step: one vision-tower call over both images, and
+    each output equals Hugging Face's for its image alone."""
+    import asyncio
+
+    want = [hf_generate(reference, prompt(seed), pixels(seed=seed)) for seed in (5, 6)]
+    engine = make_engine(reference, chat_tokenizer)
+    calls: list[int] = []
+    model = engine.model
+    encode = model.encode_images  # type: ignore[attr-defined]
+
+    def counting(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        return encode(batch)
+
+    model.encode_images = counting  # type: ignore[attr-defined]
+    async with engine:
+        got = await asyncio.gather(*(engine.generate(prompt(seed), images=[pixels(seed=seed)], **GREEDY)
+                                     for seed in (5, 6)))
+    assert calls == [2]
+    assert [g.token_ids for g in got] == want
+
+
+def test_checkpoint_image_processor_makes_the_pixels(tmp_path: Any) -> None:
+    """With ``preprocessor_config.json`` the checkpoint's own ``CLIPImageProcessor`` makes the pixels (here
+    configured unlike the built-in path: no center crop, other mean/std); without one, the built-in CLIP
+    preprocessing. Different images get different digests, the same image the same one."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from asyncllm.config import VisionConfig
+    from asyncllm.hf_image_processor import HFImageProcessor, load_image_processor
+    from asyncllm.images import BuiltinImageProcessor, to_pixels
+
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=32, patch_size=8, image_token_id=IMAGE_TOKEN)
+    gen = torch.Generator().manual_seed(2)
+    images = [Image.fromarray((torch.rand(40, 56, 3, generator=gen) * 255).to(torch.uint8).numpy()) for _ in "ab"]
+    assert isinstance(load_image_processor(tmp_path, vision), BuiltinImageProcessor)
+    builtin = load_image_processor(tmp_path, vision).prepare(images[0])
+    assert torch.equal(builtin.pixels[0], to_pixels(images[0], vision))
+    hf = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, image_mean=[0.5] * 3,
+                            image_std=[0.25] * 3)
+    hf.save_pretrained(tmp_path)
+    processor = load_image_processor(tmp_path, vision)
+    assert isinstance(processor, HFImageProcessor)
+    first, second, again = (processor.prepare(image) for image in (images[0], images[1], images[0]))
+    want = hf(images=[images[0]], return_tensors="pt")["pixel_values"]
+    assert torch.equal(first.pixels, want.float())
+    assert not torch.allclose(first.pixels, builtin.pixels, atol=1e-2)
+    assert first.num_tokens == NUM_IMAGE_TOKENS and first.size == (40, 56)
+    assert first.digest == again.digest != second.digest
+    assert first.digest != builtin.digest

@@ -61,12 +61,13 @@ def hf_next(vocab: int, image_token: int, text_type: str = "llama") -> Any:
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
+        MistralConfig,
         Qwen2Config,
     )
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=16, initializer_range=0.2)
-    text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text_type]
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_type]
     text = text_class(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False)
@@ -108,10 +109,20 @@ def checkpoint(chat_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def ours(checkpoint: tuple[Path, Any, Any]) -> LlavaNextForConditionalGeneration:
-    model, _ = load_model(checkpoint[0], EngineConfig(device="cpu", dtype="float32", kernel_backend="torch"))
-    assert isinstance(model, LlavaNextForConditionalGeneration)
-    return model
+def bundles(checkpoint: tuple[Path, Any, Any]) -> dict[str, LlavaNextForConditionalGeneration]:
+    """The checkpoint loaded by our loader over the reference ops (``"torch"``) and the CPU fast path
+    (``"auto"``)."""
+    out = {}
+    for backend in ("torch", "auto"):
+        model, _ = load_model(checkpoint[0], EngineConfig(device="cpu", dtype="float32", kernel_backend=backend))
+        assert isinstance(model, LlavaNextForConditionalGeneration)
+        out[backend] = model
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(bundles: dict[str, LlavaNextForConditionalGeneration]) -> LlavaNextForConditionalGeneration:
+    return bundles["torch"]
 
 
 def hf_inputs(processor: Any, count: int) -> dict[str, torch.Tensor]:
@@ -149,10 +160,14 @@ def paged_logits(model: LlavaNextForConditionalGeneration, ids: list[int], promp
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("count", [0, 1, 2])
-def test_prompt_tokens_and_logits_match_hf(checkpoint: tuple[Path, Any, Any], ours: Any, count: int) -> None:
-    """Our image-token expansion gives the HF processor's prompt; prefill + 4 decode steps give HF's logits."""
+def test_prompt_tokens_and_logits_match_hf(checkpoint: tuple[Path, Any, Any], bundles: dict[str, Any], count: int,
+                                           backend: str) -> None:
+    """Our image-token expansion gives the HF processor's prompt; prefill + 4 decode steps give HF's logits
+    (reference ops and the CPU fast path)."""
     _, hf, processor = checkpoint
+    ours = bundles[backend]
     inputs = hf_inputs(processor, count)
     want_ids = inputs["input_ids"][0].tolist()
     expanded, spans = expand_image_tokens(unexpanded_ids(processor, count), images_of(count), ours.image_processor)
@@ -310,12 +325,14 @@ async def test_session_turn_two_reuses_the_image_kv_of_turn_one(checkpoint: tupl
     assert two.token_ids == fresh.token_ids
 
 
-def test_qwen2_decoder_matches_hf(chat_tokenizer: Any, tmp_path: Path) -> None:
-    """The decoder's flags come from text_config's family: a Qwen2 decoder (q/k/v biases)."""
-    hf = hf_next(chat_tokenizer.vocab_size, 5, text_type="qwen2")
+@pytest.mark.parametrize("text_type", ["qwen2", "mistral"])
+def test_other_decoders_match_hf(chat_tokenizer: Any, tmp_path: Path, text_type: str) -> None:
+    """The decoder's flags come from text_config's family (Qwen2: q/k/v biases; Mistral: Llama's)."""
+    hf = hf_next(chat_tokenizer.vocab_size, 5, text_type=text_type)
     processor = write_checkpoint(tmp_path, hf, chat_tokenizer)
     model, _ = load_model(tmp_path, EngineConfig(device="cpu", dtype="float32", kernel_backend="torch"))
-    assert isinstance(model, LlavaNextForConditionalGeneration) and model.config.qkv_bias
+    assert isinstance(model, LlavaNextForConditionalGeneration)
+    assert model.config.qkv_bias == (text_type == "qwen2")
     inputs = hf_inputs(processor, 2)
     inputs.pop("attention_mask")
     with torch.no_grad():
