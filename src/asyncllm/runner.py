@@ -216,14 +216,14 @@ class ModelRunner:
         arrange = getattr(self.model, "image_rows", None)
         if encode is None or arrange is None:
             raise ValueError("images: this model takes no images")
+        pixels = [image.pixels if image.pixels.dim() == 4 else image.pixels[None] for image in images]
         groups: dict[tuple[int, ...], list[int]] = {}
-        for k, image in enumerate(images):
-            groups.setdefault(tuple(image.pixels.shape[1:]), []).append(k)
+        for k, image_pixels in enumerate(pixels):
+            groups.setdefault(tuple(image_pixels.shape[1:]), []).append(k)
         tiles: dict[int, torch.Tensor] = {}
         for members in groups.values():
-            batch = torch.cat([images[k].pixels for k in members]).to(self.device)
-            features = encode(batch)
-            for k, part in zip(members, features.split([images[k].pixels.shape[0] for k in members]), strict=True):
+            features = encode(torch.cat([pixels[k] for k in members]).to(self.device))
+            for k, part in zip(members, features.split([pixels[k].shape[0] for k in members]), strict=True):
                 tiles[k] = part
         rows: list[torch.Tensor] = []
         for k, image in enumerate(images):

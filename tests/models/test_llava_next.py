@@ -198,6 +198,28 @@ def test_image_newline_and_unpadding_change_the_rows(ours: Any) -> None:
     assert torch.equal(newline_rows, ours.image_newline.expand_as(newline_rows))
 
 
+def test_row_layout_equals_hf_pack_image_features(checkpoint: tuple[Path, Any, Any], ours: Any) -> None:
+    """For images of many sizes (every grid, padding cropped from the top/bottom or the sides), our
+    token count and row layout equal HF's ``pack_image_features`` on the same random tile features."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from asyncllm import anyres
+
+    _, hf, _ = checkpoint
+    vision = ours.vision
+    gen = torch.Generator().manual_seed(0)
+    for height, width in [(20, 90), (90, 25), (50, 50), (33, 100), (100, 33), (64, 60), (7, 200), (31, 32)]:
+        tiles = image_size_to_num_patches((height, width), PINPOINTS, 32)
+        features = torch.randn(tiles, 16, ours.config.hidden_size, generator=gen)
+        with torch.no_grad():
+            (want,), _ = hf.model.pack_image_features([features], torch.tensor([[height, width]]), "default",
+                                                      image_newline=ours.image_newline)
+            got = ours.image_rows(features, (height, width))
+        assert anyres.num_tiles((height, width), vision.image_grid_pinpoints, 32) == tiles
+        assert anyres.num_image_tokens((height, width), vision.image_grid_pinpoints, 32, 4) == want.shape[0]
+        assert torch.equal(got, want), (height, width)
+
+
 def _runner(model: Any) -> ModelRunner:
     config = model.config
     spec = KVCacheSpec.for_model(config, num_blocks=96, block_size=8, dtype=torch.float32)
