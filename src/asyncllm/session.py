@@ -5,6 +5,10 @@ longest token prefix shared with the KV the session pinned at the end of its pre
 prefills only its new tokens (and wherever the template re-renders history differently, everything up
 to the first differing token is still reused). Under memory pressure an idle session's pin is released
 to the prefix cache; its next turn then recomputes whatever the cache no longer holds.
+
+A vision-language model's turn may send content parts (``{"type": "text"}`` and ``{"type": "image"}``) instead
+of a string; the transcript keeps the images, so later turns render them again and, the prefix cache keying
+image tokens by their pixels, reuse their KV.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from asyncllm.streams import RequestStream, TextStream
 
 if TYPE_CHECKING:
     from asyncllm.engine import AsyncEngine, Message
+
+Content = str | list[dict[str, Any]]
+"""A user turn: a string, or content parts (``{"type": "text", "text": ...}``, ``{"type": "image", ...}``)."""
 
 _session_ids = itertools.count()
 
@@ -66,34 +73,35 @@ class Session:
         return self._busy
 
     # -- turns ---------------------------------------------------------------------------------
-    def stream(self, content: str, *, params: SamplingParams | None = None, **sampling: Any) -> TextStream:
-        """Send a user message and stream the reply as ``str`` deltas."""
+    def stream(self, content: Content, *, params: SamplingParams | None = None, **sampling: Any) -> TextStream:
+        """Send a user message (a string, or text and image content parts) and stream the reply as ``str``
+        deltas."""
         return TextStream(self.stream_detailed(content, params=params, **sampling))
 
     def stream_detailed(
-        self, content: str, *, params: SamplingParams | None = None, **sampling: Any
+        self, content: Content, *, params: SamplingParams | None = None, **sampling: Any
     ) -> RequestStream:
         """Send a user message and stream ``StepOutput``s of the reply."""
         if self._closed:
             raise SessionClosedError(f"{self.id} is closed")
         if self._busy:
             raise SessionBusyError(f"{self.id} already has a turn in progress; await it before the next")
-        if not isinstance(content, str) or not content:
-            raise ValueError("content: must be a non-empty str")
+        if not content or not isinstance(content, (str, list)):
+            raise ValueError("content: must be a non-empty str or list of content parts")
         sampling_params = SamplingParams.from_kwargs(params, **sampling)
-        user = {"role": "user", "content": content}
-        token_ids = self._engine.tokenizer.apply_chat_template([*self._messages, user], add_generation_prompt=True)
+        user = {"role": "user", "content": content if isinstance(content, str) else list(content)}
+        token_ids, images = self._engine.encode_with_images([*self._messages, user])
         self._busy = True
         try:
             return self._engine.submit(
-                token_ids, sampling_params, session_id=self.id,
+                token_ids, sampling_params, session_id=self.id, images=images,
                 on_done=lambda completion: self._end_turn(user, completion),
             )
         except BaseException:
             self._busy = False
             raise
 
-    async def send(self, content: str, *, params: SamplingParams | None = None, **sampling: Any) -> Completion:
+    async def send(self, content: Content, *, params: SamplingParams | None = None, **sampling: Any) -> Completion:
         """Send a user message and return the whole reply."""
         return await self.stream_detailed(content, params=params, **sampling).collect()
 
