@@ -204,8 +204,8 @@ async def test_remote_images_come_only_from_allowed_hosts(make_llava_engine: Any
         assert requested == ["/cat.png", "/missing.png", "/big.png", "/redirect"]
 
 
-def test_settings_and_the_serve_command_take_image_options() -> None:
-    from asyncllm.adapters.serve_cli import add_serve_command
+def test_settings_and_the_serve_command_take_image_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from asyncllm.adapters.serve_cli import add_serve_command, run_serve
     from asyncllm.adapters.settings import ServerSettings
 
     for bad, field in (({"allowed_image_hosts": ("a/b",)}, "allowed_image_hosts"),
@@ -221,3 +221,10 @@ def test_settings_and_the_serve_command_take_image_options() -> None:
                               "--allowed-image-hosts", "c.example", "--max-images-per-request", "3"])
     assert args.allowed_image_hosts == ["a.example", "b.example", "c.example"]
     assert args.max_images_per_request == 3 and args.max_image_pixels is None
+    # bad image options are refused, naming the field, before any model loads (this one does not exist)
+    for flags, field in ((["--max-image-pixels", "0"], "max_image_pixels"),
+                         (["--max-images-per-request", "-1"], "max_images_per_request"),
+                         (["--image-fetch-timeout", "0"], "image_fetch_timeout"),
+                         (["--allowed-image-hosts", "http://a.example/"], "allowed_image_hosts")):
+        assert run_serve(parser.parse_args(["serve", "/nonexistent/model", *flags])) == 2
+        assert f"asyncllm serve: {field}: " in capsys.readouterr().err
