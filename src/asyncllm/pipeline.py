@@ -322,7 +322,7 @@ def image_prompt(prompt: tuple[Any, ...] | dict[str, Any], image_text: str | Non
     per image, each followed by a newline, as LLaVA's prompts place them; otherwise ``text`` must hold
     exactly one per image. ``ValueError`` naming the part at fault."""
     if isinstance(prompt, dict):
-        unknown = sorted(set(prompt) - {"prompt", "images"})
+        unknown = [key for key in prompt if key not in ("prompt", "images")]
         if unknown:
             raise ValueError(f"prompt: unknown key {unknown[0]!r} (an image prompt has 'prompt' and 'images')")
         text, images = prompt.get("prompt"), prompt.get("images")

@@ -5,7 +5,9 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models[/{model}]``,
 ``DELETE /v1/sessions/{id}``, ``POST /tokenize``, ``POST /detokenize`` (these need an API key when keys are
-configured) and the open ``GET /health`` and ``GET /metrics``.
+configured) and the open ``GET /health`` and ``GET /metrics``. Chat messages to a vision-language model may
+hold ``image_url`` parts: ``data:`` URLs, or ``http(s)`` URLs of the hosts in ``allowed_image_hosts``
+(``chat_images``; a bad image is a 400 naming its part).
 
 Lifecycle: the engine starts on the first request that needs it (mounted sub-apps receive no lifespan
 events); served as the top-level app, the app's own lifespan starts the engine and closes it (and its
