@@ -106,6 +106,12 @@ async def test_too_many_images_and_text_only_models_are_400(make_llava_engine: A
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
         assert "max_images_per_request=2" in r.json()["error"]["message"]
         assert (await post(client, user(part, part))).status_code == 200
+        # of several bad images, the first in prompt order is reported
+        bad = [image_part("https://example.com/a.png"), image_part("data:image/png;base64,@")]
+        for order, words in ((bad, "not allowed"), (bad[::-1], "base64")):
+            r = await post(client, user(*order))
+            assert r.status_code == 400 and r.json()["error"]["param"] == URL_FIELD, r.text
+            assert words in r.json()["error"]["message"]
     app = create_app(make_tiny_engine())
     async with app.router.lifespan_context(app), asgi_client(app) as client:
         r = await post(client, user(part))

@@ -51,10 +51,14 @@ async def resolve_images(engine: AsyncEngine, messages: list[Message], policy: I
         check_image_count(len(refs), engine.image_limits)
     except ValueError as error:
         raise image_error(error, fields) from None
-    try:
-        data = await asyncio.gather(*(asyncio.to_thread(read_image_url, ref, policy) for ref in refs))
-    except ValueError as error:
-        raise from_value_error(error) from None
+    read = await asyncio.gather(*(asyncio.to_thread(read_image_url, ref, policy) for ref in refs),
+                                return_exceptions=True)
+    for result in read:  # every read has ended; report the first bad image in prompt order
+        if isinstance(result, ValueError):
+            raise from_value_error(result) from None
+        if isinstance(result, BaseException):
+            raise result
+    data = [result for result in read if isinstance(result, bytes)]
     try:
         pixels = await engine.run_on_model_thread(engine.prepare_images, data)
     except ValueError as error:
