@@ -113,3 +113,36 @@ def make_tiny_engine(tiny_model_parts: tuple[Any, dict[str, Any], dict]) -> Call
         return AsyncEngine.from_model(model, tokenizer, **overrides)
 
     return make
+
+
+LLAVA_IMAGE_TEXT = "#"
+"""The image token of the tiny LLaVA: ``#``, one character and one token of the chat tokenizer."""
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, chat_tokenizer: Any) -> Path:
+    """A tiny random Hugging Face ``LlavaForConditionalGeneration`` (32x32 images, 16 image tokens, image
+    token ``#``) saved with its tokenizer files, for tests that load a vision-language model from a path."""
+    from asyncllm.loaders.hf_dir_writer import write_tokenizer_files
+
+    from .models.test_llava_parity import hf_llava
+
+    image_token = chat_tokenizer.encode(LLAVA_IMAGE_TEXT, add_special_tokens=False)
+    assert len(image_token) == 1
+    directory = tmp_path_factory.mktemp("tiny-llava") / "llava"
+    hf_llava(vocab=chat_tokenizer.vocab_size, image_token_id=image_token[0]).save_pretrained(directory)
+    write_tokenizer_files(directory, chat_tokenizer)
+    return directory
+
+
+@pytest.fixture
+def make_llava_engine(tiny_llava_dir: Path) -> Callable[..., Any]:
+    """Factory: ``make_llava_engine(**engine_config_overrides)`` -> an unstarted tiny LLaVA engine on CPU."""
+    from asyncllm import AsyncEngine
+
+    def make(**overrides: Any) -> AsyncEngine:
+        overrides.setdefault("device", "cpu")
+        overrides.setdefault("kv_cache_tokens", 2048)
+        return AsyncEngine.from_pretrained(tiny_llava_dir, **overrides)
+
+    return make

@@ -42,7 +42,8 @@ def model_dir(tiny_hf_dir: Path) -> Path:
 
 def test_every_example_has_a_header_saying_how_to_run_it() -> None:
     names = sorted(p.stem for p in EXAMPLES.glob("*.py"))
-    assert names == ["batch_pipeline", "fastapi_app", "openai_client", "session_chat", "sse_starlette"]
+    assert names == ["batch_pipeline", "fastapi_app", "openai_client", "session_chat", "sse_starlette",
+                     "vision_chat"]
     for name in names:
         header = _load(name).__doc__
         assert header and "Run:" in header, name
@@ -66,6 +67,43 @@ def test_session_chat_reuses_the_previous_turn(model_dir: Path, capsys: pytest.C
     assert len(replies) == 2
     reused = [int(n) for n in re.findall(r"(\d+) reused", capsys.readouterr().out)]
     assert reused[0] == 0 and reused[1] > 0
+
+
+def test_vision_chat_runs_as_a_script(tiny_llava_dir: Path, tmp_path: Path) -> None:
+    """The tiny LLaVA from the command line, with an image file and with the generated stripes."""
+    from ._images import png_bytes
+
+    image = tmp_path / "picture.png"
+    image.write_bytes(png_bytes(seed=3))
+    for extra in ([str(image)], []):
+        result = subprocess.run([sys.executable, str(EXAMPLES / "vision_chat.py"), str(tiny_llava_dir), *extra,
+                                 "--max-tokens", "6"], capture_output=True, text=True, env=_env(), timeout=120)
+        assert result.returncode == 0, result.stderr
+        reused = [int(n) for n in re.findall(r"(\d+) reused", result.stdout)]
+        assert result.stdout.count("> ") == 3 and len(reused) == 3 and reused[0] == 0 and min(reused[1:]) > 0
+
+
+def test_vision_chat_answers_about_the_image_and_reuses_it(tiny_llava_dir: Path) -> None:
+    """The first reply is the engine's own answer for that image and question; the next turn reuses every
+    full block of the first turn's prompt, image tokens included."""
+    from asyncllm import AsyncEngine
+
+    from ._images import png_bytes
+
+    example = _load("vision_chat")
+    image = png_bytes(seed=4)
+    options = {"device": "cpu", "kv_cache_tokens": 1024, "block_size": 4}
+    first, second = asyncio.run(example.chat(str(tiny_llava_dir), image, ["What is this?", "Really?"],
+                                             max_tokens=6, **options))
+
+    async def reference() -> list[int]:
+        async with AsyncEngine.from_pretrained(tiny_llava_dir, enable_prefix_caching=False, **options) as engine:
+            content = [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]
+            reply = await engine.generate([{"role": "user", "content": content}], max_tokens=6, temperature=0)
+            return reply.token_ids
+
+    assert first.token_ids == asyncio.run(reference())
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens // 4 * 4 > 16
 
 
 def test_batch_pipeline_returns_completions_in_order(model_dir: Path) -> None:

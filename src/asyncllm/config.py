@@ -469,6 +469,11 @@ class EngineConfig:
     ``load_progress``: while ``from_pretrained`` loads the weights, show a progress bar over the tensors on
     stderr when stderr is a terminal and loading takes over a second (``load_progress.DELAY_S``).
 
+    ``max_images_per_request`` / ``max_image_pixels``: what one request to a vision-language model may
+    hold: at most this many images (in a session turn: every image of the transcript), each of at most
+    this many pixels (width times height of the encoded image, checked before it is decoded); more is a
+    ``ValueError`` naming the field.
+
     ``dequantize_weights``: decode a weight-only quantized checkpoint (GGUF block types, AWQ, GPTQ,
     compressed-tensors) to dense weights in ``dtype`` at load, instead of keeping its weights packed.
 
@@ -505,6 +510,8 @@ class EngineConfig:
     num_threads: int | None = None
     adaptive_threads: bool = True
     load_progress: bool = True
+    max_images_per_request: int = 8
+    max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -546,6 +553,10 @@ class EngineConfig:
                  f"must be a bool, got {self.adaptive_threads!r}")
         _require(isinstance(self.load_progress, bool), "load_progress",
                  f"must be a bool, got {self.load_progress!r}")
+        for name in ("max_images_per_request", "max_image_pixels"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     f"must be an int >= 1, got {value!r}")
         if self.dtype is not None:
             _require(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",

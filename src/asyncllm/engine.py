@@ -24,7 +24,8 @@ from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.cpu_threads import affinity_cpus
 from asyncllm.event_loop import LoopHandle, LoopTask, Signal
-from asyncllm.images import expand_image_tokens
+from asyncllm.image_inputs import ImageLimits, prepare_images
+from asyncllm.images import ImageProcessor, PreparedImage, expand_image_tokens
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
 from asyncllm.layers.weights import parameter_bytes
@@ -283,16 +284,8 @@ class AsyncEngine:
         message contents, or, for a text or token prompt, as ``images`` (one image placeholder token per
         image in the prompt). An image is a PIL image, encoded bytes, a path or a ``[C, S, S]`` pixel tensor
         already preprocessed."""
-        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
-                and all(isinstance(m, dict) for m in prompt):
-            vision = self.model_config.vision
-            image_token = vision and self.tokenizer.id_to_token(vision.image_token_id)
-            messages, parts = split_image_parts(prompt, image_token or "")  # type: ignore[arg-type]
-            if parts and not image_token:
-                raise ValueError("images: this model takes no images")
-            prompt, images = messages, [*parts, *images]
-        return self.submit(self.encode_prompt(prompt), SamplingParams.from_kwargs(params, **sampling),
-                           images=images)
+        token_ids, all_images = self.encode_with_images(prompt, images)
+        return self.submit(token_ids, SamplingParams.from_kwargs(params, **sampling), images=all_images)
 
     async def generate(
         self, prompt: Prompt, *, params: SamplingParams | None = None, images: Sequence[Any] = (), **sampling: Any
@@ -310,6 +303,39 @@ class AsyncEngine:
         """Token ids for a text prompt, a token id list or a list of chat messages."""
         return encode_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
+    def encode_with_images(self, prompt: Prompt, images: Sequence[Any] = ()) -> tuple[list[int], list[Any]]:
+        """Token ids of ``prompt`` and its images, in prompt order: chat messages' ``{"type": "image"}``
+        parts become the image token (one placeholder each, expanded at submission), followed by
+        ``images``. ``ValueError("images: ...")`` when a text-only model is given an image."""
+        images = list(images)
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
+                and all(isinstance(m, dict) for m in prompt):
+            vision = self.model_config.vision
+            image_token = vision and self.tokenizer.id_to_token(vision.image_token_id)
+            messages, parts = split_image_parts(prompt, image_token or "")  # type: ignore[arg-type]
+            if parts and not image_token:
+                raise ValueError("images: this model takes no images")
+            prompt, images = messages, [*parts, *images]
+        return self.encode_prompt(prompt), images
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """The per-request image limits of ``config`` (``max_images_per_request``, ``max_image_pixels``)."""
+        return ImageLimits(self.config.max_images_per_request, self.config.max_image_pixels)
+
+    def prepare_images(self, images: Sequence[Any]) -> list[PreparedImage]:
+        """Check ``images`` against ``image_limits`` and preprocess them with the model's image processor
+        (``ValueError`` naming ``images`` or ``images[k]``); prepared images pass through ``submit``
+        unchanged. Touches no engine state: callers may run it on another thread (``run_on_model_thread``
+        keeps torch work on the model's thread)."""
+        return prepare_images(images, self._image_processor(), self.image_limits)
+
+    def _image_processor(self) -> ImageProcessor:
+        processor = getattr(self.model, "image_processor", None)
+        if self.model_config.vision is None or processor is None:
+            raise ValueError("images: this model takes no images")
+        return processor
+
     # -- submission ----------------------------------------------------------------------------
     def submit(
         self,
@@ -326,15 +352,15 @@ class AsyncEngine:
         pinned, and its KV is pinned for the session when it finishes (a turn waits for the previous turn's
         KV to settle). ``on_done`` is called once with the ``Completion``, or ``None`` if the stream ends
         without one (aborted, failed or dropped). Raises ``ValueError`` for a prompt or ``max_tokens``
-        that does not fit ``max_model_len`` and for token ids outside the vocabulary.
+        that does not fit ``max_model_len``, for token ids outside the vocabulary, and for images over
+        ``image_limits`` or that cannot be decoded (``prepare_images``).
         """
         request_id = f"req-{next(self._ids)}"
         spans: tuple[ImageSpan, ...] = ()
         if images:
-            processor = getattr(self.model, "image_processor", None)
-            if self.model_config.vision is None or processor is None:
-                raise ValueError("images: this model takes no images")
-            token_ids, spans = expand_image_tokens(token_ids, images, processor)
+            processor = self._image_processor()
+            prepared = prepare_images(images, processor, self.image_limits)
+            token_ids, spans = expand_image_tokens(token_ids, prepared, processor)
         request = Request.create(
             request_id, token_ids, params, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len, eos_token_ids=self._eos_ids, device=self._runner.device,

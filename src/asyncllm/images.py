@@ -183,7 +183,7 @@ def expand_image_tokens(
         processor = BuiltinImageProcessor(processor)
     token = processor.vision.image_token_id
     places = [i for i, t in enumerate(token_ids) if t == token]
-    ready = [processor.prepare(image) for image in images]
+    ready = [image if isinstance(image, PreparedImage) else processor.prepare(image) for image in images]
     counts = [image.num_tokens for image in ready]
     if len(places) == sum(counts) and len(places) != len(images):
         starts_out, at = [], 0

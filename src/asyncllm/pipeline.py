@@ -5,6 +5,7 @@
 >>> [c.text for c in pipe(["a", "b", "c"], max_tokens=16)]     # one batch, results in input order
 >>> for text in pipe.stream("Tell me a story", max_tokens=64):
 ...     print(text, end="")
+>>> pipe(("Describe this image.", image), max_tokens=32).text         # a vision-language model
 >>> pipe.close()
 
 The pipeline owns a private event loop running in a daemon thread; the engine runs on that loop, and every
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -35,7 +37,7 @@ from asyncllm.request import Message
 from asyncllm.sampling import SamplingParams
 from asyncllm.streams import RequestStream, TextStream
 
-__all__ = ["AUTO_PROGRESS_MIN_PROMPTS", "Pipeline", "pipeline"]
+__all__ = ["AUTO_PROGRESS_MIN_PROMPTS", "Pipeline", "image_prompt", "pipeline"]
 
 T = TypeVar("T")
 
@@ -107,17 +109,18 @@ class Pipeline:
     # -- generation ----------------------------------------------------------------------------
     def __call__(
         self,
-        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        prompts: Any,
         *,
         params: SamplingParams | None = None,
         progress: bool | None = None,
         **sampling: Any,
     ) -> Any:
-        """Complete one prompt (a ``str``) -> ``Completion``, or a list of prompts (each a ``str`` or a list
-        of token ids) -> a list of ``Completion`` in input order. A list is submitted at once, so the engine
-        batches it. ``progress``: a tqdm bar over requests on stderr (``None``: on for at least
-        ``AUTO_PROGRESS_MIN_PROMPTS`` prompts when stderr is a TTY)."""
-        if isinstance(prompts, str):
+        """Complete one prompt (a ``str``, or an image prompt: see ``image_prompt``) -> ``Completion``, or
+        a list of prompts (each a ``str``, a list of token ids or an image prompt) -> a list of
+        ``Completion`` in input order. A list is submitted at once, so the engine batches it. ``progress``:
+        a tqdm bar over requests on stderr (``None``: on for at least ``AUTO_PROGRESS_MIN_PROMPTS`` prompts
+        when stderr is a TTY)."""
+        if isinstance(prompts, (str, tuple, dict)):
             return self._generate_all([prompts], params, sampling, progress=False, single=True)[0]
         if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
             raise ValueError(f"prompts: must be a str or a list of prompts, got {type(prompts).__name__}")
@@ -152,9 +155,22 @@ class Pipeline:
         """
         self._check_usable()
         sampling_params = SamplingParams.from_kwargs(params, **sampling)
-        token_ids = self._engine.encode_prompt(prompt)
-        stream = self._run(_call_async(self._engine.submit, token_ids, sampling_params))
+        token_ids, images = self._encode(prompt)
+        stream = self._run(_call_async(functools.partial(self._engine.submit, images=images), token_ids,
+                                       sampling_params))
         return PipelineStream(self, TextStream(stream))
+
+    def _encode(self, prompt: Any) -> tuple[list[int], list[Any]]:
+        """Token ids and images of a prompt: text, token ids, chat messages (whose image parts are taken)
+        or an image prompt (``image_prompt``)."""
+        if isinstance(prompt, (tuple, dict)):
+            text, images = image_prompt(prompt, self._image_text())
+            return self._engine.encode_prompt(text), images
+        return self._engine.encode_with_images(prompt)
+
+    def _image_text(self) -> str | None:
+        vision = self._engine.model_config.vision
+        return None if vision is None else self._engine.tokenizer.id_to_token(vision.image_token_id)
 
     def _generate_all(
         self, prompts: list[Any], params: SamplingParams | None, sampling: dict[str, Any], *,
@@ -165,20 +181,20 @@ class Pipeline:
         encoded = []
         for i, prompt in enumerate(prompts):
             try:
-                encoded.append(self._engine.encode_prompt(prompt))
+                encoded.append(self._encode(prompt))
             except ValueError as error:
                 where = name if single else f"{name}[{i}]"
                 raise ValueError(f"{where}: {error}") from None
         show = _show_progress(progress, len(encoded))
         return self._run(self._batch(encoded, sampling_params, show, name=name, single=single))
 
-    async def _batch(self, encoded: list[list[int]], params: SamplingParams, show: bool, *, name: str,
-                     single: bool) -> list[Completion]:
-        # every request is created (and validated against the context) before any is started
+    async def _batch(self, encoded: list[tuple[list[int], list[Any]]], params: SamplingParams, show: bool, *,
+                     name: str, single: bool) -> list[Completion]:
+        # every request is created (and validated against the context and the image limits) before any starts
         streams: list[RequestStream] = []
-        for i, token_ids in enumerate(encoded):
+        for i, (token_ids, images) in enumerate(encoded):
             try:
-                streams.append(self._engine.submit(token_ids, params))
+                streams.append(self._engine.submit(token_ids, params, images=images))
             except ValueError as error:
                 raise ValueError(f"{name if single else f'{name}[{i}]'}: {error}") from None
         bar = _progress_bar(len(streams)) if show else None
@@ -299,6 +315,35 @@ class PipelineStream:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def image_prompt(prompt: tuple[Any, ...] | dict[str, Any], image_text: str | None) -> tuple[str, list[Any]]:
+    """A text prompt and its images from ``(text, image)``, ``(text, [image, ...])`` or
+    ``{"prompt": text, "images": [image, ...]}`` (an image: a PIL image, encoded bytes, a path or a pixel
+    tensor). Where ``text`` holds no ``image_text`` (the model's image token), one is put in front of it
+    per image, each followed by a newline, as LLaVA's prompts place them; otherwise ``text`` must hold
+    exactly one per image. ``ValueError`` naming the part at fault."""
+    if isinstance(prompt, dict):
+        unknown = [key for key in prompt if key not in ("prompt", "images")]
+        if unknown:
+            raise ValueError(f"prompt: unknown key {unknown[0]!r} (an image prompt has 'prompt' and 'images')")
+        text, images = prompt.get("prompt"), prompt.get("images")
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("images: must be a non-empty list of images")
+    else:
+        if len(prompt) != 2:
+            raise ValueError(f"prompt: an image prompt is a (text, image) pair, got {len(prompt)} items")
+        text, images = prompt
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("images: must not be empty")
+    if not isinstance(text, str) or not text:
+        raise ValueError("prompt: the text of an image prompt must be a non-empty str")
+    if image_text is None:
+        raise ValueError("images: this model takes no images")
+    if image_text not in text:
+        text = f"{image_text}\n" * len(images) + text
+    return text, list(images)
+
+
 async def _call_async(fn: Any, *args: Any) -> Any:
     return fn(*args)
 

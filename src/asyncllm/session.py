@@ -6,9 +6,9 @@ prefills only its new tokens (and wherever the template re-renders history diffe
 to the first differing token is still reused). Under memory pressure an idle session's pin is released
 to the prefix cache; its next turn then recomputes whatever the cache no longer holds.
 
-A vision-language model's turn may hold images (``content`` as a list of ``{"type": "text"}`` and
-``{"type": "image"}`` parts); they stay in the transcript, so later turns re-render them and reuse their
-KV (the prefix cache keys image tokens by the image, see ``SequenceState.key_tokens``).
+A vision-language model's turn may send content parts (``{"type": "text"}`` and ``{"type": "image"}``) instead
+of a string; the transcript keeps the images, so later turns render them again and, the prefix cache keying
+image tokens by their pixels, reuse their KV.
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from asyncllm.outputs import Completion
-from asyncllm.request import split_image_parts
 from asyncllm.sampling import SamplingParams
 from asyncllm.streams import RequestStream, TextStream
 
 if TYPE_CHECKING:
     from asyncllm.engine import AsyncEngine, Message
 
-_session_ids = itertools.count()
-
 Content = str | list[dict[str, Any]]
-"""A user message's content: text, or a list of ``{"type": "text", "text": ...}`` and
-``{"type": "image", "image": ...}`` parts."""
+"""A user turn: a string, or content parts (``{"type": "text", "text": ...}``, ``{"type": "image", ...}``)."""
+
+_session_ids = itertools.count()
 
 
 class SessionBusyError(RuntimeError):
@@ -76,7 +74,8 @@ class Session:
 
     # -- turns ---------------------------------------------------------------------------------
     def stream(self, content: Content, *, params: SamplingParams | None = None, **sampling: Any) -> TextStream:
-        """Send a user message and stream the reply as ``str`` deltas."""
+        """Send a user message (a string, or text and image content parts) and stream the reply as ``str``
+        deltas."""
         return TextStream(self.stream_detailed(content, params=params, **sampling))
 
     def stream_detailed(
@@ -88,33 +87,20 @@ class Session:
             raise SessionClosedError(f"{self.id} is closed")
         if self._busy:
             raise SessionBusyError(f"{self.id} already has a turn in progress; await it before the next")
-        if not isinstance(content, (str, list)) or not content:
-            raise ValueError("content: must be a non-empty str or list of parts")
+        if not content or not isinstance(content, (str, list)):
+            raise ValueError("content: must be a non-empty str or list of content parts")
         sampling_params = SamplingParams.from_kwargs(params, **sampling)
-        user = {"role": "user", "content": content}
-        messages, images = self._with_images([*self._messages, user])
-        token_ids = self._engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        user = {"role": "user", "content": content if isinstance(content, str) else list(content)}
+        token_ids, images = self._engine.encode_with_images([*self._messages, user])
         self._busy = True
         try:
             return self._engine.submit(
-                token_ids, sampling_params, session_id=self.id,
-                on_done=lambda completion: self._end_turn(user, completion), images=images,
+                token_ids, sampling_params, session_id=self.id, images=images,
+                on_done=lambda completion: self._end_turn(user, completion),
             )
         except BaseException:
             self._busy = False
             raise
-
-    def _with_images(self, messages: list[Message]) -> tuple[list[Message], list[Any]]:
-        """``messages`` with part-list contents rendered to text (each image part as the image token's
-        text) and the transcript's images in order."""
-        if all(isinstance(m["content"], str) for m in messages):
-            return messages, []
-        vision = self._engine.model_config.vision
-        image_text = self._engine.tokenizer.id_to_token(vision.image_token_id) if vision is not None else ""
-        rendered, images = split_image_parts(messages, image_text)
-        if images and vision is None:
-            raise ValueError("images: this model takes no images")
-        return rendered, images
 
     async def send(self, content: Content, *, params: SamplingParams | None = None, **sampling: Any) -> Completion:
         """Send a user message and return the whole reply."""

@@ -5,7 +5,9 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models[/{model}]``,
 ``DELETE /v1/sessions/{id}``, ``POST /tokenize``, ``POST /detokenize`` (these need an API key when keys are
-configured) and the open ``GET /health`` and ``GET /metrics``.
+configured) and the open ``GET /health`` and ``GET /metrics``. Chat messages to a vision-language model may
+hold ``image_url`` parts: ``data:`` URLs, or ``http(s)`` URLs of the hosts in ``allowed_image_hosts``
+(``chat_images``; a bad image is a 400 naming its part).
 
 Lifecycle: the engine starts on the first request that needs it (mounted sub-apps receive no lifespan
 events); served as the top-level app, the app's own lifespan starts the engine and closes it (and its
@@ -37,6 +39,7 @@ from asyncllm.adapters.asgi_io import (
     read_json,
     until_disconnect,
 )
+from asyncllm.adapters.chat_images import resolve_images
 from asyncllm.adapters.errors import APIError, invalid, not_found, unavailable
 from asyncllm.adapters.generation import RunningRequest, api_error_of
 from asyncllm.adapters.metrics import CONTENT_TYPE
@@ -55,6 +58,7 @@ from asyncllm.adapters.sessions import SessionGoneError, SessionKey, SessionLimi
 from asyncllm.adapters.settings import ServerSettings
 from asyncllm.engine import AsyncEngine, EngineClosedError
 from asyncllm.event_loop import require_asyncio
+from asyncllm.images import PreparedImage
 from asyncllm.sampling import SamplingParams
 from asyncllm.session import SessionBusyError, SessionClosedError
 from asyncllm.streams import RequestStream
@@ -107,6 +111,7 @@ class OpenAIServer:
                                         clock=clock or time.monotonic)
         self.metrics = ServerMetrics(engine, lambda: len(self.sessions), clock=clock or time.perf_counter)
         self.limits = RequestLimits(vocab_size=engine.model_config.vocab_size, max_n=settings.max_n)
+        self._image_policy = settings.image_fetch_policy()
         self._keys = [key.encode("utf-8") for key in settings.api_keys]
         self._created = int(time.time())
 
@@ -225,6 +230,9 @@ class OpenAIServer:
         self._check_max_tokens_limit(req)
         await self._engine_ready()
         self._check_load()
+        if chat:
+            messages = await resolve_images(self.engine, req.prompt, self._image_policy)  # type: ignore[arg-type]
+            req = replace(req, prompt=messages)
         renames = {"prompt": "messages"} if chat else {}
         if req.session_id is not None:
             key: SessionKey = (principal, req.session_id)
@@ -242,12 +250,13 @@ class OpenAIServer:
             return EventStreamResponse(running.events())
         return JSONResponse(await until_disconnect(request.receive, running.complete()))
 
-    async def _encode(self, req: GenerationRequest) -> list[int]:
+    async def _encode(self, req: GenerationRequest) -> tuple[list[int], list[Any]]:
+        """The prompt's token ids and (chat) its prepared images, in prompt order."""
         if isinstance(req.prompt, list) and all(isinstance(t, int) for t in req.prompt):
-            return list(req.prompt)  # type: ignore[arg-type]
+            return list(req.prompt), []  # type: ignore[arg-type]
         param = "messages" if req.chat else "prompt"
         try:
-            return await asyncio.to_thread(self.engine.encode_prompt, req.prompt)
+            return await asyncio.to_thread(self.engine.encode_with_images, req.prompt)
         except jinja2.TemplateError as error:
             raise _template_error(error, param) from error
         except ValueError as error:
@@ -270,18 +279,26 @@ class OpenAIServer:
                           f"{params.max_tokens} were requested", max_field, "context_length_exceeded")
         return params
 
+    def _prompt_len(self, ids: list[int], images: list[Any]) -> int:
+        """The prompt's length once each image's placeholder is expanded to its feature rows."""
+        vision = self.engine.model_config.vision
+        if vision is None:
+            return len(ids)
+        return len(ids) + sum((image.num_tokens if isinstance(image, PreparedImage) else vision.num_image_tokens) - 1
+                              for image in images)
+
     async def _submit(self, req: GenerationRequest) -> list[RequestStream]:
-        ids = await self._encode(req)
+        ids, images = await self._encode(req)
         param = "messages" if req.chat else "prompt"
         streams: list[RequestStream] = []
         try:
             for params in req.choice_params():
-                fitted = self._fit_max_tokens(params, len(ids), param, req.max_tokens_field)
-                streams.append(self.engine.stream_detailed(ids, params=fitted))
+                fitted = self._fit_max_tokens(params, self._prompt_len(ids, images), param, req.max_tokens_field)
+                streams.append(self.engine.stream_detailed(ids, params=fitted, images=images))
         except Exception as error:
             for stream in streams:
                 await stream.aclose()
-            raise api_error_of(error, {"prompt": param}) from error
+            raise api_error_of(error, {"prompt": param, "images": "messages"}) from error
         return streams
 
     async def _session_turn(self, key: SessionKey, req: GenerationRequest) -> RequestStream:
@@ -311,13 +328,13 @@ class OpenAIServer:
             raise invalid("messages: a turn on an existing session sends only its new user message",
                           "messages")
         renames = {"prompt": "messages", "content": f"messages[{last}].content",
-                   "max_tokens": req.max_tokens_field}
+                   "max_tokens": req.max_tokens_field, "images": "messages"}
         try:
             params = req.params
             if params.max_tokens is None and self.settings.default_max_tokens is not None:
                 transcript = [*session.messages, messages[last]]
-                ids = await asyncio.to_thread(self.engine.encode_prompt, transcript)
-                params = self._fit_max_tokens(params, len(ids), "messages")
+                ids, images = await asyncio.to_thread(self.engine.encode_with_images, transcript)
+                params = self._fit_max_tokens(params, self._prompt_len(ids, images), "messages")
             stream = session.stream_detailed(messages[last]["content"], params=params)
         except SessionBusyError as error:
             raise APIError(409, f"session {key[1]!r} already has a turn in progress; wait for it to finish",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncllm.adapters.errors import APIError, from_value_error, invalid
+from asyncllm.image_inputs import ImageURL
 from asyncllm.sampling import MAX_LOGPROBS, SamplingParams
 
 Message = dict[str, Any]
@@ -26,6 +27,9 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 """Roles a chat message may have; ``developer`` is OpenAI's newer name for ``system`` and is mapped to it."""
 
 MAX_SESSION_ID_LENGTH = 256
+
+IMAGE_DETAILS = ("auto", "low", "high")
+"""Accepted values of an ``image_url`` part's ``detail`` (read, not acted on)."""
 
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}")
 
@@ -163,11 +167,15 @@ def _stop(value: Any) -> list[str]:
     return list(items)
 
 
-def parse_messages(value: Any, name: str = "messages") -> list[Message]:
-    """Validated chat messages as ``{"role", "content"}`` dicts with ``str`` content.
+def parse_messages(value: Any, name: str = "messages", *, images: bool = True) -> list[Message]:
+    """Validated chat messages as ``{"role", "content"}`` dicts.
 
-    Content may be a string or a list of ``{"type": "text", "text": ...}`` parts, which are concatenated;
-    any other part type is rejected. Extra message keys (``name``, ...) are dropped.
+    Content may be a string or a list of ``{"type": "text", "text": ...}`` parts, which are concatenated,
+    and (with ``images``) ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` parts. A
+    message without image parts gets ``str`` content; one with image parts keeps a list of engine content
+    parts: ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": ImageURL}``, the URL not yet
+    read (``ImageURL.field`` names the request field). Any other part type is rejected. Extra message keys
+    (``name``, ...) are dropped.
     """
     if not isinstance(value, list) or not value:
         raise invalid(f"{name}: must be a non-empty list of messages", name)
@@ -179,27 +187,58 @@ def parse_messages(value: Any, name: str = "messages") -> list[Message]:
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise invalid(f"{where}.role: must be one of {sorted(CHAT_ROLES)}, got {role!r}", f"{where}.role")
-        content = _message_content(message.get("content"), f"{where}.content")
+        content = _message_content(message.get("content"), f"{where}.content", images=images)
         messages.append({"role": "system" if role == "developer" else role, "content": content})
     return messages
 
 
-def _message_content(value: Any, where: str) -> str:
+def image_refs(messages: list[Message]) -> list[ImageURL]:
+    """The unread image URLs of parsed ``messages``, in prompt order."""
+    return [part["image"] for message in messages if isinstance(message["content"], list)
+            for part in message["content"] if part["type"] == "image" and isinstance(part["image"], ImageURL)]
+
+
+def _message_content(value: Any, where: str, *, images: bool) -> str | list[dict[str, Any]]:
     if isinstance(value, str):
         return _text(value, where)
     if not isinstance(value, list):
-        raise invalid(f"{where}: must be a string or a list of text parts", where)
-    texts: list[str] = []
+        raise invalid(f"{where}: must be a string or a list of content parts", where)
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(value):
-        if not isinstance(part, Mapping) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise invalid(f"{where}[{j}]: only text content parts are supported, got {kind!r}",
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if isinstance(part, Mapping) and kind == "image_url" and images:
+            parts.append({"type": "image", "image": _image_url(part, f"{where}[{j}]")})
+            continue
+        if not isinstance(part, Mapping) or kind != "text":
+            allowed = "text and image_url" if images else "text"
+            raise invalid(f"{where}[{j}]: only {allowed} content parts are supported, got {kind!r}",
                           f"{where}[{j}]")
         text = part.get("text")
         if not isinstance(text, str):
             raise invalid(f"{where}[{j}].text: must be a string", f"{where}[{j}].text")
-        texts.append(_text(text, f"{where}[{j}].text"))
-    return "".join(texts)
+        parts.append({"type": "text", "text": _text(text, f"{where}[{j}].text")})
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _image_url(part: Mapping[str, Any], where: str) -> ImageURL:
+    """An ``image_url`` part's URL (a ``data:`` or ``http(s)`` URL; read later) and its ``detail``, which
+    must be ``auto``, ``low`` or ``high`` when given (the served models take one fixed resolution)."""
+    spec = part.get("image_url")
+    if not isinstance(spec, Mapping):
+        raise invalid(f"{where}.image_url: must be an object with a 'url'", f"{where}.image_url")
+    url = spec.get("url")
+    if not isinstance(url, str) or not url:
+        raise invalid(f"{where}.image_url.url: must be a non-empty string", f"{where}.image_url.url")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("data", "http", "https"):
+        raise invalid(f"{where}.image_url.url: must be a data: URL or an http(s) URL", f"{where}.image_url.url")
+    detail = spec.get("detail")
+    if detail is not None and detail not in IMAGE_DETAILS:
+        raise invalid(f"{where}.image_url.detail: must be one of {list(IMAGE_DETAILS)}, got {detail!r}",
+                      f"{where}.image_url.detail")
+    return ImageURL(url, f"{where}.image_url.url")
 
 
 def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
@@ -321,7 +360,7 @@ def parse_tokenize_request(body: Mapping[str, Any]) -> TokenizeRequest:
     if has_prompt == has_messages:
         raise invalid("prompt: give exactly one of 'prompt' and 'messages'", "prompt")
     prompt = _optional_str(body, "prompt")
-    messages = parse_messages(body["messages"]) if has_messages else None
+    messages = parse_messages(body["messages"], images=False) if has_messages else None
     return TokenizeRequest(prompt=prompt, messages=messages,
                            add_special_tokens=_optional_bool(body, "add_special_tokens", True),
                            add_generation_prompt=_optional_bool(body, "add_generation_prompt", True),

@@ -58,6 +58,17 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
                             f"or --max-tokens-limit if lower; 0: until the context is full)")
     serve.add_argument("--max-tokens-limit", type=int, default=None,
                        help="largest max_tokens a request may ask for; larger get 400 (default: the context)")
+    serve.add_argument("--allowed-image-hosts", type=_host_list, action="extend", default=[], metavar="HOSTS",
+                       help="comma-separated hosts whose http(s) image URLs may be fetched (repeatable; default: "
+                            "none, only inline data: URLs are read)")
+    serve.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="time limit of one image fetch (default %(default)g)")
+    serve.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, metavar="N",
+                       help="largest encoded image fetched or inlined (default 20 MiB)")
+    serve.add_argument("--max-images-per-request", type=int, default=None, metavar="N",
+                       help="images one request may hold (default: the engine's, 8)")
+    serve.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                       help="largest image, width times height (default: the engine's, 4096*4096)")
     serve.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
                        help=f"seconds in-flight requests get to finish after SIGTERM/Ctrl-C before their "
                             f"streams end with an error event (default {DEFAULT_SHUTDOWN_GRACE:g})")
@@ -65,6 +76,15 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     _engine_args(serve)
     return serve
+
+
+def _host_list(text: str) -> list[str]:
+    return [host.strip() for host in text.split(",") if host.strip()]
+
+
+def _image_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ("max_images_per_request", "max_image_pixels")
+            if getattr(args, name) is not None}
 
 
 def _api_keys(args: argparse.Namespace) -> list[str]:
@@ -163,6 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from asyncllm.cli_options import check_engine_options
     from asyncllm.cli_options import engine_overrides as _engine_overrides
+    from asyncllm.config import EngineConfig
     from asyncllm.engine import AsyncEngine
 
     model = _model_path(args)
@@ -172,15 +193,17 @@ def run_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting or None,
             max_sessions=args.max_sessions, max_sessions_per_key=args.max_sessions_per_key,
             session_idle_timeout=args.session_idle_timeout, default_max_tokens=_default_max_tokens(args),
-            max_tokens_limit=args.max_tokens_limit,
+            max_tokens_limit=args.max_tokens_limit, allowed_image_hosts=tuple(args.allowed_image_hosts),
+            image_fetch_timeout=args.image_fetch_timeout, max_image_bytes=args.max_image_bytes,
         )
         check_engine_options(args)
+        overrides = {**_engine_overrides(args), **_image_overrides(args)}
+        EngineConfig(**overrides)  # a bad limit is reported before the model loads
         if not (args.shutdown_grace >= 0 and args.shutdown_grace < float("inf")):
             raise ValueError(f"--shutdown-grace: must be a number of seconds >= 0, got {args.shutdown_grace}")
     except ValueError as error:
         print(f"asyncllm serve: {error}", file=sys.stderr)
         return 2
-    overrides = _engine_overrides(args)
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     engine = AsyncEngine.from_pretrained(model, **overrides)
     app = create_app(engine, settings=settings)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from asyncllm.image_inputs import ImageFetchPolicy
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -20,6 +22,12 @@ class ServerSettings:
     when a request gives none (``None``: until the context is full), clamped to the room the prompt leaves.
     ``max_tokens_limit``: the largest ``max_tokens`` a request may ask for (larger get 400; ``None``: only
     the context limits it).
+
+    Images in chat messages (``image_url`` parts): ``data:`` URLs are always read; an ``http(s)`` URL is
+    fetched only when its host is one of ``allowed_image_hosts`` (exact names, case-insensitive; empty, the
+    default: remote images are refused with 400), within ``image_fetch_timeout`` seconds and
+    ``max_image_bytes`` bytes. How many images a request may hold and how large they may be are the
+    engine's ``max_images_per_request`` and ``max_image_pixels``.
     """
 
     model_name: str = "asyncllm"
@@ -32,6 +40,9 @@ class ServerSettings:
     session_idle_timeout: float = 900.0
     default_max_tokens: int | None = 512
     max_tokens_limit: int | None = None
+    allowed_image_hosts: tuple[str, ...] = ()
+    image_fetch_timeout: float = 10.0
+    max_image_bytes: int = 20 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -61,3 +72,10 @@ class ServerSettings:
                 and self.default_max_tokens > self.max_tokens_limit):
             raise ValueError(f"default_max_tokens: must be <= max_tokens_limit ({self.max_tokens_limit}), "
                              f"got {self.default_max_tokens}")
+        hosts = self.allowed_image_hosts
+        object.__setattr__(self, "allowed_image_hosts", (hosts,) if isinstance(hosts, str) else tuple(hosts))
+        self.image_fetch_policy()  # validates the image fields
+
+    def image_fetch_policy(self) -> ImageFetchPolicy:
+        """Where this app reads images from (``ValueError`` naming the field for a bad setting)."""
+        return ImageFetchPolicy(self.allowed_image_hosts, self.image_fetch_timeout, self.max_image_bytes)
