@@ -116,6 +116,11 @@ def session_turns(url: str, session_id: str, turns: list[str], max_tokens: int,
     return replies
 
 
+def _stats(name: str) -> tuple[str, int, int]:
+    """(incarnation, waiting, running) of an engine replica, asked directly."""
+    return ray.get(ray.get_actor(name, namespace=NAMESPACE).stats.remote(), timeout=10)
+
+
 def test_session_turns_land_on_one_replica_and_reuse_its_kv(url: str, reference: Reference,
                                                             bias: dict[int, float]) -> None:
     transcript: list[dict[str, str]] = []
@@ -167,8 +172,18 @@ def test_bad_input_is_answered_by_the_replica_app(url: str) -> None:
     assert response.json()["error"]["param"] == "messages"
 
 
-def _stats(name: str) -> tuple[str, int, int]:
-    return ray.get(ray.get_actor(name, namespace=NAMESPACE).stats.remote(), timeout=10)
+def test_a_client_leaving_mid_stream_stops_the_generation(url: str) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 2000,
+            "stream": True, **GREEDY_BODY}  # seconds of work if it were not stopped
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+        replica = response.headers[REPLICA_HEADER]
+        lines = response.iter_lines()
+        assert next(line for line in lines if '"content":"' in line and '"role"' not in line)
+        assert _stats(replica)[2] == 1
+    deadline = time.monotonic() + 1  # the whole reply would take about 2 s more
+    while _stats(replica)[2]:
+        assert time.monotonic() < deadline, "the replica kept generating for a client that left"
+        time.sleep(0.02)
 
 
 def test_killing_a_replica_loses_no_request_and_sessions_move(url: str, reference: Reference,

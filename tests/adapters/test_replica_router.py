@@ -143,7 +143,8 @@ async def test_a_session_is_rebuilt_on_the_survivor_and_back_on_a_restarted_repl
     assert usage["prompt_tokens"] == len(reference.encode_prompt(transcript[:3]))
     replica, usage = await chat_turn("Go on.")  # b now holds it, with its KV
     assert replica == "b" and usage["prompt_tokens_details"]["cached_tokens"] > 0
-    await a.restart()  # back, empty: the id's owner again, so the session is rebuilt there
+    await a.restart()  # back, empty: once a probe finds it, it is the id's owner again and the session is
+    await router.refresh()  # rebuilt there
     replica, usage = await chat_turn("Why?")
     assert replica == "a" and usage["prompt_tokens"] == len(reference.encode_prompt(transcript[:7]))
     assert a.engine.stats().sessions_pinned == 1
@@ -193,6 +194,7 @@ async def test_failures_before_and_after_the_first_byte(replicas: tuple[LocalRep
     assert status == 503 and json.loads(raw)["error"]["code"] == "replica_unavailable"
     # one back: it serves everything
     await a.restart()
+    await router.refresh()
     status, replica, raw = await send(router, {**body, "stream": True})
     assert (status, replica) == (200, "a")
     chunks = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n") if e and e != b"data: [DONE]"]

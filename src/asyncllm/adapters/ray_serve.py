@@ -59,6 +59,10 @@ INGRESS_MAX_ONGOING_REQUESTS = 4096
 """Requests the ingress accepts at once (Serve's default of a few would queue streams behind each other)."""
 
 
+TRANSCRIPT_GRACE = 60.0
+"""Seconds an idle session's transcript outlives the session's own idle timeout on its replica."""
+
+
 def replica_actor_name(app_name: str, index: int) -> str:
     return f"{app_name}-replica-{index}"
 
@@ -169,13 +173,18 @@ class Ingress:
         ray.get([actor.ready.remote() for actor in actors], timeout=config.ready_timeout)
         replicas = [RayReplica(replica_actor_name(config.app_name, i), a) for i, a in enumerate(actors)]
         settings = config.settings
-        transcripts = TranscriptStore(max_sessions=settings.max_sessions * config.replicas,
-                                      idle_timeout=settings.session_idle_timeout)
+        # kept longer and more of them than the replicas keep sessions, so that a session a replica still
+        # holds always has its transcript here (a replica that ended one answers 404 and it is dropped)
+        transcripts = TranscriptStore(max_sessions=2 * settings.max_sessions * config.replicas,
+                                      idle_timeout=settings.session_idle_timeout + TRANSCRIPT_GRACE)
         self._actors = actors  # the ingress owns them: they live as long as it does
         self.router = ReplicaRouter(replicas, transcripts=transcripts, stats_ttl=config.stats_ttl)
 
     async def __call__(self, request: Request) -> Response:
-        forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode("latin-1"),
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a route prefix: the app's routes start at /v1
+            path = path[len(root):] or "/"
+        forwarded = ForwardedRequest(request.method, path, request.url.query.encode("latin-1"),
                                      tuple(request.headers.raw), await request.body())
         reply = await self.router.handle(forwarded)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reply.start.headers

@@ -139,12 +139,15 @@ class ReplicaRouter:
             return None
 
     async def _fresh(self) -> None:
-        """Refresh when the stats are older than ``stats_ttl`` (one refresh at a time)."""
+        """Start a refresh when the stats are older than ``stats_ttl`` (one at a time). Only a router with
+        no live replica waits for it; the others route on the stats they have while it runs, so a replica
+        that is slow to answer its probe never holds requests up."""
         if self._clock() - self._refreshed_at < self._stats_ttl:
             return
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self.refresh())
-        await asyncio.shield(self._refreshing)
+        if not self._ring:
+            await asyncio.shield(self._refreshing)
 
     def _down(self, name: str) -> None:
         if name in self._ring:
