@@ -320,6 +320,8 @@ class ReplicaRouter:
         elif reply.start.status == 404 and record is not None:
             # the replica holding it went away: the transcript was all that was left of it
             self._transcripts.drop(key)
+            with contextlib.suppress(Exception):
+                await reply.body.aclose()  # type: ignore[attr-defined]
             return _deleted(session_id, reply.replica)
         return reply
 
