@@ -34,10 +34,11 @@ def add_replica_options(parser: argparse.ArgumentParser) -> None:
                         help="with --replicas: join this Ray cluster ('auto', 'ray://head:10001'); default: "
                              "start a local one")
     parser.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
-                        help="CPUs each replica reserves (and its torch threads unless --threads; default 1)")
+                        help="CPUs each replica reserves, and its torch threads when no thread count is "
+                             "given (default 1)")
     parser.add_argument("--replica-gpus", type=float, default=None, metavar="N",
-                        help="GPUs each replica reserves (default: 1 with --device cuda, or with --device auto "
-                             "when this machine has a GPU; else 0)")
+                        help="GPUs each replica reserves (default: 1 when the engine device is CUDA, or auto "
+                             "on a machine with a GPU; else 0)")
 
 
 def check_replica_options(args: argparse.Namespace) -> None:
