@@ -127,21 +127,31 @@ async def test_a_session_is_rebuilt_on_the_survivor_and_back_on_a_restarted_repl
     sid = owned_by("a", ["a", "b"])
     transcript: list[dict[str, str]] = []
 
-    async def chat_turn(content: str) -> tuple[str, dict[str, Any]]:
-        status, replica, body = await send(router, turn(content, sid, bias))
+    async def chat_turn(content: str, stream: bool = False) -> tuple[str, dict[str, Any]]:
+        extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        status, replica, body = await send(router, turn(content, sid, bias, **extra))
         assert status == 200, body
-        reply = json.loads(body)
-        transcript.extend([{"role": "user", "content": content},
-                           {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}])
-        assert reply["choices"][0]["message"]["content"] == await greedy(reference, transcript[:-1], bias)
-        return replica, reply["usage"]
+        if stream:
+            events = [json.loads(e.removeprefix(b"data: ")) for e in body.split(b"\n\n")
+                      if e and e != b"data: [DONE]"]
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+            usage = events[-1]["usage"]
+        else:
+            reply = json.loads(body)
+            text, usage = reply["choices"][0]["message"]["content"], reply["usage"]
+        transcript.extend([{"role": "user", "content": content}, {"role": "assistant", "content": text}])
+        assert text == await greedy(reference, transcript[:-1], bias)
+        return replica, usage
 
     assert (await chat_turn("Hello there."))[0] == "a"
     a.alive = False
+    # moving it needs the transcript the router keeps, which a later turn only extends
+    status, _, body = await send(router, {**turn("x", sid, bias), "messages": [{"role": "user", "content": "x"}] * 2})
+    assert status == 400 and json.loads(body)["error"]["param"] == "messages"
     replica, usage = await chat_turn("And then?")  # recomputed on b from the transcript
     assert replica == "b" and router.live == {"b"}
     assert usage["prompt_tokens"] == len(reference.encode_prompt(transcript[:3]))
-    replica, usage = await chat_turn("Go on.")  # b now holds it, with its KV
+    replica, usage = await chat_turn("Go on.", stream=True)  # b now holds it, with its KV
     assert replica == "b" and usage["prompt_tokens_details"]["cached_tokens"] > 0
     await a.restart()  # back, empty: once a probe finds it, it is the id's owner again and the session is
     await router.refresh()  # rebuilt there
