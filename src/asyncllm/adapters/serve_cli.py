@@ -1,4 +1,5 @@
-"""``asyncllm serve MODEL``: the OpenAI-compatible app on uvicorn (extra ``asgi``).
+"""``asyncllm serve MODEL``: the OpenAI-compatible app on uvicorn (extra ``asgi``); with ``--replicas N``,
+N engine replicas on Ray Serve (extra ``ray``, see ``asyncllm.adapters.ray_serve_cli``).
 
 API keys come from ``--api-key`` (repeatable) and from the ``ASYNCLLM_API_KEYS`` environment variable
 (comma-separated), which keeps them out of the process list.
@@ -33,6 +34,7 @@ FLUSH_AFTER_GRACE = 5.0
 
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    from asyncllm.adapters.ray_serve_cli import add_replica_options
     from asyncllm.cli_options import engine_args as _engine_args
 
     serve = subparsers.add_parser("serve",
@@ -74,6 +76,7 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
                             f"streams end with an error event (default {DEFAULT_SHUTDOWN_GRACE:g})")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
+    add_replica_options(serve)
     _engine_args(serve)
     return serve
 
@@ -181,6 +184,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"asyncllm serve needs the 'asgi' extra (pip install 'asyncllm[asgi]'): {error}",
               file=sys.stderr)
         return 2
+    from asyncllm.adapters.ray_serve_cli import check_replica_options, run_replicas
     from asyncllm.cli_options import check_engine_options
     from asyncllm.cli_options import engine_overrides as _engine_overrides
     from asyncllm.config import EngineConfig
@@ -199,11 +203,14 @@ def run_serve(args: argparse.Namespace) -> int:
         check_engine_options(args)
         overrides = {**_engine_overrides(args), **_image_overrides(args)}
         EngineConfig(**overrides)  # a bad limit is reported before the model loads
+        check_replica_options(args)
         if not (args.shutdown_grace >= 0 and args.shutdown_grace < float("inf")):
             raise ValueError(f"--shutdown-grace: must be a number of seconds >= 0, got {args.shutdown_grace}")
     except ValueError as error:
         print(f"asyncllm serve: {error}", file=sys.stderr)
         return 2
+    if args.replicas:
+        return run_replicas(args, model, settings, overrides)
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     engine = AsyncEngine.from_pretrained(model, **overrides)
     app = create_app(engine, settings=settings)
