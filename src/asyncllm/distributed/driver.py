@@ -165,7 +165,18 @@ class TensorParallelRunner:
         return reply.output
 
     def forward_logits(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
-        raise NotImplementedError("forward_logits: a tensor-parallel engine returns sampled tokens only")
+        """Run ``chunks`` (writing their KV) on every rank and return rank 0's gathered float32 logits
+        ``[R, V]`` (on the CPU) for the ``R`` chunks that sample, in chunk order (as ``ModelRunner``)."""
+        if not chunks:
+            raise ValueError("chunks: a step needs at least one chunk")
+        wires = encode_chunks(chunks, self.spec.block_size)
+        num_rows = sum(1 for chunk in chunks if chunk.samples)
+        messages = [StepMessage(wires, num_rows, () if rank == 0 else None, return_logits=True)
+                    for rank in range(self.size)]
+        reply: StepReply = self._exchange(messages, "computing logits")[0]
+        if reply.logits is None:
+            raise WorkerFailedError("tensor-parallel rank 0 returned no logits")
+        return reply.logits
 
     def close(self) -> None:
         """Stop every worker (they leave their group and exit; stragglers are killed). Idempotent."""

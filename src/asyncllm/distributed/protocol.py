@@ -49,19 +49,23 @@ class RowWire:
 @dataclass(frozen=True)
 class StepMessage:
     """One model step. ``rows``: rank 0's sampling rows (other ranks get ``None`` and only
-    ``num_rows``, which tells them whether the step computes logits)."""
+    ``num_rows``, which tells them whether the step computes logits). ``return_logits``: rank 0 returns
+    the gathered float32 logits of the sampling chunks instead of sampling (``rows`` is then empty)."""
 
     chunks: tuple[ChunkWire, ...]
     num_rows: int
     rows: tuple[RowWire, ...] | None = None
+    return_logits: bool = False
 
 
 @dataclass(frozen=True)
 class StepReply:
-    """Rank 0's answer: the sampled tokens and the seeded rows' advanced generator states, row order."""
+    """Rank 0's answer: the sampled tokens and the seeded rows' advanced generator states, row order (or,
+    for ``return_logits``, the logits on the CPU)."""
 
     output: SamplerOutput
     generator_states: tuple[torch.Tensor | None, ...] = ()
+    logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

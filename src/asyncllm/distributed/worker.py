@@ -21,6 +21,7 @@ from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.distributed.parallel_state import TensorParallel, head_partition
 from asyncllm.distributed.protocol import Reply, Seed, StepMessage, StepReply, Stop, decode_chunks, decode_rows
 from asyncllm.runner import KVCacheSpec, ModelRunner
+from asyncllm.sampling import SamplerOutput
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ def _step(runner: ModelRunner, message: StepMessage, cpu_generator: torch.Genera
     Seeded rows on a CUDA rank are sampled on the CPU (with ``cpu_generator`` for the unseeded rows of the
     same step), because their generators' states are CPU generator states."""
     chunks = decode_chunks(message.chunks)
+    if message.return_logits:
+        logits = runner.forward_logits(chunks)  # type: ignore[arg-type]
+        return StepReply(SamplerOutput([], []), logits=logits.cpu().clone()) if message.rows is not None else None
     if message.rows is None:
         if message.num_rows:
             runner.forward_logits(chunks)  # type: ignore[arg-type]
