@@ -60,7 +60,8 @@ class EngineStats:
     (packed quantized weights counted as stored) with its quantization (``"unquantized"``, ``"gguf"``,
     ``"awq"``, ...). The KV pool: ``kv_cache_dtype`` (``"int8"``, ``"int4"`` or the compute dtype's
     name), ``kv_bytes_per_token`` (all layers, keys, values and scales) and ``kv_capacity_tokens`` (blocks
-    times block size)."""
+    times block size). With tensor parallelism ``kv_bytes_per_token`` is one rank's (its KV heads) and
+    ``weight_bytes`` the sum over the ranks."""
 
     kv_blocks_total: int
     kv_blocks_used: int

@@ -200,8 +200,11 @@ async def test_llama_engine_concurrent_requests_and_session(llama: tuple[Path, A
 async def test_qwen2_replicated_kv_head_then_a_killed_worker_fails_every_request(
         qwen2: tuple[Path, Any], chat_tokenizer: Any) -> None:
     path, hf = qwen2
+    before = {p.pid for p in multiprocessing.active_children()}
     engine = AsyncEngine.from_pretrained(path, config=_config(tensor_parallel_size=2))
-    pids = engine._runner.pids  # type: ignore[union-attr]
+    workers = {p.name: p.pid for p in multiprocessing.active_children() if p.pid not in before}
+    assert sorted(workers) == ["asyncllm-tp-rank0", "asyncllm-tp-rank1"]
+    pids = [workers["asyncllm-tp-rank0"], workers["asyncllm-tp-rank1"]]
     try:
         outs = await asyncio.gather(*(engine.generate(p, max_tokens=8, temperature=0, logprobs=5) for p in PROMPTS))
         worst = 0.0
