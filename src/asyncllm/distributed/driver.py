@@ -243,7 +243,9 @@ def _gather(processes: Sequence[BaseProcess], conns: Sequence[Connection], expec
                     raise _died(processes[rank], rank, what) from None
                 if reply.kind == "error":
                     if what == "starting":
-                        raise reply.payload
+                        error = reply.payload
+                        error.add_note(f"raised in tensor-parallel rank {rank}:\n{reply.traceback}")
+                        raise error
                     raise WorkerFailedError(f"tensor-parallel rank {rank} failed while {what}: {reply.payload!r}\n"
                                             f"{reply.traceback}") from reply.payload
                 payloads[rank] = reply.payload

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -159,7 +159,7 @@ class WorkerChunk:
     seq: _WorkerSeq
     start: int
     num_tokens: int
-    samples: bool = field(default=False)
+    samples: bool
 
 
 def decode_chunks(wires: Sequence[ChunkWire]) -> list[WorkerChunk]:
