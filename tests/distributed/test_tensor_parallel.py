@@ -244,6 +244,45 @@ async def test_qwen2_replicated_kv_head_then_a_killed_worker_fails_every_request
     assert _alive(pids) == []
 
 
+def test_awq_qwen2_splits_its_packed_groups_across_ranks(tmp_path: Path) -> None:
+    """A quantized checkpoint (AWQ, 4-bit, groups of 32; Qwen2: q/k/v bias): each rank keeps its rows of the
+    column-split layers and whole groups of the row-split ones; logits match one rank (1e-5) and transformers
+    on the exactly dequantized weights within the CPU fast path's int8 activation rounding on steps of few
+    rows (the bound ``tests/quant/test_quantized_models.py`` holds one rank to), with the same greedy tokens."""
+    import transformers
+
+    from asyncllm.builder import model_from_checkpoint
+    from asyncllm.loaders import load_checkpoint
+
+    from ..quant._writers import TINY, write_awq
+    from ..quant.test_quantized_models import DECODE_TOLERANCE
+
+    path = tmp_path / "awq"
+    path.mkdir()
+    reference = write_awq(path, "qwen2", group_size=32)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+    hf.load_state_dict(reference)
+    prompts = [[1, 5, 9, 200, 17, 33, 4], [7, 250, 3]]
+    runner = TensorParallelRunner.start(str(path), _config(tensor_parallel_size=2))
+    try:
+        assert runner.model.quantization_name == "awq"
+        parallel_logits = _run_steps(runner, prompts, 2)
+    finally:
+        runner.close()
+    config = _config()
+    single = build_runner(model_from_checkpoint(load_checkpoint(path), config), config)
+    single_logits = _run_steps(single, prompts, 2)
+    worst_single = max(float((a - b).abs().max()) for a, b in zip(parallel_logits, single_logits, strict=True))
+    assert worst_single <= LOGIT_TOL, worst_single
+    for i, ids in enumerate(prompts):
+        tokens, hf_logits = _hf_greedy(hf, ids, 2)
+        ours = torch.stack([step[i] for step in parallel_logits])
+        assert ours.argmax(-1).tolist()[:2] == tokens
+        expected = hf_logits[len(ids) - 1:]
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(ours, expected, rtol=DECODE_TOLERANCE, atol=DECODE_TOLERANCE * scale)
+
+
 def test_a_worker_startup_error_is_raised_in_the_caller(tmp_path: Path, chat_tokenizer: Any) -> None:
     # 129 intermediate features do not split over 2 ranks; the ranks find out while building their layers
     hf_config, model = _hf_model("llama", chat_tokenizer.vocab_size, intermediate_size=129)
