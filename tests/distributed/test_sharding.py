@@ -125,3 +125,13 @@ def test_row_split_refuses_an_input_permutation() -> None:
     with pytest.raises(ValueError, match=r"tensor_parallel_size.*act-order"):
         Linear(128, 16, bias=False, method=PackedLinearMethod(TORCH_OPS, LayerQuant(4, 32, permuted=True)),
                dtype=torch.float32, device=CPU, parallel=TensorParallel(0, 2), split="row")
+
+
+def test_split_cpus_gives_each_rank_its_own_contiguous_cpus() -> None:
+    from asyncllm.cpu_threads import split_cpus
+
+    assert split_cpus([3, 0, 1, 2, 5], 2) == [(0, 1, 2), (3, 5)]
+    assert split_cpus(range(8), 4) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert split_cpus([0], 2) is None
+    with pytest.raises(ValueError, match="parts"):
+        split_cpus([0, 1], 0)

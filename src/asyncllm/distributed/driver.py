@@ -44,7 +44,7 @@ from asyncllm.distributed.protocol import (
     encode_chunks,
     encode_rows,
 )
-from asyncllm.distributed.worker import WorkerReady, WorkerSpec, default_rank_threads, run_worker
+from asyncllm.distributed.worker import WorkerReady, WorkerSpec, default_rank_threads, rank_cpus, run_worker
 from asyncllm.runner import KVCacheSpec
 from asyncllm.sampling import SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
@@ -119,12 +119,13 @@ class TensorParallelRunner:
         directory = tempfile.mkdtemp(prefix="asyncllm-tp-")
         init_method = (Path(directory) / "rendezvous").as_uri()
         threads = default_rank_threads(config, size)
+        cpus = rank_cpus(config, size)
         processes: list[BaseProcess] = []
         conns: list[Connection] = []
         try:
             for rank in range(size):
                 parent, child = context.Pipe()
-                spec = WorkerSpec(model, config, rank, size, init_method, threads)
+                spec = WorkerSpec(model, config, rank, size, init_method, threads, cpus[rank])
                 process = context.Process(target=run_worker, args=(spec, child), name=f"asyncllm-tp-rank{rank}",
                                           daemon=True)
                 process.start()

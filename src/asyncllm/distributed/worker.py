@@ -12,12 +12,14 @@ The process group is this worker process's default group; the driver's process n
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
 import torch
 
 from asyncllm.config import EngineConfig, ModelConfig
+from asyncllm.cpu_threads import affinity_cpus, split_cpus
 from asyncllm.distributed.parallel_state import TensorParallel, head_partition
 from asyncllm.distributed.protocol import Reply, Seed, StepMessage, StepReply, Stop, decode_chunks, decode_rows
 from asyncllm.runner import KVCacheSpec, ModelRunner
@@ -27,7 +29,8 @@ from asyncllm.sampling import SamplerOutput
 @dataclass(frozen=True)
 class WorkerSpec:
     """How rank ``rank`` of ``size`` starts: the checkpoint (a local path), the engine config the driver
-    validated, the group's rendezvous (``init_method``) and the rank's CPU threads."""
+    validated, the group's rendezvous (``init_method``), the rank's CPU threads and, for a CPU rank, the
+    CPUs it is pinned to (``None``: not pinned)."""
 
     model: str
     config: EngineConfig
@@ -35,6 +38,7 @@ class WorkerSpec:
     size: int
     init_method: str
     threads: int
+    cpus: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ def _start(spec: WorkerSpec) -> tuple[ModelRunner, WorkerReady]:
 
     config = rank_config(spec.config, spec.rank)
     device = config.resolved_device()
+    if spec.cpus is not None and device.type == "cpu" and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cpus)
     torch.set_num_threads(spec.threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -171,4 +177,13 @@ def default_rank_threads(config: EngineConfig, size: int) -> int:
     return max(1, config.resolved_num_threads() // size)
 
 
-__all__ = ["WorkerReady", "WorkerSpec", "default_rank_threads", "rank_config", "run_worker"]
+def rank_cpus(config: EngineConfig, size: int) -> list[tuple[int, ...] | None]:
+    """Per rank, the CPUs a CPU rank is pinned to: this process's allowed CPUs in ``size`` disjoint
+    contiguous sets (``cpu_threads.split_cpus``); no pinning on CUDA or with fewer CPUs than ranks."""
+    if config.resolved_device().type != "cpu":
+        return [None] * size
+    parts = split_cpus(affinity_cpus(), size)
+    return list(parts) if parts is not None else [None] * size
+
+
+__all__ = ["WorkerReady", "WorkerSpec", "default_rank_threads", "rank_config", "rank_cpus", "run_worker"]
