@@ -135,3 +135,13 @@ def test_split_cpus_gives_each_rank_its_own_contiguous_cpus() -> None:
     assert split_cpus([0], 2) is None
     with pytest.raises(ValueError, match="parts"):
         split_cpus([0, 1], 0)
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda", "cuda:1"), ("cpu", "cpu")])
+def test_a_rank_builds_on_its_own_device_with_the_unsupported_paths_off(device: str, expected: str) -> None:
+    from asyncllm.distributed.worker import rank_config
+
+    config = rank_config(EngineConfig(device=device, tensor_parallel_size=2, load_progress=True), 1)
+    assert (config.device, config.tensor_parallel_size) == (expected, 1)
+    assert config.enforce_eager and config.native_layer_max_rows == 0 and not config.adaptive_threads
+    assert not config.load_progress  # only rank 0 draws the bar

@@ -180,8 +180,11 @@ class TensorParallelRunner:
         return reply.logits
 
     def close(self) -> None:
-        """Stop every worker (they leave their group and exit; stragglers are killed). Idempotent."""
+        """Stop every worker (they leave their group and exit; stragglers are killed); later steps raise
+        ``WorkerFailedError``. Idempotent."""
         self._shutdown(STOP_TIMEOUT_S)
+        if self._broken is None:
+            self._broken = WorkerFailedError("the tensor-parallel runner is closed")
 
     @property
     def failure(self) -> WorkerFailedError | None:

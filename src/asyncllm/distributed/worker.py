@@ -55,10 +55,12 @@ class WorkerReady:
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     """The engine config a rank builds with: its own device (``cuda:rank`` or the CPU) and the paths the
     tensor-parallel model does not support turned off: CUDA graphs (``enforce_eager``), the fused CPU decode
-    layer (``native_layer_max_rows=0``) and the thread governor; the load progress bar on rank 0 only."""
+    layer (``native_layer_max_rows=0``) and the thread governor; the load progress bar on rank 0 only.
+    Its ``tensor_parallel_size`` is 1: the rank builds its slice like a one-device engine, the split itself
+    comes from the ``TensorParallel`` the model is built with."""
     device = f"cuda:{rank}" if config.resolved_device().type == "cuda" else "cpu"
-    return config.replace(device=device, enforce_eager=True, native_layer_max_rows=0, adaptive_threads=False,
-                          load_progress=config.load_progress and rank == 0)
+    return config.replace(device=device, tensor_parallel_size=1, enforce_eager=True, native_layer_max_rows=0,
+                          adaptive_threads=False, load_progress=config.load_progress and rank == 0)
 
 
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
