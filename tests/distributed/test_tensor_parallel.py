@@ -174,14 +174,19 @@ async def test_llama_engine_concurrent_requests_and_session(llama: tuple[Path, A
     try:
         results = []
         for engine in (parallel, single):
-            outs = await asyncio.gather(*(engine.generate(p, max_tokens=10, temperature=0, logprobs=5)
-                                          for p in PROMPTS))
+            greedy = [engine.generate(p, max_tokens=10, temperature=0, logprobs=5) for p in PROMPTS]
+            # sampled: one request with its own seed (its generator's state travels to rank 0 and back),
+            # one drawing from the engine's seeded generator
+            sampled = [engine.generate(PROMPTS[0], max_tokens=10, temperature=0.9, seed=5),
+                       engine.generate(PROMPTS[1], max_tokens=10, temperature=0.9)]
+            outs = await asyncio.gather(*greedy, *sampled)
             async with engine.session(system="You are terse.") as chat:
                 first = await chat.send("Name three rivers.", max_tokens=6, temperature=0)
                 second = await chat.send("Which is longest?", max_tokens=6, temperature=0)
             results.append((outs, first, second))
         (p_outs, p_first, p_second), (s_outs, s_first, s_second) = results
         assert [o.token_ids for o in p_outs] == [o.token_ids for o in s_outs]
+        assert (p_outs[3].token_ids, p_outs[4].token_ids) != (p_outs[0].token_ids, p_outs[1].token_ids)  # sampled
         for p_out, s_out in zip(p_outs, s_outs, strict=True):
             for p_lp, s_lp in zip(p_out.logprobs or [], s_out.logprobs or [], strict=True):
                 assert [t for t, _ in p_lp.top] == [t for t, _ in s_lp.top]
@@ -190,6 +195,7 @@ async def test_llama_engine_concurrent_requests_and_session(llama: tuple[Path, A
         assert p_second.usage.cached_tokens > 0 and p_second.usage.cached_tokens == s_second.usage.cached_tokens
         stats = parallel.stats()
         assert stats.kv_blocks_used == 0 and parallel.failure is None
+        assert stats.kv_bytes_per_token * 2 == single.stats().kv_bytes_per_token  # each rank: one of 2 KV heads
     finally:
         await parallel.aclose()
         await single.aclose()
