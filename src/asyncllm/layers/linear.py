@@ -161,6 +161,10 @@ class Linear(nn.Module):
         elif self.tp_split == "column":
             self.output_ranges = tuple(output_ranges) if output_ranges is not None else tuple(
                 even_range(size, self.parallel, f"the output size of a {input_size}->{size} linear") for size in sizes)
+        if len(self.output_ranges) != len(sizes) or any(
+                start < 0 or length <= 0 or start + length > size
+                for (start, length), size in zip(self.output_ranges, sizes, strict=False)):
+            raise ValueError(f"output_ranges: {self.output_ranges} are not one range inside each shard of {sizes}")
         self.input_size = self.input_range[1]
         self.output_sizes = tuple(length for _, length in self.output_ranges)
         self.output_size = sum(self.output_sizes)
@@ -181,8 +185,7 @@ class Linear(nn.Module):
                                      f"(e.g. GPTQ act-order); serve it on one rank")
         self.bias: nn.Parameter | None
         if bias:
-            bias_size = output_size if self.tp_split == "row" else self.output_size
-            self.bias = tag_parameter(empty_parameter(bias_size, dtype=dtype, device=device), output_dim=0)
+            self.bias = tag_parameter(empty_parameter(self.output_size, dtype=dtype, device=device), output_dim=0)
         else:
             self.register_parameter("bias", None)
 
