@@ -121,11 +121,11 @@ def test_deployment_knobs_parse_into_engine_overrides(command: list[str]) -> Non
     args = parser.parse_args([*command, "--max-batch-size", "8", "--gpu-memory-fraction", "0.5",
                               "--kv-cache-tokens", "2048", "--max-model-len", "512", "--device", "cpu",
                               "--dtype", "bfloat16", "--dequantize-weights", "--kv-cache-dtype", "int4",
-                              "--quant-policy", "4", "--kv-cache-memory", "1.5GiB"])
+                              "--quant-policy", "4", "--kv-cache-memory", "1.5GiB", "--tensor-parallel-size", "2"])
     assert _engine_overrides(args) == {
         "device": "cpu", "dtype": "bfloat16", "max_model_len": 512, "kv_cache_tokens": 2048,
         "gpu_memory_fraction": 0.5, "max_num_seqs": 8, "dequantize_weights": True, "kv_cache_dtype": "int4",
-        "quant_policy": 4, "kv_cache_bytes": 3 * 2**29,
+        "quant_policy": 4, "kv_cache_bytes": 3 * 2**29, "tensor_parallel_size": 2,
     }
     assert parser.parse_args([*command, "--max-num-seqs", "3"]).max_num_seqs == 3  # the alias
     defaults = parser.parse_args(command)
@@ -139,7 +139,7 @@ def test_engine_option_help_states_every_default(capsys: pytest.CaptureFixture[s
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--device", "--dtype", "--kv-cache-tokens", "--gpu-memory-fraction", "--max-model-len",
                    "--max-num-seqs", "--kv-cache-dtype", "--quant-policy", "--kv-cache-memory", "--threads",
-                   "--dequantize-weights"):
+                   "--dequantize-weights", "--tensor-parallel-size"):
         help_text = text.split(option, 2)[-1].split(" --")[0]  # the option's entry in the options list
         assert "default" in help_text, option
 
@@ -158,6 +158,8 @@ def test_engine_option_defaults_reach_the_engine(tiny_cli: dict[str, list[Any]])
     (["--max-batch-size", "0"], "max_num_seqs: must be positive"),
     (["--gpu-memory-fraction", "1.5"], "gpu_memory_fraction: must be in (0, 1]"),
     (["--threads", "0"], "num_threads: must be an int >= 1"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size: must be an int >= 1, got 0"),
+    (["--tensor-parallel-size", "-2"], "tensor_parallel_size: must be an int >= 1, got -2"),
 ])
 @pytest.mark.parametrize("command", [["chat", "m"], ["generate", "m", "hi"], ["serve", "m"], ["gradio", "m"]])
 def test_unavailable_or_invalid_engine_options_exit_2(command: list[str], option: list[str], message: str,

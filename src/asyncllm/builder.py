@@ -17,6 +17,7 @@ import torch
 
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.cuda_graphs import resolve_decode_graphs
+from asyncllm.distributed.parallel_state import SINGLE, TensorParallel
 from asyncllm.kernels import get_kernel_ops
 from asyncllm.load_progress import loading_progress
 from asyncllm.models import CausalLM, build_model
@@ -62,9 +63,11 @@ def load_model(model: str | os.PathLike[str], config: EngineConfig) -> tuple[Cau
     return model_from_checkpoint(checkpoint, config), load_tokenizer(checkpoint)
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> CausalLM:
-    """The checkpoint's model, built over the kernel bundle ``config`` selects, weights loaded; a
-    vision-language model also gets the checkpoint directory's image processor (``load_image_processor``)."""
+def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig, *, parallel: TensorParallel = SINGLE
+                          ) -> CausalLM:
+    """The checkpoint's model, built over the kernel bundle ``config`` selects, weights loaded (``parallel``:
+    only this rank's slice of them, see ``asyncllm.distributed``); a vision-language model also gets the
+    checkpoint directory's image processor (``load_image_processor``)."""
     device = config.resolved_device()
     dtype = config.resolved_dtype()
     model_config = ModelConfig.from_hf_config(checkpoint.hf_config)
@@ -72,7 +75,8 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: EngineConfig) -> Causa
         model_config = model_config.with_rope_scaling_factor(config.rope_scaling_factor)
     ops = get_kernel_ops(config.kernel_backend, device, native_kernels=config.native_kernels,
                          native_layer_max_rows=config.native_layer_max_rows)
-    model = build_model(model_config, ops, dtype=dtype, device=device, quantization=checkpoint.quantization)
+    model = build_model(model_config, ops, dtype=dtype, device=device, quantization=checkpoint.quantization,
+                        parallel=parallel)
     tensors = checkpoint.tensors(dtype)
     if config.load_progress:
         tensors = loading_progress(tensors, total=len(checkpoint.tensor_names()))
@@ -92,14 +96,16 @@ def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
     return Tokenizer.from_path(checkpoint.local_path)
 
 
-def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                  *, num_kv_heads: int | None = None) -> int:
     """The KV pool's size in blocks: ``config.num_kv_blocks`` when set, else ``kv_cache_bytes`` worth of
     blocks, else ``gpu_memory_fraction`` of the free memory on a CUDA device, else ``kv_cache_tokens`` worth
-    of blocks. Memory budgets count the cache's own bytes per block (a quantized cache fits more)."""
+    of blocks. Memory budgets count the cache's own bytes per block (a quantized cache fits more), with
+    ``num_kv_heads`` heads (a tensor-parallel rank's; default: the model's)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = KVCacheSpec.for_model(model_config, num_blocks=1, block_size=config.block_size, dtype=dtype,
-                                      bits=config.kv_cache_bits())
+                                      bits=config.kv_cache_bits(), num_kv_heads=num_kv_heads)
     if config.kv_cache_bytes is not None:
         blocks = config.kv_cache_bytes // per_block.bytes_per_block
         if blocks < 1:
@@ -112,12 +118,14 @@ def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, device: torch
     return max(1, config.kv_cache_tokens // config.block_size)
 
 
-def kv_cache_spec(config: EngineConfig, model_config: ModelConfig, device: torch.device) -> KVCacheSpec:
-    """The KV pool an engine with ``config`` allocates for ``model_config`` on ``device``."""
+def kv_cache_spec(config: EngineConfig, model_config: ModelConfig, device: torch.device, *,
+                  num_kv_heads: int | None = None) -> KVCacheSpec:
+    """The KV pool an engine with ``config`` allocates for ``model_config`` on ``device`` (holding
+    ``num_kv_heads`` heads per layer: a tensor-parallel rank's share; default all of them)."""
     dtype = config.resolved_dtype()
-    blocks = num_kv_blocks(config, model_config, device, dtype)
+    blocks = num_kv_blocks(config, model_config, device, dtype, num_kv_heads=num_kv_heads)
     return KVCacheSpec.for_model(model_config, num_blocks=blocks, block_size=config.block_size, dtype=dtype,
-                                 bits=config.kv_cache_bits())
+                                 bits=config.kv_cache_bits(), num_kv_heads=num_kv_heads)
 
 
 def max_model_len_for(model: CausalLM, spec: KVCacheSpec, limit: int | None = None) -> int:

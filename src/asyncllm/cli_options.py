@@ -5,9 +5,12 @@ run before any model loads. Every sub-command module imports this one; it import
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncllm import assets
+
+if TYPE_CHECKING:
+    from asyncllm.config import EngineConfig
 
 
 def check_device(device: str | None) -> None:
@@ -99,6 +102,10 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch's ops and the native kernels (default: the CPUs this process "
                              "may use: affinity, cgroup quota and physical cores, the least of them)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                        help="split the model over N ranks, each a worker process: cuda:0..N-1 over NCCL, or CPU "
+                             "processes over gloo sharing the CPUs (--threads then counts per rank); Llama-family "
+                             "text models (default: 1, no split)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar while the model loads (default: a bar on stderr when it is a "
                              "terminal and loading takes over a second)")
@@ -119,7 +126,7 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``EngineConfig`` keyword overrides that the ``engine_args`` options ask for."""
     overrides: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
-    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs", "num_threads"):
+    for name in ("kv_cache_tokens", "gpu_memory_fraction", "max_num_seqs", "num_threads", "tensor_parallel_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.kv_cache_dtype != "auto":
@@ -143,7 +150,20 @@ def check_engine_options(args: argparse.Namespace) -> None:
     from asyncllm.config import EngineConfig
 
     check_device(args.device)
-    EngineConfig(**engine_overrides(args))
+    config = EngineConfig(**engine_overrides(args))
+    check_tensor_parallel_devices(config)
+
+
+def check_tensor_parallel_devices(config: EngineConfig) -> None:
+    """Refuse, with ``ValueError`` naming ``tensor_parallel_size``, more CUDA ranks than visible GPUs."""
+    size = config.tensor_parallel_size
+    if size == 1 or config.device == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < size:
+        raise ValueError(f"tensor_parallel_size: {size} ranks need {size} CUDA GPUs, "
+                         f"{torch.cuda.device_count()} are visible")
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:

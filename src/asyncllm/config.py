@@ -484,6 +484,12 @@ class EngineConfig:
     name; giving both, they must agree. ``kv_cache_bytes``: the KV pool's memory budget in bytes (all
     layers, keys, values and scales); when set it sizes the pool instead of ``kv_cache_tokens`` /
     ``gpu_memory_fraction`` (``num_kv_blocks`` still wins).
+
+    ``tensor_parallel_size``: split the model over this many ranks, each a worker process the engine
+    starts (``asyncllm.distributed``; ``from_pretrained`` only): CUDA rank ``r`` runs on ``cuda:r`` over NCCL,
+    CPU ranks over gloo. With more than one rank, ``device`` must be ``auto``, ``cpu`` or ``cuda`` (not one
+    GPU), ``num_threads`` counts threads per rank, and CUDA graphs, the fused CPU decode layer and the thread
+    governor are off.
     """
 
     device: str = "auto"
@@ -512,6 +518,7 @@ class EngineConfig:
     load_progress: bool = True
     max_images_per_request: int = 8
     max_image_pixels: int = 4096 * 4096
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -568,6 +575,12 @@ class EngineConfig:
                  f"which contradicts kv_cache_dtype={self.kv_cache_dtype!r}")
         _require(self.kv_cache_bytes is None or (isinstance(self.kv_cache_bytes, int) and self.kv_cache_bytes > 0),
                  "kv_cache_bytes", f"must be a positive int or None, got {self.kv_cache_bytes!r}")
+        _require(isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)
+                 and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                 f"must be an int >= 1, got {self.tensor_parallel_size!r}")
+        _require(self.tensor_parallel_size == 1 or self.device in ("auto", "cpu", "cuda"), "tensor_parallel_size",
+                 f"{self.tensor_parallel_size} ranks run on cuda:0..{self.tensor_parallel_size - 1} or on the CPU: "
+                 f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
     def kv_cache_bits(self) -> int | None:
         """Bits per cached value (8 or 4), or ``None`` for a cache in the compute dtype."""

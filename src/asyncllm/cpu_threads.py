@@ -135,6 +135,24 @@ def default_num_threads(
     return max(1, min(counts))
 
 
+def split_cpus(cpus: Iterable[int], parts: int) -> list[tuple[int, ...]] | None:
+    """``cpus`` (sorted) cut into ``parts`` contiguous, disjoint sets as even as possible (each rank of a
+    CPU tensor-parallel group runs on its own, so the ranks' OpenMP teams do not compete for cores), or
+    ``None`` when there are fewer CPUs than parts. ``ValueError`` unless ``parts >= 1``."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts: must be an int >= 1, got {parts!r}")
+    ordered = sorted(set(cpus))
+    if len(ordered) < parts:
+        return None
+    base, extra = divmod(len(ordered), parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(tuple(ordered[start:start + size]))
+        start += size
+    return out
+
+
 def set_openmp_wait_defaults(environ: MutableMapping[str, str] | None = None) -> bool:
     """Set ``GOMP_SPINCOUNT`` to ``OPENMP_SPIN_COUNT`` in ``environ`` (default ``os.environ``) unless the
     user has set it or ``OMP_WAIT_POLICY``; ``True`` when it was set. Takes effect only if it runs before

@@ -42,6 +42,7 @@ from asyncllm.thread_governor import ThreadGovernor
 from asyncllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from asyncllm.distributed.driver import TensorParallelRunner
     from asyncllm.session import Session
 
 logger = logging.getLogger("asyncllm")
@@ -60,7 +61,8 @@ class EngineStats:
     (packed quantized weights counted as stored) with its quantization (``"unquantized"``, ``"gguf"``,
     ``"awq"``, ...). The KV pool: ``kv_cache_dtype`` (``"int8"``, ``"int4"`` or the compute dtype's
     name), ``kv_bytes_per_token`` (all layers, keys, values and scales) and ``kv_capacity_tokens`` (blocks
-    times block size)."""
+    times block size). With tensor parallelism ``kv_bytes_per_token`` is one rank's (its KV heads) and
+    ``weight_bytes`` the sum over the ranks."""
 
     kv_blocks_total: int
     kv_blocks_used: int
@@ -88,7 +90,7 @@ class AsyncEngine:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: ModelRunner | TensorParallelRunner,
         tokenizer: Tokenizer,
         model_config: ModelConfig,
         config: EngineConfig | None = None,
@@ -100,7 +102,8 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self._runner = runner
         model = runner.model
-        self._weight_bytes = parameter_bytes(model) if isinstance(model, nn.Module) else 0
+        self._weight_bytes = parameter_bytes(model) if isinstance(model, nn.Module) else int(
+            getattr(model, "weight_bytes", 0))
         self._weight_quantization = str(getattr(model, "quantization_name", "unquantized"))
         spec = runner.spec
         self._blocks = BlockManager(spec.num_blocks, spec.block_size,
@@ -136,14 +139,39 @@ class AsyncEngine:
         """Load an HF directory, a hub id (when online or cached) or a ``.gguf`` file.
 
         Keyword overrides are ``EngineConfig`` fields, e.g. ``num_kv_blocks=512`` or ``device="cpu"``.
+        With ``tensor_parallel_size=N`` (N > 1) the model is split over N worker processes the engine starts
+        and supervises (``asyncllm.distributed``); ``aclose`` stops them. A worker's startup error is raised
+        here; a worker that dies later fails every request in flight and the engine (``failure``).
         """
         config = engine_config(config, overrides)
+        if config.tensor_parallel_size > 1:
+            return cls._from_pretrained_parallel(model, config)
         worker = _model_thread()
         try:
             net, tokenizer = worker.submit(load_model, model, config).result()
             return cls.from_model(net, tokenizer, config=config, worker=worker)
         except BaseException:
             worker.shutdown(wait=False)
+            raise
+
+    @classmethod
+    def _from_pretrained_parallel(cls, model: str | os.PathLike[str], config: EngineConfig) -> AsyncEngine:
+        from asyncllm.builder import load_tokenizer
+        from asyncllm.distributed.driver import TensorParallelRunner
+        from asyncllm.loaders import load_checkpoint
+
+        # opened here only to resolve the path and read the config and tokenizer: the ranks read the weights
+        checkpoint = load_checkpoint(model, dequantize_weights=config.dequantize_weights)
+        model_config = ModelConfig.from_hf_config(checkpoint.hf_config)
+        if model_config.vision is not None:
+            raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size} ranks serve text models only; "
+                             f"{model_config.architecture!r} takes images")
+        tokenizer = load_tokenizer(checkpoint)
+        runner = TensorParallelRunner.start(str(checkpoint.local_path), config)
+        try:
+            return cls(runner, tokenizer, runner.model.config, config)
+        except BaseException:
+            runner.close()
             raise
 
     @classmethod
@@ -162,6 +190,9 @@ class AsyncEngine:
         that built the model so that all torch work stays on one thread.
         """
         config = engine_config(config, overrides)
+        if config.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size: from_model serves a model built in this process on one rank; "
+                             f"use from_pretrained for {config.tensor_parallel_size} ranks")
         worker = worker or _model_thread()
         runner = worker.submit(build_runner, model, config).result()
         return cls(runner, tokenizer, model.config, config, worker=worker)
@@ -218,12 +249,20 @@ class AsyncEngine:
         self._flushes.end_all()
         for owner in self._pins.owners():
             self._pins.release(owner)
+        # on the model thread, after its last step: a tensor-parallel runner stops its worker processes
+        closing = self._executor.submit(self._runner.close)
+        if self._loop is not None and self._loop.is_current():
+            await self._loop.wait_future(closing)
+        else:
+            closing.result()
         self._executor.shutdown(wait=True)
 
     @property
     def model(self) -> CausalLM:
-        """The served model (read-only use: e.g. counting weight bytes or building a second engine)."""
-        return self._runner.model
+        """The served model (read-only use: e.g. counting weight bytes or building a second engine); with
+        tensor parallelism a ``RemoteModel`` (config, quantization, weight bytes): the weights live in the
+        worker processes."""
+        return self._runner.model  # type: ignore[return-value]
 
     @property
     def is_closed(self) -> bool:
@@ -498,8 +537,9 @@ class AsyncEngine:
 
 
 def _thread_governor(config: EngineConfig) -> ThreadGovernor | None:
-    """The thread governor of a CPU engine with ``adaptive_threads`` and more than one thread, else None."""
-    if not config.adaptive_threads or config.resolved_device().type != "cpu":
+    """The thread governor of a CPU engine with ``adaptive_threads`` and more than one thread, else None
+    (also with tensor parallelism: the driver runs no model work, its ranks set their own threads)."""
+    if not config.adaptive_threads or config.resolved_device().type != "cpu" or config.tensor_parallel_size > 1:
         return None
     threads = config.resolved_num_threads()
     return ThreadGovernor.create(threads, affinity_cpus()) if threads > 1 else None

@@ -62,13 +62,16 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(
-        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype, bits: int | None = None
+        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype, bits: int | None = None,
+        num_kv_heads: int | None = None,
     ) -> KVCacheSpec:
+        """The pool of ``config``'s layers; ``num_kv_heads``: the heads this process holds when it is one rank
+        of a tensor-parallel group (default: all of the model's)."""
         return cls(
             num_blocks,
             block_size,
             config.num_hidden_layers,
-            config.num_key_value_heads,
+            num_kv_heads or config.num_key_value_heads,
             config.head_dim,
             dtype,
             bits,
@@ -133,6 +136,10 @@ class ModelRunner:
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
+
+    def close(self) -> None:
+        """Nothing to stop: the model and KV pool live in this process and go with the runner (a
+        tensor-parallel runner stops its worker processes here)."""
 
     @torch.inference_mode()
     def step(self, chunks: Sequence[ScheduledChunk], rows: Sequence[SamplingRow]) -> SamplerOutput:

@@ -4,6 +4,7 @@
 again in halves, recursively (bisection), until every chunk either ran in a group that succeeded or raised
 alone; only the latter fail. With ``k`` offending chunks among ``n`` this takes ``O(k log n)`` extra runs,
 each smaller than the step; a step that raises whatever it holds fails every chunk after ``2n - 1`` runs.
+A ``RunnerFailedError`` (the runner can run nothing any more) is never isolated: it propagates at once.
 
 Why running chunks again is safe: a step writes KV only at the positions ``[start, start + num_tokens)``
 of its chunks, which their sequences have not yet marked computed (the scheduler advances
@@ -36,6 +37,11 @@ class StepFailedError(RuntimeError):
     """The model step computing this request raised (its cause is chained); other requests went on."""
 
 
+class RunnerFailedError(RuntimeError):
+    """The runner itself can run no further step (e.g. a tensor-parallel worker process died): no request
+    is to blame, so ``run_step`` does not isolate chunks and the engine fails as a whole."""
+
+
 @dataclass
 class StepResult:
     """``chunks``: the chunks that ran, in step order; ``output``: one entry per sampling chunk among them;
@@ -51,6 +57,8 @@ def run_step(step: StepFn, chunks: Sequence[ScheduledChunk], rows: Sequence[Samp
     saved = [(row.generator, row.generator.get_state()) for row in rows if row.generator is not None]
     try:
         return StepResult(list(chunks), step(chunks, rows))
+    except RunnerFailedError:
+        raise
     except Exception as error:  # any failure is confined to the chunks that cause it
         if len(chunks) == 1:
             return StepResult([], SamplerOutput([], []), [(chunks[0], error)])
@@ -90,6 +98,8 @@ class _Bisection:
                 row.generator.set_state(self._saved[row.generator])
         try:
             output = self._step([self._chunks[i] for i in indices], rows)
+        except RunnerFailedError:
+            raise
         except Exception as error:
             if len(indices) == 1:
                 self._failed[indices[0]] = error

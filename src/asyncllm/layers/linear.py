@@ -20,18 +20,32 @@ each arrives separately: ``weight_loader(param, full_tensor, shard_id)`` copies 
 A per-group parameter tagged ``expand_groups`` also accepts a shard stored with coarser groups.
 This is the whole contract a quantized method keeps: name its parameters as the checkpoint does, tag them,
 and the merged QKV / gate-up shards load without the model knowing the format.
+
+Tensor parallelism (``parallel`` with more than one rank) is the layer's job too, done at loading: the
+layer's ``input_size`` / ``output_sizes`` are the rank's *local* sizes (``full_input_size`` /
+``full_output_sizes`` the checkpoint's), the method creates local parameters from them, and
+``weight_loader`` keeps only the rank's slice of each full checkpoint tensor. ``split="column"``: each
+shard's output rows are split (``output_ranges``: the rank's ``(start, length)`` of every shard, evenly by
+default, per head for ``QKVLinear``); ``split="row"``: the input features are split evenly and ``forward``
+sums the ranks' partial products (one all-reduce) before adding the bias once. A row split slices every
+parameter tagged with an ``input_dim`` along it (whole groups for per-group scales); a parameter tagged
+``input_shardable=False`` (an input permutation) cannot be split and the layer refuses with
+``ValueError`` naming ``tensor_parallel_size``, as it does when a split does not divide.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
+from asyncllm.distributed.parallel_state import SINGLE, TensorParallel, even_range, head_partition
 from asyncllm.kernels.bundle import KernelOps
 from asyncllm.layers.weights import ShardId, copy_checked, empty_parameter
+
+Split = Literal["column", "row"]
 
 
 class LinearMethod(Protocol):
@@ -45,14 +59,20 @@ class LinearMethod(Protocol):
 
 
 def tag_parameter(
-    param: nn.Parameter, *, output_dim: int | None, output_pack: int = 1, expand_groups: bool = False
+    param: nn.Parameter, *, output_dim: int | None, output_pack: int = 1, expand_groups: bool = False,
+    input_dim: int | None = None, input_shardable: bool = True,
 ) -> nn.Parameter:
     """Record how ``weight_loader`` slices ``param`` per merged shard (see the module docstring);
     ``expand_groups``: a 2-D per-group parameter that accepts a shard stored with coarser groups (its columns
-    are repeated to this parameter's group count, which leaves the weight's values unchanged)."""
+    are repeated to this parameter's group count, which leaves the weight's values unchanged).
+    ``input_dim``: the dimension that indexes input features (or their groups), sliced by a row split;
+    ``None``: the parameter is the same on every rank. ``input_shardable=False``: the parameter refers to
+    input features by value (a permutation), so a row split cannot slice it."""
     param.output_dim = output_dim  # type: ignore[attr-defined]
     param.output_pack = output_pack  # type: ignore[attr-defined]
     param.expand_groups = expand_groups  # type: ignore[attr-defined]
+    param.input_dim = input_dim  # type: ignore[attr-defined]
+    param.input_shardable = input_shardable  # type: ignore[attr-defined]
     return param
 
 
@@ -88,7 +108,7 @@ class UnquantizedLinearMethod:
 
     def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device) -> None:
         weight = empty_parameter(layer.output_size, layer.input_size, dtype=dtype, device=device)
-        layer.weight = tag_parameter(weight, output_dim=0)
+        layer.weight = tag_parameter(weight, output_dim=0, input_dim=1)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         laid_out = self.ops.prepare_weight(layer.weight.data)
@@ -102,7 +122,8 @@ class UnquantizedLinearMethod:
 class Linear(nn.Module):
     """``y = x @ W.T + bias`` over ``output_sizes`` stacked shards (one, ``shard_id=None``, for a plain
     linear). Invariant: ``output_size == sum(output_sizes)``; shard ``i`` owns output rows
-    ``sum(output_sizes[:i]) : sum(output_sizes[:i + 1])``."""
+    ``sum(output_sizes[:i]) : sum(output_sizes[:i + 1])``. Under tensor parallelism (see the module
+    docstring) these are the rank's local sizes; without it they equal the full ones."""
 
     shard_ids: tuple[ShardId, ...] = (None,)
 
@@ -116,6 +137,9 @@ class Linear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         output_sizes: Sequence[int] | None = None,
+        parallel: TensorParallel = SINGLE,
+        split: Split | None = None,
+        output_ranges: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         sizes = tuple(output_sizes) if output_sizes is not None else (output_size,)
@@ -123,14 +147,45 @@ class Linear(nn.Module):
             raise ValueError(f"input_size/output_sizes: must be positive, got {input_size}, {sizes}")
         if sum(sizes) != output_size:
             raise ValueError(f"output_sizes: {sizes} do not add up to output_size={output_size}")
-        self.input_size = input_size
-        self.output_size = output_size
-        self.output_sizes = sizes
+        if split not in (None, "column", "row"):
+            raise ValueError(f"split: must be None, 'column' or 'row', got {split!r}")
+        self.full_input_size = input_size
+        self.full_output_sizes = sizes
+        self.parallel = parallel if split is not None else SINGLE
+        self.tp_split = split if self.parallel.is_parallel else None
+        self.input_range = (0, input_size)
+        self.output_ranges = tuple((0, size) for size in sizes)
+        if self.tp_split == "row":
+            self.input_range = even_range(input_size, self.parallel, f"the input size of a {input_size}->"
+                                                                     f"{output_size} linear")
+        elif self.tp_split == "column":
+            self.output_ranges = tuple(output_ranges) if output_ranges is not None else tuple(
+                even_range(size, self.parallel, f"the output size of a {input_size}->{size} linear") for size in sizes)
+        if len(self.output_ranges) != len(sizes) or any(
+                start < 0 or length <= 0 or start + length > size
+                for (start, length), size in zip(self.output_ranges, sizes, strict=False)):
+            raise ValueError(f"output_ranges: {self.output_ranges} are not one range inside each shard of {sizes}")
+        self.input_size = self.input_range[1]
+        self.output_sizes = tuple(length for _, length in self.output_ranges)
+        self.output_size = sum(self.output_sizes)
         self.method = method
-        method.create_weights(self, dtype=dtype, device=device)
+        try:
+            method.create_weights(self, dtype=dtype, device=device)
+        except ValueError as error:
+            if not self.parallel.is_parallel:
+                raise
+            raise ValueError(f"tensor_parallel_size: {self.parallel.size} splits a {input_size}->{output_size} "
+                             f"linear into {self.input_size}->{self.output_size} per rank, which its "
+                             f"{type(method).__name__} cannot store: {error}") from error
+        if self.tp_split == "row":
+            for name, param in self.named_parameters(recurse=False):
+                if not getattr(param, "input_shardable", True):
+                    raise ValueError(f"tensor_parallel_size: {self.parallel.size} would split the input features "
+                                     f"of a {input_size}->{output_size} linear, but its {name!r} permutes them "
+                                     f"(e.g. GPTQ act-order); serve it on one rank")
         self.bias: nn.Parameter | None
         if bias:
-            self.bias = tag_parameter(empty_parameter(output_size, dtype=dtype, device=device), output_dim=0)
+            self.bias = tag_parameter(empty_parameter(self.output_size, dtype=dtype, device=device), output_dim=0)
         else:
             self.register_parameter("bias", None)
 
@@ -141,8 +196,9 @@ class Linear(nn.Module):
         return self.shard_ids.index(shard_id)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        """Copy the rank's slice of the full checkpoint tensor ``loaded`` (shard ``shard_id``) into ``param``."""
         index = self.shard_index(shard_id)
-        loaded = _expanded_groups(param, loaded)
+        loaded = _expanded_groups(param, self._input_slice(param, loaded, shard_id))
         dim: int | None = getattr(param, "output_dim", None)
         if dim is None:
             _load_shared(param, loaded, shard_id)
@@ -152,8 +208,36 @@ class Linear(nn.Module):
         offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
         if offset % pack or size % pack:
             raise ValueError(f"shard {shard_id!r}: {size} outputs at {offset} are not a multiple of the packing {pack}")
+        if self.tp_split == "column":
+            start, length = self.output_ranges[index]
+            if start % pack or length % pack:
+                raise ValueError(f"tensor_parallel_size: {self.parallel.size} gives rank {self.parallel.rank} "
+                                 f"outputs {start}..{start + length} of shard {shard_id!r}, which splits a pack of "
+                                 f"{pack}")
+            full = self.full_output_sizes[index] // pack
+            if loaded.dim() <= dim or loaded.shape[dim] != full:
+                raise ValueError(f"shard {shard_id!r}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                                 f"{full} rows along dim {dim}")
+            loaded = loaded.narrow(dim, start // pack, length // pack)
         copy_checked(param.data.narrow(dim, offset // pack, size // pack), loaded, f"shard {shard_id!r}")
         self._loaded(param, shard_id)
+
+    def _input_slice(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> torch.Tensor:
+        """Under a row split, the rank's share of ``loaded`` along the parameter's ``input_dim`` (whole
+        groups: ``ValueError`` naming ``tensor_parallel_size`` when they do not divide); else ``loaded``."""
+        dim: int | None = getattr(param, "input_dim", None)
+        if self.tp_split != "row" or dim is None:
+            return loaded
+        if loaded.dim() <= dim:
+            raise ValueError(f"shard {shard_id!r}: checkpoint tensor has shape {tuple(loaded.shape)}, expected an "
+                             f"input dimension {dim}")
+        full = int(loaded.shape[dim])
+        if full % self.parallel.size:
+            raise ValueError(f"tensor_parallel_size: {self.parallel.size} does not divide the {full} input "
+                             f"columns (or groups) of shard {shard_id!r} of a {self.full_input_size}->"
+                             f"{sum(self.full_output_sizes)} linear")
+        share = full // self.parallel.size
+        return loaded.narrow(dim, self.parallel.rank * share, share)
 
     def _loaded(self, param: nn.Parameter, shard_id: ShardId) -> None:
         """Tell a method that repacks early (``weight_loaded``) that a checkpoint slice arrived."""
@@ -165,15 +249,21 @@ class Linear(nn.Module):
         self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
+        if self.tp_split != "row":
+            return self.method.apply(self, x, self.bias)
+        out = self.parallel.all_reduce(self.method.apply(self, x, None))
+        return out if self.bias is None else out.add_(self.bias)
 
     def extra_repr(self) -> str:
         method = type(self.method).__name__
-        return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, method={method}"
+        parallel = self.parallel
+        split = "" if self.tp_split is None else f", split={self.tp_split}, rank={parallel.rank}/{parallel.size}"
+        return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, method={method}{split}"
 
 
 class MergedColumnLinear(Linear):
-    """Several linears over the same input, fused along the output dim: shards ``0 .. n-1`` in order."""
+    """Several linears over the same input, fused along the output dim: shards ``0 .. n-1`` in order.
+    With ``parallel``, column-split: each rank holds its even share of every shard (``output_ranges``)."""
 
     def __init__(
         self,
@@ -184,16 +274,22 @@ class MergedColumnLinear(Linear):
         method: LinearMethod,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: TensorParallel = SINGLE,
+        output_ranges: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if not output_sizes or any(size <= 0 for size in output_sizes):
             raise ValueError(f"output_sizes: must be a non-empty list of positive sizes, got {output_sizes}")
         super().__init__(input_size, sum(output_sizes), bias=bias, method=method, dtype=dtype, device=device,
-                         output_sizes=output_sizes)
+                         output_sizes=output_sizes, parallel=parallel, split="column", output_ranges=output_ranges)
         self.shard_ids = tuple(range(len(output_sizes)))
 
 
 class QKVLinear(MergedColumnLinear):
-    """Fused query/key/value projection: shard ``"q"`` is ``Hq * D`` rows, ``"k"`` and ``"v"`` ``Hk * D``."""
+    """Fused query/key/value projection: shard ``"q"`` is ``Hq * D`` rows, ``"k"`` and ``"v"`` ``Hk * D``.
+
+    With ``parallel``, each rank holds its heads (``parallel_state.head_partition``): ``num_heads`` /
+    ``num_kv_heads`` are then the rank's local counts, key/value heads replicated when there are fewer of
+    them than ranks."""
 
     def __init__(
         self,
@@ -206,14 +302,18 @@ class QKVLinear(MergedColumnLinear):
         method: LinearMethod,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: TensorParallel = SINGLE,
     ) -> None:
+        part = head_partition(num_heads, num_kv_heads, parallel)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        kv_range = (part.kv_start * head_dim, part.num_kv_heads * head_dim)
         super().__init__(hidden_size, (q_size, kv_size, kv_size), bias=bias, method=method, dtype=dtype,
-                         device=device)
+                         device=device, parallel=parallel,
+                         output_ranges=((part.q_start * head_dim, part.num_heads * head_dim), kv_range, kv_range))
         self.shard_ids = ("q", "k", "v")
         self.head_dim = head_dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
+        self.num_heads = part.num_heads
+        self.num_kv_heads = part.num_kv_heads
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views (no copy) of this layer's ``[T, (Hq + 2 Hk) * D]`` output as ``[T, H, D]`` q, k, v."""

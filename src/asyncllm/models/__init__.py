@@ -10,6 +10,7 @@ from torch import nn
 
 from asyncllm.architectures import spec_named
 from asyncllm.config import ModelConfig
+from asyncllm.distributed.parallel_state import SINGLE, TensorParallel
 from asyncllm.kernels import AttentionMetadata, KernelOps, KVCache
 from asyncllm.models.gemma import GemmaForCausalLM
 from asyncllm.models.llama import LlamaForCausalLM
@@ -68,16 +69,26 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     quantization: QuantizationConfig = UNQUANTIZED,
+    parallel: TensorParallel = SINGLE,
 ) -> CausalLM:
     """Construct the model of ``config.architecture``'s family with uninitialised weights on ``device``.
 
     ``quantization`` picks each linear layer's method (dense weights by default). Construction allocates
     with ``torch.empty`` (no random init, nothing to gain from the ``meta`` device) and computes the rotary
     cache, so build directly on the target device; call ``load_weights`` next. Unknown architectures raise
-    ``ValueError`` naming them.
+    ``ValueError`` naming them. ``parallel``: this process's rank of a tensor-parallel group; only the
+    ``llama`` definition takes more than one rank (``ValueError`` naming ``tensor_parallel_size`` otherwise).
     """
-    model_class = _MODELS[spec_named(config.architecture).model]
-    model = model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization)  # type: ignore[call-arg]
+    definition = spec_named(config.architecture).model
+    model_class = _MODELS[definition]
+    if not parallel.is_parallel:
+        return model_class(config, ops, dtype=dtype, device=torch.device(device),  # type: ignore[call-arg,return-value]
+                           quantization=quantization)
+    if model_class is not LlamaForCausalLM or config.moe is not None or config.vision is not None:
+        raise ValueError(f"tensor_parallel_size: {parallel.size} ranks are supported for the llama model definition "
+                         f"only, not {definition!r} (architecture {config.architecture!r})")
+    model = model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization,  # type: ignore[call-arg]
+                        parallel=parallel)
     return model  # type: ignore[return-value]
 
 

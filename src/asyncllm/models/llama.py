@@ -13,6 +13,12 @@ This is the one definition of the math: every faster way to run it sits in the k
 bundle may plan attention once (``plan_attention``), and a bundle with the ``fused_decode`` capability runs
 the layers that declare themselves fusable (``LlamaDecoderLayer.fused_weights``) as one call each in decode
 steps it accepts; every other layer, and every other step, runs the modules below.
+
+Tensor parallelism (``parallel`` with more than one rank; only this definition supports it): the QKV and
+gate/up projections are column-split (each rank its heads, key/value heads replicated when there are
+fewer than ranks), ``o_proj`` and ``down_proj`` row-split with one all-reduce each, the embedding and LM
+head split by vocabulary. Norms and rotary are replicated. The fused decode layer is not used (its
+single call has no all-reduce between attention and MLP).
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ import torch
 from torch import nn
 
 from asyncllm.config import ModelConfig
+from asyncllm.distributed.parallel_state import SINGLE, TensorParallel
 from asyncllm.kernels import AttentionMetadata, AttentionOptions, FusedLayerWeights, KernelOps, KVCache
 from asyncllm.kernels.bundle import FusedDecodeBinding, FusedDecodeStep
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.embedding import LMHead, VocabEmbedding
-from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear, dense_weight
+from asyncllm.layers.linear import Linear, MergedColumnLinear, QKVLinear, Split, dense_weight
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.weights import ShardId
@@ -52,10 +59,14 @@ class _Build:
     quantization: QuantizationConfig
     dtype: torch.dtype
     device: torch.device
+    parallel: TensorParallel = SINGLE
 
-    def linear(self, input_size: int, output_size: int, *, bias: bool, prefix: str) -> Linear:
+    def linear(self, input_size: int, output_size: int, *, bias: bool, prefix: str, split: Split | None = None
+               ) -> Linear:
+        """A plain linear; ``split`` (``"row"`` / ``"column"``) shards it over ``parallel``'s ranks."""
         method = self.quantization.linear_method(prefix, self.ops)
-        return Linear(input_size, output_size, bias=bias, method=method, dtype=self.dtype, device=self.device)
+        return Linear(input_size, output_size, bias=bias, method=method, dtype=self.dtype, device=self.device,
+                      parallel=self.parallel, split=split)
 
     def norm(self, size: int | None = None) -> RMSNorm:
         config = self.config
@@ -81,14 +92,16 @@ class LlamaAttention(nn.Module):
             ),
             dtype=build.dtype,
             device=build.device,
+            parallel=build.parallel,
         )
         self.o_proj = build.linear(heads * head_dim, config.hidden_size, bias=config.o_proj_bias,
-                                   prefix=f"{prefix}.o_proj")
+                                   prefix=f"{prefix}.o_proj", split="row")
         make_norm = norm or build.norm
         self.q_norm = make_norm(head_dim) if config.qk_norm else None
         self.k_norm = make_norm(head_dim) if config.qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = PagedAttention(heads, kv_heads, head_dim, build.ops, scale=scale, options=options)
+        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, build.ops,
+                                   scale=scale, options=options)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
@@ -113,8 +126,9 @@ class LlamaMLP(nn.Module):
             ),
             dtype=build.dtype,
             device=build.device,
+            parallel=build.parallel,
         )
-        self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj")
+        self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj", split="row")
         self.act_fn = SiluAndMul(build.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,8 +165,11 @@ class LlamaDecoderLayer(nn.Module):
         """This layer as a fused decode kernel reads it, or ``None`` when it computes anything the fused layer
         does not: a module beyond the standard ones (e.g. q/k norms), a linear neither dense nor packed
         (another linear method, or packed with an input permutation),
-        partial rotary, another activation, or two different norm epsilons."""
+        partial rotary, another activation, two different norm epsilons, or a tensor-parallel split (the
+        fused layer has no all-reduce)."""
         attn, mlp = self.self_attn, self.mlp
+        if attn.o_proj.parallel.is_parallel or mlp.down_proj.parallel.is_parallel:
+            return None
         standard = (self, attn, mlp, self.input_layernorm, self.post_attention_layernorm, attn.qkv_proj,
                     attn.o_proj, attn.rotary_emb, attn.attn, mlp.gate_up_proj, mlp.down_proj, mlp.act_fn)
         known = {id(module) for module in standard}
@@ -188,10 +205,12 @@ class LlamaModel(nn.Module):
         super().__init__()
         config, ops = build.config, build.ops
         self.ops = ops
-        self.num_heads = config.num_attention_heads
+        # the query heads this rank attends with (all of them on one rank): what the attention plan is for
+        self.num_heads = config.num_attention_heads // build.parallel.size
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=build.dtype,
                                            device=build.device,
-                                           quant=build.quantization.embedding_quant("model.embed_tokens"))
+                                           quant=build.quantization.embedding_quant("model.embed_tokens"),
+                                           parallel=build.parallel)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
             device=build.device,
@@ -251,7 +270,8 @@ class LlamaForCausalLM(nn.Module):
     Parameters are created uninitialised on ``device`` in ``dtype`` and must be filled by ``load_weights``
     (Hugging Face parameter names) before use; weights are loaded once and never moved afterwards (kernel
     bundles may bind their addresses). ``max_positions`` is the length of the rotary cache: every position
-    passed to ``forward`` must be below it.
+    passed to ``forward`` must be below it. ``parallel``: this process's rank of a tensor-parallel group
+    (see the module docstring); its ``compute_logits`` still returns the full vocabulary's logits.
     """
 
     make_layer: ClassVar[DecoderLayerFactory] = staticmethod(llama_decoder_layer)
@@ -275,8 +295,12 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quantization: QuantizationConfig = UNQUANTIZED,
+        parallel: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
+        if parallel.is_parallel and type(self) is not LlamaForCausalLM:
+            raise ValueError(f"tensor_parallel_size: the {self.definition} model definition (architecture "
+                             f"{config.architecture!r}) runs on one rank only")
         if config.hidden_act != self.activation or config.norm != self.norm_kind:
             raise ValueError(
                 f"config: the {self.definition} model definition has no {config.hidden_act!r} activation or "
@@ -285,10 +309,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.ops = ops
         self.quantization_name = quantization.name
-        self.model = self.build_decoder(_Build(config, ops, quantization, dtype, torch.device(device)))
+        self.model = self.build_decoder(_Build(config, ops, quantization, dtype, torch.device(device), parallel))
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to, ops=ops, dtype=dtype,
-                              device=device, quant=quantization.embedding_quant("lm_head"))
+                              device=device, quant=quantization.embedding_quant("lm_head"), parallel=parallel)
 
     def build_decoder(self, build: _Build) -> nn.Module:
         """The decoder stack (embedding, layers, final norm) that ``forward`` runs; a family with other

@@ -38,12 +38,16 @@ PACKED_PARAMETERS = ("qweight", "qscales", "qbiases")
 def create_code_parameters(module: nn.Module, rows: int, cols: int, quant: LayerQuant, device: torch.device) -> None:
     """Register the (uninitialised) code parameters of a ``[rows, cols]`` weight stored as ``quant``."""
     groups = quant.groups(cols)
-    module.codes = tag_parameter(empty_parameter(rows, cols, dtype=torch.uint8, device=device), output_dim=0)
+    module.codes = tag_parameter(empty_parameter(rows, cols, dtype=torch.uint8, device=device), output_dim=0,
+                                 input_dim=1)
+    # per-group parameters split with their groups; channel-wise ones (one group) are the same on every rank
+    group_dim = 1 if quant.group_size is not None else None
     for name in CODE_PARAMETERS[1:]:
         param = empty_parameter(rows, groups, dtype=torch.float32, device=device)
-        setattr(module, name, tag_parameter(param, output_dim=0, expand_groups=True))
+        setattr(module, name, tag_parameter(param, output_dim=0, expand_groups=True, input_dim=group_dim))
     if quant.permuted:
-        module.input_perm = tag_parameter(empty_parameter(cols, dtype=torch.int64, device=device), output_dim=None)
+        module.input_perm = tag_parameter(empty_parameter(cols, dtype=torch.int64, device=device), output_dim=None,
+                                          input_shardable=False)
 
 
 class CodeLoadTracker:
