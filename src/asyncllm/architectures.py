@@ -107,7 +107,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         name="gemma3", model="gemma", hf_architectures=("Gemma3ForCausalLM",), hf_model_types=("gemma3_text",),
         gguf_architectures=("gemma3",), qk_norm=True, norm="rms_one_plus", activation="gelu_tanh",
     ),
-    # vision-language: a CLIP vision tower and projector in front of a Llama decoder (models/llava.py);
+    # vision-language: a CLIP or SigLIP vision tower and projector in front of a Llama decoder (models/llava.py);
     # config.json nests the decoder's shape under text_config
     ArchitectureSpec(
         name="llava", model="llava", hf_architectures=("LlavaForConditionalGeneration",),

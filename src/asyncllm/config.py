@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -114,19 +116,24 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A LLaVA-1.5-style image path: a CLIP vision encoder (``config.json``'s ``vision_config``) whose hidden
-    states of ``feature_layers`` (indices into the encoder's hidden states, 0 being the embeddings; several
-    are concatenated) feed a two-layer projector into the decoder's embedding space.
+    """A LLaVA-style image path: a vision encoder (``config.json``'s ``vision_config``; ``tower`` ``"clip"``
+    or ``"siglip"``, from its ``model_type``) whose hidden states of ``feature_layers`` (indices into the
+    encoder's hidden states, 0 being the embeddings; several are concatenated) feed a two-layer projector
+    into the decoder's embedding space.
 
-    ``select_strategy``: ``"default"`` drops the class token's row, ``"full"`` keeps it. ``image_token_id``:
-    the prompt token each of an image's feature rows replaces.
+    ``select_strategy``: ``"default"`` drops the first row of every tile's features (CLIP's class token; a
+    SigLIP tower has none, and Hugging Face drops its first patch row all the same), ``"full"`` keeps every
+    row. ``image_token_id``: the prompt token each of an image's feature rows replaces.
 
     ``image_grid_pinpoints`` (LLaVA-NeXT; empty for LLaVA-1.5): the ``(height, width)`` resolutions an image
     is tiled at (``asyncllm.anyres``); an image then takes a number of tokens that depends on its size, and
     ``num_image_tokens`` is only the base tile's share.
 
-    Invariants: ``image_size`` is a multiple of ``patch_size``; ``hidden_size % num_attention_heads == 0``;
-    every pinpoint is a positive multiple of ``image_size`` on both sides, and tiling uses ``"default"``.
+    Invariants: ``tower`` is ``"clip"`` or ``"siglip"``; ``image_size`` is a multiple of ``patch_size``;
+    ``hidden_size % num_attention_heads == 0``; every pinpoint is a positive multiple of ``image_size`` on
+    both sides, and when tiled every tile keeps exactly its ``feature_side ** 2`` patch rows (CLIP with
+    ``"default"``, SigLIP with ``"full"``: the only pairings whose rows Hugging Face's ``pack_image_features``
+    lays out into the tile grid).
     """
 
     hidden_size: int
@@ -144,8 +151,11 @@ class VisionConfig:
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    tower: str = "clip"
 
     def __post_init__(self) -> None:
+        _require(self.tower in ("clip", "siglip"), "vision_config.model_type",
+                 f"tower must be 'clip' or 'siglip', got {self.tower!r}")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "image_size", "patch_size", "num_channels"):
             _require(getattr(self, name) > 0, f"vision_config.{name}", f"must be positive, got {getattr(self, name)}")
@@ -155,23 +165,37 @@ class VisionConfig:
                  f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
         _require(self.select_strategy in ("default", "full"), "vision_feature_select_strategy",
                  f"must be 'default' or 'full', got {self.select_strategy!r}")
-        _require(self.hidden_act in ("quick_gelu", "gelu"), "vision_config.hidden_act",
-                 f"must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
+        _require(self.hidden_act in VISION_ACTIVATIONS, "vision_config.hidden_act",
+                 f"must be one of {', '.join(map(repr, VISION_ACTIVATIONS))}, got {self.hidden_act!r}")
         _require(self.projector_hidden_act == "gelu", "projector_hidden_act",
                  f"only 'gelu' is supported, got {self.projector_hidden_act!r}")
+        _require(self.rows_per_tile > 0, "vision_feature_select_strategy",
+                 f"'default' drops the only row of a {self.num_patches}-patch SigLIP tile; use 'full'")
         layers = self.num_hidden_layers
         _require(len(self.feature_layers) > 0 and all(-layers - 1 <= i <= layers for i in self.feature_layers),
                  "vision_feature_layer", f"must index the {layers + 1} hidden states, got {self.feature_layers}")
         for pin in self.image_grid_pinpoints:
             _require(len(pin) == 2 and all(p > 0 and p % self.image_size == 0 for p in pin), "image_grid_pinpoints",
                      f"each must be (height, width), multiples of image_size={self.image_size}, got {pin!r}")
-        _require(not self.image_grid_pinpoints or self.select_strategy == "default",
-                 "vision_feature_select_strategy", "tiled (anyres) images need 'default'")
+        if self.image_grid_pinpoints and self.rows_per_tile != self.num_patches:
+            wanted = "default" if self.class_token else "full"
+            effect = "keeps the class token's row" if self.class_token else "drops the first patch row"
+            raise ValueError(
+                f"vision_feature_select_strategy: tiled (anyres) images with a {self.tower.upper()} tower need "
+                f"{wanted!r}; {self.select_strategy!r} {effect}, so a tile's rows no longer form its "
+                f"{self.feature_side}x{self.feature_side} feature grid (Hugging Face's LLaVA-NeXT cannot lay them "
+                f"out either)"
+            )
 
     @property
     def tiled(self) -> bool:
         """Whether images are tiled at ``image_grid_pinpoints`` (LLaVA-NeXT's anyres)."""
         return bool(self.image_grid_pinpoints)
+
+    @property
+    def class_token(self) -> bool:
+        """Whether the tower prepends a class token's row to the patch rows (CLIP does, SigLIP does not)."""
+        return self.tower == "clip"
 
     @property
     def feature_side(self) -> int:
@@ -183,39 +207,72 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def rows_per_tile(self) -> int:
+        """The feature rows one tile keeps: the tower's rows (patches, plus the class token for CLIP), less
+        the first under ``"default"``."""
+        return self.num_patches + int(self.class_token) - int(self.select_strategy == "default")
+
+    @property
     def num_image_tokens(self) -> int:
-        """The prompt tokens (feature rows) one image takes."""
-        return self.num_patches + (1 if self.select_strategy == "full" else 0)
+        """The prompt tokens (feature rows) one untiled image takes."""
+        return self.rows_per_tile
 
     @classmethod
     def from_llava_config(cls, hf: dict[str, Any], *, tiled: bool = False) -> VisionConfig:
-        """From a LLaVA ``config.json`` dict; ``tiled`` (LLaVA-NeXT) also reads ``image_grid_pinpoints``."""
+        """From a LLaVA ``config.json`` dict; ``tiled`` (LLaVA-NeXT) also reads ``image_grid_pinpoints``.
+        Values missing from ``vision_config`` take the defaults of its ``model_type``'s Hugging Face config
+        class (``clip_vision_model`` when absent)."""
         vision = hf.get("vision_config") or {}
         pinpoints = hf.get("image_grid_pinpoints") if tiled else ()
         _require(not tiled or (isinstance(pinpoints, list) and len(pinpoints) > 0), "image_grid_pinpoints",
                  f"must be a non-empty list of [height, width], got {pinpoints!r}")
-        _require(vision.get("model_type", "clip_vision_model") == "clip_vision_model", "vision_config.model_type",
-                 f"only CLIP vision towers are supported, got {vision.get('model_type')!r}")
+        model_type = vision.get("model_type", "clip_vision_model")
+        _require(model_type in VISION_TOWERS, "vision_config.model_type",
+                 f"must be one of {', '.join(map(repr, VISION_TOWERS))}, got {model_type!r}")
+        tower = VISION_TOWERS[model_type]
+        defaults = _TOWER_DEFAULTS[tower]
+
+        def read(name: str) -> Any:
+            return vision.get(name, defaults[name])
+
         layer = hf.get("vision_feature_layer", -2)
         image_token = hf.get("image_token_id", hf.get("image_token_index"))
         _require(image_token is not None, "image_token_id", "missing")
         return cls(
-            hidden_size=int(vision.get("hidden_size", 768)),
-            intermediate_size=int(vision.get("intermediate_size", 3072)),
-            num_hidden_layers=int(vision.get("num_hidden_layers", 12)),
-            num_attention_heads=int(vision.get("num_attention_heads", 12)),
-            image_size=int(vision.get("image_size", 224)),
-            patch_size=int(vision.get("patch_size", 32)),
+            hidden_size=int(read("hidden_size")),
+            intermediate_size=int(read("intermediate_size")),
+            num_hidden_layers=int(read("num_hidden_layers")),
+            num_attention_heads=int(read("num_attention_heads")),
+            image_size=int(read("image_size")),
+            patch_size=int(read("patch_size")),
             image_token_id=int(image_token),
             feature_layers=(int(layer),) if isinstance(layer, int) else tuple(int(i) for i in layer),
             select_strategy=str(hf.get("vision_feature_select_strategy", "default")),
-            num_channels=int(vision.get("num_channels", 3)),
-            layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
-            hidden_act=str(vision.get("hidden_act", "quick_gelu")),
+            num_channels=int(read("num_channels")),
+            layer_norm_eps=float(read("layer_norm_eps")),
+            hidden_act=str(read("hidden_act")),
             projector_hidden_act=str(hf.get("projector_hidden_act", "gelu")),
             projector_bias=bool(hf.get("multimodal_projector_bias", True)),
             image_grid_pinpoints=tuple(tuple(int(v) for v in pin) for pin in pinpoints or ()),
+            tower=tower,
         )
+
+
+VISION_TOWERS: Mapping[str, str] = MappingProxyType({"clip_vision_model": "clip", "siglip_vision_model": "siglip"})
+"""``vision_config.model_type`` -> ``VisionConfig.tower``."""
+
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+"""The ``vision_config.hidden_act`` values the towers implement."""
+
+_SHARED_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "image_size": 224, "num_channels": 3}
+_TOWER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    # transformers' CLIPVisionConfig and SiglipVisionConfig defaults
+    "clip": MappingProxyType({**_SHARED_DEFAULTS, "patch_size": 32, "layer_norm_eps": 1e-5,
+                              "hidden_act": "quick_gelu"}),
+    "siglip": MappingProxyType({**_SHARED_DEFAULTS, "patch_size": 16, "layer_norm_eps": 1e-6,
+                                "hidden_act": "gelu_pytorch_tanh"}),
+})
 
 
 @dataclass(frozen=True)

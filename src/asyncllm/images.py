@@ -154,8 +154,9 @@ def ready_image(image: Any, vision: VisionConfig) -> PreparedImage | None:
 
 
 class BuiltinImageProcessor:
-    """LLaVA-1.5's CLIP preprocessing (``to_pixels``) without a checkpoint image processor. A tiled model
-    takes ready pixel values only (its tiling needs the checkpoint's ``preprocessor_config.json``)."""
+    """LLaVA-1.5's CLIP preprocessing (``to_pixels``) without a checkpoint image processor. A tiled model,
+    and a model with a SigLIP tower (whose images are resized and normalized differently), take ready pixel
+    values only: preparing their images needs the checkpoint's ``preprocessor_config.json``."""
 
     def __init__(self, vision: VisionConfig) -> None:
         self.vision = vision
@@ -167,6 +168,9 @@ class BuiltinImageProcessor:
         if self.vision.tiled:
             raise ValueError("image: tiling an image for this model needs the checkpoint's "
                              "preprocessor_config.json; pass ready 'pixel_values' and 'image_sizes' instead")
+        if self.vision.tower != "clip":
+            raise ValueError(f"image: preparing an image for a {self.vision.tower} vision tower needs the "
+                             "checkpoint's preprocessor_config.json; pass ready pixel values instead")
         image = open_image(image)
         pixels = to_pixels(image, self.vision)
         return prepared(pixels[None], (image.size[1], image.size[0]), self.vision)

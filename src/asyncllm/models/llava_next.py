@@ -1,5 +1,6 @@
-"""LLaVA-NeXT (Hugging Face ``LlavaNextForConditionalGeneration``): LLaVA-1.5's CLIP tower, projector and
-decoder, with images tiled at several resolutions ("anyres", see ``asyncllm.anyres``).
+"""LLaVA-NeXT (Hugging Face ``LlavaNextForConditionalGeneration``): LLaVA-1.5's vision tower (CLIP with the
+``"default"`` feature strategy, or SigLIP with ``"full"``: either way a tile keeps exactly its patch rows),
+projector and decoder, with images tiled at several resolutions ("anyres", see ``asyncllm.anyres``).
 
 An image arrives as ``[1 + rows * cols, C, S, S]`` tiles: a downscaled copy of the whole image, then the
 ``rows x cols`` grid cut from the image fitted (aspect ratio kept, padded) into the best of the
