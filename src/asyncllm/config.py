@@ -179,9 +179,10 @@ class VisionConfig:
                      f"each must be (height, width), multiples of image_size={self.image_size}, got {pin!r}")
         if self.image_grid_pinpoints and self.rows_per_tile != self.num_patches:
             wanted = "default" if self.class_token else "full"
+            tower_name = "CLIP" if self.class_token else "SigLIP"
             effect = "keeps the class token's row" if self.class_token else "drops the first patch row"
             raise ValueError(
-                f"vision_feature_select_strategy: tiled (anyres) images with a {self.tower.upper()} tower need "
+                f"vision_feature_select_strategy: tiled (anyres) images with a {tower_name} tower need "
                 f"{wanted!r}; {self.select_strategy!r} {effect}, so a tile's rows no longer form its "
                 f"{self.feature_side}x{self.feature_side} feature grid (Hugging Face's LLaVA-NeXT cannot lay them "
                 f"out either)"

@@ -169,7 +169,9 @@ def check_logits(ckpt: Checkpoint, count: int) -> float:
         want = hf(**inputs).logits[0].float()
     got = paged_logits(ours, ids + TAIL, len(ids), images)
     diff = (got - want).abs().max().item()
-    print(f"max abs logit diff vs HF, {count} image(s): {diff:.3e}")
+    label = (f"{type(hf).__name__} {hf.config.vision_feature_select_strategy} "
+             f"layer {hf.config.vision_feature_layer}")
+    print(f"{label}: max abs logit diff vs HF, {count} image(s): {diff:.3e}")
     assert diff <= ATOL, f"max abs diff {diff:.3e}"
     return diff
 
