@@ -2,15 +2,17 @@
 # The CUDA checks as one command: the GPU-marked tests, the W4A16 linear rows of benchmarks/gpu.py
 # (--quant-only), its W4A16 model rows (--w4a16-only, one shape at a time), then benchmarks/gpu.py one shape
 # at a time, each part under its own time limit so that a hang or a crash in one still leaves the others'
-# results. The default limits fit one 600 s device call with room for start-up: 150 + 90 + 150 + 150 = 540 s
-# (one model shape: Llama-3-8B); add SHAPES="tinyllama-1.1b llama-3-8b" where a longer window allows, or
-# set a shape list to "" to skip that part.
+# results, and last one tensor-parallel rank's step time (benchmarks/tp_step.py). The default limits fit one
+# 600 s device call with little room for start-up: 150 + 90 + 150 + 150 + 60 = 600 s (one model shape:
+# Llama-3-8B); lower BENCH_LIMIT or set a shape list to "" to skip a part where the window is shorter, or add
+# SHAPES="tinyllama-1.1b llama-3-8b" where a longer window allows.
 #
 #   bash benchmarks/cuda_checks.sh [OUTDIR]        # logs and JSON land in OUTDIR (default: $OUT or /tmp)
 #
 # Knobs (environment): TEST_LIMIT (s, 150), QUANT_LIMIT (s, 90), W4A16_LIMIT (s per shape, 150),
 # W4A16_SHAPES (space-separated, "llama-3-8b"), BENCH_LIMIT (s per shape, 150), SHAPES (space-separated,
-# "llama-3-8b"), BENCH_ARGS (extra gpu.py arguments for the shapes). Runs from a source
+# "llama-3-8b"), BENCH_ARGS (extra gpu.py arguments for the shapes), TP_LIMIT (s per shape, 60), TP_SHAPES
+# (tp_step.py presets, "llama-8b"). Runs from a source
 # checkout: src/ goes on PYTHONPATH, nothing is installed.
 set -u
 out=${1:-${OUT:-/tmp/asyncllm-cuda-checks}}
@@ -52,5 +54,13 @@ for shape in ${SHAPES-llama-3-8b}; do
     ${BENCH_ARGS:-} >"$out/bench-$shape.log" 2>&1
   echo "gpu.py $shape: exit $? after $(( $(date +%s) - t0 )) s"
   grep -vE "^\s*$" "$out/bench-$shape.log" | tail -25
+done
+# One tensor-parallel rank's step time with the collectives stubbed (a projection for 2/4/8-GPU nodes)
+for shape in ${TP_SHAPES-llama-8b}; do
+  t0=$(date +%s)
+  timeout "${TP_LIMIT:-60}" python3 benchmarks/tp_step.py --device cuda --preset "$shape" \
+    >"$out/tp-step-$shape.log" 2>&1
+  echo "tp_step.py $shape: exit $? after $(( $(date +%s) - t0 )) s"
+  grep -vE "^\s*$" "$out/tp-step-$shape.log" | tail -15
 done
 echo "total $(( $(date +%s) - started )) s"
