@@ -17,6 +17,7 @@ from asyncllm.models.llama import LlamaForCausalLM
 from asyncllm.models.llava import LlavaForConditionalGeneration
 from asyncllm.models.llava_next import LlavaNextForConditionalGeneration
 from asyncllm.models.moe import MoeForCausalLM
+from asyncllm.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
 
@@ -52,6 +53,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "gemma": GemmaForCausalLM,
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
 }
 """Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
@@ -93,5 +95,5 @@ def build_model(
 
 
 __all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "LlavaForConditionalGeneration",
-           "LlavaNextForConditionalGeneration", "MoeForCausalLM",
+           "LlavaNextForConditionalGeneration", "MoeForCausalLM", "Qwen2VLForConditionalGeneration",
            "build_model", "model_definitions"]
