@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -141,6 +141,8 @@ class VisionConfig:
     (``merged_size``); ``hidden_size`` is the tower's width (``embed_dim``), ``intermediate_size``
     ``embed_dim * mlp_ratio``. ``image_size`` is then the smallest side an image can take
     (``patch_size * spatial_merge_size``: one token); the image processor decides each image's grid.
+    ``vision_start_token_id`` / ``vision_end_token_id``: the tokens a chat image part is wrapped in
+    (``None``: the image token stands alone, as for LLaVA).
     """
 
     hidden_size: int
@@ -162,6 +164,8 @@ class VisionConfig:
     spatial_merge_size: int = 1
     temporal_patch_size: int = 1
     merged_size: int = 0
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.tower in ("clip", "siglip", "qwen2_vl"), "vision_config.model_type",
@@ -235,6 +239,8 @@ class VisionConfig:
             spatial_merge_size=merge,
             temporal_patch_size=int(read("temporal_patch_size")),
             merged_size=int(read("hidden_size")),
+            vision_start_token_id=hf.get("vision_start_token_id"),
+            vision_end_token_id=hf.get("vision_end_token_id"),
         )
 
     @property
@@ -264,8 +270,16 @@ class VisionConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """The prompt tokens (feature rows) one untiled image takes."""
-        return self.rows_per_tile
+        """The prompt tokens (feature rows) one untiled image takes (Qwen2-VL: the fewest an image takes,
+        one; its processor decides the real count)."""
+        return 1 if self.patch_grid else self.rows_per_tile
+
+    def image_text(self, id_to_token: Callable[[int], str | None]) -> str | None:
+        """The text a chat image part becomes: the image token's, between the vision start and end tokens'
+        when the model has them; ``None`` when the tokenizer lacks one of them."""
+        ids = [self.vision_start_token_id, self.image_token_id, self.vision_end_token_id]
+        texts = [id_to_token(i) for i in ids if i is not None]
+        return None if any(text is None for text in texts) else "".join(texts)  # type: ignore[arg-type]
 
     @classmethod
     def from_llava_config(cls, hf: dict[str, Any], *, tiled: bool = False) -> VisionConfig:

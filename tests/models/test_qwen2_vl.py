@@ -272,3 +272,20 @@ def test_config_layouts_and_bad_inputs(checkpoint: tuple[Path, Any, Any], bundle
         processor.prepare({"pixel_values": torch.zeros(15, 96), "image_grid_thw": [[1, 4, 4]]})
     with pytest.raises(ValueError, match="image_grid_thw"):
         processor.prepare({"pixel_values": torch.zeros(12, 96), "image_grid_thw": [[1, 3, 4]]})
+
+
+async def test_chat_image_parts_are_wrapped_in_vision_tokens(checkpoint: tuple[Path, Any, Any]) -> None:
+    """A chat image part becomes vision start, image and vision end tokens (as Qwen2-VL's chat template
+    writes them), and generates as the same prompt written out with ``images=``."""
+    directory, _, _ = checkpoint
+    messages = [{"role": "user", "content": [{"type": "text", "text": "look at "},
+                                             {"type": "image", "image": picture("wide", 1)},
+                                             {"type": "text", "text": " please"}]}]
+    async with make_engine(directory) as engine:
+        ids, images = engine.encode_with_images(messages)
+        written = engine.encode_prompt([{"role": "user", "content": "look at %#& please"}])
+        chat = await engine.generate(messages, **GREEDY)
+        plain = await engine.generate(written, images=[picture("wide", 1)], **GREEDY)
+    at = ids.index(IMAGE_TOKEN)
+    assert ids == written and ids[at - 1 : at + 2] == [START_TOKEN, IMAGE_TOKEN, END_TOKEN] and len(images) == 1
+    assert chat.token_ids == plain.token_ids and chat.usage.prompt_tokens == plain.usage.prompt_tokens
