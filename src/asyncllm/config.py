@@ -232,7 +232,7 @@ class VisionConfig:
             image_token_id=int(image_token),
             feature_layers=(-1,),
             select_strategy="full",
-            num_channels=int(read("in_channels")),
+            num_channels=int(vision.get("in_chans", read("in_channels"))),  # "in_chans" in early configs
             layer_norm_eps=1e-6,
             hidden_act=str(read("hidden_act")),
             tower="qwen2_vl",
@@ -526,7 +526,8 @@ def _qwen2_vl_text(hf: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]]
     fields = {**hf, **text} if isinstance(text, dict) else dict(hf)
     fields.pop("text_config", None)
     fields.pop("vision_config", None)
-    fields.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    # as transformers reads it: tied when either the top level or text_config says so
+    fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings")) or bool(fields.get("tie_word_embeddings"))
     section = None
     for key in ("rope_scaling", "rope_parameters"):
         rope = fields.get(key)

@@ -127,7 +127,9 @@ def prepared(pixels: torch.Tensor, size: tuple[int, int], vision: VisionConfig) 
 
 def patch_grid_image(image: Mapping[str, Any], vision: VisionConfig) -> PreparedImage:
     """A Qwen2-VL image from ``pixel_values`` ``[t*h*w, C*T*P*P]`` and ``image_grid_thw`` ``(t, h, w)`` (the
-    patch grid; ``h`` and ``w`` multiples of ``spatial_merge_size``)."""
+    patch grid; ``h`` and ``w`` multiples of ``spatial_merge_size``). Its ``size`` is that of the resized
+    image the patches cover, ``(h * P, w * P)``; the digest hashes the patches and that size (hence the
+    grid, which decides the M-RoPE positions)."""
     if "pixel_values_videos" in image or "video_grid_thw" in image:
         raise ValueError("pixel_values_videos: videos are not supported; pass images")
     if "pixel_values" not in image or "image_grid_thw" not in image:

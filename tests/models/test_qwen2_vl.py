@@ -261,6 +261,8 @@ def test_config_layouts_and_bad_inputs(checkpoint: tuple[Path, Any, Any], bundle
     assert ModelConfig.from_hf_config(flat) == ModelConfig.from_hf_config(nested)
     config = ModelConfig.from_hf_config(nested)
     assert config.mrope_section == (2, 3, 3) and config.rope_scaling is None and config.qkv_bias
+    assert not config.tie_word_embeddings
+    assert ModelConfig.from_hf_config({**nested, "tie_word_embeddings": True}).tie_word_embeddings
     with pytest.raises(ValueError, match="mrope_section"):
         ModelConfig.from_hf_config({**flat, "rope_scaling": None})
     processor = bundles["torch"].image_processor
@@ -289,3 +291,25 @@ async def test_chat_image_parts_are_wrapped_in_vision_tokens(checkpoint: tuple[P
     at = ids.index(IMAGE_TOKEN)
     assert ids == written and ids[at - 1 : at + 2] == [START_TOKEN, IMAGE_TOKEN, END_TOKEN] and len(images) == 1
     assert chat.token_ids == plain.token_ids and chat.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_older_checkpoint_names_and_fields_load_alike(checkpoint: tuple[Path, Any, Any],
+                                                      bundles: dict[str, Any]) -> None:
+    """Tensors named as earlier transformers saved them (``model.*``, ``visual.*``) and the ``in_chans``
+    field of early vision configs give the same model; a missing tower tensor raises ``ValueError``."""
+    from asyncllm.kernels import TORCH_OPS
+    from asyncllm.models import build_model
+
+    _, hf, _ = checkpoint
+    nested = hf.config.to_dict()
+    vision = {k: v for k, v in nested["vision_config"].items() if k != "in_channels"}
+    config = ModelConfig.from_hf_config({**nested, "vision_config": {**vision, "in_chans": 3}})
+    assert config == bundles["torch"].config
+    old = {name.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tensor
+           for name, tensor in hf.state_dict().items()}
+    model = build_model(config, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"))
+    model.load_weights(old.items())
+    ours = dict(bundles["torch"].state_dict())
+    assert all(torch.equal(tensor, ours[name]) for name, tensor in model.state_dict().items())
+    with pytest.raises(ValueError, match="missing"):
+        model.load_weights((k, v) for k, v in old.items() if k != "visual.merger.ln_q.bias")
