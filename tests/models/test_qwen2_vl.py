@@ -313,3 +313,23 @@ def test_older_checkpoint_names_and_fields_load_alike(checkpoint: tuple[Path, An
     assert all(torch.equal(tensor, ours[name]) for name, tensor in model.state_dict().items())
     with pytest.raises(ValueError, match="missing"):
         model.load_weights((k, v) for k, v in old.items() if k != "visual.merger.ln_q.bias")
+
+
+def test_decode_graph_settings_leave_mrope_steps_eager(checkpoint: tuple[Path, Any, Any],
+                                                       bundles: dict[str, Any]) -> None:
+    """Padded decode buffers hold 1-D offsets without the rope delta, so a runner given decode-graph
+    settings for an M-RoPE model builds none and decodes eagerly, at HF's positions."""
+    from asyncllm.cuda_graphs import DecodeGraphSettings
+
+    _, hf, processor = checkpoint
+    model = bundles["auto"]
+    spec = KVCacheSpec.for_model(model.config, num_blocks=40, block_size=4, dtype=torch.float32)
+    run = ModelRunner(model, spec, device=torch.device("cpu"), max_model_len=160,
+                      decode_graphs=DecodeGraphSettings(batch_sizes=(1, 2), capture=False))
+    assert run.graphs is None
+    seq = sequence(model, processor, 2)
+    run.forward_logits([ScheduledChunk(seq, 0, len(seq.token_ids))])
+    seq.token_ids.append(TAIL[0])
+    got = run.forward_logits([ScheduledChunk(seq, len(seq.token_ids) - 1, 1)])[0]
+    assert seq.rope_delta != 0
+    assert (got - hf_logits(hf, processor, 2, TAIL[:1])[-1]).abs().max().item() <= ATOL

@@ -25,7 +25,8 @@ from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 class CausalLM(Protocol):
     """What the runner needs from a model.
 
-    ``forward`` takes a flat varlen batch (``[T]`` int64 token ids and positions, laid out per ``meta``) and
+    ``forward`` takes a flat varlen batch (``[T]`` int64 token ids and positions, laid out per ``meta``;
+    a model that sets ``mrope_section`` also takes ``[3, T]`` M-RoPE positions, see ``asyncllm.mrope``) and
     the per-layer paged ``KVCache``s, into which it writes this step's keys/values; it returns the final
     hidden states ``[T, H]``. ``compute_logits`` maps ``[N, H]`` to float32 ``[N, V]``. ``load_weights``
     takes Hugging Face-named tensors and raises ``ValueError`` naming any unexpected or missing parameter;
