@@ -119,6 +119,12 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         name="llava_next", model="llava_next", hf_architectures=("LlavaNextForConditionalGeneration",),
         hf_model_types=("llava_next",),
     ),
+    # Qwen2-VL: a patch-grid vision tower with a patch merger in front of a Qwen2 decoder whose rotary
+    # positions have three components (M-RoPE; models/qwen2_vl.py, asyncllm.mrope)
+    ArchitectureSpec(
+        name="qwen2_vl", model="qwen2_vl", hf_architectures=("Qwen2VLForConditionalGeneration",),
+        hf_model_types=("qwen2_vl",), qkv_bias=True, o_proj_bias=False,
+    ),
 )
 
 

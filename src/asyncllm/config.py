@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -134,6 +134,15 @@ class VisionConfig:
     both sides, and when tiled every tile keeps exactly its ``feature_side ** 2`` patch rows (CLIP with
     ``"default"``, SigLIP with ``"full"``: the only pairings whose rows Hugging Face's ``pack_image_features``
     lays out into the tile grid).
+
+    Qwen2-VL (``tower`` ``"qwen2_vl"``, ``from_qwen2_vl_config``): images of any size are cut into
+    ``patch_size`` patches over ``temporal_patch_size`` frames (``[num_patches, C * T * P * P]``) and every
+    ``spatial_merge_size ** 2`` neighbouring patches merge into one prompt token of the decoder's width
+    (``merged_size``); ``hidden_size`` is the tower's width (``embed_dim``), ``intermediate_size``
+    ``embed_dim * mlp_ratio``. ``image_size`` is then the smallest side an image can take
+    (``patch_size * spatial_merge_size``: one token); the image processor decides each image's grid.
+    ``vision_start_token_id`` / ``vision_end_token_id``: the tokens a chat image part is wrapped in
+    (``None``: the image token stands alone, as for LLaVA).
     """
 
     hidden_size: int
@@ -152,10 +161,17 @@ class VisionConfig:
     projector_bias: bool = True
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     tower: str = "clip"
+    spatial_merge_size: int = 1
+    temporal_patch_size: int = 1
+    merged_size: int = 0
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.tower in ("clip", "siglip"), "vision_config.model_type",
-                 f"tower must be 'clip' or 'siglip', got {self.tower!r}")
+        _require(self.tower in ("clip", "siglip", "qwen2_vl"), "vision_config.model_type",
+                 f"tower must be 'clip', 'siglip' or 'qwen2_vl', got {self.tower!r}")
+        for name in ("spatial_merge_size", "temporal_patch_size"):
+            _require(getattr(self, name) > 0, f"vision_config.{name}", f"must be positive, got {getattr(self, name)}")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "image_size", "patch_size", "num_channels"):
             _require(getattr(self, name) > 0, f"vision_config.{name}", f"must be positive, got {getattr(self, name)}")
@@ -189,6 +205,45 @@ class VisionConfig:
             )
 
     @property
+    def patch_grid(self) -> bool:
+        """Whether images are variable-size patch grids with M-RoPE positions (Qwen2-VL)."""
+        return self.tower == "qwen2_vl"
+
+    @classmethod
+    def from_qwen2_vl_config(cls, hf: dict[str, Any]) -> VisionConfig:
+        """From a Qwen2-VL ``config.json`` dict (``vision_config`` with transformers' defaults for what it
+        omits; ``image_token_id`` at the top level)."""
+        vision = hf.get("vision_config") or {}
+        defaults = _QWEN2_VL_VISION_DEFAULTS
+
+        def read(name: str) -> Any:
+            return vision.get(name, defaults[name])
+
+        image_token = hf.get("image_token_id")
+        _require(image_token is not None, "image_token_id", "missing")
+        embed_dim, merge, patch = int(read("embed_dim")), int(read("spatial_merge_size")), int(read("patch_size"))
+        return cls(
+            hidden_size=embed_dim,
+            intermediate_size=int(embed_dim * float(read("mlp_ratio"))),
+            num_hidden_layers=int(read("depth")),
+            num_attention_heads=int(read("num_heads")),
+            image_size=patch * merge,
+            patch_size=patch,
+            image_token_id=int(image_token),
+            feature_layers=(-1,),
+            select_strategy="full",
+            num_channels=int(vision.get("in_chans", read("in_channels"))),  # "in_chans" in early configs
+            layer_norm_eps=1e-6,
+            hidden_act=str(read("hidden_act")),
+            tower="qwen2_vl",
+            spatial_merge_size=merge,
+            temporal_patch_size=int(read("temporal_patch_size")),
+            merged_size=int(read("hidden_size")),
+            vision_start_token_id=hf.get("vision_start_token_id"),
+            vision_end_token_id=hf.get("vision_end_token_id"),
+        )
+
+    @property
     def tiled(self) -> bool:
         """Whether images are tiled at ``image_grid_pinpoints`` (LLaVA-NeXT's anyres)."""
         return bool(self.image_grid_pinpoints)
@@ -215,8 +270,16 @@ class VisionConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """The prompt tokens (feature rows) one untiled image takes."""
-        return self.rows_per_tile
+        """The prompt tokens (feature rows) one untiled image takes (Qwen2-VL: the fewest an image takes,
+        one; its processor decides the real count)."""
+        return 1 if self.patch_grid else self.rows_per_tile
+
+    def image_text(self, id_to_token: Callable[[int], str | None]) -> str | None:
+        """The text a chat image part becomes: the image token's, between the vision start and end tokens'
+        when the model has them; ``None`` when the tokenizer lacks one of them."""
+        ids = [self.vision_start_token_id, self.image_token_id, self.vision_end_token_id]
+        texts = [id_to_token(i) for i in ids if i is not None]
+        return None if any(text is None for text in texts) else "".join(texts)  # type: ignore[arg-type]
 
     @classmethod
     def from_llava_config(cls, hf: dict[str, Any], *, tiled: bool = False) -> VisionConfig:
@@ -265,6 +328,12 @@ VISION_TOWERS: Mapping[str, str] = MappingProxyType({"clip_vision_model": "clip"
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 """The ``vision_config.hidden_act`` values the towers implement."""
 
+_QWEN2_VL_VISION_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    # transformers' Qwen2VLVisionConfig defaults
+    "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "hidden_act": "quick_gelu", "mlp_ratio": 4,
+    "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+})
+
 _SHARED_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                     "num_attention_heads": 12, "image_size": 224, "num_channels": 3}
 _TOWER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
@@ -292,7 +361,9 @@ class ModelConfig:
     ``sliding_window`` positions), and ``rope_local_theta`` (the rotary base of the sliding layers, which
     take no rotary scaling; ``None``: every layer rotates alike).
 
-    ``vision``: the image path of a vision-language family (LLaVA); ``None`` for text-only models.
+    ``vision``: the image path of a vision-language family (LLaVA, Qwen2-VL); ``None`` for text-only models.
+    ``mrope_section``: Qwen2-VL's split of the rotary frequencies among the ``(t, h, w)`` position
+    components (``asyncllm.mrope``); empty for 1-D rotary.
 
     Invariants: ``num_attention_heads % num_key_value_heads == 0``; ``head_dim`` is even (rotary pairs);
     ``architecture`` is registered.
@@ -328,6 +399,7 @@ class ModelConfig:
     sliding_layers: tuple[int, ...] = ()
     rope_local_theta: float | None = None
     vision: VisionConfig | None = None
+    mrope_section: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -381,6 +453,10 @@ class ModelConfig:
             _require(flags is not None and flags.model == "llama", "text_config.model_type",
                      f"only Llama-style decoders (llama, mistral, qwen2, ...) are supported, got {text_type!r}")
             hf = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
+        mrope_section: tuple[int, ...] = ()
+        if spec.model == "qwen2_vl":
+            vision = VisionConfig.from_qwen2_vl_config(hf)
+            hf, mrope_section = _qwen2_vl_text(hf)
         gemma = _gemma_fields(hf) if spec.model == "gemma" else {}
         if gemma:
             hf = gemma.pop("hf")
@@ -437,8 +513,37 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             moe=MoeConfig.from_hf_config(hf, spec.moe_renormalize) if spec.model == "moe" else None,
             vision=vision,
+            mrope_section=mrope_section,
             **gemma,
         )
+
+
+def _qwen2_vl_text(hf: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """A Qwen2-VL config's decoder fields (nested under ``text_config`` as transformers 5 saves them, or
+    at the top level as older checkpoints do) with the M-RoPE scaling entry removed, and its
+    ``mrope_section`` (required: ``rope_scaling`` / ``rope_parameters``)."""
+    text = hf.get("text_config")
+    fields = {**hf, **text} if isinstance(text, dict) else dict(hf)
+    fields.pop("text_config", None)
+    fields.pop("vision_config", None)
+    # as transformers reads it: tied when either the top level or text_config says so
+    fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings")) or bool(fields.get("tie_word_embeddings"))
+    section = None
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = fields.get(key)
+        if not isinstance(rope, dict):
+            continue
+        rope = dict(rope)
+        section = rope.pop("mrope_section", section)
+        if rope.get("rope_type", rope.get("type")) == "mrope":
+            rope["rope_type"] = "default"
+            rope.pop("type", None)
+        fields[key] = rope
+    if fields.get("rope_scaling") is not None and fields["rope_scaling"].get("rope_type", "default") == "default":
+        fields["rope_scaling"] = None
+    _require(isinstance(section, list) and all(isinstance(v, int) for v in section), "rope_scaling.mrope_section",
+             f"Qwen2-VL needs a list of ints, got {section!r}")
+    return fields, tuple(section)  # type: ignore[arg-type]
 
 
 def _text_family(model_type: str) -> ArchitectureSpec | None:

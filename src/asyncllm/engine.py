@@ -350,7 +350,7 @@ class AsyncEngine:
         if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt \
                 and all(isinstance(m, dict) for m in prompt):
             vision = self.model_config.vision
-            image_token = vision and self.tokenizer.id_to_token(vision.image_token_id)
+            image_token = vision and vision.image_text(self.tokenizer.id_to_token)
             messages, parts = split_image_parts(prompt, image_token or "")  # type: ignore[arg-type]
             if parts and not image_token:
                 raise ValueError("images: this model takes no images")

@@ -32,6 +32,8 @@ class HFImageProcessor:
         sizes = out.get("image_sizes")
         features = {"pixel_values": out["pixel_values"],
                     "image_sizes": sizes if sizes is not None else [[picture.height, picture.width]]}
+        if "image_grid_thw" in out:  # Qwen2-VL: patches and their grid
+            features["image_grid_thw"] = out["image_grid_thw"]
         result = ready_image(features, self.vision)
         if result is None:  # pragma: no cover - a mapping always yields a result
             raise ValueError("image: the image processor returned no pixel values")

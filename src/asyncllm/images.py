@@ -9,7 +9,9 @@ checkpoint ``preprocessor_config.json`` (see ``asyncllm.hf_image_processor`` for
 Ready inputs are accepted by every processor: a ``[C, S, S]`` / ``[1, C, S, S]`` tensor (LLaVA-1.5), or a
 mapping with ``pixel_values`` (``[P, C, S, S]`` or ``[1, P, C, S, S]``) and ``image_sizes`` (``(height,
 width)`` or ``[[height, width]]``), as Hugging Face's image processor returns for one image (needed for
-tiled models, whose features depend on the image size).
+tiled models, whose features depend on the image size). For Qwen2-VL the mapping holds ``pixel_values``
+``[t*h*w, C*T*P*P]`` (patches) and ``image_grid_thw`` (``(t, h, w)`` or ``[[t, h, w]]``), as
+``Qwen2VLImageProcessor`` returns them; videos (``pixel_values_videos``) are refused.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PreparedImage:
     """One image as the model sees it: ``pixels`` ``[P, C, S, S]`` float32 tiles, ``size`` the original
     ``(height, width)`` (it decides how tiled features are unpadded), ``num_tokens`` the prompt rows its
-    features take, ``digest`` a 62-bit hash of what the model reads (the pixels, and the size when tiled)."""
+    features take, ``digest`` a 62-bit hash of what the model reads (the pixels, and the size when tiled).
+    ``grid`` (Qwen2-VL): the image's token grid ``(t, rows, cols)`` after the spatial merge, ``t * rows *
+    cols == num_tokens`` (it decides the M-RoPE positions; the digest covers it); ``None`` otherwise."""
 
     pixels: torch.Tensor
     size: tuple[int, int]
     num_tokens: int
     digest: int
+    grid: tuple[int, int, int] | None = None
 
 
 class ImageProcessor(Protocol):
@@ -120,9 +125,41 @@ def prepared(pixels: torch.Tensor, size: tuple[int, int], vision: VisionConfig) 
     return PreparedImage(pixels, size, count, pixel_digest(pixels, size))
 
 
+def patch_grid_image(image: Mapping[str, Any], vision: VisionConfig) -> PreparedImage:
+    """A Qwen2-VL image from ``pixel_values`` ``[t*h*w, C*T*P*P]`` and ``image_grid_thw`` ``(t, h, w)`` (the
+    patch grid; ``h`` and ``w`` multiples of ``spatial_merge_size``). Its ``size`` is that of the resized
+    image the patches cover, ``(h * P, w * P)``; the digest hashes the patches and that size (hence the
+    grid, which decides the M-RoPE positions)."""
+    if "pixel_values_videos" in image or "video_grid_thw" in image:
+        raise ValueError("pixel_values_videos: videos are not supported; pass images")
+    if "pixel_values" not in image or "image_grid_thw" not in image:
+        raise ValueError("image: a Qwen2-VL image needs 'pixel_values' (patches) and 'image_grid_thw'")
+    grid = torch.as_tensor(image["image_grid_thw"]).reshape(-1).tolist()
+    merge = vision.spatial_merge_size
+    if len(grid) != 3 or min(grid) <= 0 or grid[1] % merge or grid[2] % merge:
+        raise ValueError(f"image_grid_thw: one positive (t, h, w) with h and w multiples of {merge} expected, "
+                         f"got {image['image_grid_thw']!r}")
+    t, h, w = (int(v) for v in grid)
+    width = vision.num_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.as_tensor(image["pixel_values"])
+    if tuple(pixels.shape) != (t * h * w, width):
+        raise ValueError(f"pixel_values: expected [{t * h * w}, {width}] patches for image_grid_thw {(t, h, w)}, "
+                         f"got {tuple(pixels.shape)}")
+    pixels = pixels.float().contiguous()
+    size = (h * vision.patch_size, w * vision.patch_size)
+    return PreparedImage(pixels, size, t * h * w // merge**2, pixel_digest(pixels, size),
+                         (t, h // merge, w // merge))
+
+
 def ready_image(image: Any, vision: VisionConfig) -> PreparedImage | None:
     """``image`` as a ``PreparedImage`` when it is already pixel values (a tensor, or a mapping with
-    ``pixel_values`` and ``image_sizes``); ``None`` when it still needs preprocessing."""
+    ``pixel_values`` and ``image_sizes``, or ``image_grid_thw`` for Qwen2-VL); ``None`` when it still needs
+    preprocessing."""
+    if vision.patch_grid:
+        if isinstance(image, torch.Tensor):
+            raise ValueError("image: a Qwen2-VL image needs its patch grid; pass a mapping with 'pixel_values' "
+                             "and 'image_grid_thw'")
+        return patch_grid_image(image, vision) if isinstance(image, Mapping) else None
     if isinstance(image, torch.Tensor):
         if vision.tiled:
             raise ValueError("image: a tiled (LLaVA-NeXT) image needs its size; pass a mapping with "
@@ -165,6 +202,9 @@ class BuiltinImageProcessor:
         ready = ready_image(image, self.vision)
         if ready is not None:
             return ready
+        if self.vision.patch_grid:
+            raise ValueError("image: cutting an image into patches for Qwen2-VL needs the checkpoint's "
+                             "preprocessor_config.json; pass ready 'pixel_values' and 'image_grid_thw' instead")
         if self.vision.tiled:
             raise ValueError("image: tiling an image for this model needs the checkpoint's "
                              "preprocessor_config.json; pass ready 'pixel_values' and 'image_sizes' instead")
@@ -210,6 +250,6 @@ def expand_image_tokens(
                 out.append(t)
     else:
         raise ValueError(f"prompt: {len(places)} image tokens (id {token}) for {len(images)} images")
-    spans = tuple(ImageSpan(start, image.num_tokens, image.pixels, image.digest, image.size)
+    spans = tuple(ImageSpan(start, image.num_tokens, image.pixels, image.digest, image.size, image.grid)
                   for start, image in zip(starts_out, ready, strict=True))
     return out, spans

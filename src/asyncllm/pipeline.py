@@ -170,7 +170,7 @@ class Pipeline:
 
     def _image_text(self) -> str | None:
         vision = self._engine.model_config.vision
-        return None if vision is None else self._engine.tokenizer.id_to_token(vision.image_token_id)
+        return None if vision is None else vision.image_text(self._engine.tokenizer.id_to_token)
 
     def _generate_all(
         self, prompts: list[Any], params: SamplingParams | None, sampling: dict[str, Any], *,

@@ -9,7 +9,10 @@ at a time.
 
 Two paths run a step. Decode-only steps that fit the configured batch sizes go through ``DecodeGraphs``
 (padded static buffers, replayed as CUDA graphs on a GPU); prefill, mixed and larger steps run eagerly over
-exactly-sized tensors. Either way a step's inputs reach the device through asynchronous copies from
+exactly-sized tensors. A model with M-RoPE positions (one that sets ``mrope_section``, Qwen2-VL) runs every
+step eagerly: its positions come from each sequence's ``rope_positions`` (``[3, T]`` when a step holds
+tokens whose three components differ, else their common ``[T]`` row), which the graphs' 1-D position
+buffer does not carry. Either way a step's inputs reach the device through asynchronous copies from
 page-locked host buffers, and the only wait on the device is the sampler reading the chosen token ids.
 """
 
@@ -29,7 +32,7 @@ from asyncllm.models import CausalLM
 from asyncllm.models.llava import ImageEmbeds
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
 from asyncllm.scheduler import ScheduledChunk
-from asyncllm.sequence import SequenceState
+from asyncllm.sequence import ImageSpan, SequenceState
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,9 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device)
+        self.mrope = bool(getattr(model, "mrope_section", ()))
         self.graphs: DecodeGraphs | None = None
-        if decode_graphs is not None:
+        if decode_graphs is not None and not self.mrope:
             self.graphs = DecodeGraphs(
                 model,
                 self.kv_caches,
@@ -219,6 +223,26 @@ class ModelRunner:
         images = [image for seq in seqs for image in seq.images]
         if not images:
             return [[] for _ in seqs]
+        encode_grids = getattr(self.model, "encode_image_grids", None)
+        if encode_grids is not None:
+            grids = [image.grid for image in images]
+            if any(grid is None for grid in grids):
+                raise ValueError("image: this model needs each image's patch grid (image_grid_thw)")
+            rows = encode_grids([image.pixels for image in images], grids)
+        else:
+            rows = self._encode_tiles(images)
+        for image, arranged in zip(images, rows, strict=True):
+            if arranged.shape[0] != image.length:
+                raise ValueError(f"image: the model made {arranged.shape[0]} rows for an image of "
+                                 f"{image.length} prompt tokens")
+        out, at = [], 0
+        for seq in seqs:
+            out.append(rows[at : at + len(seq.images)])
+            at += len(seq.images)
+        return out
+
+    def _encode_tiles(self, images: Sequence[ImageSpan]) -> list[torch.Tensor]:
+        """Each image's rows from ``encode_images`` (one call per tile shape) and ``image_rows``."""
         encode = getattr(self.model, "encode_images", None)
         arrange = getattr(self.model, "image_rows", None)
         if encode is None or arrange is None:
@@ -232,22 +256,14 @@ class ModelRunner:
             features = encode(torch.cat([pixels[k] for k in members]).to(self.device))
             for k, part in zip(members, features.split([pixels[k].shape[0] for k in members]), strict=True):
                 tiles[k] = part
-        rows: list[torch.Tensor] = []
-        for k, image in enumerate(images):
-            arranged = arrange(tiles[k], image.size)
-            if arranged.shape[0] != image.length:
-                raise ValueError(f"image: the model made {arranged.shape[0]} rows for an image of "
-                                 f"{image.length} prompt tokens")
-            rows.append(arranged)
-        out, at = [], 0
-        for seq in seqs:
-            out.append(rows[at : at + len(seq.images)])
-            at += len(seq.images)
-        return out
+        return [arrange(tiles[k], image.size) for k, image in enumerate(images)]
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], sample_rows: Sequence[int]) -> _StepInputs:
         """Exactly-sized varlen inputs, staged on the host in two packed buffers (int64: ids, positions,
-        slots, logits index; int32: query starts, context lengths, block tables) and copied once each."""
+        slots, logits index; int32: query starts, context lengths, block tables) and copied once each.
+
+        With M-RoPE the positions take ``3 * T`` slots (``SequenceState.rope_positions``); when all three
+        components agree for every token (text-only or decode steps) the model gets their ``[T]`` row."""
         size = self.spec.block_size
         num_seqs = len(chunks)
         query_lens = [chunk.num_tokens for chunk in chunks]
@@ -257,14 +273,17 @@ class ModelRunner:
         # Every row samples iff each chunk is one sampling token: hidden rows are then the logits rows.
         all_rows = num_tokens == num_seqs and len(sample_rows) == num_seqs
         num_index = 0 if all_rows else len(sample_rows)
-        longs = host_staging(3 * num_tokens + num_index, torch.int64, self.device)
+        pos_rows = 3 if self.mrope else 1
+        longs = host_staging((2 + pos_rows) * num_tokens + num_index, torch.int64, self.device)
         ints = host_staging(2 * num_seqs + 1 + num_seqs * width, torch.int32, self.device)
         lo, it = longs.numpy(), ints.numpy()
+        slots_at = (1 + pos_rows) * num_tokens
         ids, pos, slots = (
             lo[:num_tokens],
             lo[num_tokens : 2 * num_tokens],
-            lo[2 * num_tokens : 3 * num_tokens],
+            lo[slots_at : slots_at + num_tokens],
         )
+        rope = lo[num_tokens:slots_at].reshape(pos_rows, num_tokens)
         starts, lens = it[: num_seqs + 1], it[num_seqs + 1 : 2 * num_seqs + 1]
         tables = it[2 * num_seqs + 1 :].reshape(num_seqs, width)
         tables[:] = 0
@@ -285,16 +304,19 @@ class ModelRunner:
                 pos[offset : offset + n] = positions
                 blocks = np.asarray(table[:used], dtype=np.int64)
                 slots[offset : offset + n] = blocks[positions // size] * size + positions % size
+            if self.mrope:
+                rope[:, offset : offset + n] = seq.rope_positions(begin, end)
             tables[i, :used] = table[:used]
             offset += n
             starts[i + 1] = offset
             lens[i] = end
         ends = np.cumsum(query_lens) - 1
-        lo[3 * num_tokens :] = ends[sample_rows] if num_index else []
+        lo[slots_at + num_tokens :] = ends[sample_rows] if num_index else []
+        flat_positions = not self.mrope or bool((rope == rope[0]).all())
         dev_longs = longs.to(self.device, non_blocking=True)
         dev_ints = ints.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
-            slot_mapping=dev_longs[2 * num_tokens : 3 * num_tokens],
+            slot_mapping=dev_longs[slots_at : slots_at + num_tokens],
             query_start_loc=dev_ints[: num_seqs + 1],
             seq_lens=dev_ints[num_seqs + 1 : 2 * num_seqs + 1],
             block_tables=dev_ints[2 * num_seqs + 1 :].view(num_seqs, width),
@@ -305,7 +327,8 @@ class ModelRunner:
         )
         return _StepInputs(
             input_ids=dev_longs[:num_tokens],
-            positions=dev_longs[num_tokens : 2 * num_tokens],
+            positions=(dev_longs[num_tokens : 2 * num_tokens] if flat_positions
+                       else dev_longs[num_tokens:slots_at].view(pos_rows, num_tokens)),
             meta=meta,
-            logits_index=dev_longs[3 * num_tokens :] if num_index else None,
+            logits_index=dev_longs[slots_at + num_tokens :] if num_index else None,
         )

@@ -7,6 +7,10 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
+from asyncllm.mrope import prompt_positions
+
 if TYPE_CHECKING:
     from asyncllm.sampling import SamplingParams
 
@@ -19,13 +23,16 @@ class ImageSpan:
     ``[P, C, S, S]`` tensor of tiles the vision tower reads (``P == 1`` unless the model tiles images);
     ``size`` is the original ``(height, width)`` (a tiled model unpads its features by it); ``digest`` (a
     hash of what the model reads) enters the prefix-cache keys of the blocks these tokens fall in, so the
-    same text with another image reuses nothing."""
+    same text with another image reuses nothing. ``grid`` (models with M-RoPE positions, Qwen2-VL): the
+    image's token grid ``(t, rows, cols)`` after the spatial merge, ``t * rows * cols == length``, row-major
+    in the span; ``None`` for models whose images have no grid."""
 
     start: int
     length: int
     pixels: Any
     digest: int
     size: tuple[int, int] = (0, 0)
+    grid: tuple[int, int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -57,6 +64,10 @@ class SequenceState:
     ``images``: the prompt's images, in order; ``image_features``: their projected rows (one ``[length, H]``
     tensor per image), computed when the first step whose chunk covers one of the images runs and dropped
     once the chunk covering the last image token has run.
+    ``mrope_positions`` / ``rope_delta``: when an image has a ``grid`` (an M-RoPE model), the prompt's
+    ``[3, num_prompt_tokens]`` positions and the offset of every later token's position (``asyncllm.mrope``),
+    computed once here from the prompt's length and its images; ``None`` / ``0`` otherwise. They depend only
+    on the image spans (their digests key the prefix cache), so a cached block's positions are its prefix's.
     """
 
     request_id: str
@@ -76,11 +87,26 @@ class SequenceState:
     flush_only: bool = False
     images: tuple[ImageSpan, ...] = ()
     image_features: list[Any] | None = None
+    mrope_positions: Any = None
+    rope_delta: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError("prompt: must contain at least one token")
         self.num_prompt_tokens = len(self.token_ids)
+        if any(image.grid is not None for image in self.images):
+            self.mrope_positions, self.rope_delta = prompt_positions(self.num_prompt_tokens, self.images)
+
+    def rope_positions(self, begin: int, end: int) -> np.ndarray:
+        """``[3, end - begin]`` int64 M-RoPE positions of tokens ``begin .. end - 1`` (prompt tokens from
+        ``mrope_positions``, later ones ``offset + rope_delta``; plain offsets without image grids)."""
+        out = np.empty((3, end - begin), dtype=np.int64)
+        out[:] = np.arange(begin, end) + self.rope_delta
+        table = self.mrope_positions
+        if table is not None and begin < self.num_prompt_tokens:
+            stop = min(end, self.num_prompt_tokens)
+            out[:, : stop - begin] = table[:, begin:stop]
+        return out
 
     def key_tokens(self, begin: int, end: int) -> list[int]:
         """``token_ids[begin:end]`` as the prefix cache keys them: an image's placeholder tokens become

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from asyncllm.kernels import KernelOps
+from asyncllm.mrope import mrope_cos_sin, section_components
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -213,9 +214,15 @@ class RotaryEmbedding(nn.Module):
     One instance is shared by every attention layer of a model. Positions must lie in
     ``[0, max_positions)``; the cache is a non-persistent float32 buffer (not part of any checkpoint),
     computed at construction, so build the module on its real device rather than on ``meta``.
+
+    ``mrope_section`` (Qwen2-VL's M-RoPE, see ``asyncllm.mrope``): positions may then also be ``[3, T]``;
+    their per-token cos/sin rows are gathered from the cache in torch (``mrope_cos_sin``) and handed to
+    ``ops.rotary`` as a ``[T, R]`` cache indexed by ``arange(T)``, so every kernel bundle rotates them
+    unchanged. ``[T]`` positions (three equal components) take the plain path.
     """
 
     cos_sin_cache: torch.Tensor
+    mrope_components: torch.Tensor | None
 
     def __init__(
         self,
@@ -226,6 +233,7 @@ class RotaryEmbedding(nn.Module):
         ops: KernelOps,
         *,
         device: torch.device,
+        mrope_section: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -233,6 +241,8 @@ class RotaryEmbedding(nn.Module):
         self.ops = ops
         cache = build_cos_sin_cache(head_dim, rope_theta, max_position_embeddings, rope_scaling)
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+        components = section_components(mrope_section, cache.shape[1]).to(device) if mrope_section else None
+        self.register_buffer("mrope_components", components, persistent=False)
 
     @property
     def max_positions(self) -> int:
@@ -241,11 +251,18 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q`` ``[T, Hq, D]``, ``k`` ``[T, Hk, D]``, ``positions`` ``[T]`` int64 -> rotated ``(q, k)``.
+        """``q`` ``[T, Hq, D]``, ``k`` ``[T, Hk, D]``, ``positions`` ``[T]`` int64 (or ``[3, T]`` with
+        ``mrope_section``) -> rotated ``(q, k)``.
 
         ``q``/``k`` may be strided views (of a fused QKV output); fast kernels rotate them in place.
         """
-        return self.ops.rotary(q, k, positions, self.cos_sin_cache)
+        if positions.dim() == 1:
+            return self.ops.rotary(q, k, positions, self.cos_sin_cache)
+        if self.mrope_components is None:
+            raise ValueError(f"positions: expected [T], got {tuple(positions.shape)} (no mrope_section)")
+        table = mrope_cos_sin(self.cos_sin_cache, positions, self.mrope_components)
+        index = torch.arange(table.shape[0], device=positions.device)
+        return self.ops.rotary(q, k, index, table)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, type={self.rope_type}, max_positions={self.max_positions}"

@@ -17,6 +17,7 @@ from asyncllm.models.llama import LlamaForCausalLM
 from asyncllm.models.llava import LlavaForConditionalGeneration
 from asyncllm.models.llava_next import LlavaNextForConditionalGeneration
 from asyncllm.models.moe import MoeForCausalLM
+from asyncllm.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 
 
@@ -24,7 +25,8 @@ from asyncllm.quant.config import UNQUANTIZED, QuantizationConfig
 class CausalLM(Protocol):
     """What the runner needs from a model.
 
-    ``forward`` takes a flat varlen batch (``[T]`` int64 token ids and positions, laid out per ``meta``) and
+    ``forward`` takes a flat varlen batch (``[T]`` int64 token ids and positions, laid out per ``meta``;
+    a model that sets ``mrope_section`` also takes ``[3, T]`` M-RoPE positions, see ``asyncllm.mrope``) and
     the per-layer paged ``KVCache``s, into which it writes this step's keys/values; it returns the final
     hidden states ``[T, H]``. ``compute_logits`` maps ``[N, H]`` to float32 ``[N, V]``. ``load_weights``
     takes Hugging Face-named tensors and raises ``ValueError`` naming any unexpected or missing parameter;
@@ -52,6 +54,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "gemma": GemmaForCausalLM,
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
 }
 """Model definitions by the name an ``ArchitectureSpec.model`` uses."""
 
@@ -93,5 +96,5 @@ def build_model(
 
 
 __all__ = ["CausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "LlavaForConditionalGeneration",
-           "LlavaNextForConditionalGeneration", "MoeForCausalLM",
+           "LlavaNextForConditionalGeneration", "MoeForCausalLM", "Qwen2VLForConditionalGeneration",
            "build_model", "model_definitions"]

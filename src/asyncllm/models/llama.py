@@ -213,7 +213,7 @@ class LlamaModel(nn.Module):
                                            parallel=build.parallel)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
-            device=build.device,
+            device=build.device, mrope_section=config.mrope_section,
         )
         self.layers = nn.ModuleList(make_layer(build, self.rotary_emb, i) for i in range(config.num_hidden_layers))
         self.norm = build.norm()
@@ -234,7 +234,8 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """``inputs_embeds`` ``[T, H]``: the embedded tokens to run instead of ``embed_tokens(input_ids)``."""
         meta = self.ops.plan_attention(meta, kv_caches[0], self.num_heads)
-        fused = self._fused_step(positions, meta, kv_caches) if meta.is_decode_only else None
+        # [3, T] (M-RoPE) positions rotate in the layers; the fused decode step reads 1-D positions only
+        fused = self._fused_step(positions, meta, kv_caches) if meta.is_decode_only and positions.dim() == 1 else None
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual: torch.Tensor | None = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
