@@ -274,9 +274,10 @@ def test_cli_parses_default_model_and_engine_options() -> None:
     from asyncllm.cli import build_parser
 
     args = build_parser().parse_args(["eval", "perplexity", "default", "--kernel-backend", "torch",
-                                      "--dequantize-weights", "--dtype", "float32"])
+                                      "--dequantize-weights", "--dtype", "float32", "--kv-cache-dtype", "k8v4"])
     assert (args.command, args.eval_command, args.model) == ("eval", "perplexity", "default")
     assert (args.seqlen, args.stride, args.kernel_backend, args.dequantize_weights) == (512, None, "torch", True)
+    assert args.kv_cache_dtype == "k8v4"
 
 
 def test_human_line_names_the_numbers(tiny_dir: Path, text: str) -> None:
