@@ -152,9 +152,10 @@ def test_engine_option_defaults_reach_the_engine(tiny_cli: dict[str, list[Any]])
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    (["--kv-cache-dtype", "int3"], "kv_cache_dtype: must be one of ['auto', 'int8', 'int4'], got 'int3'"),
+    (["--kv-cache-dtype", "int3"], "kv_cache_dtype: must be one of ['auto', 'int8', 'int4', 'k8v4'], got 'int3'"),
     (["--quant-policy", "5"], "quant_policy: must be 0 (off), 8 (int8) or 4 (int4), got 5"),
     (["--quant-policy", "8", "--kv-cache-dtype", "int4"], "quant_policy: 8 means kv_cache_dtype='int8'"),
+    (["--quant-policy", "4", "--kv-cache-dtype", "k8v4"], "quant_policy: 4 means kv_cache_dtype='int4'"),
     (["--max-batch-size", "0"], "max_num_seqs: must be positive"),
     (["--gpu-memory-fraction", "1.5"], "gpu_memory_fraction: must be in (0, 1]"),
     (["--threads", "0"], "num_threads: must be an int >= 1"),
@@ -195,6 +196,8 @@ def test_kv_cache_quantization_reaches_the_engine(tiny_cli: dict[str, list[Any]]
                  "--kv-cache-memory", "64MB"]) == 0
     assert tiny_cli["loads"][1][1]["quant_policy"] == 8
     assert tiny_cli["loads"][1][1]["kv_cache_bytes"] == 64 * 10**6
+    assert main(["generate", "m", "hi", "--max-tokens", "1", "--kv-cache-dtype", "k8v4"]) == 0
+    assert tiny_cli["loads"][2][1]["kv_cache_dtype"] == "k8v4"
 
 
 def test_kv_cache_memory_sizes_parse() -> None:

@@ -274,9 +274,10 @@ def test_cli_parses_default_model_and_engine_options() -> None:
     from asyncllm.cli import build_parser
 
     args = build_parser().parse_args(["eval", "perplexity", "default", "--kernel-backend", "torch",
-                                      "--dequantize-weights", "--dtype", "float32"])
+                                      "--dequantize-weights", "--dtype", "float32", "--kv-cache-dtype", "k8v4"])
     assert (args.command, args.eval_command, args.model) == ("eval", "perplexity", "default")
     assert (args.seqlen, args.stride, args.kernel_backend, args.dequantize_weights) == (512, None, "torch", True)
+    assert args.kv_cache_dtype == "k8v4"
 
 
 def test_human_line_names_the_numbers(tiny_dir: Path, text: str) -> None:
@@ -323,14 +324,16 @@ def test_smollm2_gguf_matches_hf(smollm2_gguf: Path, smollm2_slice: tuple[str, l
 @pytest.mark.slow
 def test_smollm2_kv_cache_quantization_costs(smollm2_gguf: Path, smollm2_slice: tuple[str, list[int], float, int]
                                              ) -> None:
-    """The windows attend over an int8 / int4 cache: int8 within 0.5% of the float cache (HF's number, checked
-    above), int4 costlier than int8 (measured on the whole held-out text: docs/quantization.md)."""
+    """The windows attend over an int8 / int4 / k8v4 cache: int8 within 0.5% of the float cache (HF's number,
+    checked above), k8v4 (int8 keys, int4 values) within 3%, int4 costlier than both (measured on the whole
+    held-out text: docs/quantization.md)."""
     text, _ids, expected, _scored = smollm2_slice
     costs = {}
-    for dtype in ("int8", "int4"):
+    for dtype in ("int8", "int4", "k8v4"):
         result = perplexity(smollm2_gguf, text, seqlen=SMOL_SEQLEN, stride=SMOL_STRIDE, device="cpu",
                             kv_cache_dtype=dtype)
         assert result.kv_cache_dtype == dtype
         costs[dtype] = result.perplexity / expected - 1
     assert abs(costs["int8"]) < 0.005, costs
     assert costs["int8"] < costs["int4"] < 0.5, costs
+    assert abs(costs["k8v4"]) <= 0.03 and costs["k8v4"] < costs["int4"], costs

@@ -89,7 +89,8 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
                         help="how keys and values are cached: auto (the model's dtype), int8 or int4 (quantized "
                              "per token and head as they are written: about 2x / 3.5-4x the tokens of a 16-bit "
-                             "cache in the same memory) (default: %(default)s)")
+                             "cache in the same memory), or k8v4 (keys int8, values int4: about 2.5x) "
+                             "(default: %(default)s)")
     parser.add_argument("--quant-policy", type=int, default=0, metavar="BITS",
                         help="the same choice in bits: 8 (int8), 4 (int4) or 0 (off) (default: %(default)s)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",

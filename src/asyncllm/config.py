@@ -19,8 +19,9 @@ from asyncllm.architectures import ArchitectureSpec, spec_for_hf_config, spec_na
 from asyncllm.cpu_threads import default_num_threads
 
 KernelBackendName = Literal["auto", "torch", "triton"]
-KV_CACHE_DTYPES: dict[str, int | None] = {"auto": None, "int8": 8, "int4": 4}
-"""``EngineConfig.kv_cache_dtype`` values and the bits each stores (``None``: the compute dtype)."""
+KV_CACHE_DTYPES: dict[str, tuple[int, int] | None] = {"auto": None, "int8": (8, 8), "int4": (4, 4), "k8v4": (8, 4)}
+"""``EngineConfig.kv_cache_dtype`` values and the ``(key_bits, value_bits)`` each stores (``None``: the
+compute dtype)."""
 QUANT_POLICIES: dict[int, str] = {0: "auto", 8: "int8", 4: "int4"}
 """``EngineConfig.quant_policy`` values (bits; 0 = off) and the ``kv_cache_dtype`` each means."""
 NATIVE_KERNELS_ENV = "ASYNCLLM_NATIVE_KERNELS"
@@ -643,8 +644,9 @@ class EngineConfig:
     ``kv_cache_dtype``: ``"auto"`` stores keys and values in the compute dtype; ``"int8"`` / ``"int4"``
     quantize them as they are written (per token and KV head, scale and zero point beside each block in the
     compute dtype: ``kernels.kv_quant``), so the same memory holds about 2x / 3.5-4x the tokens of a 16-bit
-    cache. ``quant_policy`` is the same choice in bits (``8`` / ``4``, ``0`` = off), for those used to that
-    name; giving both, they must agree. ``kv_cache_bytes``: the KV pool's memory budget in bytes (all
+    cache; ``"k8v4"`` keeps keys in int8 and values in int4 (about 2.5x). ``quant_policy`` is the int8 /
+    int4 choice in bits (``8`` / ``4``, ``0`` = off), for those used to that name; giving both, they must
+    agree (``k8v4`` has no ``quant_policy`` spelling). ``kv_cache_bytes``: the KV pool's memory budget in bytes (all
     layers, keys, values and scales); when set it sizes the pool instead of ``kv_cache_tokens`` /
     ``gpu_memory_fraction`` (``num_kv_blocks`` still wins).
 
@@ -745,11 +747,10 @@ class EngineConfig:
                  f"{self.tensor_parallel_size} ranks run on cuda:0..{self.tensor_parallel_size - 1} or on the CPU: "
                  f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
-    def kv_cache_bits(self) -> int | None:
-        """Bits per cached value (8 or 4), or ``None`` for a cache in the compute dtype."""
-        if self.quant_policy:
-            return self.quant_policy
-        return KV_CACHE_DTYPES[self.kv_cache_dtype]
+    def kv_cache_bits(self) -> tuple[int, int] | None:
+        """Bits per cached key and per cached value (8 or 4 each), or ``None`` for a cache in the compute
+        dtype."""
+        return KV_CACHE_DTYPES[QUANT_POLICIES[self.quant_policy] if self.quant_policy else self.kv_cache_dtype]
 
     def resolved_num_threads(self) -> int:
         """``num_threads``, or the CPUs this process may use (``cpu_threads.default_num_threads``)."""

@@ -44,7 +44,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     ppl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ppl.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
-    ppl.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4"],
+    ppl.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "k8v4"],
                      help="cache the windows' keys and values quantized, as the engine would (default: %(default)s)")
     ppl.add_argument("--dequantize-weights", action="store_true",
                      help="decode a quantized checkpoint to dense weights at load instead of keeping it packed")

@@ -80,9 +80,10 @@ class OfflineBatch:
         return tuple(offsets)
 
     def scratch_caches(self, config: ModelConfig, num_layers: int, *, dtype: torch.dtype,
-                       device: torch.device | str, bits: int | None = None) -> list[KVCache]:
+                       device: torch.device | str, bits: int | tuple[int, int] | None = None) -> list[KVCache]:
         """``num_layers`` zeroed caches holding exactly this batch (one per layer run in the same pass; a
-        layer-at-a-time pass may reuse one); ``bits`` 8 / 4 makes them quantized caches."""
+        layer-at-a-time pass may reuse one); ``bits`` 8 / 4, or a ``(key_bits, value_bits)`` pair, makes them
+        quantized caches."""
         return [
             KVCache.allocate(self.num_blocks, self.block_size, config.num_key_value_heads, config.head_dim,
                              dtype=dtype, device=torch.device(device), bits=bits)

@@ -39,6 +39,7 @@ from asyncllm.builder import engine_config, load_model
 from asyncllm.config import EngineConfig, KernelBackendName
 from asyncllm.corpus import stdlib_text
 from asyncllm.kernels import KVCache
+from asyncllm.kernels.kv_quant import KVBits
 from asyncllm.models import CausalLM
 from asyncllm.offline_batch import OfflineBatch
 from asyncllm.tokenizer import Tokenizer
@@ -229,13 +230,14 @@ def perplexity_of_model(
     model_name: str | None = None,
     text_name: str | None = None,
     progress: ProgressCallback | None = None,
-    kv_cache_bits: int | None = None,
+    kv_cache_bits: int | tuple[int, int] | None = None,
 ) -> PerplexityResult:
     """Perplexity of a built model (weights loaded) on a text, which ``tokenizer`` encodes with its default
     special tokens, or on token ids (then ``tokenizer`` may be ``None``).
 
     ``dtype`` and ``device`` are those of the model's activations and scratch KV caches (default: read off
-    the model's norm weights). ``kv_cache_bits`` 8 / 4 quantizes those caches (``kernels.kv_quant``).
+    the model's norm weights). ``kv_cache_bits`` 8 / 4, or a ``(key_bits,
+    value_bits)`` pair, quantizes those caches (``kernels.kv_quant``).
     ``seqlen`` may not exceed the model's positions."""
     stride = _check_window_shape(seqlen, stride)
     _check_int("batch_size", batch_size, 1)
@@ -267,7 +269,7 @@ def perplexity_of_model(
         perplexity=math.exp(mean), nll=mean, tokens=scored, windows=len(windows),
         seconds=time.perf_counter() - start, seqlen=seqlen, stride=stride, batch_size=batch_size,
         model=model_name or model.config.architecture, text=text_name, text_tokens=len(ids),
-        kv_cache_dtype="auto" if kv_cache_bits is None else f"int{kv_cache_bits}",
+        kv_cache_dtype="auto" if kv_cache_bits is None else KVBits.of(kv_cache_bits).name,
     )
 
 
@@ -287,7 +289,7 @@ def _activation_dtype_device(model: CausalLM) -> tuple[torch.dtype, torch.device
 
 def _total_nll(model: CausalLM, ids: torch.Tensor, windows: list[Window], batch_size: int, dtype: torch.dtype,
                device: torch.device, progress: ProgressCallback | None, start: float,
-               kv_cache_bits: int | None) -> float:
+               kv_cache_bits: int | tuple[int, int] | None) -> float:
     """The summed negative log-likelihood of every window's targets, in nats."""
     num_layers = model.config.num_hidden_layers
     vocab = model.config.vocab_size

@@ -28,6 +28,7 @@ from asyncllm.config import ModelConfig
 from asyncllm.cuda_graphs import DecodeGraphs, DecodeGraphSettings, host_staging
 from asyncllm.kernels import AttentionMetadata, KVCache
 from asyncllm.kernels.kv_cache import lazily_committed_zeros
+from asyncllm.kernels.kv_quant import KVBits
 from asyncllm.models import CausalLM
 from asyncllm.models.llava import ImageEmbeds
 from asyncllm.sampling import Sampler, SamplerOutput, SamplingRow
@@ -38,7 +39,8 @@ from asyncllm.sequence import ImageSpan, SequenceState
 @dataclass(frozen=True)
 class KVCacheSpec:
     """The KV pool's shape: ``num_blocks`` blocks of ``block_size`` tokens in each of ``num_layers`` layers;
-    values in ``dtype`` (the compute dtype), or ``bits`` (8 / 4) codes with ``dtype`` scales."""
+    values in ``dtype`` (the compute dtype), or codes of ``bits`` (key and value widths, 8 / 4 each) with
+    ``dtype`` scales."""
 
     num_blocks: int
     block_size: int
@@ -46,7 +48,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
-    bits: int | None = None
+    bits: KVBits | None = None
 
     @property
     def bytes_per_token(self) -> int:
@@ -60,16 +62,18 @@ class KVCacheSpec:
 
     @property
     def dtype_name(self) -> str:
-        """``"int8"`` / ``"int4"``, or the compute dtype's name (``"float32"``, ``"bfloat16"``, ...)."""
-        return f"int{self.bits}" if self.bits is not None else str(self.dtype).removeprefix("torch.")
+        """``"int8"`` / ``"int4"`` / ``"k8v4"``, or the compute dtype's name (``"float32"``, ``"bfloat16"``,
+        ...)."""
+        return self.bits.name if self.bits is not None else str(self.dtype).removeprefix("torch.")
 
     @classmethod
     def for_model(
-        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype, bits: int | None = None,
-        num_kv_heads: int | None = None,
+        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype,
+        bits: int | tuple[int, int] | None = None, num_kv_heads: int | None = None,
     ) -> KVCacheSpec:
         """The pool of ``config``'s layers; ``num_kv_heads``: the heads this process holds when it is one rank
-        of a tensor-parallel group (default: all of the model's)."""
+        of a tensor-parallel group (default: all of the model's); ``bits``: 8 / 4 for keys and values, or a
+        ``(key_bits, value_bits)`` pair (``None``: the compute dtype)."""
         return cls(
             num_blocks,
             block_size,
@@ -77,7 +81,7 @@ class KVCacheSpec:
             num_kv_heads or config.num_key_value_heads,
             config.head_dim,
             dtype,
-            bits,
+            None if bits is None else KVBits.of(bits),
         )
 
 

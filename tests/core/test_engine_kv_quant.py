@@ -1,4 +1,4 @@
-"""The engine over an int8 / int4 KV cache: what it reports, how much a memory budget holds, and the
+"""The engine over an int8 / int4 / k8v4 KV cache: what it reports, how much a memory budget holds, and the
 engine behaviours that touch the cache (preemption and recompute, chunked prefill, prefix caching,
 sessions, cancellation) holding with quantized blocks as they do with plain ones."""
 
@@ -17,7 +17,7 @@ from . import test_engine
 EngineTest = Callable[[Any], Awaitable[None]]
 
 
-@pytest.fixture(params=["int8", "int4"])
+@pytest.fixture(params=["int8", "int4", "k8v4"])
 def make_quantized_engine(make_tiny_engine: Any, request: pytest.FixtureRequest) -> Callable[..., Any]:
     def make(**overrides: Any) -> Any:
         return make_tiny_engine(kv_cache_dtype=request.param, **overrides)
@@ -39,7 +39,7 @@ async def test_cache_behaviour_holds_on_a_quantized_cache(behaviour: EngineTest,
 
 
 @pytest.mark.parametrize(("kv_cache_dtype", "quant_policy", "name"), [
-    ("auto", 0, "float32"), ("int8", 0, "int8"), ("auto", 8, "int8"), ("int4", 4, "int4"),
+    ("auto", 0, "float32"), ("int8", 0, "int8"), ("auto", 8, "int8"), ("int4", 4, "int4"), ("k8v4", 0, "k8v4"),
 ])
 async def test_stats_report_the_cache_and_a_budget_holds_more_quantized_tokens(
     make_tiny_engine: Any, kv_cache_dtype: str, quant_policy: int, name: str
@@ -48,7 +48,8 @@ async def test_stats_report_the_cache_and_a_budget_holds_more_quantized_tokens(
     config = engine.model_config
     heads, dim, layers = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
     # per token, layer, K and V: float32 values, or codes plus a float32 (scale, zero) pair per head
-    expected = {"float32": 2 * heads * dim * 4, "int8": 2 * heads * (dim + 8), "int4": 2 * heads * (dim // 2 + 8)}
+    expected = {"float32": 2 * heads * dim * 4, "int8": 2 * heads * (dim + 8), "int4": 2 * heads * (dim // 2 + 8),
+                "k8v4": heads * ((dim + 8) + (dim // 2 + 8))}
     async with engine:
         stats = engine.stats()
         assert stats.kv_cache_dtype == name
@@ -59,7 +60,7 @@ async def test_stats_report_the_cache_and_a_budget_holds_more_quantized_tokens(
 
 
 async def test_quantized_cache_admits_more_concurrent_sequences(make_tiny_engine: Any) -> None:
-    """At one memory budget, more long sequences run at once on an int4 cache than on a float32 one."""
+    """At one memory budget, more long sequences run at once on int4 and k8v4 caches than on a float32 one."""
     prompts = [f"{i} " + "a long prompt that fills several blocks " * 6 for i in range(12)]
 
     async with make_tiny_engine() as probe:
@@ -79,15 +80,19 @@ async def test_quantized_cache_admits_more_concurrent_sequences(make_tiny_engine
         return peak
 
     plain, int4 = await peak_running(), await peak_running(kv_cache_dtype="int4")
-    assert plain <= 3 < int4
+    k8v4 = await peak_running(kv_cache_dtype="k8v4")
+    assert plain <= 3 < k8v4 <= int4
 
 
 @pytest.mark.parametrize(("field", "overrides"), [
     ("kv_cache_dtype", {"kv_cache_dtype": "int3"}),
     ("kv_cache_dtype", {"kv_cache_dtype": "fp8"}),
+    ("kv_cache_dtype", {"kv_cache_dtype": "k4v8"}),
     ("quant_policy", {"quant_policy": 5}),
     ("quant_policy", {"quant_policy": True}),
     ("quant_policy", {"quant_policy": 8, "kv_cache_dtype": "int4"}),
+    ("quant_policy", {"quant_policy": 8, "kv_cache_dtype": "k8v4"}),
+    ("quant_policy", {"quant_policy": 4, "kv_cache_dtype": "k8v4"}),
     ("kv_cache_bytes", {"kv_cache_bytes": 0}),
 ])
 def test_bad_values_name_the_field(field: str, overrides: dict[str, Any]) -> None:

@@ -7,16 +7,18 @@ import torch
 
 from asyncllm.kernels import AttentionOptions
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.kv_quant import quantize_kv
+from asyncllm.kernels.kv_quant import KVBits, quantize_kv
 
 from ._paged_batch import PagedBatch
 
 
-def quantized_batch(batch: PagedBatch, bits: int) -> KVCache:
-    """The batch's cache quantized by the scheme (scales in the batch's dtype)."""
-    k_codes, k_scales = quantize_kv(batch.k_cache, bits, batch.q.dtype)
-    v_codes, v_scales = quantize_kv(batch.v_cache, bits, batch.q.dtype)
-    return KVCache(k_codes, v_codes, k_scales, v_scales, bits=bits)
+def quantized_batch(batch: PagedBatch, bits: int | tuple[int, int]) -> KVCache:
+    """The batch's cache quantized by the scheme (scales in the batch's dtype): ``bits`` for keys and
+    values, or a ``(key_bits, value_bits)`` pair."""
+    widths = KVBits.of(bits)
+    k_codes, k_scales = quantize_kv(batch.k_cache, widths.key, batch.q.dtype)
+    v_codes, v_scales = quantize_kv(batch.v_cache, widths.value, batch.q.dtype)
+    return KVCache(k_codes, v_codes, k_scales, v_scales, key_bits=widths.key, value_bits=widths.value)
 
 
 def _values(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,12 +33,13 @@ def expected_attention(batch: PagedBatch, cache: KVCache, options: AttentionOpti
     """float64 attention sequence by sequence over what ``cache`` stores: query at position ``p`` sees keys
     ``p - window < k <= p``, scores ``cap * tanh(s / cap)`` (``options`` ``None``: plain causal attention)."""
     options = options or AttentionOptions()
-    if cache.bits is None:
+    bits = cache.bits
+    if bits is None:
         keys_all, values_all = cache.key.double().flatten(0, 1), cache.value.double().flatten(0, 1)
     else:
         assert cache.key_scales is not None and cache.value_scales is not None
-        keys_all = _values(cache.key, cache.key_scales, cache.bits).flatten(0, 1)
-        values_all = _values(cache.value, cache.value_scales, cache.bits).flatten(0, 1)
+        keys_all = _values(cache.key, cache.key_scales, bits.key).flatten(0, 1)
+        values_all = _values(cache.value, cache.value_scales, bits.value).flatten(0, 1)
     meta, block_size = batch.meta, cache.block_size
     groups = batch.q.shape[1] // cache.num_kv_heads
     out, begin = [], 0

@@ -38,7 +38,7 @@ def cases(draw: st.DrawFn, *, decode: bool | None = None, triton: bool = False) 
     window = draw(st.one_of(st.just(0), st.integers(1, 12)))
     softcap = draw(st.one_of(st.none(), st.floats(0.5, 50.0)))
     return {"seqs": seqs, "heads": draw(st.sampled_from(HEADS)), "head_dim": draw(st.sampled_from([16, 32])),
-            "block_size": block_size, "bits": draw(st.sampled_from([None, 8, 4])),
+            "block_size": block_size, "bits": draw(st.sampled_from([None, 8, 4, (8, 4)])),
             "options": AttentionOptions(window=window, softcap=softcap), "seed": draw(st.integers(0, 2**31 - 1))}
 
 
@@ -114,7 +114,8 @@ def test_triton_matches_float64(device: torch.device, case: dict, launch: str) -
     options, meta = case["options"], batch.meta
     expected = expected_attention(batch, cache, options)
     moved = KVCache(*(None if t is None else t.to(device)
-                      for t in (cache.key, cache.value, cache.key_scales, cache.value_scales)), bits=cache.bits)
+                      for t in (cache.key, cache.value, cache.key_scales, cache.value_scales)),
+                    key_bits=cache.key_bits, value_bits=cache.value_bits)
     dev_meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping.to(device),
                                    query_start_loc=meta.query_start_loc.to(device),
                                    seq_lens=meta.seq_lens.to(device), block_tables=meta.block_tables.to(device))
@@ -122,7 +123,7 @@ def test_triton_matches_float64(device: torch.device, case: dict, launch: str) -
     _close(paged_attention_cache_triton(q, moved, dev_meta, batch.scale, options), expected)
     if launch == "small":
         scales = None if cache.bits is None else (moved.key_scales, moved.value_scales)
-        bits = cache.bits or 0
+        bits = cache.bits
         if meta.is_decode_only:
             got = paged_decode_attention(q, moved.key, moved.value, dev_meta, batch.scale,
                                          DecodeLaunch(block_n=16, num_splits=3), scales=scales, bits=bits,

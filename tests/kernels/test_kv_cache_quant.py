@@ -1,6 +1,7 @@
-"""The quantized KV cache (int8 / int4): the scheme's error bound and layout, and every attention path
-(torch reference, CPU torch ops, native C plan, Triton decode/prefill) against a float64 attention over
-the values the stored codes and scales stand for."""
+"""The quantized KV cache (int8 / int4 / k8v4): the scheme's error bound and layout, and every attention
+path (torch reference, CPU torch ops, native C plan, Triton decode/prefill) and write against a float64
+attention over the values the stored codes and scales stand for, for every (key_bits, value_bits) pair the
+engine offers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from asyncllm.kernels.attention import paged_attention_cache_reference
 from asyncllm.kernels.cpu import paged_attention_cache_cpu
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.kv_quant import dequantize_kv, quantization_error_bound, quantize_kv
+from asyncllm.kernels.kv_quant import KVBits, dequantize_kv, quantization_error_bound, quantize_kv
 from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 
@@ -23,6 +24,8 @@ from ._paged_batch import PagedBatch, build_batch
 
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEADS = ((2, 2), (3, 1), (9, 3), (8, 1))
+BIT_PAIRS = pytest.mark.parametrize("bits", [KVBits(8, 8), KVBits(4, 4), KVBits(8, 4)], ids=lambda b: b.name)
+"""(key_bits, value_bits): int8, int4 and k8v4 (keys int8, values int4)."""
 
 
 # -- the scheme ---------------------------------------------------------------------------------------
@@ -84,6 +87,25 @@ def test_cache_layout_and_size() -> None:
         KVCache.allocate(3, 16, 2, 7, dtype=torch.float32, device=cpu, bits=4)
     with pytest.raises(ValueError, match="bits"):
         KVCache(int4.key, int4.value)
+    with pytest.raises(ValueError, match="key_bits/value_bits"):
+        KVCache(int4.key, int4.value, int4.key_scales, int4.value_scales, key_bits=4)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_k8v4_sizes_keys_and_values_by_their_own_width(scale_dtype: torch.dtype, head_dim: int) -> None:
+    """Keys take ``head_dim`` bytes, values ``head_dim / 2``, each with its ``(scale, zero)`` pair."""
+    s = torch.empty((), dtype=scale_dtype).element_size()
+    per_head = (head_dim + 2 * s) + (head_dim // 2 + 2 * s)
+    assert KVCache.bytes_per_token(3, head_dim, dtype=scale_dtype, bits=(8, 4)) == 3 * per_head
+    cache = KVCache.allocate(5, 16, 3, head_dim, dtype=scale_dtype, device=torch.device("cpu"), bits=(8, 4))
+    assert cache.key.shape == (5, 16, 3, head_dim) and cache.value.shape == (5, 16, 3, head_dim // 2)
+    assert cache.bits == KVBits(8, 4) and cache.bits.name == "k8v4" and cache.head_dim == head_dim
+    stored = sum(t.numel() * t.element_size() for t in (cache.key, cache.value, cache.key_scales, cache.value_scales)
+                 if t is not None)
+    assert stored == 5 * 16 * 3 * per_head
+    with pytest.raises(ValueError, match="value"):  # values as wide as int8 codes in a k8v4 cache
+        KVCache(cache.key, cache.key.clone(), cache.key_scales, cache.value_scales, key_bits=8, value_bits=4)
 
 
 # -- attention over a quantized cache -------------------------------------------------------------------
@@ -100,34 +122,38 @@ def cases(draw: st.DrawFn, *, decode: bool | None = None) -> dict:
         new = 1 if is_decode else draw(st.integers(1, length))
         seqs.append((length, new))
     return {"seqs": seqs, "heads": draw(st.sampled_from(HEADS)), "head_dim": draw(st.sampled_from([16, 32, 64])),
-            "block_size": block_size, "bits": draw(st.sampled_from([8, 4])), "seed": draw(st.integers(0, 2**31 - 1))}
+            "block_size": block_size, "seed": draw(st.integers(0, 2**31 - 1))}
 
 
-def _case_batch(case: dict, dtype: torch.dtype = torch.float32,
+def _case_batch(case: dict, bits: KVBits, dtype: torch.dtype = torch.float32,
                 device: torch.device | None = None) -> tuple[PagedBatch, KVCache]:
     heads, kv_heads = case["heads"]
     batch = build_batch(case["seqs"], heads, kv_heads, case["head_dim"], case["block_size"], dtype,
                         device or torch.device("cpu"), case["seed"])
-    return batch, quantized_batch(batch, case["bits"])
+    return batch, quantized_batch(batch, bits)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, tol: float = 2e-5) -> None:
     torch.testing.assert_close(got.double().cpu(), expected, atol=tol, rtol=tol)
 
 
-@settings(max_examples=40, deadline=None)
+@BIT_PAIRS
+@settings(max_examples=20, deadline=None)
 @given(case=cases())
-def test_reference_and_cpu_paths_match_float64(case: dict) -> None:
-    batch, cache = _case_batch(case)
+def test_reference_and_cpu_paths_match_float64(bits: KVBits, case: dict) -> None:
+    batch, cache = _case_batch(case, bits)
+    assert cache.bits == bits
     expected = expected_attention(batch, cache)
     _close(paged_attention_cache_reference(batch.q, cache, batch.meta, batch.scale), expected)
     _close(paged_attention_cache_cpu(batch.q, cache, batch.meta, batch.scale), expected)
 
 
-@settings(max_examples=40, deadline=None)
+@BIT_PAIRS
+@settings(max_examples=20, deadline=None)
 @given(case=cases(decode=True), threads=st.sampled_from([1, 2]))
-def test_native_decode_reads_codes_in_place(native_kernel: NativeDecodeAttention, case: dict, threads: int) -> None:
-    batch, cache = _case_batch(case)
+def test_native_decode_reads_codes_in_place(native_kernel: NativeDecodeAttention, bits: KVBits, case: dict,
+                                            threads: int) -> None:
+    batch, cache = _case_batch(case, bits)
     meta = batch.meta
     shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
     plan = native_kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=batch.q.shape[1],
@@ -139,18 +165,22 @@ def test_native_decode_reads_codes_in_place(native_kernel: NativeDecodeAttention
     _close(routed, expected_attention(batch, cache))
 
 
-def test_writes_store_what_the_scheme_says() -> None:
-    """The reference write (the CPU bundle's) puts each token's codes and pairs at its slot, skips padding."""
-    cache = KVCache.allocate(4, 4, 2, 8, dtype=torch.float32, device=torch.device("cpu"), bits=4)
+@BIT_PAIRS
+def test_writes_store_what_the_scheme_says(bits: KVBits) -> None:
+    """The reference write (the CPU bundle's) puts each token's codes and pairs at its slot, keys and values
+    each at their own width, and skips padding."""
+    cache = KVCache.allocate(4, 4, 2, 8, dtype=torch.float32, device=torch.device("cpu"), bits=bits)
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     write_kv_cache_reference(k, v, cache, torch.tensor([5, -1, 12]))
     assert cache.key_scales is not None and cache.value_scales is not None
     for token, slot in ((0, 5), (2, 12)):
         block, offset = divmod(slot, 4)
-        codes, scales = quantize_kv(v[token], 4, torch.float32)
+        codes, scales = quantize_kv(v[token], bits.value, torch.float32)
         assert torch.equal(cache.value[block, offset], codes)
         torch.testing.assert_close(cache.value_scales[block, offset], scales)
-        assert torch.equal(cache.key[block, offset], quantize_kv(k[token], 4, torch.float32)[0])
+        key_codes, key_scales = quantize_kv(k[token], bits.key, torch.float32)
+        assert torch.equal(cache.key[block, offset], key_codes)
+        torch.testing.assert_close(cache.key_scales[block, offset], key_scales)
     written = {(1, 1), (3, 0)}
     for block in range(4):
         for offset in range(4):
@@ -171,22 +201,24 @@ def triton_attention() -> object:
     return triton_attention
 
 
-@settings(max_examples=12, deadline=None)
+@BIT_PAIRS
+@settings(max_examples=6, deadline=None)
 @given(case=cases(), dtype=st.sampled_from(SCALE_DTYPES))
-def test_triton_attention_reads_codes_in_place(device: torch.device, triton_attention: object, case: dict,
-                                               dtype: torch.dtype) -> None:
-    batch, cache = _case_batch(case, dtype, device)
-    cache = KVCache(*(t.to(device) for t in (cache.key, cache.value, cache.key_scales, cache.value_scales)),
-                    bits=cache.bits)
+def test_triton_attention_reads_codes_in_place(device: torch.device, triton_attention: object, bits: KVBits,
+                                               case: dict, dtype: torch.dtype) -> None:
+    batch, cache = _case_batch(case, bits, dtype, device)
+    cache = dataclasses.replace(cache, **{name: getattr(cache, name).to(device)
+                                          for name in ("key", "value", "key_scales", "value_scales")})
     got = triton_attention.paged_attention_cache_triton(batch.q, cache, batch.meta, batch.scale)  # type: ignore[attr-defined]
     assert got.dtype == dtype
     _close(got.float(), expected_attention(batch, cache), TRITON_TOLERANCE[dtype])
 
 
-@settings(max_examples=10, deadline=None)
-@given(bits=st.sampled_from([8, 4]), dtype=st.sampled_from(SCALE_DTYPES), heads=st.sampled_from([1, 2, 3]),
+@BIT_PAIRS
+@settings(max_examples=5, deadline=None)
+@given(dtype=st.sampled_from(SCALE_DTYPES), heads=st.sampled_from([1, 2, 3]),
        head_dim=st.sampled_from([16, 64]), seed=st.integers(0, 2**31 - 1))
-def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: int, dtype: torch.dtype,
+def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: KVBits, dtype: torch.dtype,
                                                    heads: int, head_dim: int, seed: int) -> None:
     pytest.importorskip("triton")
     from asyncllm.kernels.triton_kv_write import write_kv_cache_triton
@@ -202,14 +234,14 @@ def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: i
     assert got.key_scales is not None and expected.key_scales is not None
     assert got.value_scales is not None and expected.value_scales is not None
     written = slots[slots >= 0]
-    for x, codes, pairs, want_pairs in ((k, got.key, got.key_scales, expected.key_scales),
-                                        (v, got.value, got.value_scales, expected.value_scales)):
+    for x, codes, pairs, want_pairs, width in ((k, got.key, got.key_scales, expected.key_scales, bits.key),
+                                               (v, got.value, got.value_scales, expected.value_scales, bits.value)):
         # the pairs are the scheme's (the interpreter may round bfloat16 toward zero: within one of its steps)
         torch.testing.assert_close(pairs.cpu(), want_pairs)
         # and the codes, read back with the pairs stored beside them, stay within the scheme's bound
-        stored = _values(codes.cpu(), pairs.cpu(), bits).flatten(0, 1)[written]
+        stored = _values(codes.cpu(), pairs.cpu(), width).flatten(0, 1)[written]
         original = x[slots >= 0].double()
-        assert bool(((stored - original).abs() <= quantization_error_bound(original, bits, dtype).double()).all())
+        assert bool(((stored - original).abs() <= quantization_error_bound(original, width, dtype).double()).all())
         untouched = torch.ones(codes.shape[0] * codes.shape[1], dtype=torch.bool)
         untouched[written] = False
         assert not bool(codes.cpu().flatten(0, 1)[untouched].any())
@@ -226,15 +258,18 @@ def test_triton_entry_points_refuse_caches_they_cannot_read() -> None:
     cache = quantized_batch(batch, 4)
     assert cache.key_scales is not None and cache.value_scales is not None
     scales = (cache.key_scales, cache.value_scales)
-    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, 4) == (4, 2, 16)
+    int4 = KVBits(4, 4)
+    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, int4) == (4, 2, 16)
     cases = [
-        ("bits", dict(bits=3)),
+        ("key_bits", dict(bits=KVBits(3, 4))),
+        ("value_bits", dict(bits=KVBits(4, 3))),
         ("scales", dict(scales=None)),
-        ("k_cache", dict(bits=8)),  # int4 codes are half as wide as int8 ones
+        ("k_cache", dict(bits=KVBits(8, 4))),  # int4 codes are half as wide as int8 ones
+        ("v_cache", dict(bits=KVBits(4, 8))),
         ("key_scales", dict(scales=(cache.key_scales.half(), cache.value_scales))),
         ("v_cache", dict(v=cache.value[:, :2])),
     ]
     for field, change in cases:
-        args = {"v": cache.value, "scales": scales, "bits": 4, **change}
+        args = {"v": cache.value, "scales": scales, "bits": int4, **change}
         with pytest.raises(ValueError, match=field):
             check_paged_inputs(batch.q, cache.key, args["v"], batch.meta, args["scales"], args["bits"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asyncllm.kernels import AttentionMetadata, KVCache
+from asyncllm.kernels.kv_quant import KVBits, code_width
 
 
 @dataclass
@@ -47,10 +48,11 @@ class BlockPool:
 
 def make_kv_caches(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *, seed: int = 0,
-    bits: int | None = None,
+    bits: int | tuple[int, int] | None = None,
 ) -> list[KVCache]:
     """Per-layer caches, keys and values each ``[num_blocks, block_size, Hk, D]`` float32 of garbage; with
-    ``bits`` (8 / 4), quantized caches of random codes and float32 ``(scale, zero)`` pairs."""
+    ``bits`` (8 / 4 for both, or ``(key_bits, value_bits)``), quantized caches of random codes and float32
+    ``(scale, zero)`` pairs."""
     gen = torch.Generator().manual_seed(seed)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     if bits is None:
@@ -58,12 +60,15 @@ def make_kv_caches(
             KVCache(torch.randn(shape, generator=gen) * 100, torch.randn(shape, generator=gen) * 100)
             for _ in range(num_layers)
         ]
-    codes = (*shape[:3], head_dim if bits == 8 else head_dim // 2)
+    widths = KVBits.of(bits)
+    key_codes = (*shape[:3], code_width(head_dim, widths.key))
+    value_codes = (*shape[:3], code_width(head_dim, widths.value))
     pairs = (*shape[:3], 2)
     return [
-        KVCache(torch.randint(0, 256, codes, generator=gen, dtype=torch.uint8),
-                torch.randint(0, 256, codes, generator=gen, dtype=torch.uint8),
-                torch.randn(pairs, generator=gen) * 10, torch.randn(pairs, generator=gen) * 10, bits=bits)
+        KVCache(torch.randint(0, 256, key_codes, generator=gen, dtype=torch.uint8),
+                torch.randint(0, 256, value_codes, generator=gen, dtype=torch.uint8),
+                torch.randn(pairs, generator=gen) * 10, torch.randn(pairs, generator=gen) * 10,
+                key_bits=widths.key, value_bits=widths.value)
         for _ in range(num_layers)
     ]
 

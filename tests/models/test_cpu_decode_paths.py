@@ -53,7 +53,7 @@ class _FusedCalls:
 
 
 def _prefilled(model: CausalLM, prompt_lens: Sequence[int],
-               bits: int | None = None) -> tuple[BlockPool, list[PagedSequence], list[KVCache]]:
+               bits: tuple[int, int] | None = None) -> tuple[BlockPool, list[PagedSequence], list[KVCache]]:
     config = model.config
     caches = make_kv_caches(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim,
                             bits=bits)
@@ -137,11 +137,11 @@ def test_decode_steps_match_the_module_path(
     assert calls.torch_layers == ([] if in_c else [0, 1] * 3)
 
 
-@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (8, 4)], ids=["int8", "int4", "k8v4"])
 @pytest.mark.parametrize("prompt_lens", [(5, 9, 2), (3, 8, 5, 6, 1, 4)], ids=["ragged", "six-rows"])
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_quantized_cache_decode_steps_match_the_module_path(
-    bits: int, prompt_lens: tuple[int, ...], bundle: str, monkeypatch: pytest.MonkeyPatch
+    bits: tuple[int, int], prompt_lens: tuple[int, ...], bundle: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fused passes write codes and read them in place as the modules do (quantize on write, dequantize
     the gathered blocks), with the C layer taking the steps it takes for plain caches."""

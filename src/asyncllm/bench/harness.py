@@ -162,7 +162,7 @@ def plan(settings: BenchSettings, *, llamacpp: bool) -> list[tuple[str, str, lis
             if llamacpp:
                 tasks.append((llamacpp_round_key(round_index), peers_llamacpp.TASK, []))
     if settings.wants("kvcache"):
-        for round_index in range(1, KV_CACHE_ROUNDS + 1):  # the three back to back, in rounds, so each sees
+        for round_index in range(1, KV_CACHE_ROUNDS + 1):  # the dtypes back to back, in rounds, so each sees
             for dtype in KV_CACHE_DTYPES:                  # the same states of a shared machine
                 tasks.append((f"kvcache_{dtype}_{round_index}", "ours_kvcache", [dtype]))
     if settings.wants("contention"):

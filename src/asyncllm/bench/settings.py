@@ -19,11 +19,11 @@ of a long chat inside a ``Session`` vs the same transcript sent stateless with p
 ``cold``: import + load + first token in fresh processes vs HF; ``memory``: peak RSS of the throughput
 process vs its budget, and the weight bytes of the default (packed) load vs the dequantized one;
 ``kvcache``: at one KV memory budget (``kv_budget_mb``), the concurrent ``kv_sequence_tokens``-token
-sequences admitted, aggregate tok/s and single-stream decode with an int8 and an int4 cache against the
-unquantized one (``bench.ours_kvcache``).
+sequences admitted, aggregate tok/s and single-stream decode with an int8, an int4 and a k8v4 (keys int8,
+values int4) cache against the unquantized one (``bench.ours_kvcache``).
 """
 
-KV_CACHE_DTYPES = ("auto", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "k8v4")
 """The cache dtypes the ``kvcache`` measurement runs, one process each, unquantized first."""
 KV_CACHE_ROUNDS = 2
 """Rounds of the ``kvcache`` measurement (each: one process per cache dtype; the report takes medians)."""

@@ -2,15 +2,18 @@
 
 A cache is a pair of paged tensors ``key`` / ``value`` of shape ``[num_blocks, block_size, Hk, D]``:
 token ``j`` of a sequence lives at slot ``block_tables[j // block_size] * block_size + j % block_size``.
-A plain cache stores the values in the compute dtype. A quantized cache (``bits`` 8 or 4, scheme in
-``kernels.kv_quant``) stores ``uint8`` codes, ``[num_blocks, block_size, Hk, D]`` for int8 and
-``[..., D // 2]`` for int4 (two per byte), plus ``key_scales`` / ``value_scales``
-``[num_blocks, block_size, Hk, 2]`` holding each token's and head's ``(scale, zero)`` in the compute
-dtype: the write kernel quantizes into the storage, attention dequantizes in its inner loop.
+A plain cache stores the values in the compute dtype. A quantized cache (``key_bits`` / ``value_bits`` each 8
+or 4, scheme in ``kernels.kv_quant``) stores ``uint8`` codes, ``[num_blocks, block_size, Hk, D]`` for int8
+and ``[..., D // 2]`` for int4 (two per byte), keys and values each at their own width, plus
+``key_scales`` / ``value_scales`` ``[num_blocks, block_size, Hk, 2]`` holding each token's and head's
+``(scale, zero)`` in the compute dtype: the write kernel quantizes into the storage, attention dequantizes
+in its inner loop.
 
-Invariants: ``key`` and ``value`` have the same shape and dtype and live on one device; a cache has scales
-exactly when it has ``bits``; the tensors keep their storage for the cache's lifetime (recorded CUDA graphs
-and native kernel plans hold addresses).
+Invariants: ``key`` and ``value`` have one dtype, live on one device and agree in
+``[num_blocks, block_size, Hk]``; a plain cache's have the same shape, a quantized cache's last dims are
+``code_width(D, key_bits)`` / ``code_width(D, value_bits)`` of one ``D``; a cache has scales exactly when it
+has both widths; the tensors keep their storage for the cache's lifetime (recorded CUDA graphs and native
+kernel plans hold addresses).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.kernels.kv_quant import check_bits, code_width, dequantize_kv
+from asyncllm.kernels.kv_quant import KVBits, code_width, dequantize_kv
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,31 +36,37 @@ class KVCache:
     value: torch.Tensor
     key_scales: torch.Tensor | None = None
     value_scales: torch.Tensor | None = None
-    bits: int | None = None
+    key_bits: int | None = None
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.key.dim() != 4:
             raise ValueError(
                 f"key: expected [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(self.key.shape)}"
             )
-        if self.value.shape != self.key.shape or self.value.dtype != self.key.dtype:
+        if (self.key_bits is None) != (self.value_bits is None):
+            raise ValueError("key_bits/value_bits: a quantized cache gives both, a plain one neither")
+        bits = self.bits
+        expected_value = tuple(self.key.shape) if bits is None else (
+            *self.key.shape[:3], code_width(self.head_dim, bits.value))
+        if tuple(self.value.shape) != tuple(expected_value) or self.value.dtype != self.key.dtype:
             raise ValueError(
-                f"value: expected {self.key.dtype} {tuple(self.key.shape)} like key, "
+                f"value: expected {self.key.dtype} {tuple(expected_value)} beside key {tuple(self.key.shape)}, "
                 f"got {self.value.dtype} {tuple(self.value.shape)}"
             )
         if self.value.device != self.key.device:
             raise ValueError(f"value: on {self.value.device}, key on {self.key.device}")
         if (self.key_scales is None) != (self.value_scales is None):
             raise ValueError("key_scales/value_scales: give both or neither")
-        if (self.bits is None) != (self.key_scales is None):
-            raise ValueError("bits: a quantized cache (bits 8 or 4) has key_scales/value_scales, a plain one neither")
-        if self.bits is None and not self.key.is_floating_point():
+        if (bits is None) != (self.key_scales is None):
+            raise ValueError("key_bits/value_bits: a quantized cache (8 or 4 bits each) has "
+                             "key_scales/value_scales, a plain one neither")
+        if bits is None and not self.key.is_floating_point():
             raise ValueError(f"key: a plain cache stores floating values, got {self.key.dtype} "
-                             "(a quantized cache needs bits and key_scales/value_scales)")
-        if self.bits is not None:
-            check_bits(self.bits)
+                             "(a quantized cache needs key_bits/value_bits and key_scales/value_scales)")
+        if bits is not None:
             if self.key.dtype != torch.uint8:
-                raise ValueError(f"key: a {self.bits}-bit cache stores uint8 codes, got {self.key.dtype}")
+                raise ValueError(f"key: a {bits.name} cache stores uint8 codes, got {self.key.dtype}")
             if self.key_scales is not None and self.value_scales is not None and (
                     self.key_scales.dtype != self.value_scales.dtype or not self.key_scales.is_floating_point()):
                 raise ValueError("key_scales/value_scales: expected one floating dtype for both")
@@ -65,6 +74,13 @@ class KVCache:
         for name, scales in (("key_scales", self.key_scales), ("value_scales", self.value_scales)):
             if scales is not None and tuple(scales.shape) != expected:
                 raise ValueError(f"{name}: expected shape {expected}, got {tuple(scales.shape)}")
+
+    @property
+    def bits(self) -> KVBits | None:
+        """The key and value codes' widths (checked: 8 or 4 each), or ``None`` for a plain cache."""
+        if self.key_bits is None or self.value_bits is None:
+            return None
+        return KVBits.of((self.key_bits, self.value_bits))
 
     @classmethod
     def allocate(
@@ -76,10 +92,11 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device,
-        bits: int | None = None,
+        bits: int | tuple[int, int] | None = None,
         zeros: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
     ) -> KVCache:
-        """A zero-filled cache: plain in ``dtype``, or with ``bits`` (8 or 4) codes and ``dtype`` scales.
+        """A zero-filled cache: plain in ``dtype``, or with ``bits`` codes and ``dtype`` scales (8 or 4 for
+        keys and values, or a ``(key_bits, value_bits)`` pair: each tensor sized by its own width).
         Zeroed, not empty: batched decode reads padding slots (masked out, weight 0), and 0 * NaN from
         uninitialised memory would poison the output. ``zeros(shape, dtype)`` makes each tensor (default
         ``torch.zeros`` on ``device``; the CPU pool passes lazily committed memory)."""
@@ -96,18 +113,24 @@ class KVCache:
         if bits is None:
             shape = (num_blocks, block_size, num_kv_heads, head_dim)
             return cls(make(shape, dtype), make(shape, dtype))
-        codes = (num_blocks, block_size, num_kv_heads, code_width(head_dim, bits))
+        widths = KVBits.of(bits)
+        key_codes = (num_blocks, block_size, num_kv_heads, code_width(head_dim, widths.key))
+        value_codes = (num_blocks, block_size, num_kv_heads, code_width(head_dim, widths.value))
         pairs = (num_blocks, block_size, num_kv_heads, 2)
-        return cls(make(codes, torch.uint8), make(codes, torch.uint8), make(pairs, dtype), make(pairs, dtype),
-                   bits=bits)
+        return cls(make(key_codes, torch.uint8), make(value_codes, torch.uint8), make(pairs, dtype),
+                   make(pairs, dtype), key_bits=widths.key, value_bits=widths.value)
 
     @staticmethod
-    def bytes_per_token(num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, bits: int | None = None) -> int:
-        """Bytes one token takes in one layer's cache (keys and values, with their scales)."""
+    def bytes_per_token(num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                        bits: int | tuple[int, int] | None = None) -> int:
+        """Bytes one token takes in one layer's cache (keys and values, with their scales; ``bits`` as in
+        ``allocate``): per KV head, each of keys and values takes its codes' width plus a ``(scale, zero)``
+        pair in ``dtype``."""
         elem = torch.empty((), dtype=dtype).element_size()
         if bits is None:
             return 2 * num_kv_heads * head_dim * elem
-        return 2 * num_kv_heads * (code_width(head_dim, bits) + 2 * elem)
+        widths = KVBits.of(bits)
+        return num_kv_heads * (code_width(head_dim, widths.key) + code_width(head_dim, widths.value) + 4 * elem)
 
     @property
     def shape(self) -> torch.Size:
@@ -127,9 +150,9 @@ class KVCache:
 
     @property
     def head_dim(self) -> int:
-        """Values per head and token (an int4 cache stores half as many bytes)."""
+        """Values per head and token (int4 codes take half as many bytes)."""
         width = int(self.key.shape[3])
-        return 2 * width if self.bits == 4 else width
+        return 2 * width if self.key_bits == 4 else width
 
     @property
     def dtype(self) -> torch.dtype:
@@ -154,16 +177,19 @@ class KVCache:
         compute dtype; a quantized cache's gathered codes are dequantized (only these blocks are read)."""
         ids = blocks.long()
         keys, values = self.key.index_select(0, ids), self.value.index_select(0, ids)
-        if self.bits is None or self.key_scales is None or self.value_scales is None:
+        bits = self.bits
+        if bits is None or self.key_scales is None or self.value_scales is None:
             return keys, values
         dtype = self.compute_dtype
-        return (dequantize_kv(keys, self.key_scales.index_select(0, ids), self.bits, dtype),
-                dequantize_kv(values, self.value_scales.index_select(0, ids), self.bits, dtype))
+        return (dequantize_kv(keys, self.key_scales.index_select(0, ids), bits.key, dtype),
+                dequantize_kv(values, self.value_scales.index_select(0, ids), bits.value, dtype))
 
     def require_plain(self, backend: str) -> None:
         """Raise ``ValueError`` if this cache is quantized: ``backend`` reads plain caches only."""
         if self.is_quantized:
-            raise ValueError(f"kv_cache: the {backend!r} kernels do not read a quantized int{self.bits} cache")
+            bits = self.bits
+            raise ValueError(f"kv_cache: the {backend!r} kernels do not read a quantized "
+                             f"{'' if bits is None else bits.name} cache")
 
 
 def lazily_committed_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -12,18 +12,44 @@ Storage: int8 keeps one ``uint8`` code per value (``[..., head_dim]``); int4 pac
 ``i`` in the low nibble and ``i + head_dim / 2`` in the high one (``[..., head_dim // 2]``: both halves of a
 row unpack with contiguous loads, which vectorise). The ``(scale, zero)``
 pairs sit beside the codes as ``[..., 2]`` in the scales' dtype.
+
+Keys and values each have their own width (``KVBits``): int8 / int4 caches use one width for both, and
+``k8v4`` keeps keys in int8 and values in int4 (attention scores are more sensitive to key error than the
+output is to value error).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 KV_CACHE_BITS = (8, 4)
 
 
-def check_bits(bits: int) -> None:
+def check_bits(bits: int, name: str = "bits") -> None:
     if bits not in KV_CACHE_BITS:
-        raise ValueError(f"bits: a quantized KV cache has 8 or 4 bits, got {bits!r}")
+        raise ValueError(f"{name}: a quantized KV cache has 8 or 4 bits, got {bits!r}")
+
+
+class KVBits(NamedTuple):
+    """The widths of a quantized cache's key codes and value codes (each 8 or 4)."""
+
+    key: int
+    value: int
+
+    @classmethod
+    def of(cls, bits: int | tuple[int, int]) -> KVBits:
+        """``bits`` for both keys and values, or a ``(key_bits, value_bits)`` pair; checked."""
+        pair = cls(bits, bits) if isinstance(bits, int) else cls(*bits)
+        check_bits(pair.key, "key_bits")
+        check_bits(pair.value, "value_bits")
+        return pair
+
+    @property
+    def name(self) -> str:
+        """``"int8"`` / ``"int4"`` when keys and values share a width, else ``"k8v4"`` style."""
+        return f"int{self.key}" if self.key == self.value else f"k{self.key}v{self.value}"
 
 
 def code_width(head_dim: int, bits: int) -> int:

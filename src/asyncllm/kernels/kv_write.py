@@ -30,13 +30,14 @@ def write_kv_reference(
 def write_kv_cache_reference(
     k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor
 ) -> None:
-    """``write_kv_reference`` into a ``KVCache``; a quantized cache stores each token's codes and
-    ``(scale, zero)`` pairs (``kernels.kv_quant.quantize_kv``)."""
-    if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
+    """``write_kv_reference`` into a ``KVCache``; a quantized cache stores each token's codes (keys at
+    ``key_bits``, values at ``value_bits``) and ``(scale, zero)`` pairs (``kernels.kv_quant.quantize_kv``)."""
+    bits = cache.bits
+    if bits is None or cache.key_scales is None or cache.value_scales is None:
         write_kv_reference(k, v, cache.key, cache.value, slot_mapping)
         return
     scale_dtype = cache.key_scales.dtype
-    k_codes, k_scales = quantize_kv(k, cache.bits, scale_dtype)
-    v_codes, v_scales = quantize_kv(v, cache.bits, scale_dtype)
+    k_codes, k_scales = quantize_kv(k, bits.key, scale_dtype)
+    v_codes, v_scales = quantize_kv(v, bits.value, scale_dtype)
     write_kv_reference(k_codes, v_codes, cache.key, cache.value, slot_mapping)
     write_kv_reference(k_scales, v_scales, cache.key_scales, cache.value_scales, slot_mapping)

@@ -7,8 +7,9 @@ byte is read once per step.
 
 Usage, per decode step: ``plan = kernel.plan(block_tables, seq_lens, cache_shape)`` validates the step's
 tables once (the C code trusts every index it is given), then ``plan.run(q, cache, scale)``
-per layer checks only the tensors that change. The cache may be plain float32 or quantized (int8 / int4 codes
-with float32 scales, ``kernels.kv_quant``): the kernel reads the codes in place (``PagedKVArg``).
+per layer checks only the tensors that change. The cache may be plain float32 or quantized (int8 / int4 codes,
+keys and values each at their own width, with float32 scales, ``kernels.kv_quant``): the kernel reads the
+codes in place (``PagedKVArg``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncllm.kernels.kv_cache import KVCache
+from asyncllm.kernels.kv_quant import KVBits
 from asyncllm.kernels.metadata import AttentionOptions
 from asyncllm.kernels.native_build import load_native_library
 
@@ -30,26 +32,29 @@ MAX_QUANTIZED_HEAD_DIM = 512  # the C quantizer's row buffer
 
 
 class PagedKVArg(ctypes.Structure):
-    """``paged_kv`` of ``csrc/paged_attention.h``: one layer's cache tensors and its bits (0: float32)."""
+    """``paged_kv`` of ``csrc/paged_attention.h``: one layer's cache tensors and the key and value codes'
+    widths (both 0: float32)."""
 
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("k_scales", ctypes.c_void_p),
-                ("v_scales", ctypes.c_void_p), ("bits", ctypes.c_int64)]
+                ("v_scales", ctypes.c_void_p), ("k_bits", ctypes.c_int64), ("v_bits", ctypes.c_int64)]
 
 
 def paged_kv_arg(cache: KVCache) -> PagedKVArg:
     """The C view of ``cache`` (its tensors must outlive every call that receives it)."""
     return PagedKVArg(cache.key.data_ptr(), cache.value.data_ptr(),
                       None if cache.key_scales is None else cache.key_scales.data_ptr(),
-                      None if cache.value_scales is None else cache.value_scales.data_ptr(), cache.bits or 0)
+                      None if cache.value_scales is None else cache.value_scales.data_ptr(),
+                      cache.key_bits or 0, cache.value_bits or 0)
 
 
-def native_cache_problem(cache: KVCache, shape: tuple[int, int, int, int], bits: int | None) -> str | None:
+def native_cache_problem(cache: KVCache, shape: tuple[int, int, int, int], bits: KVBits | None) -> str | None:
     """Why the C kernels cannot read ``cache`` as a ``[num_blocks, block_size, kv_heads, head_dim]`` cache of
-    ``bits`` (``None``: float32), or ``None`` when they can."""
+    ``bits`` (key and value widths; ``None``: float32), or ``None`` when they can."""
     tensors = [cache.key, cache.value] + [t for t in (cache.key_scales, cache.value_scales) if t is not None]
     if cache.bits != bits or cache.compute_dtype != torch.float32:
-        return f"expected a {'float32' if bits is None else f'int{bits} (float32 scales)'} cache, " \
-               f"got {cache.compute_dtype} {'plain' if cache.bits is None else f'int{cache.bits}'}"
+        have = cache.bits
+        return f"expected a {'float32' if bits is None else f'{bits.name} (float32 scales)'} cache, " \
+               f"got {cache.compute_dtype} {'plain' if have is None else have.name}"
     if (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim) != shape:
         return f"expected a cache of shape {shape}, got {tuple(cache.shape)}"
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
@@ -73,11 +78,12 @@ class NativeDecodeAttention:
 
     def plan(
         self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cache_shape: torch.Size | tuple[int, ...],
-        *, num_heads: int, threads: int | None = None, bits: int | None = None,
+        *, num_heads: int, threads: int | None = None, bits: KVBits | None = None,
     ) -> DecodeAttentionPlan:
         """Check one decode step's layout and bind it: ``block_tables`` ``[B, W]`` int32, ``seq_lens``
         ``[B]`` int32 with ``1 <= len <= W * block_size``, every table entry a block of the cache
-        ``[num_blocks, block_size, kv_heads, head_dim]`` (values per head, whatever ``bits`` stores); raises
+        ``[num_blocks, block_size, kv_heads, head_dim]`` (values per head, whatever ``bits``, the key and value
+        codes' widths, store); raises
         ``ValueError`` naming what is wrong."""
         if len(cache_shape) != 4:
             raise ValueError(f"cache_shape: expected [num_blocks, block_size, kv_heads, head_dim], got {cache_shape}")
@@ -127,7 +133,7 @@ class DecodeAttentionPlan:
     max_len: int
     scratch: torch.Tensor
     threads: int
-    bits: int | None = None
+    bits: KVBits | None = None
 
     def run(self, q: torch.Tensor, cache: KVCache, scale: float,
             options: AttentionOptions | None = None) -> torch.Tensor:

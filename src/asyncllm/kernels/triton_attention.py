@@ -30,11 +30,12 @@ def paged_attention_cache_triton(
     options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_triton`` over a quantized ``KVCache``: the kernels read its codes and scales in place."""
-    if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
+    bits = cache.bits
+    if bits is None or cache.key_scales is None or cache.value_scales is None:
         return paged_attention_triton(q, cache.key, cache.value, meta, scale, options)
     scales = (cache.key_scales, cache.value_scales)
     if meta.is_decode_only:
-        return paged_decode_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits,
+        return paged_decode_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=bits,
                                       options=options)
-    return paged_prefill_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=cache.bits,
+    return paged_prefill_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=bits,
                                    options=options)

@@ -20,7 +20,8 @@ def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, m
                  BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
     """Tile ``[N, D]`` of one KV head's keys or values for tokens ``offs_n`` (masked rows and dims read 0).
 
-    ``BITS`` 0: the cache's own values. 8 / 4: ``uint8`` codes (int4: dimension ``d`` in byte ``d % HALF``, low
+    ``BITS`` (the width of this tensor's codes: a cache's keys and values may differ) 0: the cache's own
+    values. 8 / 4: ``uint8`` codes (int4: dimension ``d`` in byte ``d % HALF``, low
     nibble for ``d < HALF``, high nibble after; ``HALF`` = head_dim / 2) read back as ``code * scale + zero``
     with each token's pair from ``scales_ptr``, in float32.
     """

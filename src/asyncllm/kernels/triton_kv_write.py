@@ -137,10 +137,11 @@ def _write_quantized_kernel(
 
 
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """``write_kv_cache_reference`` in Triton: each token's keys and values quantized per head as they are
-    written (codes and ``(scale, zero)`` pairs; padding slots ``< 0`` skipped). A plain cache goes to
-    ``write_kv_triton``."""
-    if cache.bits is None or cache.key_scales is None or cache.value_scales is None:
+    """``write_kv_cache_reference`` in Triton: each token's keys and values quantized per head, each at its
+    own width, as they are written (codes and ``(scale, zero)`` pairs; padding slots ``< 0`` skipped). A
+    plain cache goes to ``write_kv_triton``."""
+    bits = cache.bits
+    if bits is None or cache.key_scales is None or cache.value_scales is None:
         write_kv_triton(k, v, cache.key, cache.value, slot_mapping)
         return
     if k.dim() != 3 or v.shape != k.shape or (k.shape[1], k.shape[2]) != (cache.num_kv_heads, cache.head_dim):
@@ -155,11 +156,12 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot
         return
     if head_dim % 2:
         raise ValueError(f"k: a quantized cache needs an even head_dim, got {head_dim}")
-    for x, codes, scales in ((k, cache.key, cache.key_scales), (v, cache.value, cache.value_scales)):
+    for x, codes, scales, width in ((k, cache.key, cache.key_scales, bits.key),
+                                    (v, cache.value, cache.value_scales, bits.value)):
         if scales.stride(-1) != 1:
             raise ValueError("scales: the (scale, zero) pairs must be contiguous")
         _write_quantized_kernel[(num_tokens,)](
             x, codes, scales, slot_mapping, *x.stride(), *codes.stride(), *scales.stride()[:3],
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, H_PAD=pow2_at_least(num_heads),
-            HALF_PAD=pow2_at_least(head_dim // 2), BLOCK_SIZE=cache.block_size, BITS=cache.bits, num_warps=4,
+            HALF_PAD=pow2_at_least(head_dim // 2), BLOCK_SIZE=cache.block_size, BITS=width, num_warps=4,
         )

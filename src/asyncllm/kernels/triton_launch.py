@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 
+from asyncllm.kernels.kv_quant import KVBits, code_width
 from asyncllm.kernels.metadata import AttentionMetadata
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,12 +59,13 @@ def check_dtype(name: str, tensor: torch.Tensor) -> None:
 
 def check_paged_inputs(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None, bits: int = 0,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None, bits: KVBits | None = None,
 ) -> tuple[int, int, int]:
     """Validate paged-attention operands (shapes and dtypes only); returns ``(Hq, Hk, D)``. A quantized
-    cache (``bits`` 8 or 4) holds ``uint8`` codes and ``scales`` = (key, value) ``(scale, zero)`` pairs
-    ``[num_blocks, block_size, Hk, 2]`` in ``q``'s dtype (``kernels.kv_quant``)."""
-    if bits:
+    cache (``bits``: the key and value codes' widths, 8 or 4 each) holds ``uint8`` codes, each tensor at
+    its own width, and ``scales`` = (key, value) ``(scale, zero)`` pairs ``[num_blocks, block_size, Hk, 2]``
+    in ``q``'s dtype (``kernels.kv_quant``)."""
+    if bits is not None:
         return _check_quantized(q, k_cache, v_cache, meta, scales, bits)
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
@@ -84,22 +86,22 @@ def check_paged_inputs(
 
 def _check_quantized(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scales: tuple[torch.Tensor, torch.Tensor] | None, bits: int,
+    scales: tuple[torch.Tensor, torch.Tensor] | None, bits: KVBits,
 ) -> tuple[int, int, int]:
-    if bits not in (8, 4):
-        raise ValueError(f"bits: a quantized KV cache has 8 or 4 bits, got {bits}")
+    bits = KVBits.of(bits)
     if scales is None:
         raise ValueError("scales: a quantized cache needs its key and value scales")
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
     check_dtype("q", q)
     head_dim = q.shape[2]
-    width = head_dim if bits == 8 else head_dim // 2
+    width = code_width(head_dim, bits.key)
     if k_cache.dim() != 4 or k_cache.shape[3] != width or k_cache.dtype != torch.uint8:
         raise ValueError(f"k_cache: expected uint8 codes [num_blocks, block_size, Hk, {width}], got "
                          f"{k_cache.dtype} {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride() or v_cache.dtype != torch.uint8:
-        raise ValueError("v_cache: must match k_cache's shape, strides and dtype")
+    value_shape = (*k_cache.shape[:3], code_width(head_dim, bits.value))
+    if tuple(v_cache.shape) != value_shape or v_cache.dtype != torch.uint8:
+        raise ValueError(f"v_cache: expected uint8 codes {value_shape}, got {v_cache.dtype} {tuple(v_cache.shape)}")
     expected = (*k_cache.shape[:3], 2)
     for name, pairs in zip(("key_scales", "value_scales"), scales, strict=True):
         if tuple(pairs.shape) != expected or pairs.dtype != q.dtype or pairs.stride(-1) != 1:

@@ -43,7 +43,7 @@ class PagedAttention(nn.Module):
         if (kv_cache.num_kv_heads, kv_cache.head_dim) != (self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"kv_cache: expected [num_blocks, block_size, {self.num_kv_heads}, {self.head_dim}], "
-                f"got {tuple(kv_cache.shape)}" + ("" if kv_cache.bits is None else f" int{kv_cache.bits} codes")
+                f"got {tuple(kv_cache.shape)}" + ("" if kv_cache.bits is None else f" {kv_cache.bits.name} codes")
             )
         self.ops.write_kv(k, v, kv_cache, meta.slot_mapping)
         if self.options is None:

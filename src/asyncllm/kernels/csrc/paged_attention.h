@@ -1,6 +1,7 @@
 /* The paged KV cache as the CPU kernels see it, and decode attention of one (sequence, KV head) pair over it.
  *
- * A cache (paged_kv) holds, per layer, keys and values [num_blocks, block_size, kv_heads, head_dim]:
+ * A cache (paged_kv) holds, per layer, keys and values [num_blocks, block_size, kv_heads, head_dim], each
+ * stored at its own width (k_bits for keys, v_bits for values; both 0 or both quantized):
  *   bits == 0   float32 values;
  *   bits == 8   uint8 codes, one per value;
  *   bits == 4   uint8 bytes of two codes each: dimension i in the low nibble, i + head_dim / 2 in the high
@@ -36,13 +37,14 @@ typedef struct {
     void *v;
     float *k_scales;
     float *v_scales;
-    int64_t bits;
+    int64_t k_bits;
+    int64_t v_bits;
 } paged_kv;
 
-/* Bytes of one token's row of one KV head. */
-static inline int64_t kv_row_bytes(const paged_kv *kv, int64_t head_dim)
+/* Bytes of one token's row of one KV head stored at `bits` (0: float32). */
+static inline int64_t kv_row_bytes(int64_t bits, int64_t head_dim)
 {
-    return kv->bits == 0 ? head_dim * (int64_t)sizeof(float) : (kv->bits == 8 ? head_dim : head_dim / 2);
+    return bits == 0 ? head_dim * (int64_t)sizeof(float) : (bits == 8 ? head_dim : head_dim / 2);
 }
 
 /* One token's row of codes read back as floats, code * scale + zero: int8 one code per byte, int4 the low
@@ -92,18 +94,18 @@ static inline void quantize_kv_row(const float *x, int64_t head_dim, int64_t bit
 static inline void store_kv_rows(const paged_kv *kv, int64_t slot, const float *k_row, const float *v_row,
                                  int64_t kv_heads, int64_t head_dim)
 {
-    if (kv->bits == 0) {
+    if (kv->k_bits == 0) {
         const int64_t width = kv_heads * head_dim;
         memcpy((float *)kv->k + slot * width, k_row, (size_t)width * sizeof(float));
         memcpy((float *)kv->v + slot * width, v_row, (size_t)width * sizeof(float));
         return;
     }
-    const int64_t row_bytes = kv_row_bytes(kv, head_dim);
+    const int64_t k_row_bytes = kv_row_bytes(kv->k_bits, head_dim), v_row_bytes = kv_row_bytes(kv->v_bits, head_dim);
     for (int64_t h = 0; h < kv_heads; ++h) {
         const int64_t at = slot * kv_heads + h;
-        quantize_kv_row(k_row + h * head_dim, head_dim, kv->bits, (uint8_t *)kv->k + at * row_bytes,
+        quantize_kv_row(k_row + h * head_dim, head_dim, kv->k_bits, (uint8_t *)kv->k + at * k_row_bytes,
                         kv->k_scales + 2 * at);
-        quantize_kv_row(v_row + h * head_dim, head_dim, kv->bits, (uint8_t *)kv->v + at * row_bytes,
+        quantize_kv_row(v_row + h * head_dim, head_dim, kv->v_bits, (uint8_t *)kv->v + at * v_row_bytes,
                         kv->v_scales + 2 * at);
     }
 }
@@ -119,19 +121,21 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
 {
     const int64_t first = (window > 0 && len > window) ? len - window : 0;
     const int64_t first_block_start = (first / block_size) * block_size;
-    const int64_t bits = kv->bits;
-    const int64_t row_bytes = kv_row_bytes(kv, head_dim);
-    const int64_t token_stride = kv_heads * row_bytes, block_stride = block_size * token_stride;
+    const int64_t k_bits = kv->k_bits, v_bits = kv->v_bits;
+    const int64_t k_row_bytes = kv_row_bytes(k_bits, head_dim), v_row_bytes = kv_row_bytes(v_bits, head_dim);
+    const int64_t k_token_stride = kv_heads * k_row_bytes, k_block_stride = block_size * k_token_stride;
+    const int64_t v_token_stride = kv_heads * v_row_bytes, v_block_stride = block_size * v_token_stride;
     float row[512];  /* one token's keys or values read back from codes (quantized caches: head_dim <= 512) */
     for (int64_t start = first_block_start; start < len; start += block_size) {
         const int64_t block = (int64_t)table[start / block_size];
-        const char *k_block = (const char *)kv->k + block * block_stride + h * row_bytes;
+        const char *k_block = (const char *)kv->k + block * k_block_stride + h * k_row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
         const int64_t j0 = first > start ? first - start : 0;
-        if (bits != 0) {  /* each token's row read back once, then scored by every query row of the group */
+        if (k_bits != 0) {  /* each token's row read back once, then scored by every query row of the group */
             for (int64_t j = j0; j < n; ++j) {
-                dequantize_kv_row((const uint8_t *)(k_block + j * token_stride),
-                                  kv->k_scales + 2 * ((block * block_size + j) * kv_heads + h), head_dim, bits, row);
+                dequantize_kv_row((const uint8_t *)(k_block + j * k_token_stride),
+                                  kv->k_scales + 2 * ((block * block_size + j) * kv_heads + h), head_dim, k_bits,
+                                  row);
                 for (int64_t g = 0; g < groups; ++g) {
                     const float *qg = q_pair + g * head_dim;
                     float dot = 0.f;
@@ -146,7 +150,7 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
             const float *qg = q_pair + g * head_dim;
             float *s = weights + g * max_len + start;
             for (int64_t j = j0; j < n; ++j) {
-                const float *k = (const float *)(k_block + j * token_stride);
+                const float *k = (const float *)(k_block + j * k_token_stride);
                 float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
                 for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * k[d];
@@ -171,13 +175,14 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
     }
     for (int64_t start = first_block_start; start < len; start += block_size) {
         const int64_t block = (int64_t)table[start / block_size];
-        const char *v_block = (const char *)kv->v + block * block_stride + h * row_bytes;
+        const char *v_block = (const char *)kv->v + block * v_block_stride + h * v_row_bytes;
         const int64_t n = len - start < block_size ? len - start : block_size;
         const int64_t j0 = first > start ? first - start : 0;
-        if (bits != 0) {
+        if (v_bits != 0) {
             for (int64_t j = j0; j < n; ++j) {
-                dequantize_kv_row((const uint8_t *)(v_block + j * token_stride),
-                                  kv->v_scales + 2 * ((block * block_size + j) * kv_heads + h), head_dim, bits, row);
+                dequantize_kv_row((const uint8_t *)(v_block + j * v_token_stride),
+                                  kv->v_scales + 2 * ((block * block_size + j) * kv_heads + h), head_dim, v_bits,
+                                  row);
                 for (int64_t g = 0; g < groups; ++g) {
                     const float w = weights[g * max_len + start + j];
                     float *o = out_pair + g * head_dim;
@@ -191,7 +196,7 @@ static void attend_pair(const float *q_pair, const paged_kv *kv, const int32_t *
             const float *s = weights + g * max_len + start;
             float *o = out_pair + g * head_dim;
             for (int64_t j = j0; j < n; ++j) {
-                const float *v = (const float *)(v_block + j * token_stride);
+                const float *v = (const float *)(v_block + j * v_token_stride);
                 const float w = s[j];
 #pragma omp simd
                 for (int64_t d = 0; d < head_dim; ++d) o[d] += w * v[d];
