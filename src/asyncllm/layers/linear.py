@@ -254,6 +254,16 @@ class Linear(nn.Module):
         out = self.parallel.all_reduce(self.method.apply(self, x, None))
         return out if self.bias is None else out.add_(self.bias)
 
+    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` without the row split's all-reduce: this rank's partial product, with the bias on
+        rank 0 only, so that the sum over the ranks is ``forward(x)``. The same as ``forward`` without a row
+        split. A caller that sums several row-split outputs (scaled by factors every rank shares) calls this
+        and all-reduces once."""
+        if self.tp_split != "row":
+            return self.method.apply(self, x, self.bias)
+        out = self.method.apply(self, x, None)
+        return out if self.bias is None or self.parallel.rank != 0 else out.add_(self.bias)
+
     def extra_repr(self) -> str:
         method = type(self.method).__name__
         parallel = self.parallel

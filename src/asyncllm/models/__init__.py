@@ -80,16 +80,19 @@ def build_model(
     with ``torch.empty`` (no random init, nothing to gain from the ``meta`` device) and computes the rotary
     cache, so build directly on the target device; call ``load_weights`` next. Unknown architectures raise
     ``ValueError`` naming them. ``parallel``: this process's rank of a tensor-parallel group; only the
-    ``llama`` definition takes more than one rank (``ValueError`` naming ``tensor_parallel_size`` otherwise).
+    text definitions built on ``LlamaForCausalLM`` (``llama``, ``gemma``, ``moe``) take more than one rank
+    (``ValueError`` naming ``tensor_parallel_size`` otherwise, e.g. for LLaVA and Qwen2-VL).
     """
     definition = spec_named(config.architecture).model
     model_class = _MODELS[definition]
     if not parallel.is_parallel:
         return model_class(config, ops, dtype=dtype, device=torch.device(device),  # type: ignore[call-arg,return-value]
                            quantization=quantization)
-    if model_class is not LlamaForCausalLM or config.moe is not None or config.vision is not None:
-        raise ValueError(f"tensor_parallel_size: {parallel.size} ranks are supported for the llama model definition "
-                         f"only, not {definition!r} (architecture {config.architecture!r})")
+    if not (isinstance(model_class, type) and issubclass(model_class, LlamaForCausalLM)
+            and model_class.tensor_parallel) or config.vision is not None:
+        raise ValueError(f"tensor_parallel_size: {parallel.size} ranks serve the text model definitions (llama, "
+                         f"gemma, moe) only, not {definition!r} (architecture {config.architecture!r}); "
+                         f"serve it on one rank")
     model = model_class(config, ops, dtype=dtype, device=torch.device(device), quantization=quantization,  # type: ignore[call-arg]
                         parallel=parallel)
     return model  # type: ignore[return-value]

@@ -15,6 +15,13 @@ layers with their own base (``rope_local_base_freq``, unscaled) and its global l
 
 Every layer runs as the modules below: none declares ``FusedLayerWeights`` (the fused CPU decode layer
 computes a Llama block, not this one).
+
+Tensor parallelism splits it as the Llama definition: QKV and gate/up column-wise per head / intermediate
+feature, ``o_proj`` and ``down_proj`` row-wise (one all-reduce each), the embedding by vocabulary (the
+all-reduced rows are scaled by ``sqrt(hidden_size)`` after the sum, as on one rank), the tied LM head by
+vocabulary with the logits gathered before the final soft-capping. The four sandwich norms, the per-head
+q/k norms and the rotary tables are replicated; sliding windows and attention soft-capping act per head, so
+each rank applies them to its own heads.
 """
 
 from __future__ import annotations
@@ -93,8 +100,9 @@ class GemmaMLP(nn.Module):
             ),
             dtype=build.dtype,
             device=build.device,
+            parallel=build.parallel,
         )
-        self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj")
+        self.down_proj = build.linear(inter, hidden, bias=config.mlp_bias, prefix=f"{prefix}.down_proj", split="row")
         self.act_fn = GeluTanhAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +137,14 @@ class GemmaModel(nn.Module):
         super().__init__()
         config, ops = build.config, build.ops
         self.ops = ops
-        self.num_heads = config.num_attention_heads
+        # the query heads this rank attends with (all of them on one rank): what the attention plan is for
+        self.num_heads = config.num_attention_heads // build.parallel.size
         # sqrt(hidden) rounded to the model dtype, as Hugging Face multiplies it
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=build.dtype))
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, ops, dtype=build.dtype,
                                            device=build.device,
-                                           quant=build.quantization.embedding_quant("model.embed_tokens"))
+                                           quant=build.quantization.embedding_quant("model.embed_tokens"),
+                                           parallel=build.parallel)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling, ops,
             device=build.device,

@@ -14,7 +14,8 @@ bundle may plan attention once (``plan_attention``), and a bundle with the ``fus
 the layers that declare themselves fusable (``LlamaDecoderLayer.fused_weights``) as one call each in decode
 steps it accepts; every other layer, and every other step, runs the modules below.
 
-Tensor parallelism (``parallel`` with more than one rank; only this definition supports it): the QKV and
+Tensor parallelism (``parallel`` with more than one rank; this definition and the Gemma and
+mixture-of-experts ones built on it support it): the QKV and
 gate/up projections are column-split (each rank its heads, key/value heads replicated when there are
 fewer than ranks), ``o_proj`` and ``down_proj`` row-split with one all-reduce each, the embedding and LM
 head split by vocabulary. Norms and rotary are replicated. The fused decode layer is not used (its
@@ -133,6 +134,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ``forward(x)`` before ``down_proj``'s all-reduce (``Linear.forward_unreduced``):
+        summed over the ranks it is ``forward(x)``."""
+        return self.down_proj.forward_unreduced(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -278,6 +284,9 @@ class LlamaForCausalLM(nn.Module):
     make_layer: ClassVar[DecoderLayerFactory] = staticmethod(llama_decoder_layer)
     definition: ClassVar[str] = "llama"
     """The model definition's name (``ArchitectureSpec.model``) and, next, the config flags it implements."""
+    tensor_parallel: ClassVar[bool] = True
+    """Whether this definition splits over more than one rank (a subclass that adds modules the split does
+    not cover sets it ``False``)."""
     activation: ClassVar[str] = "silu"
     norm_kind: ClassVar[str] = "rms"
     packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = MappingProxyType({
@@ -299,7 +308,7 @@ class LlamaForCausalLM(nn.Module):
         parallel: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        if parallel.is_parallel and type(self) is not LlamaForCausalLM:
+        if parallel.is_parallel and not self.tensor_parallel:
             raise ValueError(f"tensor_parallel_size: the {self.definition} model definition (architecture "
                              f"{config.architecture!r}) runs on one rank only")
         if config.hidden_act != self.activation or config.norm != self.norm_kind:
