@@ -9,6 +9,14 @@ a router (``gate``, ``[E, H]``) picks each token's top-k experts (``kernels.moe.
 experts fused into one MLP, loaded as ``mlp.shared_expert``; ``MoeConfig.shared_expert_gated``). Sparse layers
 are never fusable: they declare no ``FusedLayerWeights``.
 
+Tensor parallelism: attention, dense layers, embedding and LM head split as the Llama definition's. In a
+sparse block the router is replicated (every rank routes every token the same way), every routed expert is
+split by its intermediate features (gate/up column-wise, down row-wise: each rank a slice of every expert,
+``layers.moe``), the shared expert the same way, and the block all-reduces once: the routed experts' partial
+sum plus the shared expert's partial output, which the shared gate scales on every rank first. That is exact:
+the gate ``sigmoid(shared_expert_gate(x))`` is computed from the replicated input, so it is the same factor
+on every rank and ``sum_r g * y_r = g * sum_r y_r``.
+
 Checkpoints name experts either one tensor per expert and projection (``mlp.experts.{e}.gate_proj`` /
 ``up_proj`` / ``down_proj``; Mixtral's ``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2``), as files on the
 hub do, or stacked (``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``),
@@ -27,6 +35,7 @@ import torch
 from torch import nn
 
 from asyncllm.config import ModelConfig
+from asyncllm.distributed.parallel_state import SINGLE, TensorParallel
 from asyncllm.kernels import FusedLayerWeights, KernelOps
 from asyncllm.kernels.moe import select_experts
 from asyncllm.layers.moe import FusedMoE
@@ -55,12 +64,14 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         config = build.config
         moe = config.moe
-        assert moe is not None
+        if moe is None:
+            raise ValueError(f"config: architecture {config.architecture!r} has no mixture-of-experts settings")
         self.top_k = moe.top_k
         self.renormalize = moe.renormalize
         self.gate = build.linear(config.hidden_size, moe.num_experts, bias=False, prefix=f"{prefix}.gate")
+        self.parallel = build.parallel
         self.experts = FusedMoE(moe.num_experts, config.hidden_size, moe.intermediate_size, build.ops,
-                                dtype=build.dtype, device=build.device)
+                                dtype=build.dtype, device=build.device, parallel=build.parallel)
         self.shared_expert: LlamaMLP | None = None
         self.shared_expert_gate: nn.Module | None = None
         if moe.shared_expert_intermediate_size:
@@ -75,13 +86,14 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
+        # under tensor parallelism both terms are this rank's partial sums; one all-reduce adds them up
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
+            shared = self.shared_expert.forward_unreduced(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        return out
+        return self.parallel.all_reduce(out)
 
 
 class MoeDecoderLayer(LlamaDecoderLayer):
@@ -153,12 +165,13 @@ class MoeForCausalLM(LlamaForCausalLM):
         dtype: torch.dtype,
         device: torch.device,
         quantization: QuantizationConfig = UNQUANTIZED,
+        parallel: TensorParallel = SINGLE,
     ) -> None:
         if config.moe is None:
             raise ValueError(f"config: architecture {config.architecture!r} has no mixture-of-experts settings")
         if quantization != UNQUANTIZED:
             raise ValueError("quantization: mixture-of-experts models load dense weights only")
-        super().__init__(config, ops, dtype=dtype, device=device, quantization=quantization)
+        super().__init__(config, ops, dtype=dtype, device=device, quantization=quantization, parallel=parallel)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """``LlamaForCausalLM.load_weights`` with expert tensors per expert or stacked (module docstring)."""
