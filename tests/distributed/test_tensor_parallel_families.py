@@ -1,9 +1,10 @@
 """Tensor parallelism beyond the Llama family, on CPU (gloo, spawned worker processes), at
-``tensor_parallel_size=2``: a tiny random Gemma 2 (a sliding layer, attention and final-logit soft-capping,
-tied embeddings), a tiny Mixtral (8 experts, top 2) and a tiny Qwen2-MoE (a sparse layer with a gated shared
-expert, a dense layer) against the same checkpoint on one rank and against Hugging Face transformers, through
-a chunked prefill and batched decode steps, and the engine's greedy tokens against ``generate``. Then the
-shapes that do not split and the vision models, refused before anything runs.
+``tensor_parallel_size=2``: tiny random models of Gemma 2 (a sliding layer, attention and final-logit
+soft-capping, tied embeddings), Gemma 3 text (per-head q/k norms, local and global rotary), Mixtral (8
+experts, top 2), Qwen2-MoE (a sparse layer with a gated shared expert, a dense layer) and Qwen3-MoE
+(per-head q/k norms, renormalized routing) against the same checkpoint on one rank and against Hugging Face
+transformers, through a chunked prefill and batched decode steps, and the engine's greedy tokens against
+``generate``. Then the shapes that do not split and the vision models, refused before anything runs.
 
 Each family's group is started once (every spawned rank imports torch).
 """
@@ -26,16 +27,17 @@ from asyncllm.distributed.parallel_state import TensorParallel
 from asyncllm.kernels import TORCH_OPS
 from asyncllm.models import build_model
 
-from ..models.test_llama_parity import hf_gemma2
+from ..models.test_llama_parity import hf_gemma2, hf_gemma3
 from ..models.test_llava_parity import hf_llava
-from ..models.test_moe_parity import hf_mixtral, hf_qwen2_moe
+from ..models.test_moe_parity import hf_mixtral, hf_qwen2_moe, hf_qwen3_moe
 from .test_tensor_parallel import LOGIT_TOL, _config, _hf_greedy, _run_steps, _write_dir
 
 pytestmark = pytest.mark.timeout(120)
 
 # the second prompt is longer than Gemma 2's sliding window (8), so the window matters in prefill and decode
 PROMPTS = ["Hello world", "Name three rivers. How long is the longest one of them?", "Once upon a time there was"]
-FAMILIES: dict[str, Callable[..., Any]] = {"gemma2": hf_gemma2, "mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe}
+FAMILIES: dict[str, Callable[..., Any]] = {"gemma2": hf_gemma2, "gemma3": hf_gemma3, "mixtral": hf_mixtral,
+                                           "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe}
 STEPS = 4
 MAX_TOKENS = 8
 
@@ -101,19 +103,28 @@ def _parallel_config(hf: Any) -> ModelConfig:
     return ModelConfig.from_hf_config(hf_config)
 
 
-def _build_rank0(config: ModelConfig, size: int = 2) -> Any:
-    """Construct rank 0 of ``size`` (construction runs no collective, so no group is needed)."""
+def _build_rank(config: ModelConfig, rank: int = 0, size: int = 2) -> Any:
+    """Construct rank ``rank`` of ``size`` (construction and loading run no collective: no group needed)."""
     return build_model(config, TORCH_OPS, dtype=torch.float32, device=torch.device("cpu"),
-                       parallel=TensorParallel(rank=0, size=size))
+                       parallel=TensorParallel(rank=rank, size=size))
 
 
-def test_every_expert_is_split_on_construction() -> None:
-    model = _build_rank0(_parallel_config(hf_qwen2_moe()))
+def test_stacked_experts_load_the_rank_slice_of_every_expert() -> None:
+    """Rank 1 of 2 holds intermediate features 16..32 of each of the 4 experts' gate, up and down, and of the
+    shared expert; the router and the shared gate are whole (the checkpoint stacks the experts)."""
+    hf = hf_qwen2_moe()
+    state = hf.state_dict()
+    assert tuple(state["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 64, 64)  # stacked [E, 2I, H]
+    model = _build_rank(_parallel_config(hf), rank=1)
+    model.load_weights(state.items())
     block = model.model.layers[0].mlp
-    assert tuple(block.experts.gate_up.weight.shape) == (4, 32, 64)  # 4 experts, [gate | up] of 16 each
-    assert tuple(block.experts.down.weight.shape) == (4, 64, 16)
-    assert tuple(block.gate.weight.shape) == (4, 64)  # the router is replicated
-    assert block.shared_expert.down_proj.input_size == 20
+    gate, up = state["model.layers.0.mlp.experts.gate_up_proj"].chunk(2, dim=1)
+    assert torch.equal(block.experts.gate_up.weight, torch.cat([gate[:, 16:], up[:, 16:]], dim=1))
+    assert torch.equal(block.experts.down.weight, state["model.layers.0.mlp.experts.down_proj"][:, :, 16:])
+    assert torch.equal(block.gate.weight, state["model.layers.0.mlp.gate.weight"])
+    assert torch.equal(block.shared_expert_gate.weight, state["model.layers.0.mlp.shared_expert_gate.weight"])
+    assert torch.equal(block.shared_expert.down_proj.weight,
+                       state["model.layers.0.mlp.shared_expert.down_proj.weight"][:, 20:])
 
 
 @pytest.mark.parametrize("build", [
@@ -125,11 +136,11 @@ def test_every_expert_is_split_on_construction() -> None:
 ], ids=["moe-intermediate", "shared-expert", "mixtral-intermediate", "gemma-intermediate", "gemma-heads"])
 def test_sizes_that_do_not_divide_are_refused(build: Callable[[], Any]) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        _build_rank0(_parallel_config(build()))
+        _build_rank(_parallel_config(build()))
 
 
 def test_vision_models_stay_on_one_rank() -> None:
     hf = hf_llava()
     config = ModelConfig.from_hf_config({**hf.config.to_dict(), "architectures": ["LlavaForConditionalGeneration"]})
     with pytest.raises(ValueError, match=r"tensor_parallel_size.*one rank"):
-        _build_rank0(config)
+        _build_rank(config)
