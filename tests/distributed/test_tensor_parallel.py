@@ -141,24 +141,32 @@ def _run_steps(runner: ModelRunner | TensorParallelRunner, prompts: list[list[in
     return out
 
 
-def test_llama_logits_match_one_rank_and_transformers(llama: tuple[Path, Any], llama_tp: TensorParallelRunner,
-                                                      chat_tokenizer: Any) -> None:
-    path, hf = llama
-    prompts = [chat_tokenizer.encode(p) for p in PROMPTS]
+def _check_against_one_rank_and_hf(parallel: TensorParallelRunner, path: Path, hf: Any, prompts: list[list[int]],
+                                   steps: int) -> tuple[float, float]:
+    """Run ``prompts`` (prefill, then ``steps`` batched decodes) on ``parallel`` and on one rank of the same
+    checkpoint; assert the logits agree within ``LOGIT_TOL`` with each other and with HF's greedy run,
+    and the greedy tokens with HF's. Returns the worst differences (vs one rank, vs HF)."""
     config = _config()
     single = build_runner(load_model(path, config)[0], config)
-    steps = 4
-    parallel_logits = _run_steps(llama_tp, prompts, steps)
+    parallel_logits = _run_steps(parallel, prompts, steps)
     single_logits = _run_steps(single, prompts, steps)
     worst_single = max(float((a - b).abs().max()) for a, b in zip(parallel_logits, single_logits, strict=True))
     assert worst_single <= LOGIT_TOL, worst_single
     worst_hf = 0.0
     for i, ids in enumerate(prompts):
         tokens, hf_logits = _hf_greedy(hf, ids, steps)
-        ours = torch.stack([step[i] for step in parallel_logits])            # prompt's last position, then decodes
+        ours = torch.stack([step[i] for step in parallel_logits])  # prompt's last position, then decodes
         assert ours.argmax(-1).tolist() == [*tokens, int(hf_logits[-1].argmax())]
         worst_hf = max(worst_hf, float((ours - hf_logits[len(ids) - 1:]).abs().max()))
     assert worst_hf <= LOGIT_TOL, worst_hf
+    return worst_single, worst_hf
+
+
+def test_llama_logits_match_one_rank_and_transformers(llama: tuple[Path, Any], llama_tp: TensorParallelRunner,
+                                                      chat_tokenizer: Any) -> None:
+    path, hf = llama
+    prompts = [chat_tokenizer.encode(p) for p in PROMPTS]
+    worst_single, worst_hf = _check_against_one_rank_and_hf(llama_tp, path, hf, prompts, steps=4)
     print(f"max |logit diff| TP=2 vs TP=1: {worst_single:.2e}, vs transformers: {worst_hf:.2e}")
 
 

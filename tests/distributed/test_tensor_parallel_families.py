@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from asyncllm import AsyncEngine
-from asyncllm.builder import build_runner, load_model
 from asyncllm.config import ModelConfig
 from asyncllm.distributed.driver import TensorParallelRunner
 from asyncllm.distributed.parallel_state import TensorParallel
@@ -30,7 +29,7 @@ from asyncllm.models import build_model
 from ..models.test_llama_parity import hf_gemma2, hf_gemma3
 from ..models.test_llava_parity import hf_llava
 from ..models.test_moe_parity import hf_mixtral, hf_qwen2_moe, hf_qwen3_moe
-from .test_tensor_parallel import LOGIT_TOL, _config, _hf_greedy, _run_steps, _write_dir
+from .test_tensor_parallel import _check_against_one_rank_and_hf, _config, _write_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,19 +61,7 @@ def test_logits_match_one_rank_and_transformers(family: tuple[str, Path, Any, Te
     name, path, hf, runner = family
     prompts = [chat_tokenizer.encode(p) for p in PROMPTS]
     assert len(prompts[1]) > 8
-    config = _config()
-    single = build_runner(load_model(path, config)[0], config)
-    parallel_logits = _run_steps(runner, prompts, STEPS)
-    single_logits = _run_steps(single, prompts, STEPS)
-    worst_single = max(float((a - b).abs().max()) for a, b in zip(parallel_logits, single_logits, strict=True))
-    assert worst_single <= LOGIT_TOL, worst_single
-    worst_hf = 0.0
-    for i, ids in enumerate(prompts):
-        tokens, hf_logits = _hf_greedy(hf, ids, STEPS)
-        ours = torch.stack([step[i] for step in parallel_logits])  # prompt's last position, then decodes
-        assert ours.argmax(-1).tolist() == [*tokens, int(hf_logits[-1].argmax())]
-        worst_hf = max(worst_hf, float((ours - hf_logits[len(ids) - 1:]).abs().max()))
-    assert worst_hf <= LOGIT_TOL, worst_hf
+    worst_single, worst_hf = _check_against_one_rank_and_hf(runner, path, hf, prompts, STEPS)
     print(f"{name}: max |logit diff| TP=2 vs TP=1: {worst_single:.2e}, vs transformers: {worst_hf:.2e}")
 
 
