@@ -7,26 +7,45 @@ import torch
 
 from asyncllm.kernels import AttentionOptions
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.kv_quant import KVBits, quantize_kv
+from asyncllm.kernels.kv_quant import KVBits, key_scheme, quantize_kv
 
 from ._paged_batch import PagedBatch
 
 
 def quantized_batch(batch: PagedBatch, bits: int | tuple[int, int]) -> KVCache:
     """The batch's cache quantized by the scheme (scales in the batch's dtype): ``bits`` for keys and
-    values, or a ``(key_bits, value_bits)`` pair."""
+    values, or a ``(key_bits, value_bits)`` pair; 4-bit keys anchored on each block's first slot and grouped
+    (``kv_quant.key_scheme``)."""
     widths = KVBits.of(bits)
-    k_codes, k_scales = quantize_kv(batch.k_cache, widths.key, batch.q.dtype)
+    scheme = key_scheme(batch.k_cache.shape[-1], widths.key)
+    keys, anchors = batch.k_cache, None
+    if scheme.anchored:
+        anchors = batch.k_cache[:, 0].to(batch.q.dtype).clone()
+        keys = batch.k_cache.float() - anchors[:, None].float()
+    k_codes, k_scales = quantize_kv(keys, widths.key, batch.q.dtype, scheme.pair_group)
     v_codes, v_scales = quantize_kv(batch.v_cache, widths.value, batch.q.dtype)
-    return KVCache(k_codes, v_codes, k_scales, v_scales, key_bits=widths.key, value_bits=widths.value)
+    return KVCache(k_codes, v_codes, k_scales, v_scales, key_bits=widths.key, value_bits=widths.value,
+                   key_anchors=anchors)
 
 
-def _values(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """float64 ``code * scale + zero``, the codes unpacked here (int4: the low nibbles are the first half)."""
+def _values(codes: torch.Tensor, scales: torch.Tensor, bits: int,
+            anchors: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 ``code * scale + zero`` (``+ anchor`` of the code's block where ``anchors`` ``[blocks, Hk, D]``
+    is given, codes ``[blocks, block_size, Hk, width]``), the codes unpacked here (int4: the low nibbles are
+    the first half); ``scales`` ``[..., 2]`` one pair per row or ``[..., groups, 2]`` one per group."""
     if bits == 4:
         codes = torch.cat((codes & 15, codes >> 4), dim=-1)
     pairs = scales.double()
-    return codes.double() * pairs[..., :1] + pairs[..., 1:]
+    values = codes.double()
+    if pairs.dim() == values.dim() + 1:  # groups of consecutive dimensions
+        groups = pairs.shape[-2]
+        per_dim = pairs.repeat_interleave(values.shape[-1] // groups, dim=-2)
+        out = values * per_dim[..., 0] + per_dim[..., 1]
+    else:
+        out = values * pairs[..., :1] + pairs[..., 1:]
+    if anchors is not None:
+        out = out + anchors.double()[:, None]
+    return out
 
 
 def expected_attention(batch: PagedBatch, cache: KVCache, options: AttentionOptions | None = None) -> torch.Tensor:
@@ -38,7 +57,7 @@ def expected_attention(batch: PagedBatch, cache: KVCache, options: AttentionOpti
         keys_all, values_all = cache.key.double().flatten(0, 1), cache.value.double().flatten(0, 1)
     else:
         assert cache.key_scales is not None and cache.value_scales is not None
-        keys_all = _values(cache.key, cache.key_scales, bits.key).flatten(0, 1)
+        keys_all = _values(cache.key, cache.key_scales, bits.key, cache.key_anchors).flatten(0, 1)
         values_all = _values(cache.value, cache.value_scales, bits.value).flatten(0, 1)
     meta, block_size = batch.meta, cache.block_size
     groups = batch.q.shape[1] // cache.num_kv_heads

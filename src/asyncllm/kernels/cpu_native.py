@@ -62,7 +62,7 @@ class NativeKernels:
         kernel = self.attention()
         if kernel is None:
             return meta
-        if cache.is_quantized and cache.head_dim > MAX_QUANTIZED_HEAD_DIM:
+        if cache.is_quantized and (cache.head_dim > MAX_QUANTIZED_HEAD_DIM or cache.key_anchors is not None):
             return meta
         shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
         plan = kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=num_heads, bits=cache.bits)

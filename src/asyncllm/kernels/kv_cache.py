@@ -7,12 +7,14 @@ or 4, scheme in ``kernels.kv_quant``) stores ``uint8`` codes, ``[num_blocks, blo
 and ``[..., D // 2]`` for int4 (two per byte), keys and values each at their own width, plus
 ``key_scales`` / ``value_scales`` ``[num_blocks, block_size, Hk, 2]`` holding each token's and head's
 ``(scale, zero)`` in the compute dtype: the write kernel quantizes into the storage, attention dequantizes
-in its inner loop.
+in its inner loop. 4-bit keys are anchored and grouped (``kv_quant.key_scheme``): ``key_scales`` is then
+``[num_blocks, block_size, Hk, groups, 2]`` and ``key_anchors`` ``[num_blocks, Hk, D]`` (compute dtype) holds
+each block's first token's keys; a key reads back as ``code * scale + zero + anchor``.
 
 Invariants: ``key`` and ``value`` have one dtype, live on one device and agree in
 ``[num_blocks, block_size, Hk]``; a plain cache's have the same shape, a quantized cache's last dims are
 ``code_width(D, key_bits)`` / ``code_width(D, value_bits)`` of one ``D``; a cache has scales exactly when it
-has both widths; the tensors keep their storage for the cache's lifetime (recorded CUDA graphs and native
+has both widths; ``key_anchors`` exists exactly when keys are 4-bit; the tensors keep their storage for the cache's lifetime (recorded CUDA graphs and native
 kernel plans hold addresses).
 """
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.kernels.kv_quant import KVBits, code_width, dequantize_kv
+from asyncllm.kernels.kv_quant import KVBits, KeyScheme, code_width, dequantize_kv, key_scheme
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +40,7 @@ class KVCache:
     value_scales: torch.Tensor | None = None
     key_bits: int | None = None
     value_bits: int | None = None
+    key_anchors: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key.dim() != 4:
@@ -71,9 +74,23 @@ class KVCache:
                     self.key_scales.dtype != self.value_scales.dtype or not self.key_scales.is_floating_point()):
                 raise ValueError("key_scales/value_scales: expected one floating dtype for both")
         expected = (*self.key.shape[:3], 2)
-        for name, scales in (("key_scales", self.key_scales), ("value_scales", self.value_scales)):
-            if scales is not None and tuple(scales.shape) != expected:
-                raise ValueError(f"{name}: expected shape {expected}, got {tuple(scales.shape)}")
+        scheme = self.key_scheme
+        key_expected = expected if scheme is None or not scheme.anchored else (
+            *self.key.shape[:3], scheme.groups(self.head_dim), 2)
+        for name, scales, shape in (("key_scales", self.key_scales, key_expected),
+                                    ("value_scales", self.value_scales, expected)):
+            if scales is not None and tuple(scales.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(scales.shape)}")
+        anchored = scheme is not None and scheme.anchored
+        if anchored != (self.key_anchors is not None):
+            raise ValueError("key_anchors: a cache with 4-bit keys has them (one row per block and KV head), "
+                             "any other cache none")
+        if self.key_anchors is not None:
+            shape = (self.num_blocks, self.num_kv_heads, self.head_dim)
+            if tuple(self.key_anchors.shape) != shape or (
+                    self.key_scales is not None and self.key_anchors.dtype != self.key_scales.dtype):
+                raise ValueError(f"key_anchors: expected {shape} in the scales' dtype, got "
+                                 f"{self.key_anchors.dtype} {tuple(self.key_anchors.shape)}")
 
     @property
     def bits(self) -> KVBits | None:
@@ -81,6 +98,11 @@ class KVCache:
         if self.key_bits is None or self.value_bits is None:
             return None
         return KVBits.of((self.key_bits, self.value_bits))
+
+    @property
+    def key_scheme(self) -> KeyScheme | None:
+        """How the key rows are quantized (``kv_quant.key_scheme``), or ``None`` for a plain cache."""
+        return None if self.key_bits is None else key_scheme(self.head_dim, self.key_bits)
 
     @classmethod
     def allocate(
@@ -114,23 +136,39 @@ class KVCache:
             shape = (num_blocks, block_size, num_kv_heads, head_dim)
             return cls(make(shape, dtype), make(shape, dtype))
         widths = KVBits.of(bits)
+        scheme = key_scheme(head_dim, widths.key)
         key_codes = (num_blocks, block_size, num_kv_heads, code_width(head_dim, widths.key))
         value_codes = (num_blocks, block_size, num_kv_heads, code_width(head_dim, widths.value))
         pairs = (num_blocks, block_size, num_kv_heads, 2)
-        return cls(make(key_codes, torch.uint8), make(value_codes, torch.uint8), make(pairs, dtype),
-                   make(pairs, dtype), key_bits=widths.key, value_bits=widths.value)
+        key_pairs = (num_blocks, block_size, num_kv_heads, scheme.groups(head_dim), 2) if scheme.anchored else pairs
+        anchors = make((num_blocks, num_kv_heads, head_dim), dtype) if scheme.anchored else None
+        return cls(make(key_codes, torch.uint8), make(value_codes, torch.uint8), make(key_pairs, dtype),
+                   make(pairs, dtype), key_bits=widths.key, value_bits=widths.value, key_anchors=anchors)
+
+    @staticmethod
+    def bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, *, dtype: torch.dtype,
+                        bits: int | tuple[int, int] | None = None) -> int:
+        """Bytes one block of ``block_size`` tokens takes in one layer's cache (keys and values, with their
+        scales and anchors; ``bits`` as in ``allocate``): per token and KV head, each of keys and values
+        takes its codes' width plus its ``(scale, zero)`` pairs in ``dtype`` (one per row, or one per key
+        group), and anchored keys add one row of ``head_dim`` values in ``dtype`` per block and KV head."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        if bits is None:
+            return block_size * 2 * num_kv_heads * head_dim * elem
+        widths = KVBits.of(bits)
+        scheme = key_scheme(head_dim, widths.key)
+        per_token = (code_width(head_dim, widths.key) + code_width(head_dim, widths.value)
+                     + 2 * elem * (scheme.groups(head_dim) + 1))
+        anchor = head_dim * elem if scheme.anchored else 0
+        return num_kv_heads * (block_size * per_token + anchor)
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                        bits: int | tuple[int, int] | None = None) -> int:
-        """Bytes one token takes in one layer's cache (keys and values, with their scales; ``bits`` as in
-        ``allocate``): per KV head, each of keys and values takes its codes' width plus a ``(scale, zero)``
-        pair in ``dtype``."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        if bits is None:
-            return 2 * num_kv_heads * head_dim * elem
-        widths = KVBits.of(bits)
-        return num_kv_heads * (code_width(head_dim, widths.key) + code_width(head_dim, widths.value) + 4 * elem)
+                        bits: int | tuple[int, int] | None = None, block_size: int = 16) -> float:
+        """``bytes_per_block`` shared over the block's ``block_size`` tokens (a fraction only where a block's
+        anchors do not divide evenly)."""
+        per_block = KVCache.bytes_per_block(num_kv_heads, head_dim, block_size, dtype=dtype, bits=bits)
+        return per_block // block_size if per_block % block_size == 0 else per_block / block_size
 
     @property
     def shape(self) -> torch.Size:
@@ -181,8 +219,10 @@ class KVCache:
         if bits is None or self.key_scales is None or self.value_scales is None:
             return keys, values
         dtype = self.compute_dtype
-        return (dequantize_kv(keys, self.key_scales.index_select(0, ids), bits.key, dtype),
-                dequantize_kv(values, self.value_scales.index_select(0, ids), bits.value, dtype))
+        keys = dequantize_kv(keys, self.key_scales.index_select(0, ids), bits.key, torch.float32)
+        if self.key_anchors is not None:
+            keys = keys + self.key_anchors.index_select(0, ids).float()[:, None]
+        return keys.to(dtype), dequantize_kv(values, self.value_scales.index_select(0, ids), bits.value, dtype)
 
     def require_plain(self, backend: str) -> None:
         """Raise ``ValueError`` if this cache is quantized: ``backend`` reads plain caches only."""

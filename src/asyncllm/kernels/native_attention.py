@@ -55,6 +55,8 @@ def native_cache_problem(cache: KVCache, shape: tuple[int, int, int, int], bits:
         have = cache.bits
         return f"expected a {'float32' if bits is None else f'{bits.name} (float32 scales)'} cache, " \
                f"got {cache.compute_dtype} {'plain' if have is None else have.name}"
+    if cache.key_anchors is not None:
+        return "anchored 4-bit keys are read by the torch path"
     if (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim) != shape:
         return f"expected a cache of shape {shape}, got {tuple(cache.shape)}"
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
