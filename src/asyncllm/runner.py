@@ -51,14 +51,17 @@ class KVCacheSpec:
     bits: KVBits | None = None
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes one token takes across all layers (keys, values and any scales)."""
-        per_layer = KVCache.bytes_per_token(self.num_kv_heads, self.head_dim, dtype=self.dtype, bits=self.bits)
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes across all layers (keys, values, any scales and anchors): exact."""
+        per_layer = KVCache.bytes_per_block(self.num_kv_heads, self.head_dim, self.block_size, dtype=self.dtype,
+                                            bits=self.bits)
         return self.num_layers * per_layer
 
     @property
-    def bytes_per_block(self) -> int:
-        return self.block_size * self.bytes_per_token
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes across all layers: ``bytes_per_block`` over ``block_size``, rounded up where
+        a block's anchors do not share out evenly."""
+        return -(-self.bytes_per_block // self.block_size)
 
     @property
     def dtype_name(self) -> str:

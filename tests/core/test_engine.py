@@ -48,7 +48,8 @@ async def test_concurrent_greedy_requests_match_running_alone(make_tiny_engine: 
 
 
 async def test_preemption_keeps_greedy_output_identical(make_tiny_engine: Any) -> None:
-    reference = make_tiny_engine(enable_prefix_caching=False)
+    # the same block size: a cache whose contents depend on it (anchored int4 keys) stores the same values
+    reference = make_tiny_engine(enable_prefix_caching=False, block_size=8)
     async with reference:
         expected = await alone(reference, PROMPTS, **GREEDY)
     # 24 blocks of 8 tokens cannot hold 16 sequences of 30-80 tokens at once: preemption must happen

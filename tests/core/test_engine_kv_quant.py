@@ -5,6 +5,7 @@ sessions, cancellation) holding with quantized blocks as they do with plain ones
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,8 +48,11 @@ async def test_stats_report_the_cache_and_a_budget_holds_more_quantized_tokens(
     engine = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, quant_policy=quant_policy, kv_cache_bytes=2**20)
     config = engine.model_config
     heads, dim, layers = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
-    # per token, layer, K and V: float32 values, or codes plus a float32 (scale, zero) pair per head
-    expected = {"float32": 2 * heads * dim * 4, "int8": 2 * heads * (dim + 8), "int4": 2 * heads * (dim // 2 + 8),
+    # per token, layer, K and V: float32 values, or codes plus a float32 (scale, zero) pair per head; int4 keys
+    # a pair per group of gcd(16, dim) dimensions and a float32 anchor row per block (16 tokens) and head
+    key_groups = dim // math.gcd(16, dim)
+    expected = {"float32": 2 * heads * dim * 4, "int8": 2 * heads * (dim + 8),
+                "int4": heads * ((dim // 2 + 8 * key_groups) + (dim // 2 + 8) + dim * 4 // 16),
                 "k8v4": heads * ((dim + 8) + (dim // 2 + 8))}
     async with engine:
         stats = engine.stats()

@@ -75,12 +75,28 @@ def test_cache_layout_and_size() -> None:
     cpu = torch.device("cpu")
     int4 = KVCache.allocate(3, 16, 2, 64, dtype=torch.bfloat16, device=cpu, bits=4)
     assert int4.key.shape == (3, 16, 2, 32) and int4.key.dtype == torch.uint8 and int4.head_dim == 64
-    assert int4.key_scales is not None and int4.key_scales.shape == (3, 16, 2, 2)
-    assert int4.compute_dtype == torch.bfloat16
-    # per token and layer, K and V: bf16 2 * 2 * 64 * 2 = 512; int8 2 * 2 * (64 + 4) = 272; int4 2 * 2 * (32 + 4)
+    # 4-bit keys: a pair per 16 dimensions, an anchor row per block and head; values a pair per row
+    assert int4.key_scales is not None and int4.key_scales.shape == (3, 16, 2, 4, 2)
+    assert int4.value_scales is not None and int4.value_scales.shape == (3, 16, 2, 2)
+    assert int4.key_anchors is not None and int4.key_anchors.shape == (3, 2, 64)
+    assert int4.key_anchors.dtype == torch.bfloat16 and int4.compute_dtype == torch.bfloat16
+    # per token and layer, K and V: bf16 2 * 2 * 64 * 2 = 512; int8 2 * 2 * (64 + 4) = 272; int4 per head keys
+    # 32 + 4 pairs * 4 + the anchor 64 * 2 / 16 tokens, values 32 + 4: 2 * (56 + 36) = 184
     assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16) == 512
     assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16, bits=8) == 272
-    assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16, bits=4) == 144
+    assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16, bits=4) == 184
+    assert KVCache.bytes_per_block(2, 64, 16, dtype=torch.bfloat16, bits=4) == 16 * 184
+    stored = sum(t.numel() * t.element_size() for t in (int4.key, int4.value, int4.key_scales, int4.value_scales,
+                                                          int4.key_anchors))
+    assert stored == 3 * KVCache.bytes_per_block(2, 64, 16, dtype=torch.bfloat16, bits=4)
+    # a block of 32 tokens shares its anchors over twice the tokens; 8-dim heads take one pair per row
+    assert KVCache.bytes_per_token(2, 64, dtype=torch.bfloat16, bits=4, block_size=32) == 2 * (52 + 36)
+    assert KVCache.bytes_per_token(1, 8, dtype=torch.float32, bits=4, block_size=64) == (4 + 8) + (4 + 8) + 0.5
+    with pytest.raises(ValueError, match="key_anchors"):
+        KVCache(int4.key, int4.value, int4.key_scales, int4.value_scales, key_bits=4, value_bits=4)
+    with pytest.raises(ValueError, match="key_scales"):
+        KVCache(int4.key, int4.value, int4.value_scales, int4.value_scales, key_bits=4, value_bits=4,
+                key_anchors=int4.key_anchors)
     with pytest.raises(ValueError, match="bits"):
         KVCache.allocate(3, 16, 2, 64, dtype=torch.float32, device=cpu, bits=3)
     with pytest.raises(ValueError, match="head_dim"):
@@ -165,14 +181,14 @@ def test_native_decode_reads_codes_in_place(native_kernel: NativeDecodeAttention
     _close(routed, expected_attention(batch, cache))
 
 
-@BIT_PAIRS
+@pytest.mark.parametrize("bits", [KVBits(8, 8), KVBits(8, 4)], ids=lambda b: b.name)
 def test_writes_store_what_the_scheme_says(bits: KVBits) -> None:
     """The reference write (the CPU bundle's) puts each token's codes and pairs at its slot, keys and values
     each at their own width, and skips padding."""
     cache = KVCache.allocate(4, 4, 2, 8, dtype=torch.float32, device=torch.device("cpu"), bits=bits)
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     write_kv_cache_reference(k, v, cache, torch.tensor([5, -1, 12]))
-    assert cache.key_scales is not None and cache.value_scales is not None
+    assert cache.key_scales is not None and cache.value_scales is not None and cache.key_anchors is None
     for token, slot in ((0, 5), (2, 12)):
         block, offset = divmod(slot, 4)
         codes, scales = quantize_kv(v[token], bits.value, torch.float32)
@@ -186,6 +202,60 @@ def test_writes_store_what_the_scheme_says(bits: KVBits) -> None:
         for offset in range(4):
             if (block, offset) not in written:
                 assert not bool(cache.key[block, offset].any()) and not bool(cache.key_scales[block, offset].any())
+
+
+@pytest.mark.parametrize("head_dim", [8, 32, 48])
+def test_int4_keys_are_anchored_on_their_block_and_grouped(head_dim: int) -> None:
+    """4-bit keys: the token at a block's first slot becomes the block's anchor (read back exactly); every
+    token's residual against its block's anchor is stored in groups of gcd(16, head_dim) dimensions, whether
+    the anchor came in the same write (a prefill chunk) or an earlier one (decode); values per row."""
+    group = 8 if head_dim == 8 else 16
+    cache = KVCache.allocate(4, 4, 2, head_dim, dtype=torch.float32, device=torch.device("cpu"), bits=4)
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(6, 2, head_dim, generator=gen) * 2 + torch.linspace(-20, 20, head_dim)  # steady offsets
+    v = torch.randn(6, 2, head_dim, generator=gen)
+    write_kv_cache_reference(k[:4], v[:4], cache, torch.tensor([4, 5, -1, 12]))  # block 1 slots 0-1, block 3 slot 0
+    write_kv_cache_reference(k[4:], v[4:], cache, torch.tensor([6, 13]))  # later tokens of blocks 1 and 3
+    assert cache.key_anchors is not None and cache.key_scales is not None and cache.value_scales is not None
+    assert cache.key_scales.shape[-2:] == (head_dim // group, 2)
+    torch.testing.assert_close(cache.key_anchors[1], k[0])
+    torch.testing.assert_close(cache.key_anchors[3], k[3])
+    assert not bool(cache.key_anchors[0].any()) and not bool(cache.key_anchors[2].any())
+    keys, _ = cache.read_blocks(torch.tensor([1, 3]))
+    for token, anchor_token, (block, offset) in ((0, 0, (1, 0)), (1, 0, (1, 1)), (4, 0, (1, 2)),
+                                                  (3, 3, (3, 0)), (5, 3, (3, 1))):
+        residual = k[token] - k[anchor_token]
+        codes, pairs = quantize_kv(residual, 4, torch.float32, group)
+        assert torch.equal(cache.key[block, offset], codes)
+        torch.testing.assert_close(cache.key_scales[block, offset], pairs)
+        value_codes, _ = quantize_kv(v[token], 4, torch.float32)
+        assert torch.equal(cache.value[block, offset], value_codes)
+        got = _values(cache.key[block, offset], cache.key_scales[block, offset], 4) + k[anchor_token].double()
+        assert bool(((got - k[token].double()).abs()
+                     <= quantization_error_bound(residual, 4, torch.float32, group).double()).all())
+        torch.testing.assert_close(keys[[1, 3].index(block), offset].double(), got, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(keys[0, 0], k[0])  # the anchor token reads back exactly
+    # groups bound the error by their own range: a group far from the others keeps its fine steps
+    assert bool((quantization_error_bound(k[1] - k[0], 4, torch.float32, group)
+                 <= quantization_error_bound(k[1] - k[0], 4, torch.float32).expand(2, head_dim) + 1e-6).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale_dtype=st.sampled_from(SCALE_DTYPES), group=st.sampled_from([2, 8, 16]),
+       offset=st.floats(-50, 50), spread=st.floats(1e-3, 30), seed=st.integers(0, 2**31 - 1))
+def test_grouped_round_trip_stays_within_each_groups_bound(scale_dtype: torch.dtype, group: int, offset: float,
+                                                           spread: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, 64, generator=gen) * spread + offset * torch.linspace(-1, 1, 64)
+    codes, scales = quantize_kv(x, 4, scale_dtype, group)
+    assert codes.shape == (5, 3, 32) and scales.shape == (5, 3, 64 // group, 2) and scales.dtype == scale_dtype
+    error = (dequantize_kv(codes, scales, 4, torch.float64) - x.double()).abs()
+    bound = quantization_error_bound(x, 4, scale_dtype, group).double()
+    assert bound.shape == x.shape and bool((error <= bound).all())
+    torch.testing.assert_close(dequantize_kv(codes, scales, 4, torch.float64), _values(codes, scales, 4),
+                               atol=1e-5 * (1 + x.abs().max().item()), rtol=1e-6)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_kv(x, 4, scale_dtype, 24)
 
 
 # -- Triton (the interpreter on CPU; compiled on a GPU) ------------------------------------------------
