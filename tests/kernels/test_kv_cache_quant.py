@@ -208,7 +208,8 @@ def test_triton_attention_reads_codes_in_place(device: torch.device, triton_atte
                                                case: dict, dtype: torch.dtype) -> None:
     batch, cache = _case_batch(case, bits, dtype, device)
     cache = dataclasses.replace(cache, **{name: getattr(cache, name).to(device)
-                                          for name in ("key", "value", "key_scales", "value_scales")})
+                                          for name in ("key", "value", "key_scales", "value_scales", "key_anchors")
+                                          if getattr(cache, name) is not None})
     got = triton_attention.paged_attention_cache_triton(batch.q, cache, batch.meta, batch.scale)  # type: ignore[attr-defined]
     assert got.dtype == dtype
     _close(got.float(), expected_attention(batch, cache), TRITON_TOLERANCE[dtype])
@@ -259,7 +260,8 @@ def test_triton_entry_points_refuse_caches_they_cannot_read() -> None:
     assert cache.key_scales is not None and cache.value_scales is not None
     scales = (cache.key_scales, cache.value_scales)
     int4 = KVBits(4, 4)
-    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, int4) == (4, 2, 16)
+    anchors = cache.key_anchors
+    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, int4, anchors) == (4, 2, 16)
     cases = [
         ("key_bits", dict(bits=KVBits(3, 4))),
         ("value_bits", dict(bits=KVBits(4, 3))),
@@ -272,4 +274,4 @@ def test_triton_entry_points_refuse_caches_they_cannot_read() -> None:
     for field, change in cases:
         args = {"v": cache.value, "scales": scales, "bits": int4, **change}
         with pytest.raises(ValueError, match=field):
-            check_paged_inputs(batch.q, cache.key, args["v"], batch.meta, args["scales"], args["bits"])
+            check_paged_inputs(batch.q, cache.key, args["v"], batch.meta, args["scales"], args["bits"], anchors)
