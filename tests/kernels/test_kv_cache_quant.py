@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from asyncllm.kernels.attention import paged_attention_cache_reference
 from asyncllm.kernels.cpu import paged_attention_cache_cpu
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.kv_quant import KVBits, dequantize_kv, quantization_error_bound, quantize_kv
+from asyncllm.kernels.kv_quant import KVBits, dequantize_kv, key_scheme, quantization_error_bound, quantize_kv
 from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 
@@ -235,14 +235,26 @@ def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: K
     assert got.key_scales is not None and expected.key_scales is not None
     assert got.value_scales is not None and expected.value_scales is not None
     written = slots[slots >= 0]
-    for x, codes, pairs, want_pairs, width in ((k, got.key, got.key_scales, expected.key_scales, bits.key),
-                                               (v, got.value, got.value_scales, expected.value_scales, bits.value)):
+    scheme = key_scheme(head_dim, bits.key)
+    anchors = None
+    if scheme.anchored:  # the blocks' anchors are the reference's (block 0's from slot 0, the rest unwritten)
+        assert got.key_anchors is not None and expected.key_anchors is not None
+        assert torch.equal(got.key_anchors.cpu(), expected.key_anchors)
+        anchors = got.key_anchors.cpu()
+    for x, codes, pairs, want_pairs, width, base, group in (
+            (k, got.key, got.key_scales, expected.key_scales, bits.key, anchors, scheme.pair_group),
+            (v, got.value, got.value_scales, expected.value_scales, bits.value, None, None)):
         # the pairs are the scheme's (the interpreter may round bfloat16 toward zero: within one of its steps)
         torch.testing.assert_close(pairs.cpu(), want_pairs)
-        # and the codes, read back with the pairs stored beside them, stay within the scheme's bound
-        stored = _values(codes.cpu(), pairs.cpu(), width).flatten(0, 1)[written]
+        # and the codes, read back with the pairs stored beside them (and the anchors), stay within the
+        # scheme's bound of what was quantized (the residual against the anchor)
+        stored = _values(codes.cpu(), pairs.cpu(), width, base).flatten(0, 1)[written]
         original = x[slots >= 0].double()
-        assert bool(((stored - original).abs() <= quantization_error_bound(original, width, dtype).double()).all())
+        quantized = original.float()
+        if base is not None:
+            quantized = original.float() - base.float()[torch.div(written, 8, rounding_mode="floor")]
+        bound = quantization_error_bound(quantized, width, dtype, group).double()
+        assert bool(((stored - original).abs() <= bound).all())
         untouched = torch.ones(codes.shape[0] * codes.shape[1], dtype=torch.bool)
         untouched[written] = False
         assert not bool(codes.cpu().flatten(0, 1)[untouched].any())
