@@ -115,7 +115,8 @@ def test_triton_matches_float64(device: torch.device, case: dict, launch: str) -
     expected = expected_attention(batch, cache, options)
     moved = KVCache(*(None if t is None else t.to(device)
                       for t in (cache.key, cache.value, cache.key_scales, cache.value_scales)),
-                    key_bits=cache.key_bits, value_bits=cache.value_bits)
+                    key_bits=cache.key_bits, value_bits=cache.value_bits,
+                    key_anchors=None if cache.key_anchors is None else cache.key_anchors.to(device))
     dev_meta = dataclasses.replace(meta, slot_mapping=meta.slot_mapping.to(device),
                                    query_start_loc=meta.query_start_loc.to(device),
                                    seq_lens=meta.seq_lens.to(device), block_tables=meta.block_tables.to(device))
@@ -127,9 +128,9 @@ def test_triton_matches_float64(device: torch.device, case: dict, launch: str) -
         if meta.is_decode_only:
             got = paged_decode_attention(q, moved.key, moved.value, dev_meta, batch.scale,
                                          DecodeLaunch(block_n=16, num_splits=3), scales=scales, bits=bits,
-                                         options=options)
+                                         anchors=moved.key_anchors, options=options)
         else:
             got = paged_prefill_attention(q, moved.key, moved.value, dev_meta, batch.scale,
                                           PrefillLaunch(block_m=16, block_n=16), scales=scales, bits=bits,
-                                          options=options)
+                                          anchors=moved.key_anchors, options=options)
         _close(got, expected)

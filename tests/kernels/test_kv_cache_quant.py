@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from asyncllm.kernels.attention import paged_attention_cache_reference
 from asyncllm.kernels.cpu import paged_attention_cache_cpu
 from asyncllm.kernels.kv_cache import KVCache
-from asyncllm.kernels.kv_quant import KVBits, dequantize_kv, quantization_error_bound, quantize_kv
+from asyncllm.kernels.kv_quant import KVBits, dequantize_kv, key_scheme, quantization_error_bound, quantize_kv
 from asyncllm.kernels.kv_write import write_kv_cache_reference
 from asyncllm.kernels.native_attention import NativeDecodeAttention
 
@@ -278,7 +278,8 @@ def test_triton_attention_reads_codes_in_place(device: torch.device, triton_atte
                                                case: dict, dtype: torch.dtype) -> None:
     batch, cache = _case_batch(case, bits, dtype, device)
     cache = dataclasses.replace(cache, **{name: getattr(cache, name).to(device)
-                                          for name in ("key", "value", "key_scales", "value_scales")})
+                                          for name in ("key", "value", "key_scales", "value_scales", "key_anchors")
+                                          if getattr(cache, name) is not None})
     got = triton_attention.paged_attention_cache_triton(batch.q, cache, batch.meta, batch.scale)  # type: ignore[attr-defined]
     assert got.dtype == dtype
     _close(got.float(), expected_attention(batch, cache), TRITON_TOLERANCE[dtype])
@@ -304,14 +305,26 @@ def test_triton_write_quantizes_like_the_reference(device: torch.device, bits: K
     assert got.key_scales is not None and expected.key_scales is not None
     assert got.value_scales is not None and expected.value_scales is not None
     written = slots[slots >= 0]
-    for x, codes, pairs, want_pairs, width in ((k, got.key, got.key_scales, expected.key_scales, bits.key),
-                                               (v, got.value, got.value_scales, expected.value_scales, bits.value)):
+    scheme = key_scheme(head_dim, bits.key)
+    anchors = None
+    if scheme.anchored:  # the blocks' anchors are the reference's (block 0's from slot 0, the rest unwritten)
+        assert got.key_anchors is not None and expected.key_anchors is not None
+        assert torch.equal(got.key_anchors.cpu(), expected.key_anchors)
+        anchors = got.key_anchors.cpu()
+    for x, codes, pairs, want_pairs, width, base, group in (
+            (k, got.key, got.key_scales, expected.key_scales, bits.key, anchors, scheme.pair_group),
+            (v, got.value, got.value_scales, expected.value_scales, bits.value, None, None)):
         # the pairs are the scheme's (the interpreter may round bfloat16 toward zero: within one of its steps)
         torch.testing.assert_close(pairs.cpu(), want_pairs)
-        # and the codes, read back with the pairs stored beside them, stay within the scheme's bound
-        stored = _values(codes.cpu(), pairs.cpu(), width).flatten(0, 1)[written]
+        # and the codes, read back with the pairs stored beside them (and the anchors), stay within the
+        # scheme's bound of what was quantized (the residual against the anchor)
+        stored = _values(codes.cpu(), pairs.cpu(), width, base).flatten(0, 1)[written]
         original = x[slots >= 0].double()
-        assert bool(((stored - original).abs() <= quantization_error_bound(original, width, dtype).double()).all())
+        quantized = original.float()
+        if base is not None:
+            quantized = original.float() - base.float()[torch.div(written, 8, rounding_mode="floor")]
+        bound = quantization_error_bound(quantized, width, dtype, group).double()
+        assert bool(((stored - original).abs() <= bound).all())
         untouched = torch.ones(codes.shape[0] * codes.shape[1], dtype=torch.bool)
         untouched[written] = False
         assert not bool(codes.cpu().flatten(0, 1)[untouched].any())
@@ -329,7 +342,8 @@ def test_triton_entry_points_refuse_caches_they_cannot_read() -> None:
     assert cache.key_scales is not None and cache.value_scales is not None
     scales = (cache.key_scales, cache.value_scales)
     int4 = KVBits(4, 4)
-    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, int4) == (4, 2, 16)
+    anchors = cache.key_anchors
+    assert check_paged_inputs(batch.q, cache.key, cache.value, batch.meta, scales, int4, anchors) == (4, 2, 16)
     cases = [
         ("key_bits", dict(bits=KVBits(3, 4))),
         ("value_bits", dict(bits=KVBits(4, 3))),
@@ -342,4 +356,4 @@ def test_triton_entry_points_refuse_caches_they_cannot_read() -> None:
     for field, change in cases:
         args = {"v": cache.value, "scales": scales, "bits": int4, **change}
         with pytest.raises(ValueError, match=field):
-            check_paged_inputs(batch.q, cache.key, args["v"], batch.meta, args["scales"], args["bits"])
+            check_paged_inputs(batch.q, cache.key, args["v"], batch.meta, args["scales"], args["bits"], anchors)

@@ -29,13 +29,15 @@ def paged_attention_cache_triton(
     q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
     options: AttentionOptions | None = None,
 ) -> torch.Tensor:
-    """``paged_attention_triton`` over a quantized ``KVCache``: the kernels read its codes and scales in place."""
+    """``paged_attention_triton`` over a quantized ``KVCache``: the kernels read its codes, scales and (4-bit
+    keys) anchors in place."""
     bits = cache.bits
     if bits is None or cache.key_scales is None or cache.value_scales is None:
         return paged_attention_triton(q, cache.key, cache.value, meta, scale, options)
     scales = (cache.key_scales, cache.value_scales)
+    anchors = cache.key_anchors
     if meta.is_decode_only:
         return paged_decode_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=bits,
-                                      options=options)
+                                      anchors=anchors, options=options)
     return paged_prefill_attention(q, cache.key, cache.value, meta, scale, scales=scales, bits=bits,
-                                   options=options)
+                                   anchors=anchors, options=options)

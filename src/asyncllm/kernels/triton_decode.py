@@ -22,6 +22,7 @@ from asyncllm.kernels.triton_flash import attend_tile, load_kv_tile
 from asyncllm.kernels.triton_launch import (
     LOG2E,
     MIN_DOT_DIM,
+    cache_operands,
     check_paged_inputs,
     dot_precision,
     pow2_at_least,
@@ -79,19 +80,22 @@ def plan_splits(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-    part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, k_anchors_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, softcap, window, split_len,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_sb, stride_ss, stride_sh,
+    stride_ksb, stride_kss, stride_ksh, stride_ksg,
+    stride_vsb, stride_vss, stride_vsh,
+    stride_ab, stride_ah,
     stride_bt,
     stride_ot, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps,
     GROUPS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_GROUP: tl.constexpr, K_ANCHORED: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -122,12 +126,14 @@ def _decode_split_kernel(
     for tile in range(start, end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
-                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, K_BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
-        v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
-                         stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, V_BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
+        k = load_kv_tile(k_cache_ptr, k_scales_ptr, k_anchors_ptr, table_row, offs_n, mask_n, offs_d, mask_d,
+                         kv_head64, stride_cb, stride_cs, stride_ch, stride_cd,
+                         stride_ksb, stride_kss, stride_ksh, stride_ksg, stride_ab, stride_ah,
+                         BLOCK_SIZE, K_BITS, HEAD_DIM // 2, K_GROUP, K_ANCHORED).to(q_ptr.dtype.element_ty)
+        v = load_kv_tile(v_cache_ptr, v_scales_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d,
+                         kv_head64, stride_vb, stride_vs, stride_vh, stride_vd,
+                         stride_vsb, stride_vss, stride_vsh, 0, 0, 0,
+                         BLOCK_SIZE, V_BITS, HEAD_DIM // 2, HEAD_DIM, False).to(q_ptr.dtype.element_ty)
         valid = (offs_g[:, None] >= 0) & mask_n[None, :]
         m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, PRECISION, UPCAST, SOFTCAP)
 
@@ -196,18 +202,20 @@ def paged_decode_attention(
     *,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     bits: KVBits | None = None,
+    anchors: torch.Tensor | None = None,
     options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_reference`` for a decode-only batch (row ``i`` of ``q`` is sequence ``i``'s
     single new token). Grids come from host ints in ``meta``; the device is never synchronised. A
-    quantized cache passes its ``bits`` (key and value widths) and (key, value) ``scales`` (see ``check_paged_inputs``).
+    quantized cache passes its ``bits`` (key and value widths), (key, value) ``scales`` and, with 4-bit
+    keys, the blocks' key ``anchors`` (see ``check_paged_inputs``).
 
     ``meta.max_seq_len`` only has to bound the true lengths in ``meta.seq_lens`` (splits past a
     sequence's end are empty and weigh nothing in the merge), so a launch sized for a maximum length,
     as a captured CUDA graph is, stays correct for any shorter batch. ``options``: a sliding window (splits
     start no earlier than the window's first key; wholly older ones are empty) and soft-capping.
     """
-    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits)
+    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits, anchors)
     if not meta.is_decode_only or q.shape[0] != meta.num_seqs:
         raise ValueError(f"q: decode needs one row per sequence ({meta.num_seqs}), got {q.shape[0]} rows "
                          f"with max_query_len={meta.max_query_len}")
@@ -227,17 +235,18 @@ def paged_decode_attention(
                                device=q.device)
         part_lse = torch.empty((meta.num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_strides = (num_heads * num_splits, num_splits, 1)
-    k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when unquantized
+    pointers, scale_strides, key_scheme = cache_operands(k_cache, v_cache, scales, bits, anchors, head_dim)
     _decode_split_kernel[(meta.num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, k_scales, v_scales, meta.block_tables, meta.seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, *pointers, meta.block_tables, meta.seq_lens, out, part_out, part_lse,
         scale * LOG2E, softcap_log2(options), window_of(options), split_len,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_scales.stride()[:3],
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides,
         meta.block_tables.stride(0), *out.stride(),
         *part_strides,
         GROUPS=groups, GROUP_PAD=pow2_at_least(groups, MIN_DOT_DIM), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_N=launch.block_n, BLOCK_SIZE=k_cache.shape[1], DIRECT=direct,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         K_BITS=0 if bits is None else bits.key, V_BITS=0 if bits is None else bits.value,
+        **key_scheme,
         SOFTCAP=softcap_log2(options) > 0, WINDOW=window_of(options) > 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )

@@ -2,7 +2,8 @@
 
 ``load_kv_tile`` reads a tile of keys or values through a block table (token ``t`` lives in block
 ``table[t // BLOCK_SIZE]`` at slot ``t % BLOCK_SIZE``; masked tokens resolve to block 0 and read 0),
-dequantizing an int8 / int4 cache's codes in registers (``kernels.kv_quant``). ``attend_tile`` is one
+dequantizing an int8 / int4 cache's codes in registers (``kernels.kv_quant``; 4-bit keys with their
+grouped pairs and their block's anchor). ``attend_tile`` is one
 step of the online ("flash") softmax. Scores live in the log2 domain: callers fold ``log2(e)`` into
 the softmax scale and use ``exp2``. Running state per query row: ``m`` (max score seen, -inf before
 any key), ``l`` (sum of ``exp2(score - m)``) and ``acc`` (the matching weighted sum of values, fp32).
@@ -15,15 +16,20 @@ import triton.language as tl
 
 
 @triton.jit
-def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, mask_d, head,
-                 stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                 BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
+def load_kv_tile(cache_ptr, scales_ptr, anchors_ptr, table_row_ptr, offs_n, mask_n, offs_d, mask_d, head,
+                 stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh, stride_sg,
+                 stride_ab, stride_ah,
+                 BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, GROUP: tl.constexpr,
+                 ANCHORED: tl.constexpr):
     """Tile ``[N, D]`` of one KV head's keys or values for tokens ``offs_n`` (masked rows and dims read 0).
 
     ``BITS`` (the width of this tensor's codes: a cache's keys and values may differ) 0: the cache's own
     values. 8 / 4: ``uint8`` codes (int4: dimension ``d`` in byte ``d % HALF``, low
     nibble for ``d < HALF``, high nibble after; ``HALF`` = head_dim / 2) read back as ``code * scale + zero``
-    with each token's pair from ``scales_ptr``, in float32.
+    with each token's pair from ``scales_ptr``, in float32. ``GROUP``: dimensions per ``(scale, zero)``
+    pair, ``head_dim`` (``2 * HALF``) for one pair per row; fewer: dimension ``d`` takes pair ``d // GROUP``,
+    ``stride_sg`` apart. ``ANCHORED`` (4-bit keys): each value adds ``anchors[block, head, d]`` of its token's
+    block (``anchors_ptr`` ``[num_blocks, Hk, D]``, unit stride last).
     """
     block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
     slot = (offs_n % BLOCK_SIZE).to(tl.int64)
@@ -38,9 +44,19 @@ def load_kv_tile(cache_ptr, scales_ptr, table_row_ptr, offs_n, mask_n, offs_d, m
             packed = tl.load(cache_ptr + base[:, None] + (offs_d % HALF)[None, :] * stride_cd, mask=mask, other=0)
             codes = (packed.to(tl.int32) >> ((offs_d // HALF) * 4)[None, :]) & 15
         pair = block * stride_sb + slot * stride_ss + head * stride_sh
-        scale = tl.load(scales_ptr + pair, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(scales_ptr + pair + 1, mask=mask_n, other=0.0).to(tl.float32)
-        tile = codes.to(tl.float32) * scale[:, None] + zero[:, None]
+        if GROUP >= 2 * HALF:
+            scale = tl.load(scales_ptr + pair, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(scales_ptr + pair + 1, mask=mask_n, other=0.0).to(tl.float32)
+            tile = codes.to(tl.float32) * scale[:, None] + zero[:, None]
+        else:
+            pairs = pair[:, None] + (offs_d // GROUP)[None, :] * stride_sg
+            scale = tl.load(scales_ptr + pairs, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(scales_ptr + pairs + 1, mask=mask, other=0.0).to(tl.float32)
+            tile = codes.to(tl.float32) * scale + zero
+        if ANCHORED:
+            anchor = tl.load(anchors_ptr + (block * stride_ab + head * stride_ah)[:, None] + offs_d[None, :],
+                             mask=mask, other=0.0)
+            tile = tile + anchor.to(tl.float32)
         tile = tl.where(mask, tile, 0.0)
     return tile
 

@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 
-from asyncllm.kernels.kv_quant import KVBits, code_width
+from asyncllm.kernels.kv_quant import KVBits, code_width, key_scheme
 from asyncllm.kernels.metadata import AttentionMetadata
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,13 +60,19 @@ def check_dtype(name: str, tensor: torch.Tensor) -> None:
 def check_paged_inputs(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None, bits: KVBits | None = None,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[int, int, int]:
     """Validate paged-attention operands (shapes and dtypes only); returns ``(Hq, Hk, D)``. A quantized
     cache (``bits``: the key and value codes' widths, 8 or 4 each) holds ``uint8`` codes, each tensor at
     its own width, and ``scales`` = (key, value) ``(scale, zero)`` pairs ``[num_blocks, block_size, Hk, 2]``
-    in ``q``'s dtype (``kernels.kv_quant``)."""
+    in ``q``'s dtype (``kernels.kv_quant``); 4-bit keys are anchored and grouped (``kv_quant.key_scheme``):
+    key pairs ``[num_blocks, block_size, Hk, groups, 2]`` and ``anchors`` (the cache's ``key_anchors``)
+    ``[num_blocks, Hk, D]`` in ``q``'s dtype on the cache's device, unit stride last; no other cache has
+    anchors."""
     if bits is not None:
-        return _check_quantized(q, k_cache, v_cache, meta, scales, bits)
+        return _check_quantized(q, k_cache, v_cache, meta, scales, bits, anchors)
+    if anchors is not None:
+        raise ValueError("key_anchors: only a cache with 4-bit keys has them")
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -86,7 +92,7 @@ def check_paged_inputs(
 
 def _check_quantized(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scales: tuple[torch.Tensor, torch.Tensor] | None, bits: KVBits,
+    scales: tuple[torch.Tensor, torch.Tensor] | None, bits: KVBits, anchors: torch.Tensor | None,
 ) -> tuple[int, int, int]:
     bits = KVBits.of(bits)
     if scales is None:
@@ -103,13 +109,44 @@ def _check_quantized(
     if tuple(v_cache.shape) != value_shape or v_cache.dtype != torch.uint8:
         raise ValueError(f"v_cache: expected uint8 codes {value_shape}, got {v_cache.dtype} {tuple(v_cache.shape)}")
     expected = (*k_cache.shape[:3], 2)
-    for name, pairs in zip(("key_scales", "value_scales"), scales, strict=True):
-        if tuple(pairs.shape) != expected or pairs.dtype != q.dtype or pairs.stride(-1) != 1:
-            raise ValueError(f"{name}: expected {q.dtype} {expected} with unit stride last, got "
+    scheme = key_scheme(head_dim, bits.key)
+    key_expected = (*k_cache.shape[:3], scheme.groups(head_dim), 2) if scheme.anchored else expected
+    for name, pairs, shape in zip(("key_scales", "value_scales"), scales, (key_expected, expected), strict=True):
+        if tuple(pairs.shape) != shape or pairs.dtype != q.dtype or pairs.stride(-1) != 1:
+            raise ValueError(f"{name}: expected {q.dtype} {shape} with unit stride last, got "
                              f"{pairs.dtype} {tuple(pairs.shape)}")
-    if scales[0].stride() != scales[1].stride():
-        raise ValueError("value_scales: strides must equal key_scales'")
+    if not scheme.anchored:
+        if anchors is not None:
+            raise ValueError(f"key_anchors: only a cache with 4-bit keys has them, got {bits.key}-bit keys")
+    else:
+        shape = (k_cache.shape[0], k_cache.shape[2], head_dim)
+        if anchors is None:
+            raise ValueError(f"key_anchors: 4-bit keys need their blocks' anchors {shape}")
+        if (tuple(anchors.shape) != shape or anchors.dtype != q.dtype or anchors.device != k_cache.device
+                or anchors.stride(-1) != 1):
+            raise ValueError(f"key_anchors: expected {q.dtype} {shape} on {k_cache.device} with unit stride "
+                             f"last, got {anchors.dtype} {tuple(anchors.shape)} on {anchors.device}")
     return _heads_and_tables(q, k_cache, meta)
+
+
+def cache_operands(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
+    bits: KVBits | None, anchors: torch.Tensor | None, head_dim: int,
+) -> tuple[tuple, tuple, dict]:
+    """The paged attention kernels' scale and anchor operands, once ``check_paged_inputs`` has passed: the
+    pointers ``(k_scales, v_scales, anchors)``, the strides (key pairs: block, slot, head, group; value
+    pairs: block, slot, head; anchors: block, head) and the key constexprs ``K_GROUP`` (dimensions per key
+    pair) and ``K_ANCHORED``. Placeholders (the caches, unread) stand in for what a cache lacks."""
+    k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when unquantized
+    scheme = None if bits is None else key_scheme(head_dim, bits.key)
+    group = head_dim
+    group_stride = 0
+    if scheme is not None and scheme.anchored:
+        group, group_stride = scheme.group_size, k_scales.stride(3)
+    anchor_strides = anchors.stride()[:2] if anchors is not None else (0, 0)
+    pointers = (k_scales, v_scales, anchors if anchors is not None else k_cache)
+    strides = (*k_scales.stride()[:3], group_stride, *v_scales.stride()[:3], *anchor_strides)
+    return pointers, strides, {"K_GROUP": group, "K_ANCHORED": anchors is not None}
 
 
 def _heads_and_tables(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ from asyncllm.kernels.triton_flash import attend_tile, load_kv_tile
 from asyncllm.kernels.triton_launch import (
     LOG2E,
     MIN_DOT_DIM,
+    cache_operands,
     check_paged_inputs,
     dot_precision,
     pow2_at_least,
@@ -55,18 +56,21 @@ def default_prefill_launch(head_dim: int, dtype: torch.dtype) -> PrefillLaunch:
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, k_anchors_ptr, block_tables_ptr, seq_lens_ptr,
     query_start_ptr, out_ptr,
     qk_scale, softcap, window,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_sb, stride_ss, stride_sh,
+    stride_ksb, stride_kss, stride_ksh, stride_ksg,
+    stride_vsb, stride_vss, stride_vsh,
+    stride_ab, stride_ah,
     stride_bt,
     stride_ot, stride_oh, stride_od,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_GROUP: tl.constexpr, K_ANCHORED: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
@@ -110,24 +114,28 @@ def _prefill_kernel(
     for tile in range(0, shared_end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         all_n = offs_n >= 0
-        k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, all_n, offs_d, mask_d, kv_head64,
-                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, K_BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
-        v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, all_n, offs_d, mask_d, kv_head64,
-                         stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, V_BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
+        k = load_kv_tile(k_cache_ptr, k_scales_ptr, k_anchors_ptr, table_row, offs_n, all_n, offs_d, mask_d,
+                         kv_head64, stride_cb, stride_cs, stride_ch, stride_cd,
+                         stride_ksb, stride_kss, stride_ksh, stride_ksg, stride_ab, stride_ah,
+                         BLOCK_SIZE, K_BITS, HEAD_DIM // 2, K_GROUP, K_ANCHORED).to(q_ptr.dtype.element_ty)
+        v = load_kv_tile(v_cache_ptr, v_scales_ptr, v_scales_ptr, table_row, offs_n, all_n, offs_d, mask_d,
+                         kv_head64, stride_vb, stride_vs, stride_vh, stride_vd,
+                         stride_vsb, stride_vss, stride_vsh, 0, 0, 0,
+                         BLOCK_SIZE, V_BITS, HEAD_DIM // 2, HEAD_DIM, False).to(q_ptr.dtype.element_ty)
         valid = (offs_m[:, None] >= 0) & all_n[None, :]
         m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, PRECISION, UPCAST, SOFTCAP)
     # The diagonal band: key visible iff it is not after the row's position.
     for tile in range(band_start, last_pos + 1, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         mask_n = offs_n <= last_pos
-        k = load_kv_tile(k_cache_ptr, k_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
-                         stride_cb, stride_cs, stride_ch, stride_cd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, K_BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
-        v = load_kv_tile(v_cache_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d, kv_head64,
-                         stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss, stride_sh,
-                         BLOCK_SIZE, V_BITS, HEAD_DIM // 2).to(q_ptr.dtype.element_ty)
+        k = load_kv_tile(k_cache_ptr, k_scales_ptr, k_anchors_ptr, table_row, offs_n, mask_n, offs_d, mask_d,
+                         kv_head64, stride_cb, stride_cs, stride_ch, stride_cd,
+                         stride_ksb, stride_kss, stride_ksh, stride_ksg, stride_ab, stride_ah,
+                         BLOCK_SIZE, K_BITS, HEAD_DIM // 2, K_GROUP, K_ANCHORED).to(q_ptr.dtype.element_ty)
+        v = load_kv_tile(v_cache_ptr, v_scales_ptr, v_scales_ptr, table_row, offs_n, mask_n, offs_d, mask_d,
+                         kv_head64, stride_vb, stride_vs, stride_vh, stride_vd,
+                         stride_vsb, stride_vss, stride_vsh, 0, 0, 0,
+                         BLOCK_SIZE, V_BITS, HEAD_DIM // 2, HEAD_DIM, False).to(q_ptr.dtype.element_ty)
         valid = (offs_n[None, :] <= positions[:, None]) & mask_n[None, :]
         if WINDOW:
             valid = valid & (offs_n[None, :] > positions[:, None] - window)
@@ -149,32 +157,35 @@ def paged_prefill_attention(
     *,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     bits: KVBits | None = None,
+    anchors: torch.Tensor | None = None,
     options: AttentionOptions | None = None,
 ) -> torch.Tensor:
     """``paged_attention_reference`` for any batch (prefill, extend, decode rows mixed in); a quantized
-    cache passes its ``bits`` (key and value widths) and (key, value) ``scales`` (see ``check_paged_inputs``).
+    cache passes its ``bits`` (key and value widths), (key, value) ``scales`` and, with 4-bit keys, the
+    blocks' key ``anchors`` (see ``check_paged_inputs``).
 
     Grids come from host ints in ``meta``; the device is never synchronised. ``meta.max_query_len``
     only has to bound the true query lengths: programs past a sequence's rows exit at once. ``options``: a
     sliding window (tiles wholly before a program's window are skipped) and soft-capping.
     """
-    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits)
+    num_heads, num_kv_heads, head_dim = check_paged_inputs(q, k_cache, v_cache, meta, scales, bits, anchors)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.num_seqs == 0 or q.shape[0] == 0:
         return out
     launch = launch or default_prefill_launch(head_dim, q.dtype)
     groups = num_heads // num_kv_heads
     grid = (triton.cdiv(meta.max_query_len * groups, launch.block_m), meta.num_seqs, num_kv_heads)
-    k_scales, v_scales = scales if scales is not None else (k_cache, v_cache)  # unread when unquantized
+    pointers, scale_strides, key_scheme = cache_operands(k_cache, v_cache, scales, bits, anchors, head_dim)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, k_scales, v_scales, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+        q, k_cache, v_cache, *pointers, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
         scale * LOG2E, softcap_log2(options), window_of(options),
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_scales.stride()[:3],
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides,
         meta.block_tables.stride(0), *out.stride(),
         GROUPS=groups, HEAD_DIM=head_dim, D_PAD=pow2_at_least(head_dim, MIN_DOT_DIM),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_SIZE=k_cache.shape[1],
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         K_BITS=0 if bits is None else bits.key, V_BITS=0 if bits is None else bits.value,
+        **key_scheme,
         SOFTCAP=softcap_log2(options) > 0, WINDOW=window_of(options) > 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
