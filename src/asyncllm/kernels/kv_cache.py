@@ -14,8 +14,8 @@ each block's first token's keys; a key reads back as ``code * scale + zero + anc
 Invariants: ``key`` and ``value`` have one dtype, live on one device and agree in
 ``[num_blocks, block_size, Hk]``; a plain cache's have the same shape, a quantized cache's last dims are
 ``code_width(D, key_bits)`` / ``code_width(D, value_bits)`` of one ``D``; a cache has scales exactly when it
-has both widths; ``key_anchors`` exists exactly when keys are 4-bit; the tensors keep their storage for the cache's lifetime (recorded CUDA graphs and native
-kernel plans hold addresses).
+has both widths; ``key_anchors`` exists exactly when keys are 4-bit; the tensors keep their storage for the
+cache's lifetime (recorded CUDA graphs and native kernel plans hold addresses).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.kernels.kv_quant import KVBits, KeyScheme, code_width, dequantize_kv, key_scheme
+from asyncllm.kernels.kv_quant import KeyScheme, KVBits, code_width, dequantize_kv, key_scheme
 
 
 @dataclass(frozen=True, eq=False)
