@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asyncllm.kernels import AttentionMetadata, KVCache
-from asyncllm.kernels.kv_quant import KVBits, code_width
+from asyncllm.kernels.kv_quant import KVBits, code_width, key_scheme
 
 
 @dataclass
@@ -52,7 +52,7 @@ def make_kv_caches(
 ) -> list[KVCache]:
     """Per-layer caches, keys and values each ``[num_blocks, block_size, Hk, D]`` float32 of garbage; with
     ``bits`` (8 / 4 for both, or ``(key_bits, value_bits)``), quantized caches of random codes and float32
-    ``(scale, zero)`` pairs."""
+    ``(scale, zero)`` pairs (4-bit keys: grouped pairs and random block anchors, ``kv_quant.key_scheme``)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     if bits is None:
@@ -64,11 +64,17 @@ def make_kv_caches(
     key_codes = (*shape[:3], code_width(head_dim, widths.key))
     value_codes = (*shape[:3], code_width(head_dim, widths.value))
     pairs = (*shape[:3], 2)
+    scheme = key_scheme(head_dim, widths.key)
+    key_pairs = (*shape[:3], scheme.groups(head_dim), 2) if scheme.anchored else pairs
+
+    def anchors() -> torch.Tensor | None:
+        return torch.randn(num_blocks, num_kv_heads, head_dim, generator=gen) * 10 if scheme.anchored else None
+
     return [
         KVCache(torch.randint(0, 256, key_codes, generator=gen, dtype=torch.uint8),
                 torch.randint(0, 256, value_codes, generator=gen, dtype=torch.uint8),
-                torch.randn(pairs, generator=gen) * 10, torch.randn(pairs, generator=gen) * 10,
-                key_bits=widths.key, value_bits=widths.value)
+                torch.randn(key_pairs, generator=gen) * 10, torch.randn(pairs, generator=gen) * 10,
+                key_bits=widths.key, value_bits=widths.value, key_anchors=anchors())
         for _ in range(num_layers)
     ]
 

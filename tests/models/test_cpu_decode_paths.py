@@ -106,6 +106,9 @@ def _assert_step_matches(
                 torch.testing.assert_close(got_kv, ref_kv, rtol=0, atol=step)
             torch.testing.assert_close(cache.key_scales, ref.key_scales, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(cache.value_scales, ref.value_scales, rtol=1e-6, atol=1e-6)
+            if ref.key_anchors is not None:  # 4-bit keys: each block's first token, as written
+                assert cache.key_anchors is not None
+                torch.testing.assert_close(cache.key_anchors, ref.key_anchors, rtol=1e-5, atol=1e-5)
             assert (cache.key != ref.key).float().mean() < 1e-3
             continue
         torch.testing.assert_close(cache.key, ref.key, rtol=1e-5, atol=1e-4)

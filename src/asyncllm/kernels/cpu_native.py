@@ -54,7 +54,7 @@ class NativeKernels:
 
     def plan_attention(self, meta: AttentionMetadata, cache: KVCache, num_heads: int) -> AttentionMetadata:
         """Attach a validated ``DecodeAttentionPlan`` to a decode step over a float32 CPU cache (plain, or int8 /
-        int4 codes with float32 scales)."""
+        int4 codes with float32 scales, 4-bit keys anchored)."""
         if not meta.is_decode_only or cache.compute_dtype != torch.float32:
             return meta
         if cache.device.type != "cpu" or meta.block_tables.device.type != "cpu":
@@ -62,7 +62,7 @@ class NativeKernels:
         kernel = self.attention()
         if kernel is None:
             return meta
-        if cache.is_quantized and (cache.head_dim > MAX_QUANTIZED_HEAD_DIM or cache.key_anchors is not None):
+        if cache.is_quantized and cache.head_dim > MAX_QUANTIZED_HEAD_DIM:
             return meta
         shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
         plan = kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=num_heads, bits=cache.bits)

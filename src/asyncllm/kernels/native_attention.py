@@ -8,8 +8,8 @@ byte is read once per step.
 Usage, per decode step: ``plan = kernel.plan(block_tables, seq_lens, cache_shape)`` validates the step's
 tables once (the C code trusts every index it is given), then ``plan.run(q, cache, scale)``
 per layer checks only the tensors that change. The cache may be plain float32 or quantized (int8 / int4 codes,
-keys and values each at their own width, with float32 scales, ``kernels.kv_quant``): the kernel reads the
-codes in place (``PagedKVArg``).
+keys and values each at their own width, with float32 scales, ``kernels.kv_quant``; 4-bit keys anchored on
+each block's first token and scaled in groups): the kernel reads the codes in place (``PagedKVArg``).
 """
 
 from __future__ import annotations
@@ -32,33 +32,48 @@ MAX_QUANTIZED_HEAD_DIM = 512  # the C quantizer's row buffer
 
 
 class PagedKVArg(ctypes.Structure):
-    """``paged_kv`` of ``csrc/paged_attention.h``: one layer's cache tensors and the key and value codes'
-    widths (both 0: float32)."""
+    """``paged_kv`` of ``csrc/paged_attention.h``: one layer's cache tensors, the key and value codes'
+    widths (both 0: float32), anchored keys' block anchors (or ``None``), the key dimensions per ``(scale,
+    zero)`` pair and the block size."""
 
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("k_scales", ctypes.c_void_p),
-                ("v_scales", ctypes.c_void_p), ("k_bits", ctypes.c_int64), ("v_bits", ctypes.c_int64)]
+                ("v_scales", ctypes.c_void_p), ("k_bits", ctypes.c_int64), ("v_bits", ctypes.c_int64),
+                ("k_anchors", ctypes.c_void_p), ("k_group", ctypes.c_int64), ("block_size", ctypes.c_int64)]
 
 
 def paged_kv_arg(cache: KVCache) -> PagedKVArg:
     """The C view of ``cache`` (its tensors must outlive every call that receives it)."""
+    scheme = cache.key_scheme
     return PagedKVArg(cache.key.data_ptr(), cache.value.data_ptr(),
                       None if cache.key_scales is None else cache.key_scales.data_ptr(),
                       None if cache.value_scales is None else cache.value_scales.data_ptr(),
-                      cache.key_bits or 0, cache.value_bits or 0)
+                      cache.key_bits or 0, cache.value_bits or 0,
+                      None if cache.key_anchors is None else cache.key_anchors.data_ptr(),
+                      cache.head_dim if scheme is None else scheme.group_size, cache.block_size)
 
 
 def native_cache_problem(cache: KVCache, shape: tuple[int, int, int, int], bits: KVBits | None) -> str | None:
     """Why the C kernels cannot read ``cache`` as a ``[num_blocks, block_size, kv_heads, head_dim]`` cache of
     ``bits`` (key and value widths; ``None``: float32), or ``None`` when they can."""
-    tensors = [cache.key, cache.value] + [t for t in (cache.key_scales, cache.value_scales) if t is not None]
+    tensors = [cache.key, cache.value] + [t for t in (cache.key_scales, cache.value_scales, cache.key_anchors)
+                                          if t is not None]
     if cache.bits != bits or cache.compute_dtype != torch.float32:
         have = cache.bits
         return f"expected a {'float32' if bits is None else f'{bits.name} (float32 scales)'} cache, " \
                f"got {cache.compute_dtype} {'plain' if have is None else have.name}"
-    if cache.key_anchors is not None:
-        return "anchored 4-bit keys are read by the torch path"
     if (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim) != shape:
         return f"expected a cache of shape {shape}, got {tuple(cache.shape)}"
+    scheme = cache.key_scheme
+    if scheme is not None and cache.key_scales is not None:
+        pairs = (*shape[:3], scheme.groups(shape[3]), 2) if scheme.anchored else (*shape[:3], 2)
+        if tuple(cache.key_scales.shape) != pairs or cache.key_scales.dtype != torch.float32:
+            return f"expected float32 key scales {pairs}, got {cache.key_scales.dtype} " \
+                   f"{tuple(cache.key_scales.shape)}"
+        anchors = (shape[0], shape[2], shape[3]) if scheme.anchored else None
+        have_anchors = None if cache.key_anchors is None else tuple(cache.key_anchors.shape)
+        if have_anchors != anchors or (cache.key_anchors is not None and cache.key_anchors.dtype != torch.float32):
+            return f"expected key anchors {'none' if anchors is None else f'float32 {anchors}'}, got " \
+                   f"{'none' if cache.key_anchors is None else f'{cache.key_anchors.dtype} {have_anchors}'}"
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return "expected contiguous CPU tensors"
     return None
