@@ -324,9 +324,8 @@ def test_smollm2_gguf_matches_hf(smollm2_gguf: Path, smollm2_slice: tuple[str, l
 @pytest.mark.slow
 def test_smollm2_kv_cache_quantization_costs(smollm2_gguf: Path, smollm2_slice: tuple[str, list[int], float, int]
                                              ) -> None:
-    """The windows attend over an int8 / int4 / k8v4 cache: int8 within 0.5% of the float cache (HF's number,
-    checked above), k8v4 (int8 keys, int4 values) within 3%, int4 costlier than both (measured on the whole
-    held-out text: docs/quantization.md)."""
+    """The short windows attend over an int8 / k8v4 / int4 cache: int8 within 0.5% of the float cache (HF's
+    number, checked above), and the 4-bit caches cost more, k8v4 less than int4."""
     text, _ids, expected, _scored = smollm2_slice
     costs = {}
     for dtype in ("int8", "int4", "k8v4"):
@@ -335,5 +334,32 @@ def test_smollm2_kv_cache_quantization_costs(smollm2_gguf: Path, smollm2_slice: 
         assert result.kv_cache_dtype == dtype
         costs[dtype] = result.perplexity / expected - 1
     assert abs(costs["int8"]) < 0.005, costs
-    assert costs["int8"] < costs["int4"] < 0.5, costs
-    assert abs(costs["k8v4"]) <= 0.03 and costs["k8v4"] < costs["int4"], costs
+    assert costs["int8"] < costs["k8v4"] < costs["int4"] < 0.1, costs
+
+
+FIDELITY_TOKENS = 2048
+"""The first 2,048 held-out tokens in the docs' windows (seqlen 512, stride 256: seven windows); the 4-bit
+caches cost more here than on the whole text (int4 +2.8% here, +2.2% on all of it: docs/quantization.md)."""
+
+
+@pytest.fixture(scope="module")
+def fidelity_text(smollm2_gguf: Path) -> tuple[str, Any]:
+    """The ``FIDELITY_TOKENS`` text and its perplexity over the float32 cache."""
+    from asyncllm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_path(smollm2_gguf)
+    text = tokenizer.decode(tokenizer.encode(stdlib_text("heldout"))[:FIDELITY_TOKENS])
+    return text, perplexity(smollm2_gguf, text, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_cache_dtype", ["int4", "k8v4"])
+def test_smollm2_4bit_kv_caches_stay_within_3_percent(smollm2_gguf: Path, fidelity_text: tuple[str, Any],
+                                                      kv_cache_dtype: str) -> None:
+    """The 4-bit caches' target: perplexity within +3% of the float32 cache's (the engine's float32 path is
+    HF's: ``test_smollm2_gguf_matches_hf``), in the protocol docs/quantization.md reports."""
+    text, plain = fidelity_text
+    quantized = perplexity(smollm2_gguf, text, device="cpu", kv_cache_dtype=kv_cache_dtype)
+    assert (plain.seqlen, plain.stride, plain.windows) == (512, 256, 7) and quantized.tokens == plain.tokens
+    cost = quantized.perplexity / plain.perplexity - 1
+    assert 0 < cost <= 0.03, cost
