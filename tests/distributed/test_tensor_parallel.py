@@ -170,6 +170,27 @@ def test_llama_logits_match_one_rank_and_transformers(llama: tuple[Path, Any], l
     print(f"max |logit diff| TP=2 vs TP=1: {worst_single:.2e}, vs transformers: {worst_hf:.2e}")
 
 
+def test_quantized_kv_cache_splits_its_heads_across_ranks(llama: tuple[Path, Any], chat_tokenizer: Any) -> None:
+    """An int4 cache (anchored, grouped keys) on 2 ranks, each holding one of the 2 KV heads with its anchors
+    and pairs, gives one rank's logits over the same cache through chunked prefill and batched decode."""
+    path, _ = llama
+    prompts = [chat_tokenizer.encode(p) for p in PROMPTS]
+    config = _config(kv_cache_dtype="int4")
+    single = build_runner(load_model(path, config)[0], config)
+    assert single.kv_caches[0].key_anchors is not None
+    parallel = TensorParallelRunner.start(str(path), _config(tensor_parallel_size=2, kv_cache_dtype="int4"))
+    try:
+        parallel_logits = _run_steps(parallel, prompts, steps=4)
+    finally:
+        parallel.close()
+    single_logits = _run_steps(single, prompts, steps=4)
+    worst = max(float((a - b).abs().max()) for a, b in zip(parallel_logits, single_logits, strict=True))
+    # the ranks' keys differ from one rank's by float rounding only; a code may flip at a rounding boundary
+    assert worst <= 1e-3, worst
+    print(f"max |logit diff| int4 cache, TP=2 vs TP=1: {worst:.2e}")
+    assert [x.argmax(-1).tolist() for x in parallel_logits] == [x.argmax(-1).tolist() for x in single_logits]
+
+
 async def test_llama_engine_concurrent_requests_and_session(llama: tuple[Path, Any], llama_tp: TensorParallelRunner,
                                                             chat_tokenizer: Any) -> None:
     """Runs last on the shared group: the engine's ``aclose`` stops its workers."""
