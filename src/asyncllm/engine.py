@@ -24,7 +24,7 @@ from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.cpu_threads import affinity_cpus
 from asyncllm.event_loop import LoopHandle, LoopTask, Signal
-from asyncllm.image_inputs import ImageLimits, prepare_images
+from asyncllm.image_inputs import ImageLimits, check_image_count, prepare_images
 from asyncllm.images import ImageProcessor, PreparedImage, expand_image_tokens
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
@@ -37,7 +37,7 @@ from asyncllm.sampling import SamplingParams, SamplingRow
 from asyncllm.scheduler import ScheduledChunk, Scheduler, SchedulerStep
 from asyncllm.sequence import FinishReason, ImageSpan
 from asyncllm.step_isolation import StepFailedError, run_step, step_error
-from asyncllm.streams import RequestStream, TextStream, call_in_loop
+from asyncllm.streams import OutputChannel, RequestStream, TextStream, call_in_loop
 from asyncllm.thread_governor import ThreadGovernor
 from asyncllm.tokenizer import Tokenizer
 
@@ -391,31 +391,74 @@ class AsyncEngine:
         pinned, and its KV is pinned for the session when it finishes (a turn waits for the previous turn's
         KV to settle). ``on_done`` is called once with the ``Completion``, or ``None`` if the stream ends
         without one (aborted, failed or dropped). Raises ``ValueError`` for a prompt or ``max_tokens``
-        that does not fit ``max_model_len``, for token ids outside the vocabulary, and for images over
-        ``image_limits`` or that cannot be decoded (``prepare_images``).
+        that does not fit ``max_model_len``, for token ids outside the vocabulary, and for more images than
+        ``image_limits`` allow. Images not yet prepared (``prepare_images``) are decoded and preprocessed on
+        the model thread when the stream starts, never on the event loop: an image over the pixel limit or
+        that cannot be decoded, and a prompt that its image tokens make too long, raise ``ValueError`` from
+        the stream's first step (``await engine.generate(...)`` raises it as before).
         """
         request_id = f"req-{next(self._ids)}"
+        if images and not all(isinstance(image, PreparedImage) for image in images):
+            return self._submit_after_preparing(request_id, token_ids, params, session_id, on_done, images)
+        request = self._create_request(request_id, token_ids, params, session_id, images)
+
+        async def start() -> None:
+            await self._start_request(request, session_id)
+
+        return RequestStream(request.channel, self._abort_threadsafe, start, on_done)
+
+    def _submit_after_preparing(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, session_id: Hashable | None,
+        on_done: Callable[[Completion | None], None] | None, images: Sequence[Any],
+    ) -> RequestStream:
+        """``submit`` for images still to decode and preprocess: that work runs on the model thread when the
+        stream starts, so the event loop never waits on it (the count and whether the model takes images
+        are checked now; an image that cannot be prepared raises from the stream's first step)."""
+        processor = self._image_processor()
+        check_image_count(len(images), self.image_limits)
+        channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)
+        pending = list(images)
+        aborted = False
+
+        def abort(request_id: str) -> None:
+            nonlocal aborted
+            aborted = True
+            self._abort_threadsafe(request_id)
+
+        async def start() -> None:
+            prepared = await self.run_on_model_thread(prepare_images, pending, processor, self.image_limits)
+            request = self._create_request(request_id, token_ids, params, session_id, prepared, channel)
+            await self._start_request(request, session_id)
+            if aborted:  # closed while its images were prepared: abort it now that the engine knows it
+                self.abort(request_id)
+
+        return RequestStream(channel, abort, start, on_done)
+
+    def _create_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                        session_id: Hashable | None, images: Sequence[Any],
+                        channel: OutputChannel | None = None) -> Request:
+        """The request of ``token_ids`` with its image tokens expanded (``images`` prepared here if they are
+        not yet: the synchronous path of ``submit``)."""
         spans: tuple[ImageSpan, ...] = ()
         if images:
             processor = self._image_processor()
             prepared = prepare_images(images, processor, self.image_limits)
             token_ids, spans = expand_image_tokens(token_ids, prepared, processor)
-        request = Request.create(
+        return Request.create(
             request_id, token_ids, params, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len, eos_token_ids=self._eos_ids, device=self._runner.device,
-            session_id=session_id, images=spans,
+            session_id=session_id, images=spans, channel=channel,
         )
 
-        async def start() -> None:
-            self._ensure_started()
-            if session_id is not None:
-                await self._flushes.settled(session_id)
-            self._scheduler.add(request.seq)
-            self._requests[request_id] = request
-            assert self._wakeup is not None
-            self._wakeup.set()
-
-        return RequestStream(request.channel, self._abort_threadsafe, start, on_done)
+    async def _start_request(self, request: Request, session_id: Hashable | None) -> None:
+        """Queue ``request`` (after its session's previous turn has settled) and wake the loop."""
+        self._ensure_started()
+        if session_id is not None:
+            await self._flushes.settled(session_id)
+        self._scheduler.add(request.seq)
+        self._requests[request.seq.request_id] = request
+        assert self._wakeup is not None
+        self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with ``finish_reason == "abort"``. Call from the loop thread."""

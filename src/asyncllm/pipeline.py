@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import os
 import sys
 import threading
@@ -156,9 +155,15 @@ class Pipeline:
         self._check_usable()
         sampling_params = SamplingParams.from_kwargs(params, **sampling)
         token_ids, images = self._encode(prompt)
-        stream = self._run(_call_async(functools.partial(self._engine.submit, images=images), token_ids,
-                                       sampling_params))
+        stream = self._run(self._submit(token_ids, sampling_params, images))
         return PipelineStream(self, TextStream(stream))
+
+    async def _submit(self, token_ids: list[int], params: SamplingParams, images: list[Any]) -> RequestStream:
+        """Submit one request, its images prepared first on the model thread (so that a bad image raises
+        here, before anything runs)."""
+        if images:
+            images = await self._engine.run_on_model_thread(self._engine.prepare_images, images)
+        return self._engine.submit(token_ids, params, images=images)
 
     def _encode(self, prompt: Any) -> tuple[list[int], list[Any]]:
         """Token ids and images of a prompt: text, token ids, chat messages (whose image parts are taken)
@@ -194,7 +199,7 @@ class Pipeline:
         streams: list[RequestStream] = []
         for i, (token_ids, images) in enumerate(encoded):
             try:
-                streams.append(self._engine.submit(token_ids, params, images=images))
+                streams.append(await self._submit(token_ids, params, images))
             except ValueError as error:
                 raise ValueError(f"{name if single else f'{name}[{i}]'}: {error}") from None
         bar = _progress_bar(len(streams)) if show else None

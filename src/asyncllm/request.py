@@ -95,10 +95,13 @@ class Request:
         device: torch.device,
         session_id: Hashable | None = None,
         images: tuple[ImageSpan, ...] = (),
+        channel: OutputChannel | None = None,
     ) -> Request:
         """Check that the prompt and ``max_tokens`` fit ``max_model_len``, that the params' token ids are in
         the vocabulary and that ``min_tokens`` bans leave something to sample (``ValueError`` otherwise), and
-        build the request. Without ``max_tokens`` a request may run up to ``max_model_len``."""
+        build the request. Without ``max_tokens`` a request may run up to ``max_model_len``. ``channel``: the
+        request's output channel when its stream was handed out before the request could be built (its
+        images still being prepared); a new one otherwise."""
         if len(token_ids) >= max_model_len:
             raise ValueError(
                 f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len={max_model_len}"
@@ -114,7 +117,10 @@ class Request:
         max_new = params.max_tokens if params.max_tokens is not None else room
         seq = SequenceState(request_id, list(token_ids), params, max_total_tokens=len(token_ids) + max_new,
                             session_id=session_id, images=images)
-        channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)
+        if channel is None:
+            channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)
+        elif channel.request_id != request_id:
+            raise ValueError(f"channel: belongs to {channel.request_id!r}, not {request_id!r}")
         detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=token_ids,
                                              skip_special_tokens=params.skip_special_tokens, stop=params.stop)
         sampling = RequestSampling.create(params, eos_token_ids=eos_token_ids, device=device,

@@ -6,6 +6,8 @@ against ``engine.generate`` with the same images."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -73,6 +75,81 @@ async def test_a_bad_image_request_does_not_fail_its_concurrent_neighbour(make_l
 
         good, _ = await asyncio.gather(engine.generate(ask(png_bytes(seed=2)), **GREEDY), bad())
     assert good.token_ids == alone.token_ids and good.finish_reason == "length"
+
+
+class _SlowProcessor:
+    """Wraps an image processor: records the thread each image is prepared on and takes ``delay`` seconds."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay, self.threads = inner, delay, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def prepare(self, image: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        time.sleep(self.delay)
+        return self.inner.prepare(image)
+
+
+async def test_images_are_prepared_off_the_event_loop(make_llava_engine: Any) -> None:
+    """Decoding and preprocessing run on the model thread: the loop keeps ticking through a slow image, a
+    stream's errors still name the image, and a session turn whose image cannot be decoded leaves the
+    session usable."""
+    async with make_llava_engine() as engine:
+        slow = _SlowProcessor(engine.model.image_processor, delay=0.3)
+        engine.model.image_processor = slow
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        try:
+            result = await engine.generate(ask(png_bytes(seed=6)), **GREEDY)
+        finally:
+            task.cancel()
+        assert len(result.token_ids) == 8
+        assert slow.threads and threading.get_ident() not in slow.threads
+        assert ticks >= 10  # the loop ran through the 0.3 s of preparation, not blocked by it
+        slow.delay = 0.0
+        stream = engine.stream(ask(b"\x89PNG broken"), **GREEDY)  # handed out before the image is read
+        with pytest.raises(ValueError, match=r"^images\[0\]: cannot be decoded"):
+            async for _ in stream:
+                pass
+        async with engine.session() as chat:
+            with pytest.raises(ValueError, match=r"^images\[0\]"):
+                await chat.send([{"type": "image", "image": b"junk"}], **GREEDY)
+            assert not chat.busy and chat.messages == []
+            assert len((await chat.send([{"type": "image", "image": png_bytes(seed=6)}], **GREEDY)).token_ids) == 8
+        assert engine.stats().kv_blocks_used == 0 and engine.stats().waiting == 0
+
+
+async def test_a_stream_closed_while_its_images_are_prepared_runs_nothing(make_llava_engine: Any) -> None:
+    async with make_llava_engine() as engine:
+        slow = _SlowProcessor(engine.model.image_processor, delay=0.3)
+        engine.model.image_processor = slow
+        task = asyncio.create_task(engine.generate(ask(png_bytes(seed=7)), **GREEDY))
+        while not slow.threads:
+            await asyncio.sleep(0.01)
+        task.cancel()  # during the preparation
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stream = engine.stream_detailed(ask(png_bytes(seed=7)), **GREEDY)
+        first = asyncio.create_task(stream.__anext__())
+        while len(slow.threads) < 2:
+            await asyncio.sleep(0.01)
+        await stream.aclose()  # from another task, during the preparation: the request ends as aborted
+        assert (await first).finish_reason == "abort"
+        for _ in range(100):
+            stats = engine.stats()
+            if stats.running == stats.waiting == stats.kv_blocks_used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
 
 
 async def test_a_session_turn_about_the_same_image_reuses_its_kv(make_llava_engine: Any) -> None:
