@@ -87,9 +87,10 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
                         help=f"most sequences decoded together in one step; more requests wait "
                              f"(default: {EngineConfig.max_num_seqs})")
     parser.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
-                        help="how keys and values are cached: auto (the model's dtype), int8 or int4 (quantized "
-                             "per token and head as they are written: about 2x / 3.5-4x the tokens of a 16-bit "
-                             "cache in the same memory), or k8v4 (keys int8, values int4: about 2.5x) "
+                        help="how keys and values are cached: auto (the model's dtype), int8 (quantized per "
+                             "token and head as they are written: about 1.9x the tokens of a 16-bit cache in the "
+                             "same memory), k8v4 (keys int8, values int4: about 2.5x) or int4 (keys as residuals "
+                             "against each block's first token, a scale pair per 16 dimensions: about 2.8x) "
                              "(default: %(default)s)")
     parser.add_argument("--quant-policy", type=int, default=0, metavar="BITS",
                         help="the same choice in bits: 8 (int8), 4 (int4) or 0 (off) (default: %(default)s)")

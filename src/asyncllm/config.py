@@ -643,8 +643,9 @@ class EngineConfig:
 
     ``kv_cache_dtype``: ``"auto"`` stores keys and values in the compute dtype; ``"int8"`` / ``"int4"``
     quantize them as they are written (per token and KV head, scale and zero point beside each block in the
-    compute dtype: ``kernels.kv_quant``), so the same memory holds about 2x / 3.5-4x the tokens of a 16-bit
-    cache; ``"k8v4"`` keeps keys in int8 and values in int4 (about 2.5x). ``quant_policy`` is the int8 /
+    compute dtype; 4-bit keys as residuals against their block's first token with a pair per 16 dimensions:
+    ``kernels.kv_quant``), so the same memory holds about 1.9x / 2.8x the tokens of a 16-bit cache;
+    ``"k8v4"`` keeps keys in int8 and values in int4 (about 2.5x). ``quant_policy`` is the int8 /
     int4 choice in bits (``8`` / ``4``, ``0`` = off), for those used to that name; giving both, they must
     agree (``k8v4`` has no ``quant_policy`` spelling). ``kv_cache_bytes``: the KV pool's memory budget in bytes (all
     layers, keys, values and scales); when set it sizes the pool instead of ``kv_cache_tokens`` /
