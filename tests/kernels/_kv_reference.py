@@ -3,9 +3,13 @@ codes stand for, and attention over a cache sequence by sequence (with a sliding
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
 from asyncllm.kernels import AttentionOptions
+from asyncllm.kernels.cpu import paged_attention_cache_cpu
 from asyncllm.kernels.kv_cache import KVCache
 from asyncllm.kernels.kv_quant import KVBits, key_scheme, quantize_kv
 
@@ -79,3 +83,17 @@ def expected_attention(batch: PagedBatch, cache: KVCache, options: AttentionOpti
         out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), values))
         begin += n
     return torch.cat(out)
+
+
+def check_native_decode(kernel: Any, batch: PagedBatch, cache: KVCache, options: AttentionOptions | None,
+                        threads: int, tol: float) -> None:
+    """A native decode plan over ``cache`` (run directly, and through the CPU bundle's entry point with the
+    plan attached) against ``expected_attention`` within ``tol``."""
+    meta = batch.meta
+    shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
+    plan = kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=batch.q.shape[1], threads=threads,
+                       bits=cache.bits)
+    expected = expected_attention(batch, cache, options)
+    for got in (plan.run(batch.q, cache, batch.scale, options).view(batch.q.shape),
+                paged_attention_cache_cpu(batch.q, cache, dataclasses.replace(meta, plan=plan), batch.scale, options)):
+        torch.testing.assert_close(got.double().cpu(), expected, atol=tol, rtol=tol)

@@ -21,7 +21,7 @@ from asyncllm.kernels.triton_attention import paged_attention_cache_triton
 from asyncllm.kernels.triton_decode import DecodeLaunch, paged_decode_attention
 from asyncllm.kernels.triton_prefill import PrefillLaunch, paged_prefill_attention
 
-from ._kv_reference import expected_attention, quantized_batch
+from ._kv_reference import check_native_decode, expected_attention, quantized_batch
 from ._paged_batch import PagedBatch, build_batch
 
 HEADS = ((2, 2), (4, 2), (3, 1))
@@ -84,14 +84,7 @@ def test_plain_options_are_plain_causal_attention() -> None:
 @given(case=cases(decode=True), threads=st.sampled_from([1, 2]))
 def test_native_decode_matches_float64(native_kernel: NativeDecodeAttention, case: dict, threads: int) -> None:
     batch, cache = _case(case)
-    options, meta = case["options"], batch.meta
-    shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
-    plan = native_kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=batch.q.shape[1], threads=threads,
-                              bits=cache.bits)
-    expected = expected_attention(batch, cache, options)
-    _close(plan.run(batch.q, cache, batch.scale, options).view(batch.q.shape), expected)
-    routed = paged_attention_cache_cpu(batch.q, cache, dataclasses.replace(meta, plan=plan), batch.scale, options)
-    _close(routed, expected)
+    check_native_decode(native_kernel, batch, cache, case["options"], threads, 2e-5)
 
 
 def test_native_decode_skips_blocks_before_the_window(native_kernel: NativeDecodeAttention) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import dataclasses
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from asyncllm.kernels.native_attention import NativeDecodeAttention, native_cach
 from asyncllm.kernels.native_build import load_native_library
 from asyncllm.kernels.native_layer import bind_layer_functions
 
-from ._kv_reference import _values, expected_attention, quantized_batch
+from ._kv_reference import _values, check_native_decode, expected_attention, quantized_batch
 from ._paged_batch import PagedBatch, build_batch
 from .native_support import require_native_kernels
 
@@ -65,14 +64,7 @@ def test_native_decode_over_anchored_keys_matches_float64(native_kernel: NativeD
     """Ragged lengths, GQA ratios, block sizes, groups of 16 (head_dim 16, 64) and 8 (head_dim 8), 4-bit
     or 8-bit values, sliding windows and soft-capping."""
     batch, cache = _case(case)
-    options, meta = case["options"], batch.meta
-    shape = (cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim)
-    plan = native_kernel.plan(meta.block_tables, meta.seq_lens, shape, num_heads=batch.q.shape[1], threads=threads,
-                              bits=cache.bits)
-    expected = expected_attention(batch, cache, options)
-    _close(plan.run(batch.q, cache, batch.scale, options).view(batch.q.shape), expected)
-    routed = paged_attention_cache_cpu(batch.q, cache, dataclasses.replace(meta, plan=plan), batch.scale, options)
-    _close(routed, expected)
+    check_native_decode(native_kernel, batch, cache, case["options"], threads, 3e-5)
 
 
 def test_the_cpu_bundle_plans_native_attention_for_anchored_keys(native_kernel: NativeDecodeAttention) -> None:
