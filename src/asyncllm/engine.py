@@ -24,7 +24,7 @@ from asyncllm.builder import build_runner, engine_config, load_model
 from asyncllm.config import EngineConfig, ModelConfig
 from asyncllm.cpu_threads import affinity_cpus
 from asyncllm.event_loop import LoopHandle, LoopTask, Signal
-from asyncllm.image_inputs import ImageLimits, check_image_count, prepare_images
+from asyncllm.image_inputs import ImageLimits, check_image_count, needs_decoding, prepare_images
 from asyncllm.images import ImageProcessor, PreparedImage, expand_image_tokens
 from asyncllm.kv.block_manager import BlockManager
 from asyncllm.kv.pins import PinRegistry
@@ -398,7 +398,7 @@ class AsyncEngine:
         the stream's first step (``await engine.generate(...)`` raises it as before).
         """
         request_id = f"req-{next(self._ids)}"
-        if images and not all(isinstance(image, PreparedImage) for image in images):
+        if any(needs_decoding(image) for image in images):
             return self._submit_after_preparing(request_id, token_ids, params, session_id, on_done, images)
         request = self._create_request(request_id, token_ids, params, session_id, images)
 
@@ -413,7 +413,9 @@ class AsyncEngine:
     ) -> RequestStream:
         """``submit`` for images still to decode and preprocess: that work runs on the model thread when the
         stream starts, so the event loop never waits on it (the count and whether the model takes images
-        are checked now; an image that cannot be prepared raises from the stream's first step)."""
+        are checked now; an image that cannot be prepared raises from the stream's first step). Prepared
+        images and ready pixel values take ``submit``'s direct path: only a shape check is left, and
+        requests submitted together then reach the same step (one vision-tower call for all their images)."""
         processor = self._image_processor()
         check_image_count(len(images), self.image_limits)
         channel = OutputChannel(request_id, keep_logprobs=params.logprobs is not None)

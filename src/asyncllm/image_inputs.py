@@ -26,7 +26,7 @@ import torch
 from asyncllm.images import ImageProcessor, PreparedImage
 
 __all__ = ["ImageFetchPolicy", "ImageLimits", "ImageURL", "check_image_count", "fetch_image", "load_image",
-           "prepare_images", "read_image_url"]
+           "needs_decoding", "prepare_images", "read_image_url"]
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
@@ -88,6 +88,13 @@ def load_image(image: Any, limits: ImageLimits, where: str = "image") -> Any:
         raise ValueError(f"{where}: no such file: {error.filename}") from None
     except (OSError, SyntaxError, Image.DecompressionBombError, EOFError) as error:
         raise ValueError(f"{where}: cannot be decoded as an image ({error})") from None
+
+
+def needs_decoding(image: Any) -> bool:
+    """Whether ``prepare_images`` would decode ``image`` (encoded bytes, a path, a PIL image), rather than
+    pass it through (``PreparedImage``) or only check its shape (ready pixel values: a tensor, or a mapping
+    with ``pixel_values``)."""
+    return not isinstance(image, (PreparedImage, torch.Tensor, Mapping))
 
 
 def prepare_images(images: Sequence[Any], processor: ImageProcessor, limits: ImageLimits) -> list[PreparedImage]:
